@@ -1,0 +1,46 @@
+# Every target sets up what it needs: the virtual environment is created and installed once
+# (the stamp file records it) and reused after.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## Create .venv and install the package with dev tools
+
+.PHONY: run
+run: $(STAMP) ## Run the default experiment (python run.py; pass overrides with ARGS="...")
+	$(PY) run.py $(ARGS)
+
+.PHONY: test
+test: $(STAMP) ## Run the fast test suite
+	$(PY) -m pytest -q $(ARGS)
+
+.PHONY: lint
+lint: $(STAMP) ## Check style with ruff (lint + format check)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+.PHONY: format
+format: $(STAMP) ## Format the code with ruff
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+.PHONY: clean
+clean: ## Remove caches and run outputs (keeps .venv and the toy-model cache)
+	rm -rf outputs .pytest_cache .ruff_cache bench/results
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +

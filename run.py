@@ -1,0 +1,18 @@
+"""sparse_merge entry point: ``python run.py [group=option ...] [key=value ...]``."""
+
+import hydra
+from omegaconf import DictConfig
+
+from sparse_merge.app import run
+from sparse_merge.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

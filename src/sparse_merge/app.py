@@ -1,0 +1,95 @@
+"""The composition root: the only module (with ``config``) that knows Hydra.
+
+``run(cfg)`` validates the composed config, builds every part with
+``hydra.utils.instantiate`` (cheap constructors that check their values, so bad input fails
+before any model is loaded), runs the pipeline named by ``cfg.pipeline`` and always closes the
+loggers.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sparse_merge.config import GROUPS, validate
+from sparse_merge.errors import ConfigError
+from sparse_merge.pipelines.merge import run_merge
+
+log = logging.getLogger("sparse_merge")
+
+
+def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``instantiate`` with a ``ConfigError`` raised anywhere inside reported under ``key``."""
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, ConfigError):
+            raise cause.under(key) from None
+        raise
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Validate ``cfg`` and instantiate every group; raises ``ConfigError`` on bad input."""
+    validate(cfg)
+    if cfg.pipeline not in PIPELINES:
+        raise ConfigError("pipeline", cfg.pipeline, "one of " + ", ".join(PIPELINES))
+    parts = {}
+    for group in GROUPS:  # cheap constructors: nothing heavy is loaded here
+        node = cfg.get(group)
+        parts[group] = None if node is None or "_target_" not in node else _instantiate(node, group)
+    return parts
+
+
+def _merge(cfg: DictConfig, parts: dict[str, Any], run_dir: Path) -> float:
+    return run_merge(
+        parts["model"],
+        parts["task"],
+        parts["evolver"],
+        parts["pruner"],
+        parts["hardware"],
+        parts["logger"],
+        seed=cfg.seed,
+        sparsity=cfg.sparsity,
+        run_dir=run_dir,
+        save_models=cfg.save_models,
+    )
+
+
+PIPELINES: dict[str, Callable[[DictConfig, dict[str, Any], Path], float | None]] = {"merge": _merge}
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config as a plain dict, interpolations resolved, Hydra's own node left out."""
+    keys = [k for k in cfg if k != "hydra"]
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
+
+
+def execute(cfg: DictConfig) -> float | None:
+    """Build the parts and run the pipeline; raises ``ConfigError`` on bad input."""
+    parts = build(cfg)
+    run_dir = Path(cfg.output_dir)
+    logger = parts["logger"]
+    logger.start(run_dir, resolved(cfg))
+    try:
+        return PIPELINES[cfg.pipeline](cfg, parts, run_dir)
+    finally:
+        logger.close()
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Entry point of ``run.py``: like ``execute`` but a bad value exits with one clear line."""
+    try:
+        return execute(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,39 @@
+"""Errors that name the bad value, what is allowed, and the config key it came from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; ``str()`` is one line a user can act on."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with its key placed under a config group (``pruner`` + ``sparsity``)."""
+        return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.value, self.allowed)
+
+
+def check_fraction(key: str, value: float, *, upper_open: bool = True) -> float:
+    """Return ``value`` if it lies in [0, 1) (or [0, 1] with ``upper_open=False``)."""
+    ok = 0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0
+    if not ok:
+        raise ConfigError(key, value, f"a fraction in [0, 1{')' if upper_open else ']'}")
+    return float(value)
+
+
+def check_positive(key: str, value: int | float, *, allow_zero: bool = False) -> int | float:
+    """Return ``value`` if it is > 0 (or >= 0 with ``allow_zero``)."""
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, value, "a number >= 0" if allow_zero else "a number > 0")
+    return value
+
+
+def check_choice(key: str, value: Any, choices: tuple[Any, ...] | list[Any]) -> Any:
+    """Return ``value`` if it is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(key, value, "one of " + ", ".join(map(repr, choices)))
+    return value

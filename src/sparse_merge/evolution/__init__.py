@@ -1,0 +1,1 @@
+"""Evolutionary merging: archive, scoring, selection, operators, schedules, evolvers."""

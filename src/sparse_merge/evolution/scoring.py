@@ -1,0 +1,112 @@
+"""Archive scores -> selection weights: competition fitness and the sparsity-aware total score.
+
+``total = omega * fitness_norm + beta * sparsity_score``, with both terms on the same bounded
+scale and never negative, so they can be used directly as selection weights:
+
+* ``kind='softmax'`` (as in the sparsity-aware evolution paper): the sparsity score is
+  ``softmax(sparsity / tau)`` over the occupied slots, and fitness is normalised to sum to 1
+  over the occupied slots, so both terms are distributions over the archive.
+* ``kind='fraction'``: the sparsity score is the raw fraction of zero prunable weights in
+  [0, 1] and fitness is divided by its maximum, so both lie in [0, 1] (scale-stable: it does
+  not depend on the population size or on ``tau``).
+* ``kind='rank'``: both terms are ranks scaled to [0, 1] (ties share their mean rank).
+
+Empty slots (``valid=False``) get weight 0 and never take part in the normalisations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_merge.errors import check_choice, check_positive
+
+KINDS = ("softmax", "fraction", "rank")
+
+
+def competition_fitness(
+    scores: torch.Tensor, alpha: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Natural Niches fitness ``f_i = sum_j s_ij / z_j`` with ``z_j = (sum_i s_ij)^alpha``.
+
+    ``scores`` is [pop, D] and non-negative; a column nobody solves has ``z_j = 1`` (0 -> 1).
+    ``alpha=0`` turns competition off (plain sum). Rows with ``valid=False`` are ignored and get 0.
+    """
+    valid = torch.ones(scores.shape[0], dtype=torch.bool) if valid is None else valid
+    s = scores.double() * valid[:, None]  # [pop, D]
+    z = s.sum(0).pow(alpha)  # [D]
+    z = torch.where(z == 0, torch.ones_like(z), z)
+    return (s / z).sum(1) * valid  # [pop]
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Average ranks in [0, 1] (0 = lowest); a single element gets 1."""
+    n = x.numel()
+    if n == 1:
+        return torch.ones_like(x)
+    less = (x[:, None] > x[None, :]).sum(1).double()
+    equal = (x[:, None] == x[None, :]).sum(1).double()
+    return (less + (equal - 1) / 2) / (n - 1)
+
+
+class SparsityAwareScorer:
+    """Selection weights ``omega * fitness + beta * sparsity_score`` (see module docstring).
+
+    ``beta=0`` is the fitness-only scorer of plain Natural Niches.
+    """
+
+    def __init__(
+        self,
+        omega: float = 1.0,
+        beta: float = 0.0,
+        tau: float = 0.1,
+        alpha: float = 1.0,
+        kind: str = "softmax",
+    ) -> None:
+        check_positive("omega", omega, allow_zero=True)
+        check_positive("beta", beta, allow_zero=True)
+        if omega + beta <= 0:
+            raise ValueError("omega + beta must be > 0")
+        self.omega, self.beta = float(omega), float(beta)
+        self.tau = float(check_positive("tau", tau))
+        self.alpha = float(check_positive("alpha", alpha, allow_zero=True))
+        self.kind = check_choice("kind", kind, KINDS)
+
+    def fitness(self, scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """[pop] competition fitness (raw, before normalisation)."""
+        return competition_fitness(scores, self.alpha, valid)
+
+    def sparsity_score(self, sparsity: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """[pop] bounded sparsity score in [0, 1]; 0 on empty slots."""
+        out = torch.zeros(sparsity.shape, dtype=torch.float64)
+        if not valid.any():
+            return out
+        s = sparsity.double()[valid]
+        if self.kind == "softmax":
+            out[valid] = torch.softmax(s / self.tau, 0)
+        elif self.kind == "fraction":
+            out[valid] = s
+        else:
+            out[valid] = _ranks(s)
+        return out
+
+    def normalised_fitness(self, fitness: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """[pop] fitness on the sparsity score's scale (see module docstring)."""
+        out = torch.zeros(fitness.shape, dtype=torch.float64)
+        if not valid.any():
+            return out
+        f = fitness.double()[valid]
+        if self.kind == "softmax":
+            out[valid] = f / f.sum() if f.sum() > 0 else torch.full_like(f, 1.0 / f.numel())
+        elif self.kind == "fraction":
+            out[valid] = f / f.max() if f.max() > 0 else torch.zeros_like(f)
+        else:
+            out[valid] = _ranks(f)
+        return out
+
+    def total(
+        self, scores: torch.Tensor, sparsity: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[pop] non-negative total score; 0 on empty slots."""
+        valid = torch.ones(scores.shape[0], dtype=torch.bool) if valid is None else valid.bool()
+        fit = self.normalised_fitness(self.fitness(scores, valid), valid)
+        return (self.omega * fit + self.beta * self.sparsity_score(sparsity, valid)) * valid

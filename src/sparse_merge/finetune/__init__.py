@@ -1,0 +1,1 @@
+"""Sparse fine-tuning: training data, masked LoRA, trainer, merge and validation."""

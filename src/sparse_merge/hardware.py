@@ -1,0 +1,50 @@
+"""Device and dtype chosen in one place (``hardware=cpu`` / ``hardware=gpu``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from sparse_merge.errors import ConfigError, check_choice
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Hardware:
+    """Where models live and in which dtype; ``dtype='auto'`` picks bf16 on CUDA when supported."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    num_threads: int = 0  # 0 leaves torch's default
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+            raise ConfigError("device", self.device, "cpu, cuda, cuda:N or mps")
+        check_choice("dtype", self.dtype, [*DTYPES, "auto"])
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                "device", self.device, "cpu here: CUDA is not available on this machine"
+            )
+        if self.device == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError(
+                "device", self.device, "cpu here: MPS is not available on this machine"
+            )
+        if self.num_threads > 0:
+            torch.set_num_threads(self.num_threads)
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The ``torch.device``."""
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The model dtype; ``auto`` is bf16 on a CUDA device that supports it, else fp32."""
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if self.device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32

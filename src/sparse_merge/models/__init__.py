@@ -1,0 +1,1 @@
+"""Models: ParamSpace genomes, HF loading and saving, toy models and tokenizers."""

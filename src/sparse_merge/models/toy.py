@@ -1,0 +1,186 @@
+"""Embedded toy parents: a tiny Llama base model and two children fine-tuned from it, one per
+toy skill (as math and coder models share a base), trained in-process and offline, cached on
+disk under a key derived from their whole configuration."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from sparse_merge.errors import ConfigError, check_positive
+from sparse_merge.finetune.data import encode_examples
+from sparse_merge.models.hf import load_causal_lm, load_tokenizer, save_causal_lm
+from sparse_merge.models.tokenizer import char_tokenizer
+from sparse_merge.tasks.toy import ToyTask
+
+CACHE_VERSION = 1  # bump when training code changes what a cached model would be
+
+
+def toy_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **arch: Any) -> LlamaForCausalLM:
+    """A tiny random Llama for ``tokenizer`` (``arch`` overrides ``LlamaConfig`` fields)."""
+    defaults = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **{**defaults, **arch},
+    )
+    torch.manual_seed(seed)  # HF initialises from the global RNG; seed it for reproducible models
+    return LlamaForCausalLM(config).eval()
+
+
+def train_lm(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    skills: list[ToyTask],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    desc: str,
+) -> list[float]:
+    """AdamW on a uniform mixture of ``skills``' training examples (loss on answers); returns losses."""
+    rng = random.Random(seed)
+    examples = [
+        e
+        for task in skills
+        for e in task.train_examples(steps * batch_size // len(skills) + 1, seed)
+    ]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc=desc, leave=False)
+    for _ in bar:
+        batch = encode_examples(tokenizer, rng.sample(examples, batch_size))
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+class ToyZoo:
+    """A base model trained on easy instances of every skill, and one child per skill
+    fine-tuned from it on that skill's hard instances. Trained once, then loaded from the cache."""
+
+    def __init__(
+        self,
+        name: str,
+        cache_dir: str,
+        base_skills: Mapping[str, ToyTask],
+        children: Mapping[str, ToyTask],
+        arch: Mapping[str, Any] | None = None,
+        base_steps: int = 1500,
+        child_steps: int = 500,
+        batch_size: int = 64,
+        lr: float = 3e-3,
+        child_lr: float = 1e-3,
+        seed: int = 0,
+    ) -> None:
+        if len(children) < 2:
+            raise ConfigError("children", list(children), "two or more child skills")
+        check_positive("base_steps", base_steps)
+        check_positive("child_steps", child_steps)
+        check_positive("batch_size", batch_size)
+        self.name = name
+        self.base_skills = dict(base_skills)
+        self.children = dict(children)
+        self.arch = dict(arch or {})
+        self.steps = (base_steps, child_steps)
+        self.batch_size, self.lrs, self.seed = batch_size, (lr, child_lr), seed
+        spec = {
+            "version": CACHE_VERSION,
+            "arch": self.arch,
+            "base": {k: t.describe() for k, t in self.base_skills.items()},
+            "children": {k: t.describe() for k, t in self.children.items()},
+            "steps": self.steps,
+            "batch_size": batch_size,
+            "lrs": self.lrs,
+            "seed": seed,
+        }
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        self.root = Path(cache_dir).expanduser() / f"{name}-{key}"
+        self._spec = spec
+
+    def _path(self, member: str) -> Path:
+        return self.root / member
+
+    def _ready(self) -> bool:
+        return all((self._path(m) / "config.json").exists() for m in ["base", *self.children])
+
+    def ensure(self) -> Path:
+        """Train and cache the base and the children unless the cache already has them."""
+        if self._ready():
+            return self.root
+        tokenizer = char_tokenizer()
+        base_path = self._path("base")
+        if not (base_path / "config.json").exists():
+            model = toy_llama(tokenizer, seed=self.seed, **self.arch)
+            train_lm(
+                model,
+                tokenizer,
+                list(self.base_skills.values()),
+                self.steps[0],
+                self.lrs[0],
+                self.batch_size,
+                self.seed,
+                desc=f"{self.name}: base",
+            )
+            save_causal_lm(model, base_path, tokenizer)
+        for i, (child, task) in enumerate(self.children.items()):
+            if (self._path(child) / "config.json").exists():
+                continue
+            model = load_causal_lm(base_path)
+            train_lm(
+                model,
+                tokenizer,
+                [task],
+                self.steps[1],
+                self.lrs[1],
+                self.batch_size,
+                self.seed + 1 + i,
+                desc=f"{self.name}: {child}",
+            )
+            save_causal_lm(model, self._path(child), tokenizer)
+        (self.root / "spec.json").write_text(json.dumps(self._spec, indent=2, sort_keys=True))
+        return self.root
+
+    def base(self) -> Path:
+        """The trained base model's directory."""
+        return self.ensure() / "base"
+
+    def parents(self) -> dict[str, Path]:
+        """The fine-tuned children's directories, by skill name."""
+        root = self.ensure()
+        return {child: root / child for child in self.children}
+
+    def tokenizer(self) -> Path:
+        """Where the character tokenizer is saved (with the base)."""
+        return self.base()
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The character tokenizer."""
+        return load_tokenizer(self.tokenizer())

@@ -1,0 +1,1 @@
+"""Pruning: importance scores, pruners, masks and sparsity measurement."""

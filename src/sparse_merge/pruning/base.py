@@ -1,0 +1,41 @@
+"""The Pruner protocol, calibration data and masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+# Masks: weight parameter name -> bool tensor in the weight's own layout, True = kept.
+Masks = dict[str, torch.Tensor]
+
+
+@dataclass
+class Calibration:
+    """Token sequences whose activations calibrate activation-aware pruners (Wanda, SparseGPT)."""
+
+    input_ids: torch.Tensor  # [N, T]
+    attention_mask: torch.Tensor  # [N, T]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@runtime_checkable
+class Pruner(Protocol):
+    """Zeroes weights of the prunable layers in place and returns the masks it applied."""
+
+    def prune(self, model: nn.Module, calib: Calibration | None, sparsity: float) -> Masks:
+        """Prune ``model`` to ``sparsity`` (fraction of prunable weights set to exactly zero)."""
+        ...
+
+
+def keep_smallest_out(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Bool keep-mask with exactly ``n_prune`` False entries at the lowest ``scores`` along the
+    last dim; ties go to the lower index (stable sort), so the count never drifts."""
+    order = torch.argsort(scores, dim=-1, stable=True)  # ascending
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep.scatter_(-1, order[..., :n_prune], False)
+    return keep

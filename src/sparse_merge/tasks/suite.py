@@ -1,0 +1,82 @@
+"""Several benchmarks evaluated as one: aligned per-datapoint columns and per-task weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from sparse_merge.errors import ConfigError
+from sparse_merge.tasks.base import Benchmark, Example
+
+
+class TaskSuite:
+    """Benchmarks by name; selection columns are concatenated in name order, held-out scored per task.
+
+    ``weights`` scale each task's columns so that a task's total weight is its weight,
+    whatever its number of datapoints (default 1 per task).
+    """
+
+    def __init__(
+        self, tasks: Mapping[str, Benchmark], weights: Mapping[str, float] | None = None
+    ) -> None:
+        if not tasks:
+            raise ConfigError("tasks", dict(tasks), "at least one task")
+        self.tasks = dict(tasks)
+        weights = dict(weights or {})
+        unknown = set(weights) - set(self.tasks)
+        if unknown:
+            raise ConfigError("weights", sorted(unknown), f"names among {sorted(self.tasks)}")
+        self.weights = {n: float(weights.get(n, 1.0)) for n in self.tasks}
+        if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
+            raise ConfigError("weights", self.weights, "non-negative weights with a positive sum")
+
+    @property
+    def names(self) -> list[str]:
+        """Task names in column order."""
+        return list(self.tasks)
+
+    def spans(self) -> dict[str, slice]:
+        """Where each task's columns lie in the selection score vector."""
+        out, start = {}, 0
+        for name, task in self.tasks.items():
+            out[name] = slice(start, start + len(task.selection))
+            start += len(task.selection)
+        return out
+
+    @property
+    def n_selection(self) -> int:
+        """Number of selection datapoints (columns) D."""
+        return sum(len(t.selection) for t in self.tasks.values())
+
+    def column_weights(self) -> torch.Tensor:
+        """[D] weight per selection column; sums to the sum of the task weights."""
+        return torch.cat(
+            [
+                torch.full((len(t.selection),), self.weights[n] / len(t.selection))
+                for n, t in self.tasks.items()
+            ]
+        )
+
+    def score_selection(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+        """[D] float scores on every selection datapoint, in the fixed column order."""
+        return torch.cat([t.selection.score(model, tokenizer).float() for t in self.tasks.values()])
+
+    def evaluate_heldout(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase
+    ) -> dict[str, float]:
+        """Mean held-out score per task, plus ``mean`` (weighted over tasks)."""
+        acc = {
+            n: t.heldout.score(model, tokenizer).float().mean().item()
+            for n, t in self.tasks.items()
+        }
+        total = sum(self.weights.values())
+        acc["mean"] = sum(self.weights[n] * a for n, a in acc.items()) / total
+        return acc
+
+    def train_examples(self, n: int, seed: int) -> list[Example]:
+        """``n`` training examples per task, interleaved."""
+        per_task = [t.train_examples(n, seed) for t in self.tasks.values()]
+        return [e for group in zip(*per_task) for e in group]

@@ -1,0 +1,1 @@
+"""Run tracking: console/JSONL/W&B logging, atomic files, checkpoints and lineage."""

@@ -1,0 +1,137 @@
+"""One logger for a run: console, a JSONL file that always exists, and W&B when switched on.
+
+W&B never blocks or breaks a run: it runs offline when no API key is configured, and any
+error it raises is reported once and logging continues locally.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sparse_merge.tracking.io import to_jsonable, write_json
+
+log = logging.getLogger("sparse_merge")
+
+
+class WandbSink:
+    """Forwards metrics to a W&B run (offline unless an API key or ``mode`` says otherwise)."""
+
+    def __init__(
+        self,
+        project: str = "sparse_merge",
+        entity: str | None = None,
+        group: str | None = None,
+        name: str | None = None,
+        tags: list[str] | None = None,
+        mode: str | None = None,
+    ) -> None:
+        self.kwargs = dict(
+            project=project, entity=entity, group=group, name=name, tags=tags or None
+        )
+        self.mode = mode
+        self.run: Any = None
+
+    def start(self, run_dir: Path, config: Mapping[str, Any]) -> None:
+        """Open the W&B run; on failure warn and stay off."""
+        mode = self.mode or os.environ.get("WANDB_MODE")
+        if mode is None:
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                dir=str(run_dir),
+                config=dict(config),
+                mode=mode,
+                reinit="finish_previous",
+                settings=wandb.Settings(init_timeout=60, silent=True),
+                **{k: v for k, v in self.kwargs.items() if v is not None},
+            )
+        except Exception as exc:  # W&B must never stop a run
+            log.warning("W&B disabled for this run: %s", exc)
+            self.run = None
+
+    def log(self, metrics: Mapping[str, Any], step: int | None) -> None:
+        """Log scalars."""
+        if self.run is not None:
+            try:
+                self.run.log(dict(metrics), step=step)
+            except Exception as exc:
+                log.warning("W&B log failed, continuing locally: %s", exc)
+
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        """Set summary values."""
+        if self.run is not None:
+            try:
+                self.run.summary.update(dict(metrics))
+            except Exception as exc:
+                log.warning("W&B summary failed: %s", exc)
+
+    def close(self) -> None:
+        """Finish the W&B run."""
+        if self.run is not None:
+            try:
+                self.run.finish()
+            finally:
+                self.run = None
+
+
+class RunLogger:
+    """Logs metrics to ``<run_dir>/log.jsonl`` (always) and to W&B when ``wandb`` is given."""
+
+    def __init__(self, wandb: WandbSink | None = None, console: bool = True) -> None:
+        self.wandb = wandb
+        self.console = console
+        self.run_dir: Path | None = None
+        self._file = None
+        self._summary: dict[str, Any] = {}
+
+    def start(self, run_dir: str | Path, config: Mapping[str, Any] | None = None) -> RunLogger:
+        """Open the JSONL file (appending, so a resumed run continues it) and W&B."""
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.run_dir / "log.jsonl", "a", buffering=1)  # noqa: SIM115
+        if self.wandb is not None:
+            self.wandb.start(self.run_dir, config or {})
+        return self
+
+    def log(
+        self, metrics: Mapping[str, Any], step: int | None = None, console: bool = False
+    ) -> None:
+        """One JSONL record (with ``step`` and wall time); scalars also go to W&B."""
+        record = {
+            "time": time.time(),
+            **({"step": step} if step is not None else {}),
+            **to_jsonable(dict(metrics)),
+        }
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+        if self.console and console:
+            log.info(" ".join(f"{k}={v}" for k, v in record.items() if k != "time"))
+        if self.wandb is not None:
+            scalars = {
+                k: v for k, v in record.items() if isinstance(v, int | float) and k != "time"
+            }
+            self.wandb.log(scalars, step)
+
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        """Final metrics: kept in ``summary.json`` and set as the W&B summary."""
+        self._summary.update(to_jsonable(dict(metrics)))
+        if self.run_dir is not None:
+            write_json(self.run_dir / "summary.json", self._summary)
+        if self.wandb is not None:
+            self.wandb.summary(metrics)
+
+    def close(self) -> None:
+        """Close the file and W&B (safe to call twice)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.wandb is not None:
+            self.wandb.close()

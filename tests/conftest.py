@@ -1,0 +1,56 @@
+"""Shared fixtures: composed configs for run(cfg), tiny models built in-process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from sparse_merge.config import register_configs
+from sparse_merge.models.tokenizer import char_tokenizer
+from sparse_merge.models.toy import toy_llama
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+register_configs()
+
+
+def compose_cfg(overrides: list[str], tmp: Path | None = None) -> DictConfig:
+    """The config ``python run.py <overrides>`` would run, with outputs and caches under ``tmp``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    if tmp is not None:
+        with open_dict(cfg):
+            cfg.output_dir = str(tmp / "run")
+            if "cache_dir" in cfg.model:
+                cfg.model.cache_dir = str(tmp.parent / "model_cache")
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The character tokenizer."""
+    return char_tokenizer()
+
+
+@pytest.fixture
+def tiny_llama(tokenizer):
+    """A 2-layer Llama with hidden size 32 (random, seeded)."""
+    return toy_llama(tokenizer, seed=0, hidden_size=32, intermediate_size=64)
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory) -> Path:
+    """A directory shared by the whole session (caches of tiny trained models)."""
+    return tmp_path_factory.mktemp("session")

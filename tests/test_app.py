@@ -1,0 +1,54 @@
+"""The default job end to end on tiny settings, through the same run(cfg) the CLI calls."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from sparse_merge.app import execute
+from sparse_merge.pruning.sparsity import measure_sparsity
+
+from .conftest import compose_cfg
+
+
+@pytest.fixture(scope="module")
+def merge_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("merge")
+    cfg = compose_cfg(["experiment=smoke", "pruner=magnitude", "sparsity=0.5"], tmp)
+    metric = execute(cfg)
+    return tmp / "run", metric
+
+
+def test_default_job_writes_results_with_exact_sparsity(merge_run):
+    run_dir, metric = merge_run
+    results = json.loads((run_dir / "results.json").read_text())
+    rows = {r["model"]: r for r in results["models"]}
+    assert set(rows) == {"math", "code", "merged"}
+    assert abs(rows["merged"]["sparsity"] - 0.5) <= 0.005
+    assert rows["math"]["sparsity"] < 0.01 and rows["code"]["sparsity"] < 0.01
+    assert metric == rows["merged"]["mean"]
+    for r in rows.values():
+        assert 0.0 <= r["addition"] <= 1.0 and 0.0 <= r["reversal"] <= 1.0
+
+
+def test_merged_model_saved_loadable_and_sparse(merge_run):
+    run_dir, _ = merge_run
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "models" / "merged")
+    assert abs(measure_sparsity(model).overall - 0.5) <= 0.005
+
+
+def test_logs_written(merge_run):
+    run_dir, _ = merge_run
+    lines = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert any(x.get("event") == "merged" for x in lines)
+    assert (run_dir / "summary.json").exists()
+
+
+def test_parents_are_cached(tmp_path_factory, merge_run):
+    run_dir, _ = merge_run
+    cache = run_dir.parent.parent / "model_cache"
+    before = {p: p.stat().st_mtime for p in cache.rglob("model.safetensors")}
+    assert len(before) == 3  # base + two children
+    cfg = compose_cfg(["experiment=smoke", "save_models=false"], tmp_path_factory.mktemp("again"))
+    execute(cfg)
+    assert {p: p.stat().st_mtime for p in cache.rglob("model.safetensors")} == before

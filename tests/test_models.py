@@ -1,0 +1,37 @@
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sparse_merge.models.hf import load_genome, save_causal_lm
+from sparse_merge.models.paramspace import ParamSpace
+from sparse_merge.models.tokenizer import char_tokenizer
+
+
+def test_tokenizer_saves_and_loads_in_hf_format(tmp_path):
+    tok = char_tokenizer()
+    text = "12+345=357\nrev:abc=cba"
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == loaded(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)  # one token per character
+    assert loaded.decode(ids) == text
+    assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id) == (0, 1, 2)
+
+
+def test_saved_model_loads_with_from_pretrained(tmp_path, tiny_llama, tokenizer):
+    out = save_causal_lm(tiny_llama, tmp_path / "m", tokenizer)
+    assert (out / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(4, 30, (2, 7))
+    assert torch.allclose(loaded(ids).logits, tiny_llama(ids).logits, atol=1e-6)
+    assert not list(tmp_path.glob(".m.*"))  # no temporary directory left
+
+
+def test_load_genome_reads_safetensors_tensor_by_tensor(tmp_path, tiny_llama, tokenizer):
+    from sparse_merge.models.toy import toy_llama
+
+    other = toy_llama(tokenizer, seed=3, hidden_size=32, intermediate_size=64)
+    save_causal_lm(other, tmp_path / "other")
+    space = ParamSpace(tiny_llama)
+    genome = load_genome(space, tmp_path / "other")
+    assert torch.equal(genome, ParamSpace(other).flat)
