@@ -30,6 +30,10 @@ run: $(STAMP) ## Run the default experiment (python run.py; pass overrides with 
 test: $(STAMP) ## Run the fast test suite
 	$(PY) -m pytest -q $(ARGS)
 
+.PHONY: bench
+bench: $(STAMP) ## Run the benchmarks (JSON under benchmarks/results/; ARGS="name ..." picks some)
+	$(PY) benchmarks/run.py $(ARGS)
+
 .PHONY: lint
 lint: $(STAMP) ## Check style with ruff (lint + format check)
 	$(VENV)/bin/ruff check .
@@ -42,5 +46,5 @@ format: $(STAMP) ## Format the code with ruff
 
 .PHONY: clean
 clean: ## Remove caches and run outputs (keeps .venv and the toy-model cache)
-	rm -rf outputs .pytest_cache .ruff_cache bench/results
+	rm -rf outputs .pytest_cache .ruff_cache benchmarks/results
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
