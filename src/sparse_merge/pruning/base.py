@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from sparse_merge.tasks.base import Example
 
 # Masks: weight parameter name -> bool tensor in the weight's own layout, True = kept.
 Masks = dict[str, torch.Tensor]
@@ -21,6 +25,33 @@ class Calibration:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    @classmethod
+    def from_examples(
+        cls, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int = 128
+    ) -> Calibration:
+        """Prompt + answer of each example, right-padded (padding is masked out)."""
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "right"
+        try:
+            batch = tokenizer(
+                [e.prompt + e.answer for e in examples],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                add_special_tokens=False,
+            )
+        finally:
+            tokenizer.padding_side = side
+        return cls(batch["input_ids"], batch["attention_mask"])
+
+    def batches(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(input_ids [b, T], attention_mask [b, T]) chunks."""
+        return [
+            (self.input_ids[i : i + batch_size], self.attention_mask[i : i + batch_size])
+            for i in range(0, len(self), batch_size)
+        ]
 
 
 @runtime_checkable

@@ -1,0 +1,28 @@
+import math
+
+import torch
+
+from sparse_merge.tasks.perplexity import perplexity, token_nlls
+
+
+def test_every_token_scored_once_whatever_the_stride(tiny_llama, tokenizer):
+    ids = tokenizer("12+34=46\nrev:abc=cba\n" * 4, return_tensors="pt", add_special_tokens=False)[
+        "input_ids"
+    ]
+    full = token_nlls(tiny_llama, ids, window=ids.numel(), stride=ids.numel())
+    assert full.numel() == ids.numel() - 1
+    strided = token_nlls(tiny_llama, ids, window=32, stride=32)  # no overlap: less context
+    assert strided.numel() == ids.numel() - 1
+    assert torch.allclose(strided[:31], full[:31], atol=1e-5)  # first window identical
+
+
+def test_uniform_model_has_vocab_perplexity(tokenizer):
+    class Uniform(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids):
+            return type("O", (), {"logits": torch.zeros(*ids.shape, 50)})()
+
+    assert math.isclose(perplexity(Uniform(), tokenizer, "abcdefgh"), 50.0, rel_tol=1e-6)
