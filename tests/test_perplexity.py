@@ -9,11 +9,12 @@ def test_every_token_scored_once_whatever_the_stride(tiny_llama, tokenizer):
     ids = tokenizer("12+34=46\nrev:abc=cba\n" * 4, return_tensors="pt", add_special_tokens=False)[
         "input_ids"
     ]
-    full = token_nlls(tiny_llama, ids, window=ids.numel(), stride=ids.numel())
+    full = token_nlls(tiny_llama, ids, window=ids.numel() + 1, stride=ids.numel())
     assert full.numel() == ids.numel() - 1
-    strided = token_nlls(tiny_llama, ids, window=32, stride=32)  # no overlap: less context
-    assert strided.numel() == ids.numel() - 1
-    assert torch.allclose(strided[:31], full[:31], atol=1e-5)  # first window identical
+    for stride in (1, 7, 31):
+        strided = token_nlls(tiny_llama, ids, window=32, stride=stride)
+        assert strided.numel() == ids.numel() - 1
+        assert torch.allclose(strided[:31], full[:31], atol=1e-5)  # first window: same context
 
 
 def test_uniform_model_has_vocab_perplexity(tokenizer):

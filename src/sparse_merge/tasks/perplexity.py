@@ -14,23 +14,23 @@ from transformers import PreTrainedTokenizerBase
 def token_nlls(
     model: nn.Module, input_ids: torch.Tensor, window: int = 256, stride: int = 128
 ) -> torch.Tensor:
-    """Negative log-likelihood of every token after the first [T-1], each predicted once with up
-    to ``window - stride`` tokens of context carried over from the previous window."""
-    if not 0 < stride <= window:
-        raise ValueError(f"stride={stride} must be in (0, window={window}]")
+    """Negative log-likelihood of every token after the first [T-1], each scored exactly once.
+
+    Each window holds up to ``window`` tokens: ``stride`` new tokens to score plus the
+    ``window - stride`` tokens before them as context.
+    """
+    if not 0 < stride < window:
+        raise ValueError(f"stride={stride} must be in (0, window={window})")
     ids = input_ids.reshape(-1).to(next(model.parameters()).device)  # [T]
-    nlls, scored = [], 1  # token 0 has no context and is never scored
-    for start in range(0, ids.numel(), stride):
+    nlls, scored = [], 1  # next token to score; token 0 has no context
+    while scored < ids.numel():
+        start = max(0, scored - (window - stride))
         end = min(start + window, ids.numel())
         chunk = ids[start:end][None]  # [1, L]
-        logits = model(chunk).logits[0, :-1].float()  # [L-1, V]
+        logits = model(chunk).logits[0, :-1].float()  # [L-1, V], row i predicts token start+i+1
         nll = nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="none")  # [L-1]
-        new = end - max(scored, start + 1)  # tokens not yet scored in this window
-        if new > 0:
-            nlls.append(nll[-new:])
-            scored = end
-        if end == ids.numel():
-            break
+        nlls.append(nll[scored - start - 1 :])
+        scored = end
     return torch.cat(nlls).cpu() if nlls else torch.zeros(0)
 
 
