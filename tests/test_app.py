@@ -39,6 +39,7 @@ def test_merged_model_saved_loadable_and_sparse(merge_run):
 
 def test_logs_written(merge_run):
     run_dir, _ = merge_run
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
     lines = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
     assert any(x.get("event") == "merged" for x in lines)
     assert (run_dir / "summary.json").exists()

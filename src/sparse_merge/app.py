@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from sparse_merge.config import GROUPS, validate
 from sparse_merge.errors import ConfigError
 from sparse_merge.pipelines.merge import run_merge
+from sparse_merge.tracking.io import write_json
 
 log = logging.getLogger("sparse_merge")
 
@@ -80,10 +82,19 @@ def execute(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.output_dir)
     logger = parts["logger"]
     logger.start(run_dir, resolved(cfg))
+    status = (
+        run_dir / "status.json"
+    )  # lets sweep analysis tell finished, failed and running runs apart
+    write_json(status, {"status": "running", "started": time.time()})
     try:
-        return PIPELINES[cfg.pipeline](cfg, parts, run_dir)
+        metric = PIPELINES[cfg.pipeline](cfg, parts, run_dir)
+    except BaseException as exc:
+        write_json(status, {"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        raise
     finally:
         logger.close()
+    write_json(status, {"status": "finished", "metric": metric, "finished": time.time()})
+    return metric
 
 
 def run(cfg: DictConfig) -> float | None:

@@ -1,0 +1,81 @@
+"""``python -m sparse_merge.analysis <sweep dir> [--out DIR]``: CSV tables and PNG plots."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from sparse_merge.analysis.collect import collect
+from sparse_merge.analysis.plots import archive_scatter, heatmap, metric_vs_sparsity
+from sparse_merge.analysis.tables import add_method, grouped_summary, sparsity_vs_performance
+from sparse_merge.tracking.io import write_atomic
+
+ARCHIVE_FILE = (
+    "archive.csv"  # evolution runs: one row per final-archive individual (accuracy, sparsity)
+)
+
+
+def _csv(df: pd.DataFrame, path: Path) -> Path:
+    return write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def analyze(sweep_dir: str | Path, out: str | Path | None = None) -> dict[str, Path]:
+    """Write ``summary.csv``, ``grouped_summary.csv``, ``sparsity_vs_performance.csv``,
+    ``failed_runs.csv`` and the plots; returns what was written by name."""
+    sweep_dir = Path(sweep_dir)
+    out = Path(out) if out else sweep_dir / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    runs = collect(sweep_dir)
+    grouped = grouped_summary(runs)
+    written = {
+        "summary": _csv(runs, out / "summary.csv"),
+        "grouped_summary": _csv(grouped, out / "grouped_summary.csv"),
+        "sparsity_vs_performance": _csv(
+            sparsity_vs_performance(grouped), out / "sparsity_vs_performance.csv"
+        ),
+        "failed_runs": _csv(
+            runs[runs["status"] != "finished"][["run", "status", "error", "overrides"]],
+            out / "failed_runs.csv",
+        ),
+    }
+    for metric, label in (
+        ("accuracy", "held-out accuracy"),
+        ("loss", "final training loss"),
+        ("throughput", "throughput"),
+    ):
+        path = metric_vs_sparsity(grouped, metric, out / f"{metric}_vs_sparsity.png", label)
+        if path:
+            written[f"{metric}_vs_sparsity"] = path
+    if path := heatmap(add_method(grouped), "accuracy", out / "heatmap_accuracy.png"):
+        written["heatmap_accuracy"] = path
+    archives = [
+        pd.read_csv(sweep_dir / run / ARCHIVE_FILE).assign(method=method)
+        for run, method in zip(runs["run"], add_method(runs)["method"])
+        if (sweep_dir / run / ARCHIVE_FILE).exists()
+    ]
+    if archives and (path := archive_scatter(pd.concat(archives), out / "archive_pareto.png")):
+        written["archive_pareto"] = path
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("sweep_dir", help="a multirun directory (or any directory of runs)")
+    parser.add_argument(
+        "--out", default=None, help="where to write (default: <sweep_dir>/analysis)"
+    )
+    args = parser.parse_args()
+    runs = collect(args.sweep_dir)
+    written = analyze(args.sweep_dir, args.out)
+    bad = runs[runs["status"] != "finished"]
+    print(f"{len(runs)} runs: {len(runs) - len(bad)} finished, {len(bad)} failed or unfinished")
+    for _, r in bad.iterrows():
+        print(f"  {r['status']:<10} {r['run']}  {r['error']}")
+    for name, path in written.items():
+        print(f"{name:<26} {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Read the runs of a sweep directory: their overrides, group choices, status and metrics.
+
+A run is any directory holding ``.hydra/config.yaml`` (Hydra writes it for every job, before
+the job starts). Its status comes from ``status.json`` (written by ``app.execute``): a run
+without one, or still marked ``running``, is ``unfinished``; a run marked ``failed`` keeps its
+error. Metrics are the flat keys of ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+# Hydra's own groups and keys that say nothing about the experiment
+_SKIP_CHOICES = ("hydra/", "local")
+
+
+def find_runs(sweep_dir: str | Path) -> list[Path]:
+    """Every run directory under ``sweep_dir`` (sorted)."""
+    return sorted(p.parent.parent for p in Path(sweep_dir).rglob(".hydra/config.yaml"))
+
+
+def _scalar(v: Any) -> Any:
+    return v if isinstance(v, str | int | float | bool) or v is None else json.dumps(v)
+
+
+def load_run(run_dir: Path, root: Path) -> dict[str, Any]:
+    """One row: ``run``, ``status``, ``error``, group choices, overrides, config knobs, metrics."""
+    hydra_dir = run_dir / ".hydra"
+    row: dict[str, Any] = {"run": str(run_dir.relative_to(root)) if run_dir != root else "."}
+    status_file = run_dir / "status.json"
+    status = json.loads(status_file.read_text()) if status_file.exists() else {}
+    state = status.get("status", "unfinished")
+    row["status"] = "unfinished" if state == "running" else state
+    row["error"] = status.get("error", "")
+    if (hydra_dir / "hydra.yaml").exists():
+        choices = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.choices
+        for group, option in choices.items():
+            if not str(group).startswith(_SKIP_CHOICES):
+                row[str(group)] = option
+    cfg = OmegaConf.load(hydra_dir / "config.yaml")
+    for key in ("seed", "sparsity", "pipeline"):
+        if key in cfg:
+            row[key] = cfg[key]
+    overrides = (
+        OmegaConf.load(hydra_dir / "overrides.yaml")
+        if (hydra_dir / "overrides.yaml").exists()
+        else []
+    )
+    row["overrides"] = " ".join(overrides)
+    for item in overrides:
+        key, _, value = str(item).lstrip("+~").partition("=")
+        row.setdefault(key, value)
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        for key, value in json.loads(summary.read_text()).items():
+            row[f"metric/{key}"] = _scalar(value)
+    return row
+
+
+def collect(sweep_dir: str | Path) -> pd.DataFrame:
+    """All runs of a sweep, one row each (failed and unfinished runs included)."""
+    root = Path(sweep_dir)
+    rows = [load_run(r, root) for r in find_runs(root)]
+    if not rows:
+        raise FileNotFoundError(f"no runs (directories with .hydra/config.yaml) under {root}")
+    return pd.DataFrame(rows)
