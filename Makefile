@@ -34,6 +34,13 @@ test: $(STAMP) ## Run the fast test suite
 bench: $(STAMP) ## Run the benchmarks (JSON under benchmarks/results/; ARGS="name ..." picks some)
 	$(PY) benchmarks/run.py $(ARGS)
 
+SWEEP ?= $(shell ls -d multirun/*/* 2>/dev/null | tail -n 1)
+
+.PHONY: analyze
+analyze: $(STAMP) ## Tables (CSV) and plots (PNG) of a sweep: SWEEP=multirun/<date>/<time> (default: newest)
+	@test -n "$(SWEEP)" || (echo "no sweep under multirun/; run 'make sweep' or pass SWEEP=dir" && exit 1)
+	$(PY) -m sparse_merge.analysis $(SWEEP)
+
 .PHONY: lint
 lint: $(STAMP) ## Check style with ruff (lint + format check)
 	$(VENV)/bin/ruff check .
