@@ -1,0 +1,74 @@
+"""Which output rows of each linear layer to train: per-row importance and the row budget.
+
+Per-weight importance scores [out, in] (magnitude, Wanda, Taylor, zeroth-order Taylor) are
+summed over each output row; the ``k`` rows with the highest sums are trained (ties go to the
+lower row index). ``random`` draws ``k`` rows from a seeded generator. The zeroth-order
+gradients are SPSA estimates from ``n_estimate`` pairs of perturbed forward passes, with no
+backward pass (as in MeZO): ``g ~ mean_i [(L(w + eps z_i) - L(w - eps z_i)) / (2 eps)] z_i``
+with Gaussian ``z_i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from sparse_merge.errors import ConfigError
+
+
+def rows_for_lora_rank(out_features: int, in_features: int, lora_rank: int) -> int:
+    """Rows whose update has at most the trainable parameters of a rank-``r`` LoRA pair
+    (``r * (in + out)``), at least 1 and at most ``out_features``."""
+    return max(1, min(out_features, lora_rank * (in_features + out_features) // in_features))
+
+
+def top_rows(row_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [k] (ascending) of the ``k`` highest scores; ties go to the lower index."""
+    if not 0 < k <= row_scores.numel():
+        raise ConfigError("rank", k, f"between 1 and the layer's {row_scores.numel()} rows")
+    order = torch.argsort(-row_scores.double(), stable=True)  # descending, stable
+    return order[:k].sort().values
+
+
+def random_rows(n_rows: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` distinct rows drawn uniformly with ``generator`` (ascending)."""
+    return torch.randperm(n_rows, generator=generator)[:k].sort().values
+
+
+def row_importance(weight_scores: torch.Tensor) -> torch.Tensor:
+    """[out] sum of per-weight importance [out, in] over each output row."""
+    return weight_scores.double().sum(1)
+
+
+@torch.no_grad()
+def spsa_gradients(
+    params: Sequence[nn.Parameter],
+    loss_fn: Callable[[], torch.Tensor],
+    n_estimate: int,
+    eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Zeroth-order (SPSA) estimates of ``d loss / d p`` for every ``p`` in ``params`` from
+    ``2 * n_estimate`` forward passes; the parameters are restored exactly afterwards."""
+    if n_estimate < 1:
+        raise ConfigError("n_estimate", n_estimate, "an integer >= 1")
+    originals = [p.detach().clone() for p in params]
+    grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    try:
+        for _ in range(n_estimate):
+            zs = [torch.randn(p.shape, generator=generator).to(p) for p in params]
+            for p, p0, z in zip(params, originals, zs):
+                p.copy_(p0 + eps * z)
+            plus = float(loss_fn())
+            for p, p0, z in zip(params, originals, zs):
+                p.copy_(p0 - eps * z)
+            minus = float(loss_fn())
+            scale = (plus - minus) / (2 * eps * n_estimate)
+            for g, z in zip(grads, zs):
+                g.add_(z.float(), alpha=scale)
+    finally:
+        for p, p0 in zip(params, originals):
+            p.copy_(p0)
+    return grads
