@@ -53,3 +53,23 @@ def test_parents_are_cached(tmp_path_factory, merge_run):
     cfg = compose_cfg(["experiment=smoke", "save_models=false"], tmp_path_factory.mktemp("again"))
     execute(cfg)
     assert {p: p.stat().st_mtime for p in cache.rglob("model.safetensors")} == before
+
+
+def test_wandb_offline_run_named_by_overrides(tmp_path, monkeypatch):
+    """logger=wandb never needs a key: it runs offline and names the run from the overrides."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_cfg(
+        ["experiment=smoke", "logger=wandb", "save_models=false", "sparsity=0.3"], tmp_path
+    )
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    with read_write(cfg.hydra), open_dict(cfg.hydra):  # what Hydra sets for a launched job
+        cfg.hydra.job.override_dirname = "experiment=smoke,logger=wandb,sparsity=0.3"
+    HydraConfig.instance().set_config(cfg)
+    execute(cfg)
+    run_dir = tmp_path / "run"
+    assert list((run_dir / "wandb").glob("offline-run-*")), "an offline W&B run was written"
+    assert cfg.logger.wandb.name == "experiment=smoke,logger=wandb,sparsity=0.3"
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sparse_merge.config import GROUPS, validate
 from sparse_merge.errors import ConfigError
@@ -40,11 +42,26 @@ def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
         raise
 
 
+def _name_wandb_run(cfg: DictConfig) -> None:
+    """W&B defaults from Hydra: one group per sweep (its directory name), the run named by its
+    overrides; values set in the config win."""
+    wandb = cfg.logger.get("wandb") if cfg.get("logger") else None
+    if wandb is None or not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    with open_dict(cfg):
+        if wandb.get("name") is None:
+            wandb.name = hc.job.override_dirname or "default"
+        if wandb.get("group") is None and hc.mode == RunMode.MULTIRUN:
+            wandb.group = Path(hc.sweep.dir).name
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Validate ``cfg`` and instantiate every group; raises ``ConfigError`` on bad input."""
     validate(cfg)
     if cfg.pipeline not in PIPELINES:
         raise ConfigError("pipeline", cfg.pipeline, "one of " + ", ".join(PIPELINES))
+    _name_wandb_run(cfg)
     parts = {}
     for group in GROUPS:  # cheap constructors: nothing heavy is loaded here
         node = cfg.get(group)
