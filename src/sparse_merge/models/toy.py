@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -64,7 +65,11 @@ def train_lm(
         for e in task.train_examples(steps * batch_size // len(skills) + 1, seed)
     ]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # 10 % warm-up, but at least 2 steps: OneCycleLR divides by (warm-up steps - 1)
+    pct_start = max(0.1, 2.0 / steps) if steps > 2 else 0.5
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=max(steps, 2), pct_start=pct_start
+    )
     model.train()
     losses = []
     bar = tqdm(range(steps), desc=desc, leave=False)
@@ -132,9 +137,20 @@ class ToyZoo:
         return all((self._path(m) / "config.json").exists() for m in ["base", *self.children])
 
     def ensure(self) -> Path:
-        """Train and cache the base and the children unless the cache already has them."""
+        """Train and cache the base and the children unless the cache already has them.
+
+        A file lock makes concurrent processes (``accelerate launch``, parallel sweep jobs) wait
+        for one of them to train instead of training the same models twice.
+        """
         if self._ready():
             return self.root
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / ".lock")):
+            if not self._ready():
+                self._train()
+        return self.root
+
+    def _train(self) -> None:
         tokenizer = char_tokenizer()
         base_path = self._path("base")
         if not (base_path / "config.json").exists():
@@ -166,7 +182,6 @@ class ToyZoo:
             )
             save_causal_lm(model, self._path(child), tokenizer)
         (self.root / "spec.json").write_text(json.dumps(self._spec, indent=2, sort_keys=True))
-        return self.root
 
     def base(self) -> Path:
         """The trained base model's directory."""
