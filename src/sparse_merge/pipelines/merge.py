@@ -81,3 +81,19 @@ def run_merge(
             out = save_causal_lm(model, run_dir / "models" / name, tokenizer)
             log.info("saved %s to %s", name, out)
     return float(rows[-1]["mean"])
+
+
+def run(cfg, parts: dict, run_dir: Path) -> float:
+    """Pipeline entry (``pipeline: merge``): the built parts and the global knobs of ``cfg``."""
+    return run_merge(
+        parts["model"],
+        parts["task"],
+        parts["evolver"],
+        parts["pruner"],
+        parts["hardware"],
+        parts["logger"],
+        seed=cfg.seed,
+        sparsity=cfg.sparsity,
+        run_dir=run_dir,
+        save_models=cfg.save_models,
+    )
