@@ -170,7 +170,8 @@ def _lora_layers(model: nn.Module) -> list[MaskedLoraLinear]:
 
 class LoraAdapter:
     """LoRA adapters (PEFT) on every ``target_modules`` linear layer; ``mode`` picks dense,
-    sparse-to-dense or sparse-to-sparse (see the module docstring)."""
+    sparse-to-dense or sparse-to-sparse (see the module docstring). ``A`` is initialised from
+    ``init_seed`` (``B`` starts at zero, so the wrapped model starts equal to the base)."""
 
     def __init__(
         self,
@@ -180,6 +181,7 @@ class LoraAdapter:
         lora_dropout: float = 0.0,
         target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
         mask_path: str | None = None,
+        init_seed: int = 0,
     ) -> None:
         self.mode = check_choice("mode", mode, MODES)
         self.r = int(check_positive("r", r))
@@ -189,6 +191,7 @@ class LoraAdapter:
             raise ConfigError("target_modules", target_modules, "one or more module names")
         self.target_modules = list(target_modules)
         self.mask_path = mask_path
+        self.init_seed = init_seed
         self.name = mode
 
     @property
@@ -220,7 +223,9 @@ class LoraAdapter:
                 module = modules.get(param_name.removesuffix(".weight"))
                 if module is not None:
                     by_module[id(module)] = mask
-        peft_model = get_peft_model(model, self.peft_config())
+        with torch.random.fork_rng(devices=[]):  # PEFT draws A from the global RNG
+            torch.manual_seed(self.init_seed)
+            peft_model = get_peft_model(model, self.peft_config())
         if self.mode != "dense":
             layers = _lora_layers(peft_model)
             for layer in layers:
