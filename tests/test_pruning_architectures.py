@@ -47,7 +47,8 @@ def test_accessor_finds_the_blocks_and_their_linears(arch):
 @pytest.mark.parametrize("pruner_file", PRUNER_FILES, ids=lambda p: p.stem)
 def test_every_pruner_prunes_every_architecture(arch, pruner_file):
     model = build(arch)
-    pruner = instantiate(OmegaConf.load(pruner_file), _convert_="all")
+    cfg = OmegaConf.create({"seed": 0, "pruner": OmegaConf.load(pruner_file)})
+    pruner = instantiate(cfg.pruner, _convert_="all")
     assert isinstance(pruner, Pruner)
     masks = pruner.prune(model, calib(), 0.5)
     layers = prunable_layers(model)

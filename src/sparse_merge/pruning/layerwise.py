@@ -74,6 +74,26 @@ def capture_block_inputs(
     return out
 
 
+def record_inputs(
+    layers: list[PrunableLayer], stats: dict[str, InputStat], token_mask: list[torch.Tensor]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks adding each layer's inputs [n, in] to ``stats[layer.name]``; tokens where
+    ``token_mask[0]`` [b, T] (set by the caller before each batch) is False are left out."""
+
+    def make_hook(stat: InputStat) -> Callable:
+        def hook(_module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0]  # [b, T, in]
+            if token_mask and x.shape[:-1] == token_mask[0].shape:
+                x = x[token_mask[0]]  # [n, in]: padding tokens excluded
+            stat.add(x.reshape(-1, x.shape[-1]))
+
+        return hook
+
+    return [
+        layer.module.register_forward_pre_hook(make_hook(stats[layer.name])) for layer in layers
+    ]
+
+
 def _run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     out = block(*args, **kwargs)
     return out[0] if isinstance(out, tuple) else out

@@ -73,6 +73,11 @@ class WandaPruner:
         self.granularity = check_choice("granularity", granularity, ("row", "layer"))
         self.nm = parse_nm("nm", nm)
 
+    def describe(self) -> dict[str, str]:
+        """Method, importance and granularity (metadata of saved masks)."""
+        pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm else self.granularity
+        return {"method": "wanda", "importance": "wanda", "granularity": pattern}
+
     @torch.no_grad()
     def prune(self, model: nn.Module, calib: Calibration | None, sparsity: float) -> Masks:
         """Zero the lowest-scoring weights in place; returns keep-masks by weight parameter name."""
