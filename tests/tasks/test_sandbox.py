@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -97,7 +98,7 @@ def test_nothing_left_running(tmp_path):
     sleepers = []
     for pid in set(os.listdir("/proc")) - before:
         try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
         if b"sleep\x0030" in cmd or b"sandbox-" in cmd:

@@ -28,6 +28,7 @@ container or VM as well.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -248,8 +249,6 @@ class Sandbox:
 
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the child's whole process group and reap the child."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     proc.wait()
