@@ -32,10 +32,16 @@ class Curve:
     def record(self, evals: int, genome: torch.Tensor, train: float) -> float:
         """Append one point (``genome`` is the current best); returns its held-out score."""
         test = float(self.problem.heldout(genome)["mean"])
+        self.append(evals, train, test)
+        return test
+
+    def append(self, evals: int, train: float, test: float) -> None:
+        """Append one point whose held-out score is already known."""
+        if self.evals and evals < self.evals[-1]:
+            raise ValueError(f"records must not go back: {evals} after {self.evals[-1]}")
         self.evals.append(int(evals))
         self.train.append(float(train))
-        self.test.append(test)
-        return test
+        self.test.append(float(test))
 
     def __len__(self) -> int:
         return len(self.evals)

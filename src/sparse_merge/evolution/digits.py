@@ -46,6 +46,7 @@ class DigitsProblem:
         self._weights = [self.space.slot(n) for n in WEIGHTS]
         self._n_weights = sum(s.numel for s in self._weights)
         self._workspace = torch.zeros(self.numel)  # [P]
+        self._initial: dict[str, torch.Tensor] | None = None
 
     @property
     def workspace(self) -> torch.Tensor:
@@ -53,9 +54,13 @@ class DigitsProblem:
         return self._workspace
 
     def initial(self) -> dict[str, torch.Tensor]:
-        """The two parents (from scratch or pre-trained), seeded by ``seed``."""
-        generator = torch.Generator().manual_seed(self.seed)
-        return self.parents.parents(self.space, self.task, generator)
+        """The two parents (from scratch or pre-trained), seeded by ``seed``; built once, a
+        fresh copy per call."""
+        if self._initial is None:
+            generator = torch.Generator().manual_seed(self.seed)
+            with torch.enable_grad():  # pre-training works even when called under no_grad
+                self._initial = self.parents.parents(self.space, self.task, generator)
+        return {name: g.clone() for name, g in self._initial.items()}
 
     def _params(self, genomes: torch.Tensor) -> list[torch.Tensor]:
         """W1 [B, H, 64], b1 [B, 1, H], W2 [B, 10, H], b2 [B, 1, 10] as views of ``genomes`` [B, P]."""
