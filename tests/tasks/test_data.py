@@ -79,7 +79,7 @@ def test_too_many_rows_is_a_config_error():
         data_files=str(FIXTURES / "gsm8k_test.jsonl"), n_select=2, n_heldout=3, num_fewshot=0
     )
     with pytest.raises(ConfigError, match="gsm8k.n_select=2"):
-        bench.selection
+        _ = bench.selection
 
 
 def test_one_pool_gives_disjoint_subsets_and_training_rows():
