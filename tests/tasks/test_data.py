@@ -44,9 +44,9 @@ def test_load_split_from_a_mapping_or_one_pool():
 def test_bad_data_files_fail_at_construction(tmp_path):
     with pytest.raises(ConfigError, match="an existing file"):
         GSM8K(data_files=str(tmp_path / "missing.jsonl"))
-    (tmp_path / "rows.txt").write_text("x")
+    (tmp_path / "rows.xml").write_text("x")
     with pytest.raises(ConfigError, match="a file ending in"):
-        check_data_files("data_files", {"train": str(tmp_path / "rows.txt")})
+        check_data_files("data_files", {"train": str(tmp_path / "rows.xml")})
     with pytest.raises(ConfigError, match="n_select"):
         GSM8K(data_files=str(FIXTURES / "gsm8k_test.jsonl"), n_select=-1)
 
