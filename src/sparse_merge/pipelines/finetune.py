@@ -89,13 +89,16 @@ def run_finetune(
     masks: Masks | None = None
     if adapter.mask_path:
         raise ConfigError("lora.mask_path", adapter.mask_path, "null until mask files exist")
-    if pruner is not None:
+    calib: Calibration | None = None
+    uses_calib = getattr(adapter, "uses_calibration", False)  # lora=row_sparse scores rows on it
+    if pruner is not None or uses_calib:
         per_task = math.ceil(settings.n_calib / len(tasks.names)) if settings.n_calib else 0
         calib = (
             Calibration.from_examples(tokenizer, tasks.train_examples(per_task, seed + 7919))
             if per_task
             else None
         )
+    if pruner is not None:
         masks = pruner.prune(model, calib, sparsity)
     pruned_sparsity = measure_sparsity(model).overall
 
@@ -105,7 +108,7 @@ def run_finetune(
 
     per_task = settings.n_train or math.ceil(trainer.examples_needed() / len(tasks.names))
     examples = tasks.train_examples(per_task, seed)
-    wrapped = adapter.wrap(model, masks)
+    wrapped = adapter.wrap(model, masks, calib=calib) if uses_calib else adapter.wrap(model, masks)
     trainable = count_parameters(wrapped)
     result = trainer.train(wrapped, tokenizer, examples, resume=resume)
     inner = trainer.unwrap(wrapped)
