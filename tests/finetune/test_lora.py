@@ -194,3 +194,24 @@ def test_adapter_saved_in_peft_format(pruned, tmp_path):
 def test_masked_mode_without_masks_fails(tiny_llama):
     with pytest.raises(ValueError, match="needs masks"):
         LoraAdapter(mode="sparse_to_dense").wrap(tiny_llama, None)
+
+
+def test_fused_layer_under_bf16_autocast():
+    """Mixed precision: the matmuls run in bf16, the fp32 adapter weights get fp32 gradients
+    close to the fp32 ones."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 16, generator=gen)
+    mask = torch.rand(12, 16, generator=gen) > 0.5
+    w = torch.randn(12, 16, generator=gen) * mask
+    a = torch.randn(4, 16, generator=gen).requires_grad_()
+    b = torch.randn(12, 4, generator=gen).requires_grad_()
+    ref = masked_lora_linear(x, w, a, b, mask, 0.5)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (a, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = masked_lora_linear(x, w, a, b, mask, 0.5)
+    assert y.dtype == torch.bfloat16
+    grads = torch.autograd.grad(y.float().square().sum(), (a, b))
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32]
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.3)
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).norm() < 0.05 * r.norm()
