@@ -13,7 +13,8 @@ Step time is the median over interleaved rounds (one thread, so other processes 
 disturb it less). Peak memory is the highest total of live tensor bytes during one step minus
 the total at its start (the PyTorch profiler's memory timeline, CPU or CUDA), so it counts
 activations, gradients and transients, not the weights, masks or optimiser state that exist
-before the step.
+before the step; ``stored_masks_mb`` is the mask memory held for the whole run (zero when every
+mask is the zero pattern of its pruned weight, see ``finetune/lora.py``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class _TwoMatmuls(MaskedLoraLinear):
 
     def forward(self, x, *args, **kwargs):
         a, b = self.lora_A["default"].weight, self.lora_B["default"].weight
-        delta = (b @ a) * self.scaling["default"] * self.keep_mask  # [out, in], kept by autograd
+        delta = (b @ a) * self.scaling["default"] * self.keep()  # [out, in], kept by autograd
         return self.base_layer(x) + F.linear(x, delta)
 
 
@@ -62,7 +63,7 @@ class _Autograd(MaskedLoraLinear):
 
     def forward(self, x, *args, **kwargs):
         a, b = self.lora_A["default"].weight, self.lora_B["default"].weight
-        w = (self.base_layer.weight + (b @ a) * self.scaling["default"]) * self.keep_mask
+        w = (self.base_layer.weight + (b @ a) * self.scaling["default"]) * self.keep()
         return F.linear(x, w)
 
 
@@ -144,6 +145,12 @@ def run() -> list[dict]:
             "time_ratio": statistics.median(times[m]) / ref_t,
             "peak_step_mb": memory[m] / 2**20,
             "memory_ratio": memory[m] / ref_m,
+            "stored_masks_mb": sum(
+                b.numel() * b.element_size()
+                for n, b in models[m].named_buffers()
+                if "keep_mask" in n
+            )
+            / 2**20,
             "batch": f"{BATCH}x{SEQ}",
             "model": f"llama d={ARCH['hidden_size']} L={ARCH['num_hidden_layers']} r={RANK}",
         }
