@@ -32,6 +32,7 @@ class Config:
     output_dir: str = MISSING  # run directory (Hydra's job dir by default)
     save_models: bool = True  # save resulting models (HF format) in the run directory
     resume: bool = False  # continue the run found in output_dir from its last checkpoint
+    masks: Any = None  # settings of the masks pipeline (conf/experiment/masks.yaml)
     model: Any = MISSING
     task: Any = MISSING
     pruner: Any = MISSING
