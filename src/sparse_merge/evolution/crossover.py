@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from sparse_merge.errors import check_choice
+
 CHUNK = 1 << 22  # elements per chunk, bounds temporaries for billion-parameter genomes
 EPS = 1e-7
 
@@ -56,3 +58,36 @@ def slerp_(
             e = min(s + CHUNK, hi)
             torch.add(a[s:e] * ca, b[s:e], alpha=cb, out=out[s:e])
     return out
+
+
+CROSSOVER_MODES = ("slerp_split", "slerp", "none")
+
+
+class Crossover:
+    """The crossover operator of an evolver, one of three variants, always in place:
+
+    * ``slerp_split`` (M2N2): SLERP with a random weight ``w ~ U[0, 1)`` and a random split
+      point ``k ~ U{0..P}``: ``t = w`` on ``[:k]`` and ``1 - w`` on ``[k:]``;
+    * ``slerp``: SLERP with a random weight, no split point;
+    * ``none``: the child is a copy of the first parent (mutation and pruning only).
+    """
+
+    def __init__(self, mode: str = "slerp_split") -> None:
+        self.mode = check_choice("crossover", mode, CROSSOVER_MODES)
+
+    @torch.no_grad()
+    def __call__(
+        self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, float | int | None]:
+        """Write the child of ``a`` and ``b`` into ``out`` (which may be ``a`` or ``b``);
+        returns the operator parameters drawn (``weight``, ``split``) for the lineage log."""
+        if self.mode == "none":
+            if out.data_ptr() != a.data_ptr():
+                out.copy_(a)
+            return {"weight": None, "split": None}
+        w = float(torch.rand((), generator=generator, dtype=torch.float64))
+        split = None
+        if self.mode == "slerp_split":
+            split = int(torch.randint(0, a.numel() + 1, (), generator=generator))
+        slerp_(out, a, b, w, split)
+        return {"weight": w, "split": split}

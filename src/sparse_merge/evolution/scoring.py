@@ -18,24 +18,32 @@ from __future__ import annotations
 
 import torch
 
-from sparse_merge.errors import check_choice, check_positive
+from sparse_merge.errors import ConfigError, check_choice, check_positive
 
 KINDS = ("softmax", "fraction", "rank")
+
+
+def competition_matrix(
+    scores: torch.Tensor, alpha: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[pop, D] per-datapoint shares ``s_ij / z_j`` with ``z_j = (sum_i s_ij)^alpha``.
+
+    ``scores`` is [pop, D] and non-negative; a column nobody solves has ``z_j = 1`` (0 -> 1).
+    ``alpha=0`` turns competition off (``z_j = 1``). Rows with ``valid=False`` are ignored
+    (they do not count in ``z``) and get 0.
+    """
+    valid = torch.ones(scores.shape[0], dtype=torch.bool) if valid is None else valid.bool()
+    s = scores.double() * valid[:, None].to(scores.device)  # [pop, D]
+    z = s.sum(0).pow(alpha)  # [D]
+    z = torch.where(z == 0, torch.ones_like(z), z)
+    return s / z
 
 
 def competition_fitness(
     scores: torch.Tensor, alpha: float, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Natural Niches fitness ``f_i = sum_j s_ij / z_j`` with ``z_j = (sum_i s_ij)^alpha``.
-
-    ``scores`` is [pop, D] and non-negative; a column nobody solves has ``z_j = 1`` (0 -> 1).
-    ``alpha=0`` turns competition off (plain sum). Rows with ``valid=False`` are ignored and get 0.
-    """
-    valid = torch.ones(scores.shape[0], dtype=torch.bool) if valid is None else valid
-    s = scores.double() * valid[:, None]  # [pop, D]
-    z = s.sum(0).pow(alpha)  # [D]
-    z = torch.where(z == 0, torch.ones_like(z), z)
-    return (s / z).sum(1) * valid  # [pop]
+    """Natural Niches fitness ``f_i = sum_j s_ij / z_j`` (see ``competition_matrix``); [pop]."""
+    return competition_matrix(scores, alpha, valid).sum(1)
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +73,7 @@ class SparsityAwareScorer:
         check_positive("omega", omega, allow_zero=True)
         check_positive("beta", beta, allow_zero=True)
         if omega + beta <= 0:
-            raise ValueError("omega + beta must be > 0")
+            raise ConfigError("beta", beta, f"omega + beta > 0 (omega={omega})")
         self.omega, self.beta = float(omega), float(beta)
         self.tau = float(check_positive("tau", tau))
         self.alpha = float(check_positive("alpha", alpha, allow_zero=True))

@@ -12,12 +12,14 @@ from torch import nn
 TRAIN_FRACTION = 0.8
 
 
-def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    """All images [1797, 64] scaled to [0, 1] and labels [1797], in scikit-learn's order."""
+def load_digits_tensors(raw_pixels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images [1797, 64] scaled to [0, 1] (or scikit-learn's raw 0..16 values with
+    ``raw_pixels``) and labels [1797], in scikit-learn's order."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    return torch.tensor(data.data / 16.0, dtype=torch.float32), torch.tensor(
+    scale = 1.0 if raw_pixels else 16.0
+    return torch.tensor(data.data / scale, dtype=torch.float32), torch.tensor(
         data.target, dtype=torch.long
     )
 
@@ -40,12 +42,17 @@ class DigitsSplit:
 
 
 class DigitsTask:
-    """Selection split = training images (first 80 %), held-out split = test images."""
+    """Selection split = training images (first 80 %), held-out split = test images.
+
+    ``raw_pixels=True`` keeps the 0..16 pixel values (as the M2N2 reference code does); the
+    default scales them to [0, 1].
+    """
 
     name = "digits"
 
-    def __init__(self) -> None:
-        x, y = load_digits_tensors()
+    def __init__(self, raw_pixels: bool = False) -> None:
+        self.raw_pixels = bool(raw_pixels)
+        x, y = load_digits_tensors(self.raw_pixels)
         n = int(TRAIN_FRACTION * len(y))
         self.selection = DigitsSplit("digits/train", x[:n], y[:n])
         self.heldout = DigitsSplit("digits/test", x[n:], y[n:])

@@ -1,0 +1,82 @@
+"""Sparsity schedules: the pruning target at each evolution step.
+
+``CyclicSchedule`` is a cosine ramp with warm restarts that really spans ``[low, high]``: the
+first step of every cycle is exactly ``low`` and the last step exactly ``high``, then the next
+cycle restarts at ``low``. Cycle ``i`` lasts ``round(period * mult**i)`` steps (``mult=1``:
+equal cycles, ``mult=2``: each cycle twice as long, as in SGDR). A schedule is a pure function
+of the step, so its phase is the step counter the evolver checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+from sparse_merge.errors import ConfigError, check_fraction
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """The pruning sparsity at step ``step`` (0-based)."""
+
+    def __call__(self, step: int) -> float: ...
+
+
+class ConstantSchedule:
+    """The same sparsity every step (``None``: the run's target ``sparsity``)."""
+
+    def __init__(self, value: float | None = None) -> None:
+        self.value = None if value is None else check_fraction("value", value)
+
+    def __call__(self, step: int) -> float:
+        """``value`` whatever the step."""
+        if self.value is None:
+            raise ValueError("ConstantSchedule(value=None) must be bound to the run's target")
+        return self.value
+
+    def bind(self, target: float) -> ConstantSchedule:
+        """This schedule with ``None`` replaced by the run's target sparsity."""
+        return self if self.value is not None else ConstantSchedule(target)
+
+
+class CyclicSchedule:
+    """Cosine ramps from ``low`` to ``high`` with warm restarts (see module docstring);
+    ``high=None`` is the run's target ``sparsity``."""
+
+    def __init__(
+        self, low: float = 0.0, high: float | None = None, period: int = 10, mult: float = 1.0
+    ) -> None:
+        self.low = check_fraction("low", low)
+        self.high = None if high is None else check_fraction("high", high)
+        if self.high is not None and self.high < self.low:
+            raise ConfigError("high", high, f"a value >= low ({low})")
+        if int(period) < 1:
+            raise ConfigError("period", period, "an integer >= 1 (steps per cycle)")
+        if mult < 1:
+            raise ConfigError("mult", mult, "a number >= 1 (cycle length multiplier)")
+        self.period, self.mult = int(period), float(mult)
+
+    def bind(self, target: float) -> CyclicSchedule:
+        """This schedule with ``high=None`` replaced by the run's target sparsity."""
+        if self.high is not None:
+            return self
+        return CyclicSchedule(min(self.low, target), target, self.period, self.mult)
+
+    def phase(self, step: int) -> tuple[int, int]:
+        """(position within its cycle, cycle length) of ``step``."""
+        length, start = self.period, 0
+        cycle = 0
+        while step >= start + length:
+            start += length
+            cycle += 1
+            length = max(1, round(self.period * self.mult**cycle))
+        return step - start, length
+
+    def __call__(self, step: int) -> float:
+        """``low + (high - low) * (1 - cos(pi * t / (T - 1))) / 2`` at position t of a T-step cycle."""
+        if self.high is None:
+            raise ValueError("CyclicSchedule(high=None) must be bound to the run's target")
+        t, length = self.phase(step)
+        frac = 1.0 if length == 1 else t / (length - 1)
+        value = self.low + (self.high - self.low) * (1.0 - math.cos(math.pi * frac)) / 2.0
+        return min(max(value, self.low), self.high)

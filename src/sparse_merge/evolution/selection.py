@@ -1,0 +1,63 @@
+"""Parent selection: the first parent in proportion to the total score, the second by the
+matchmaker (attraction) or again by total score.
+
+Selection weights are never negative (a negative weight raises), empty slots get weight 0 and
+are never sampled, and when every eligible weight is 0 the draw is uniform over the eligible
+occupied slots instead of failing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_merge.evolution.scoring import competition_matrix
+
+
+def sample_index(
+    weights: torch.Tensor,
+    valid: torch.Tensor,
+    generator: torch.Generator,
+    exclude: int | None = None,
+) -> int:
+    """One slot drawn with probability ∝ ``weights`` [pop] among ``valid`` slots (other than
+    ``exclude``); uniform over them when their weights are all 0."""
+    weights = weights.detach().double().cpu()
+    if (weights < 0).any():
+        raise ValueError(f"selection weights must be >= 0, got {weights.tolist()}")
+    eligible = valid.bool().cpu().clone()
+    if exclude is not None:
+        eligible[exclude] = False
+    if not eligible.any():
+        raise ValueError("no occupied slot to sample from")
+    w = weights * eligible
+    if w.sum() <= 0:
+        w = eligible.double()
+    return int(torch.multinomial(w, 1, generator=generator))
+
+
+def matchmaker_weights(
+    scores: torch.Tensor, valid: torch.Tensor, first: int, alpha: float
+) -> torch.Tensor:
+    """[pop] attraction of each slot to parent ``first``: ``sum_j max(0, f_kj - f_first,j)``
+    with ``f_kj = s_kj / z_j`` the competition shares; 0 for empty slots and for ``first``."""
+    f = competition_matrix(scores, alpha, valid)  # [pop, D]
+    w = (f - f[first]).clamp_min(0).sum(1) * valid.double()
+    w[first] = 0.0
+    return w
+
+
+def select_parents(
+    total: torch.Tensor,
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    matchmaker: bool,
+    alpha: float,
+) -> tuple[int, int]:
+    """Two distinct parent slots (the same slot twice only when one slot is occupied)."""
+    first = sample_index(total, valid, generator)
+    if int(valid.sum()) < 2:
+        return first, first
+    weights = matchmaker_weights(scores, valid, first, alpha) if matchmaker else total
+    return first, sample_index(weights, valid, generator, exclude=first)

@@ -1,0 +1,177 @@
+"""Fine-tuning pipeline: prune (or load masks), evaluate, train an adapter, merge, validate that
+the merged weights keep the mask, evaluate again, save the merged model and the adapter.
+
+Runs on one process or data parallel under ``accelerate launch``; only the main process
+evaluates and writes files, the others train and wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from sparse_merge.errors import ConfigError
+from sparse_merge.finetune.adapter import Adapter, count_parameters
+from sparse_merge.finetune.settings import FinetuneSettings
+from sparse_merge.finetune.trainer import Trainer
+from sparse_merge.hardware import Hardware
+from sparse_merge.models.hf import load_causal_lm, load_tokenizer, save_causal_lm
+from sparse_merge.models.source import ModelSource
+from sparse_merge.pruning.base import Calibration, Masks, Pruner
+from sparse_merge.pruning.sparsity import measure_sparsity
+from sparse_merge.tasks.suite import TaskSuite
+from sparse_merge.tracking.io import write_json
+from sparse_merge.tracking.logger import RunLogger
+from sparse_merge.tracking.report import format_table
+
+log = logging.getLogger("sparse_merge")
+
+
+@torch.no_grad()
+def mask_report(model: nn.Module, masks: Masks) -> dict[str, object]:
+    """Per layer: masked positions, how many of them are non-zero, and exact sparsity."""
+    params = dict(model.named_parameters())
+    layers, broken, masked = {}, 0, 0
+    for name, keep in masks.items():
+        w = params[name]
+        keep = keep.to(w.device)
+        n_masked = int((~keep).sum())
+        nonzero = int((w[~keep] != 0).sum())
+        layers[name] = {
+            "masked": n_masked,
+            "masked_nonzeros": nonzero,
+            "sparsity": float((w == 0).sum()) / w.numel(),
+        }
+        broken += nonzero
+        masked += n_masked
+    return {"masked": masked, "masked_nonzeros": broken, "ok": broken == 0, "layers": layers}
+
+
+def _start_model(source: ModelSource, start: str):
+    if start == "base":
+        return source.base()
+    parents = source.parents()
+    if start not in parents:
+        raise ConfigError("finetune.start", start, "'base' or one of " + ", ".join(parents))
+    return parents[start]
+
+
+def run_finetune(
+    source: ModelSource,
+    tasks: TaskSuite,
+    pruner: Pruner | None,
+    adapter: Adapter,
+    hardware: Hardware,
+    logger: RunLogger,
+    settings: FinetuneSettings,
+    *,
+    seed: int,
+    sparsity: float,
+    run_dir: Path,
+    save_models: bool = True,
+    resume: bool = False,
+) -> float | None:
+    """Fine-tune the source's ``settings.start`` model with ``adapter`` on ``tasks``' training
+    split; returns the mean held-out score of the merged model (None on non-main processes)."""
+    began = time.perf_counter()
+    trainer = Trainer(settings, hardware, logger, seed, checkpoint_dir=run_dir / "checkpoints")
+    main = trainer.is_main_process
+    path = _start_model(source, settings.start)
+    tokenizer = load_tokenizer(source.tokenizer())
+    model = load_causal_lm(path, hardware.torch_device, hardware.torch_dtype)
+
+    masks: Masks | None = None
+    if adapter.mask_path:
+        raise ConfigError("lora.mask_path", adapter.mask_path, "null until mask files exist")
+    calib: Calibration | None = None
+    uses_calib = getattr(adapter, "uses_calibration", False)  # lora=row_sparse scores rows on it
+    if pruner is not None or uses_calib:
+        per_task = math.ceil(settings.n_calib / len(tasks.names)) if settings.n_calib else 0
+        calib = (
+            Calibration.from_examples(tokenizer, tasks.train_examples(per_task, seed + 7919))
+            if per_task
+            else None
+        )
+    if pruner is not None:
+        masks = pruner.prune(model, calib, sparsity)
+    pruned_sparsity = measure_sparsity(model).overall
+
+    before = tasks.evaluate_heldout(model, tokenizer) if main else {}
+    if main:
+        logger.log({"event": "pruned", "sparsity": pruned_sparsity, **before}, console=True)
+
+    per_task = settings.n_train or math.ceil(trainer.examples_needed() / len(tasks.names))
+    examples = tasks.train_examples(per_task, seed)
+    wrapped = adapter.wrap(model, masks, calib=calib) if uses_calib else adapter.wrap(model, masks)
+    trainable = count_parameters(wrapped)
+    result = trainer.train(wrapped, tokenizer, examples, resume=resume)
+    inner = trainer.unwrap(wrapped)
+
+    metric = None
+    if main:
+        if save_models:
+            adapter.save(inner, run_dir / "adapter")
+        merged = adapter.merge(inner)
+        report = mask_report(merged, masks) if masks is not None else None
+        if report is not None:
+            write_json(run_dir / "mask_report.json", report)
+        after = tasks.evaluate_heldout(merged, tokenizer)
+        achieved = measure_sparsity(merged).overall
+        rows = [
+            {"model": "pruned", **before, "sparsity": pruned_sparsity},
+            {"model": f"tuned ({adapter.name})", **after, "sparsity": achieved},
+        ]
+        print("\n" + format_table(rows, ["model", *tasks.names, "mean", "sparsity"]) + "\n")
+        metrics = {
+            "accuracy": after["mean"],
+            "accuracy_before": before["mean"],
+            **{f"accuracy/{k}": v for k, v in after.items() if k != "mean"},
+            **{f"accuracy_before/{k}": v for k, v in before.items() if k != "mean"},
+            "loss": result.final_loss,
+            "throughput": result.samples_per_s,
+            "tokens_per_s": result.tokens_per_s,
+            "peak_memory_mb": result.peak_memory_mb,
+            "train_seconds": result.seconds,
+            "wall_seconds": time.perf_counter() - began,
+            "sparsity": achieved,
+            "sparsity_before": pruned_sparsity,
+            "masked_nonzeros": report["masked_nonzeros"] if report else 0,
+            "trainable_params": trainable,
+            "steps": result.steps,
+            "processes": trainer.accelerator.num_processes,
+            "method": adapter.name,
+        }
+        write_json(run_dir / "results.json", {"seed": seed, "target_sparsity": sparsity, **metrics})
+        logger.log({"event": "finetuned", **metrics}, console=True)
+        logger.summary(metrics)
+        if save_models:
+            out = save_causal_lm(merged, run_dir / "models" / "finetuned", tokenizer)
+            log.info("saved the merged model to %s", out)
+        metric = float(after["mean"])
+    trainer.accelerator.wait_for_everyone()
+    return metric
+
+
+def run(cfg, parts: dict, run_dir: Path) -> float | None:
+    """Pipeline entry (``pipeline: finetune``)."""
+    settings = FinetuneSettings(**OmegaConf.to_container(cfg.finetune, resolve=True))
+    return run_finetune(
+        parts["model"],
+        parts["task"],
+        parts["pruner"],
+        parts["lora"],
+        parts["hardware"],
+        parts["logger"],
+        settings,
+        seed=cfg.seed,
+        sparsity=cfg.sparsity,
+        run_dir=run_dir,
+        save_models=cfg.save_models,
+        resume=cfg.resume,
+    )

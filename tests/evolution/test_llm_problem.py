@@ -1,0 +1,61 @@
+"""LLMProblem: the Problem protocol over a tiny Llama in a ParamSpace."""
+
+import pytest
+import torch
+
+from sparse_merge.evolution.llm import LLMProblem
+from sparse_merge.evolution.problem import Problem, is_workspace
+from sparse_merge.models.paramspace import ParamSpace
+from sparse_merge.pruning.magnitude import MagnitudePruner
+from sparse_merge.pruning.sparsity import measure_sparsity
+from sparse_merge.tasks.suite import TaskSuite
+from sparse_merge.tasks.toy import AdditionTask, ReversalTask
+
+
+@pytest.fixture
+def problem(tiny_llama, tokenizer):
+    space = ParamSpace(tiny_llama)
+    g = torch.Generator().manual_seed(0)
+    a = space.genome()
+    b = a + 0.01 * torch.randn(a.shape, generator=g)
+    tasks = TaskSuite(
+        {
+            "addition": AdditionTask(1, 1, n_select=6, n_heldout=5),
+            "reversal": ReversalTask(1, 3, n_select=4, n_heldout=5),
+        }
+    )
+    return LLMProblem(space, tokenizer, {"a": a, "b": b}, tasks, MagnitudePruner())
+
+
+def test_is_a_problem_with_the_suite_layout(problem):
+    assert isinstance(problem, Problem)
+    assert problem.n_datapoints == 10 and problem.numel == problem.space.numel
+    assert problem.task_names == ["addition", "reversal"]
+    assert set(problem.initial()) == {"a", "b"}
+    assert is_workspace(problem, problem.workspace)
+    assert not is_workspace(problem, problem.initial()["a"])
+
+
+def test_evaluate_workspace_equals_evaluate_copy(problem):
+    b = problem.initial()["b"]
+    from_copy = problem.evaluate(b)
+    assert from_copy.shape == (10,) and from_copy.dtype == torch.float32
+    problem.workspace.copy_(b)
+    assert torch.equal(problem.evaluate(problem.workspace), from_copy)
+    held = problem.heldout(b)
+    assert set(held) == {"addition", "reversal", "mean"}
+
+
+def test_sparsity_and_prune_of_a_stored_genome(problem):
+    a = problem.initial()["a"].clone()
+    assert problem.sparsity(a) == 0.0
+    problem.prune_(a, 0.5)  # a genome outside the workspace: pruned in place
+    assert abs(problem.sparsity(a) - 0.5) < 0.005
+    problem.space.load(a)
+    assert problem.sparsity(a) == measure_sparsity(problem.model).overall
+    # the non-prunable parameters (embeddings, norms) are untouched
+    before = problem.initial()["a"]
+    emb = problem.space.slot("model.embed_tokens.weight")
+    assert torch.equal(a[emb.offset : emb.stop], before[emb.offset : emb.stop])
+    problem.prune_(a, 0.0)  # a no-op
+    assert abs(problem.sparsity(a) - 0.5) < 0.005

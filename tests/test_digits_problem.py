@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from sparse_merge.errors import ConfigError
+from sparse_merge.evolution.digits import DigitsProblem
+from sparse_merge.models.digits import DigitsParents
+from sparse_merge.tasks.digits import DigitsTask
+
+
+@pytest.fixture(scope="module")
+def task():
+    return DigitsTask()
+
+
+@pytest.fixture(scope="module")
+def problem(task):
+    return DigitsProblem(DigitsParents("scratch"), task, seed=3)
+
+
+def test_is_a_problem_with_the_digits_shapes(problem):
+    assert problem.numel == 64 * 256 + 256 + 256 * 10 + 10
+    assert problem.n_datapoints == 1437 and problem.workspace.shape == (problem.numel,)
+    odd, even = problem.descriptor_masks
+    assert int(odd.sum() + even.sum()) == 1437 and not (odd & even).any()
+
+
+def test_flat_evaluation_matches_the_module(problem, task):
+    genome = torch.randn(problem.numel, generator=torch.Generator().manual_seed(0))
+    model = problem.space.load(genome)
+    expected = (model(task.selection.images).argmax(-1) == task.selection.labels).float()
+    assert torch.equal(problem.evaluate(genome), expected)
+    test_acc = (model(task.heldout.images).argmax(-1) == task.heldout.labels).float().mean()
+    assert problem.heldout(genome) == {
+        "digits": pytest.approx(float(test_acc)),
+        "mean": pytest.approx(float(test_acc)),
+    }
+    assert 0.0 < float(expected.mean()) < 0.5  # a random MLP is right on some images only
+
+
+def test_batched_evaluation_equals_one_by_one(problem):
+    genomes = torch.randn(5, problem.numel, generator=torch.Generator().manual_seed(1))
+    batch = problem.evaluate_batch(genomes)
+    assert batch.shape == (5, 1437)
+    for i in range(5):
+        assert torch.equal(batch[i], problem.evaluate(genomes[i]))
+
+
+def test_initial_parents_are_seeded(task):
+    a = DigitsProblem(DigitsParents("scratch"), task, seed=3).initial()
+    b = DigitsProblem(DigitsParents("scratch"), task, seed=3).initial()
+    c = DigitsProblem(DigitsParents("scratch"), task, seed=4).initial()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(next(iter(a.values())), next(iter(c.values())))
+
+
+def test_prune_is_exact_per_weight_matrix_and_spares_biases(problem):
+    genome = torch.randn(problem.numel, generator=torch.Generator().manual_seed(2))
+    assert problem.sparsity(genome) == 0.0
+    problem.prune_(genome, 0.25)
+    w1 = problem.space.view(genome, "net.0.weight")
+    w2 = problem.space.view(genome, "net.2.weight")
+    assert int((w1 == 0).sum()) == w1.numel() // 4 and int((w2 == 0).sum()) == w2.numel() // 4
+    assert int((problem.space.view(genome, "net.0.bias") == 0).sum()) == 0
+    assert problem.sparsity(genome) == 0.25
+    with pytest.raises(ConfigError, match="sparsity"):
+        problem.prune_(genome, 1.5)
+
+
+def test_raw_pixels_keep_sklearn_values():
+    raw, scaled = DigitsTask(raw_pixels=True), DigitsTask()
+    assert raw.selection.images.max() == 16.0
+    assert torch.allclose(raw.selection.images / 16.0, scaled.selection.images)
