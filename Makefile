@@ -34,7 +34,21 @@ test: $(STAMP) ## Run the fast test suite
 bench: $(STAMP) ## Run the benchmarks (JSON under benchmarks/results/; ARGS="name ..." picks some)
 	$(PY) benchmarks/run.py $(ARGS)
 
-SWEEP ?= $(shell ls -d multirun/*/* 2>/dev/null | tail -n 1)
+EXP ?= sweep_masks
+
+.PHONY: sweep
+sweep: $(STAMP) ## Run a sweep from conf/experiment/: make sweep EXP=sweep_finetune (ARGS adds overrides)
+	$(PY) run.py -m experiment=$(EXP) $(ARGS)
+
+REPORT_DIR := multirun/report
+
+.PHONY: report
+report: $(STAMP) ## A small grid offline on the toy models, then its tables and plots (minutes)
+	rm -rf $(REPORT_DIR)
+	$(PY) run.py -m experiment=report_grid hydra.sweep.dir=$(REPORT_DIR) $(ARGS)
+	$(PY) -m sparse_merge.analysis $(REPORT_DIR)
+
+SWEEP ?= $(shell ls -d multirun/*/* 2>/dev/null | grep -v report | tail -n 1)
 
 .PHONY: analyze
 analyze: $(STAMP) ## Tables (CSV) and plots (PNG) of a sweep: SWEEP=multirun/<date>/<time> (default: newest)

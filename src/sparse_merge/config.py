@@ -10,7 +10,7 @@ before any model is loaded.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -18,6 +18,7 @@ from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, ListConfig
 
 from sparse_merge.errors import ConfigError, check_fraction, check_positive
+from sparse_merge.finetune.settings import FinetuneSettings
 
 GROUPS = ("model", "task", "pruner", "scorer", "evolver", "lora", "hardware", "logger")
 
@@ -33,6 +34,7 @@ class Config:
     save_models: bool = True  # save resulting models (HF format) in the run directory
     resume: bool = False  # continue the run found in output_dir from its last checkpoint
     budget: int = 1000  # forward passes of a single-method digits run (pipeline: digits)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)  # pipeline=finetune
     model: Any = MISSING
     task: Any = MISSING
     pruner: Any = MISSING

@@ -2,9 +2,11 @@
 
 Instead of a table of attribute paths per architecture (``model.model.layers``,
 ``model.transformer.h``, ``model.model.decoder.layers``, ...), the decoder blocks are found as
-the longest ``nn.ModuleList`` of identical modules that contain linear layers. This covers
-Llama, Qwen2, Mistral, GPT-2 (whose linears are ``Conv1D`` with transposed weights) and OPT
-without code per architecture.
+the ``nn.ModuleList`` of identical modules that contain linear layers, with as many entries as
+``config.num_hidden_layers`` when the model has a config (so a longer list of MoE experts is
+not mistaken for them), else the longest such list. This covers Llama, Qwen2, Mistral
+(grouped-query attention), GPT-2 (whose linears are ``Conv1D`` with transposed weights) and OPT
+without code per architecture; tests build a tiny model of each and prune it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder blocks: (prefix, ModuleList), the longest list of same-class blocks with linears."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
@@ -43,11 +46,25 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         kinds = {type(m) for m in module}
         if len(kinds) != 1 or not any(is_linear(m) for m in module[0].modules()):
             continue
+        if len(module) == n_layers:
+            return name, module
         if best is None or len(module) > len(best[1]):
             best = (name, module)
     if best is None:
         raise ValueError(f"no decoder blocks found in {type(model).__name__}")
     return best
+
+
+# Last name of the linears that project the block input to per-head queries, keys or values
+# (their output rows come in heads of ``head_dim``), across the supported architectures.
+ATTENTION_INPUT_NAMES = ("q_proj", "k_proj", "v_proj", "c_attn", "query_key_value", "qkv_proj")
+
+
+def head_dim(model: nn.Module) -> int:
+    """Size of one attention head (``config.head_dim`` or hidden size / number of heads)."""
+    config = model.config
+    explicit = getattr(config, "head_dim", None)
+    return int(explicit or config.hidden_size // config.num_attention_heads)
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,11 @@ class PrunableLayer:
     def weight(self) -> torch.Tensor:
         """[out, in] view of the weight."""
         return weight_matrix(self.module)
+
+    @property
+    def is_attention_input(self) -> bool:
+        """Whether this linear makes per-head queries, keys or values (rows grouped in heads)."""
+        return self.name.rsplit(".", 1)[-1] in ATTENTION_INPUT_NAMES
 
     @property
     def param_name(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -42,3 +43,20 @@ def write_json(path: str | Path, data: Any) -> Path:
 def to_jsonable(data: Any) -> Any:
     """``data`` with tensors and paths turned into JSON types."""
     return json.loads(json.dumps(data, default=_jsonable))
+
+
+def write_atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)`` on a fresh temporary directory next to ``path``, then move it
+    into place (replacing an older ``path``), so a crash never leaves a half-written folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path

@@ -1,0 +1,279 @@
+"""LoRA on (pruned) models with PEFT: dense, sparse-to-dense and sparse-to-sparse.
+
+One class, three settings of ``mode``:
+
+- ``dense``: plain PEFT LoRA; the merge is ``W' = W + s * B @ A`` and breaks the zeros of a
+  pruned base (the baseline).
+- ``sparse_to_dense``: the base stays sparse and frozen, the adapters train dense (PEFT's own
+  forward); the merge re-applies the mask, ``W' = (W + s * B @ A) * M``.
+- ``sparse_to_sparse``: the effective weight is sparse during training too: every forward
+  computes ``y = x @ ((W + s * B @ A) * M)^T`` and the merge writes exactly that weight.
+
+The sparse-to-sparse forward (``masked_lora_linear``) folds the update into the weight and runs
+one matmul, ``x @ W_eff^T``, instead of the base matmul plus a second one through the masked
+update ``x @ ((B @ A) * M)^T``. Its backward recomputes ``W_eff`` (an ``[out, in] x r``
+product) instead of keeping it, so no dense ``[out, in]`` tensor per layer lives between the
+forward and the backward pass; the weight gradient of the update needs the masked outer
+product ``(dy^T x) * M``, one more matmul of the layer's size than dense LoRA. A per-element
+sparse (SDDMM) form would do fewer flops at high sparsity but is slower than dense matmuls at
+the sparsities used here; ``docs/finetune.md`` has the measurements.
+
+The keep-mask of each adapted layer is a non-persistent bool buffer of the LoRA layer (one
+byte per weight), so the merge needs no state outside the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch import nn
+
+from sparse_merge.errors import ConfigError, check_choice, check_fraction, check_positive
+from sparse_merge.pruning.base import Masks
+from sparse_merge.tracking.io import write_atomic_dir
+
+MODES = ("dense", "sparse_to_dense", "sparse_to_sparse")
+
+
+def effective_weight(
+    weight: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(W + s * B @ A) * M`` [out, in] in ``dtype`` (``W`` None: the masked update alone).
+
+    The same function computes the training forward's weight and the merged weight, so the
+    merged model reproduces the trained one bit for bit in the training dtype.
+    """
+    delta = (lora_b.to(dtype) @ lora_a.to(dtype)) * scaling  # [out, r] @ [r, in], as PEFT merges
+    w = delta if weight is None else weight.to(dtype) + delta
+    return w.mul_(mask)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for ``x``'s device, else ``x``'s dtype."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+class _MaskedLoraLinear(torch.autograd.Function):
+    """``y = x @ ((W + s * B @ A) * M)^T`` keeping only ``x`` (and the weights) for backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, mask, scaling):  # noqa: D102
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            w = effective_weight(weight, lora_a, lora_b, mask, scaling, dtype)  # [out, in]
+            y = F.linear(x.to(dtype), w)  # [..., out]
+        ctx.save_for_backward(x, weight, lora_a, lora_b, mask)
+        ctx.scaling, ctx.dtype = scaling, dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        x, weight, lora_a, lora_b, mask = ctx.saved_tensors
+        s, dtype = ctx.scaling, ctx.dtype
+        grad_x = grad_a = grad_b = None
+        with torch.autocast(dy.device.type, enabled=False):
+            dy = dy.to(dtype)
+            if ctx.needs_input_grad[0]:
+                w = effective_weight(weight, lora_a, lora_b, mask, s, dtype)  # recomputed
+                grad_x = (dy @ w).to(x.dtype)  # [..., in]
+                del w
+            if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+                dy2 = dy.reshape(-1, dy.shape[-1])  # [N, out]
+                x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # [N, in]
+                g = (dy2.t() @ x2).mul_(mask)  # [out, in]: dL/dW_eff, masked
+                grad_b = (g @ lora_a.to(dtype).t()).mul_(s).to(lora_b.dtype)  # [out, r]
+                grad_a = (lora_b.to(dtype).t() @ g).mul_(s).to(lora_a.dtype)  # [r, in]
+        return grad_x, None, grad_a, grad_b, None, None
+
+
+def masked_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """``x @ ((W + s * B @ A) * M)^T`` [..., out] (without ``W`` when it is None); ``W`` is
+    frozen, gradients flow to ``x``, ``A`` [r, in] and ``B`` [out, r]."""
+    return _MaskedLoraLinear.apply(x, weight, lora_a, lora_b, mask, scaling)
+
+
+class MaskedLoraLinear(PeftLoraLinear):
+    """PEFT's LoRA linear layer holding the keep-mask of its base weight.
+
+    With ``sparse_forward`` the forward uses the masked effective weight (sparse-to-sparse);
+    otherwise it is PEFT's dense-update forward (sparse-to-dense). Layers without a mask, and
+    the multi-adapter or disabled-adapter cases, fall back to PEFT's forward.
+    """
+
+    sparse_forward = False
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(base_layer, adapter_name, **kwargs)
+        self.register_buffer("keep_mask", None, persistent=False)  # [out, in] bool
+
+    def set_mask(self, mask: torch.Tensor | None, sparse_forward: bool) -> None:
+        """Attach the base weight's keep-mask (in the weight's layout)."""
+        if mask is not None:
+            weight = self.get_base_layer().weight
+            if mask.shape != weight.shape:
+                raise ValueError(f"mask {tuple(mask.shape)} != weight {tuple(weight.shape)}")
+            mask = mask.to(device=weight.device, dtype=torch.bool)
+        self.keep_mask = mask
+        self.sparse_forward = sparse_forward
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Masked forward for the single active adapter; PEFT's forward otherwise."""
+        active = self.active_adapters
+        if (
+            not self.sparse_forward
+            or self.keep_mask is None
+            or self.disable_adapters
+            or self.merged
+            or kwargs.get("adapter_names") is not None
+            or len(active) != 1
+            or active[0] not in self.lora_A
+        ):
+            return super().forward(x, *args, **kwargs)
+        name = active[0]
+        base = self.get_base_layer()
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight  # [r, in], [out, r]
+        s, dropout = self.scaling[name], self.lora_dropout[name]
+        if isinstance(dropout, nn.Identity) or not self.training:
+            y = masked_lora_linear(x, base.weight, a, b, self.keep_mask, s)  # one matmul
+        else:  # dropout feeds the update only, as in PEFT: two matmuls
+            y = base(x, *args, **kwargs)
+            return y + masked_lora_linear(dropout(x), None, a, b, self.keep_mask, s).to(y.dtype)
+        if base.bias is not None:
+            y = y + base.bias.to(y.dtype)
+        return y
+
+
+def _lora_layers(model: nn.Module) -> list[MaskedLoraLinear]:
+    return [m for m in model.modules() if isinstance(m, MaskedLoraLinear)]
+
+
+class LoraAdapter:
+    """LoRA adapters (PEFT) on every ``target_modules`` linear layer; ``mode`` picks dense,
+    sparse-to-dense or sparse-to-sparse (see the module docstring). ``A`` is initialised from
+    ``init_seed`` (``B`` starts at zero, so the wrapped model starts equal to the base)."""
+
+    def __init__(
+        self,
+        mode: str = "dense",
+        r: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+        mask_path: str | None = None,
+        init_seed: int = 0,
+    ) -> None:
+        self.mode = check_choice("mode", mode, MODES)
+        self.r = int(check_positive("r", r))
+        self.lora_alpha = float(check_positive("lora_alpha", lora_alpha))
+        self.lora_dropout = check_fraction("lora_dropout", lora_dropout)
+        if not target_modules:
+            raise ConfigError("target_modules", target_modules, "one or more module names")
+        self.target_modules = list(target_modules)
+        self.mask_path = mask_path
+        self.init_seed = init_seed
+        self.name = mode
+
+    @property
+    def scaling(self) -> float:
+        """``s = lora_alpha / r``."""
+        return self.lora_alpha / self.r
+
+    def peft_config(self) -> LoraConfig:
+        """The PEFT config (with the masked layer class for the masked modes)."""
+        config = LoraConfig(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        if self.mode != "dense":
+            config._register_custom_module({nn.Linear: MaskedLoraLinear})
+        return config
+
+    def wrap(self, model: nn.Module, masks: Masks | None) -> nn.Module:
+        """A ``PeftModel`` over ``model``; the masked modes attach each layer's keep-mask."""
+        if self.mode != "dense" and masks is None:
+            raise ValueError(f"lora.mode={self.mode!r} needs masks (prune or give mask_path)")
+        by_module = {}
+        if masks:
+            modules = dict(model.named_modules())
+            for param_name, mask in masks.items():
+                module = modules.get(param_name.removesuffix(".weight"))
+                if module is not None:
+                    by_module[id(module)] = mask
+        with torch.random.fork_rng(devices=[]):  # PEFT draws A from the global RNG
+            torch.manual_seed(self.init_seed)
+            peft_model = get_peft_model(model, self.peft_config())
+        if self.mode != "dense":
+            layers = _lora_layers(peft_model)
+            for layer in layers:
+                mask = by_module.pop(id(layer.get_base_layer()), None)
+                layer.set_mask(mask, sparse_forward=self.mode == "sparse_to_sparse")
+            adapted = {id(m) for n, m in model.named_modules() if n.endswith(".base_layer")}
+            missed = [k for k in by_module if k in adapted]
+            if missed:  # a targeted, masked layer that is not an nn.Linear (e.g. GPT-2 Conv1D)
+                raise NotImplementedError(
+                    f"lora.mode={self.mode!r} supports nn.Linear layers; {len(missed)} masked "
+                    "target layers are of another type"
+                )
+        return peft_model
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module) -> nn.Module:
+        """The base model with the update merged; the masked modes write ``(W + s*B@A) * M``
+        (computed in fp32, then cast to the weight's dtype), so masked weights are exactly 0."""
+        if not isinstance(model, PeftModel):
+            raise TypeError(f"expected the PeftModel returned by wrap, got {type(model).__name__}")
+        if self.mode == "dense":
+            return model.merge_and_unload()
+        for layer in _lora_layers(model):
+            if layer.keep_mask is None:
+                layer.merge()
+                continue
+            (name,) = layer.active_adapters
+            base = layer.get_base_layer()
+            merged = effective_weight(
+                base.weight,
+                layer.lora_A[name].weight,
+                layer.lora_B[name].weight,
+                layer.keep_mask,
+                layer.scaling[name],
+                torch.float32 if base.weight.dtype != torch.float64 else torch.float64,
+            )
+            base.weight.data = merged.to(base.weight.dtype)
+        return model.unload()
+
+    def save(self, model: nn.Module, directory: str | Path) -> Path:
+        """The adapter in PEFT format (``PeftModel.from_pretrained`` loads it); the masks are
+        saved with the run, and loading the adapter with plain PEFT gives the dense update."""
+        if not isinstance(model, PeftModel):
+            raise TypeError(f"expected the PeftModel returned by wrap, got {type(model).__name__}")
+        return write_atomic_dir(directory, lambda tmp: model.save_pretrained(str(tmp)))
+
+    def __repr__(self) -> str:
+        return (
+            f"LoraAdapter(mode={self.mode}, r={self.r}, alpha={self.lora_alpha}, "
+            f"dropout={self.lora_dropout}, targets={self.target_modules})"
+        )

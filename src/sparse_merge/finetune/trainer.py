@@ -1,0 +1,304 @@
+"""A small trainer on Accelerate for any model whose trainable parameters need gradients.
+
+Data parallel over however many processes ``accelerate launch`` starts (DDP; gloo on CPU),
+gradient accumulation, mixed precision where the hardware allows, a tqdm bar on the main
+process, and atomic checkpoints (trainable tensors, optimiser, schedule, RNG, counters) from
+which a resumed run continues as if it had not stopped.
+
+Batches are drawn deterministically from the step number: epoch ``e`` visits the examples in
+the order of a permutation seeded by ``(seed, e)``, each optimiser step takes the next
+``batch_size * grad_accum * world_size`` of them and process ``k`` takes its own slice. So the
+data a step sees depends on nothing but the seed and the step, which is what makes resuming
+exact. The loss of a step is the mean of its micro-batches' losses (each a mean over its
+answer tokens), an approximation of the token-weighted mean when micro-batches differ in size.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from sparse_merge.finetune.data import encode_examples
+from sparse_merge.finetune.settings import FinetuneSettings
+from sparse_merge.hardware import Hardware
+from sparse_merge.tasks.base import Example
+from sparse_merge.tracking.io import write_atomic
+from sparse_merge.tracking.logger import RunLogger
+
+CHECKPOINT = "trainer_state.pt"
+
+
+@dataclass
+class TrainResult:
+    """What a training run measured (throughput over this process's run, all processes summed)."""
+
+    steps: int
+    final_loss: float  # mean loss of the last ``log_every`` steps
+    losses: list[float] = field(default_factory=list)  # per optimiser step
+    samples: int = 0  # examples seen by all processes in this run (resumed steps excluded)
+    tokens: int = 0  # non-padding tokens seen by all processes in this run
+    seconds: float = 0.0  # wall time of the training loop in this run
+    peak_memory_mb: float = 0.0  # peak CUDA memory allocated, or peak RSS on CPU
+    resumed_from: int = 0  # step the run resumed from (0: fresh)
+
+    @property
+    def samples_per_s(self) -> float:
+        """Examples per second over all processes."""
+        return self.samples / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Non-padding tokens per second over all processes."""
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics for logs and summaries."""
+        return {
+            "train/steps": self.steps,
+            "train/final_loss": self.final_loss,
+            "train/samples_per_s": self.samples_per_s,
+            "train/tokens_per_s": self.tokens_per_s,
+            "train/seconds": self.seconds,
+            "train/peak_memory_mb": self.peak_memory_mb,
+            "train/resumed_from": self.resumed_from,
+        }
+
+
+def resolve_precision(setting: str, hardware: Hardware) -> str:
+    """Accelerate's ``mixed_precision``: ``auto`` is bf16 on a CUDA device with bf16, else no."""
+    if setting != "auto":
+        return setting
+    if hardware.device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def cosine_with_warmup(steps: int, warmup: float):
+    """LR multiplier per step: linear warm-up over ``warmup * steps``, then cosine to 0."""
+    n_warm = max(1, round(warmup * steps)) if warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < n_warm:
+            return (step + 1) / n_warm
+        progress = (step - n_warm) / max(1, steps - n_warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device``, or this process's peak RSS on CPU (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class Trainer:
+    """AdamW on a model's trainable parameters with Accelerate (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: FinetuneSettings,
+        hardware: Hardware,
+        logger: RunLogger | None = None,
+        seed: int = 0,
+        checkpoint_dir: str | Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self.hardware = hardware
+        self.logger = logger
+        self.seed = seed
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        # constant buffers (masks, rotary tables) need no broadcast every step
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+        self.accelerator = Accelerator(
+            cpu=hardware.device == "cpu",
+            mixed_precision=resolve_precision(settings.mixed_precision, hardware),
+            kwargs_handlers=[ddp],
+        )
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this is the process that writes files."""
+        return self.accelerator.is_main_process
+
+    def batch_examples(self, examples: Sequence[Example], step: int, micro: int) -> list[Example]:
+        """The examples this process trains on at optimiser ``step``, micro-batch ``micro``."""
+        acc = self.accelerator
+        s = self.settings
+        global_batch = s.batch_size * acc.num_processes
+        start = ((step * s.grad_accum + micro) * global_batch) + acc.process_index * s.batch_size
+        out = []
+        n = len(examples)
+        for i in range(start, start + s.batch_size):
+            epoch, pos = divmod(i, n)
+            out.append(examples[int(self._order(epoch, n)[pos])])
+        return out
+
+    def _order(self, epoch: int, n: int) -> torch.Tensor:
+        cache = getattr(self, "_orders", None)
+        if cache is None or cache[0] != (epoch, n):
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders = ((epoch, n), torch.randperm(n, generator=gen))
+        return self._orders[1]
+
+    def examples_needed(self) -> int:
+        """Examples all processes consume over the whole run (one pass, no repeats)."""
+        return (
+            self.settings.steps * self.settings.examples_per_step * self.accelerator.num_processes
+        )
+
+    def train(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        examples: Sequence[Example],
+        resume: bool = False,
+        stop_at: int | None = None,
+    ) -> TrainResult:
+        """Train ``model`` in place (its trainable parameters); ``resume`` continues from the
+        checkpoint in ``checkpoint_dir``; ``stop_at`` ends the loop early after that step (as
+        an interrupted run would, leaving its checkpoint)."""
+        s, acc = self.settings, self.accelerator
+        if not examples:
+            raise ValueError("no training examples")
+        torch.manual_seed(self.seed + acc.process_index)  # dropout; data order has its own
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_with_warmup(s.steps, s.warmup)
+        )
+        model, optimizer = acc.prepare(model, optimizer)
+        start, losses = 0, []
+        if resume:
+            start, losses = self._load(model, optimizer, schedule)
+        end = s.steps if stop_at is None else min(stop_at, s.steps)
+
+        device = acc.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        model.train()
+        samples = tokens = 0
+        bar = tqdm(
+            range(start, end),
+            desc="fine-tune",
+            initial=start,
+            total=s.steps,
+            disable=not acc.is_local_main_process,
+            leave=False,
+        )
+        began = time.perf_counter()
+        for step in bar:
+            step_loss = 0.0
+            for micro in range(s.grad_accum):
+                batch = encode_examples(
+                    tokenizer, self.batch_examples(examples, step, micro), s.max_length
+                )
+                batch = {k: v.to(device) for k, v in batch.items()}
+                last = micro == s.grad_accum - 1
+                with nullcontext() if last else acc.no_sync(model):  # sync on the last only
+                    loss = model(**batch).loss / s.grad_accum
+                acc.backward(loss)
+                step_loss += loss.item()
+                samples += batch["input_ids"].shape[0]
+                tokens += int(batch["attention_mask"].sum())
+            if s.max_grad_norm > 0:
+                acc.clip_grad_norm_(params, s.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_mean = float(acc.reduce(torch.tensor(step_loss, device=device), "mean"))
+            losses.append(loss_mean)
+            bar.set_postfix(loss=f"{loss_mean:.3f}")
+            done = step + 1
+            if self.logger is not None and acc.is_main_process and done % s.log_every == 0:
+                recent = losses[-s.log_every :]
+                self.logger.log(
+                    {
+                        "train/loss": sum(recent) / len(recent),
+                        "train/lr": schedule.get_last_lr()[0],
+                    },
+                    step=done,
+                )
+            if s.checkpoint_every and (done % s.checkpoint_every == 0 or done == end):
+                self._save(model, optimizer, schedule, done, losses)
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize(acc.device)
+        seconds = time.perf_counter() - began
+        bar.close()
+        counts = acc.reduce(torch.tensor([samples, tokens], device=device), "sum").tolist()
+        model.eval()
+        recent = losses[-s.log_every :] or [float("nan")]
+        return TrainResult(
+            steps=len(losses),
+            final_loss=sum(recent) / len(recent),
+            losses=losses,
+            samples=int(counts[0]),
+            tokens=int(counts[1]),
+            seconds=seconds,
+            peak_memory_mb=peak_memory_mb(device),
+            resumed_from=start,
+        )
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The model without its DDP wrapper."""
+        return self.accelerator.unwrap_model(model)
+
+    def _trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        inner = self.unwrap(model)
+        return {n: p.detach().cpu() for n, p in inner.named_parameters() if p.requires_grad}
+
+    def _save(self, model, optimizer, schedule, step: int, losses: list[float]) -> None:
+        """One checkpoint file written atomically by the main process (all ranks agree on it)."""
+        if self.checkpoint_dir is None:
+            return
+        if self.accelerator.is_main_process:
+            state = {
+                "step": step,
+                "losses": losses,
+                "trainable": self._trainable_state(model),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "world_size": self.accelerator.num_processes,
+            }
+            write_atomic(self.checkpoint_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        self.accelerator.wait_for_everyone()
+
+    def _load(self, model, optimizer, schedule) -> tuple[int, list[float]]:
+        """Restore the last checkpoint, if any; returns (step, losses so far)."""
+        path = None if self.checkpoint_dir is None else self.checkpoint_dir / CHECKPOINT
+        if path is None or not path.exists():
+            return 0, []
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["world_size"] != self.accelerator.num_processes:
+            raise ValueError(
+                f"checkpoint was written by {state['world_size']} processes, "
+                f"this run has {self.accelerator.num_processes}: data order would differ"
+            )
+        params = dict(self.unwrap(model).named_parameters())
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if self.accelerator.process_index == 0:
+            torch.set_rng_state(state["rng"])
+            if state["cuda_rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return int(state["step"]), list(state["losses"])

@@ -1,0 +1,195 @@
+"""Importance scores of prunable weights behind one small protocol.
+
+An ``Importance`` maps a model (and calibration data when it needs them) to one score per
+prunable weight, ``[out, in]`` per layer, higher meaning more important:
+
+* ``MagnitudeImportance``: ``|W|``.
+* ``GradientImportance``: ``|dL/dW|``, with ``dL/dW`` the gradient of the mean language-model
+  loss over ``n_batches`` calibration batches.
+* ``TaylorImportance``: ``|W * dL/dW|`` (first-order Taylor estimate of the loss change when a
+  weight is removed), same gradient.
+* ``WandaImportance``: ``|W| * ||X_j||_2`` with input norms measured in one pass of the dense
+  model (the ``WandaPruner`` instead re-measures them block by block through the pruned blocks).
+* ``RandomImportance``: uniform noise from a seeded generator (the random baseline).
+
+A score that needs gradients and cannot get them (no calibration data, inference mode, a weight
+that cannot require grad, a layer the loss does not reach) raises; it never falls back to |W|.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparse_merge.errors import check_positive
+from sparse_merge.models.blocks import prunable_layers
+from sparse_merge.pruning.base import Calibration
+from sparse_merge.pruning.layerwise import record_inputs
+from sparse_merge.pruning.wanda import ColumnNorms, require_calibration, take, wanda_scores
+
+# layer parameter name (``PrunableLayer.param_name``) -> scores [out, in]
+Scores = dict[str, torch.Tensor]
+
+
+@runtime_checkable
+class Importance(Protocol):
+    """One score per prunable weight, in the ``[out, in]`` layout, higher = more important."""
+
+    name: str
+
+    def compute(self, model: nn.Module, calib: Calibration | None) -> Scores:
+        """Scores of every prunable layer, by weight parameter name."""
+        ...
+
+
+class MagnitudeImportance:
+    """``|W|`` (no data needed)."""
+
+    name = "magnitude"
+
+    @torch.no_grad()
+    def compute(self, model: nn.Module, calib: Calibration | None = None) -> Scores:
+        """``|W|`` per prunable layer."""
+        return {layer.param_name: layer.weight.abs().float() for layer in prunable_layers(model)}
+
+
+class RandomImportance:
+    """Uniform random scores from a generator seeded with ``seed``: the same seed gives the same
+    scores (and masks) for the same layer shapes, on any device."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(check_positive("seed", seed, allow_zero=True))
+
+    def compute(self, model: nn.Module, calib: Calibration | None = None) -> Scores:
+        """Random scores per prunable layer, drawn in layer order."""
+        g = torch.Generator().manual_seed(self.seed)
+        return {
+            layer.param_name: torch.rand(layer.weight.shape, generator=g).to(layer.weight.device)
+            for layer in prunable_layers(model)
+        }
+
+
+def lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token labels for a causal LM: the inputs, with padding ignored (-100)."""
+    return input_ids.masked_fill(attention_mask == 0, -100)
+
+
+def loss_gradients(
+    model: nn.Module, calib: Calibration | None, n_batches: int, batch_size: int, who: str
+) -> Scores:
+    """``dL/dW`` [out, in] of every prunable weight, ``L`` the mean LM loss over the first
+    ``n_batches`` calibration batches. Raises when the gradient cannot be had."""
+    if calib is None or len(calib) == 0:
+        raise ValueError(f"{who} needs calibration batches for gradients; none were passed")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{who} needs gradients but runs under torch.inference_mode()")
+    layers = prunable_layers(model)
+    for layer in layers:
+        if not (layer.module.weight.is_floating_point() or layer.module.weight.is_complex()):
+            raise RuntimeError(
+                f"{who} needs gradients but {layer.param_name} has dtype "
+                f"{layer.module.weight.dtype}, which cannot require grad"
+            )
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads_before = [p.grad for p in params]
+    batches = calib.batches(batch_size)[:n_batches]
+    device = next(model.parameters()).device
+    try:
+        for p in params:  # only the prunable weights get gradients (less memory)
+            p.requires_grad_(False)
+            p.grad = None
+        for layer in layers:
+            layer.module.weight.requires_grad_(True)
+        with torch.enable_grad():
+            for ids, attn in tqdm(batches, desc=f"{who}: gradients", leave=False):
+                ids, attn = ids.to(device), attn.to(device)
+                out = model(input_ids=ids, attention_mask=attn, labels=lm_labels(ids, attn))
+                (out.loss / len(batches)).backward()
+        grads: Scores = {}
+        for layer in layers:
+            g = layer.module.weight.grad
+            if g is None:
+                raise RuntimeError(
+                    f"{who}: the loss did not reach {layer.param_name} (no gradient)"
+                )
+            g = g.float()
+            grads[layer.param_name] = g if layer.weight is layer.module.weight else g.t()
+        return grads
+    finally:
+        for p, flag, grad in zip(params, flags, grads_before):
+            p.requires_grad_(flag)
+            p.grad = grad
+
+
+class GradientImportance:
+    """``|dL/dW|`` from ``n_batches`` calibration batches of ``batch_size`` sequences."""
+
+    name = "gradient"
+
+    def __init__(self, n_batches: int = 4, batch_size: int = 8) -> None:
+        self.n_batches = int(check_positive("n_batches", n_batches))
+        self.batch_size = int(check_positive("batch_size", batch_size))
+
+    def compute(self, model: nn.Module, calib: Calibration | None) -> Scores:
+        """``|dL/dW|`` per prunable layer."""
+        grads = loss_gradients(model, calib, self.n_batches, self.batch_size, "gradient importance")
+        return {name: g.abs() for name, g in grads.items()}
+
+
+class TaylorImportance:
+    """``|W * dL/dW|`` from ``n_batches`` calibration batches of ``batch_size`` sequences."""
+
+    name = "taylor"
+
+    def __init__(self, n_batches: int = 4, batch_size: int = 8) -> None:
+        self.n_batches = int(check_positive("n_batches", n_batches))
+        self.batch_size = int(check_positive("batch_size", batch_size))
+
+    def compute(self, model: nn.Module, calib: Calibration | None) -> Scores:
+        """``|W * dL/dW|`` per prunable layer."""
+        grads = loss_gradients(model, calib, self.n_batches, self.batch_size, "taylor importance")
+        with torch.no_grad():
+            return {
+                layer.param_name: (layer.weight.float() * grads[layer.param_name]).abs()
+                for layer in prunable_layers(model)
+            }
+
+
+class WandaImportance:
+    """``|W| * ||X_j||_2`` with the input norms of one pass of the (dense) model over the first
+    ``n_calibration`` sequences."""
+
+    name = "wanda"
+
+    def __init__(self, n_calibration: int = 128, batch_size: int = 8) -> None:
+        self.n_calibration = int(check_positive("n_calibration", n_calibration))
+        self.batch_size = int(check_positive("batch_size", batch_size))
+
+    @torch.no_grad()
+    def compute(self, model: nn.Module, calib: Calibration | None) -> Scores:
+        """``|W| * ||X_j||`` per prunable layer."""
+        calib = take(require_calibration(calib, "wanda importance"), self.n_calibration)
+        layers = prunable_layers(model)
+        stats = {
+            layer.name: ColumnNorms(layer.weight.shape[1], layer.weight.device) for layer in layers
+        }
+        mask: list[torch.Tensor] = []
+        handles = record_inputs(layers, stats, mask)
+        device = next(model.parameters()).device
+        try:
+            for ids, attn in calib.batches(self.batch_size):
+                mask[:] = [attn.bool().to(device)]
+                model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return {
+            layer.param_name: wanda_scores(layer.weight, stats[layer.name].norms())
+            for layer in layers
+        }

@@ -1,0 +1,143 @@
+"""Keep-masks from importance scores, with exact counts (stable tie-break, no threshold drift).
+
+Every function takes scores in the weight's ``[out, in]`` layout (higher = more important) and
+returns a bool keep-mask of the same shape (True = kept). The number of pruned entries is
+exactly ``round(sparsity * n)`` for the unit the granularity defines (a row, a layer, all
+layers, a group of M, an output channel or an attention head); ties go to the lower index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from sparse_merge.errors import ConfigError
+from sparse_merge.models.blocks import PrunableLayer, prunable_layers
+from sparse_merge.pruning.base import keep_smallest_out
+
+GRANULARITIES = ("row", "layer", "global", "channel", "head")
+
+
+def parse_nm(key: str, value: str | None) -> tuple[int, int] | None:
+    """``"2:4"`` -> ``(2, 4)`` (N kept in every group of M consecutive inputs); None stays None."""
+    if value is None:
+        return None
+    try:
+        n, m = (int(v) for v in str(value).split(":"))
+    except ValueError:
+        raise ConfigError(
+            key, value, "'N:M' with integers 0 < N < M, e.g. '2:4' or '4:8'"
+        ) from None
+    if not 0 < n < m:
+        raise ConfigError(key, value, "'N:M' with integers 0 < N < M, e.g. '2:4' or '4:8'")
+    return n, m
+
+
+def nm_sparsity(nm: tuple[int, int]) -> float:
+    """Fraction of weights an N:M pattern removes, (M - N) / M."""
+    n, m = nm
+    return (m - n) / m
+
+
+def check_nm_sparsity(nm: tuple[int, int], sparsity: float) -> None:
+    """An N:M pattern fixes the sparsity: ``sparsity`` must be 0 (no pruning) or (M - N) / M."""
+    if sparsity != 0 and abs(sparsity - nm_sparsity(nm)) > 1e-6:
+        raise ConfigError(
+            "sparsity",
+            sparsity,
+            f"0 or {nm_sparsity(nm)} for the {nm[0]}:{nm[1]} pattern (it fixes the sparsity)",
+        )
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Exactly ``round(sparsity * in)`` pruned in every output row of ``scores`` [out, in]."""
+    return keep_smallest_out(scores, round(sparsity * scores.shape[-1]))
+
+
+def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Exactly ``round(sparsity * numel)`` pruned in the whole layer."""
+    return keep_smallest_out(scores.flatten(), round(sparsity * scores.numel())).view_as(scores)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N kept (the M - N lowest pruned) in every group of M consecutive inputs of each row."""
+    out, d_in = scores.shape
+    if d_in % m:
+        raise ValueError(f"input size {d_in} is not a multiple of M={m} for an {n}:{m} pattern")
+    groups = scores.reshape(out, d_in // m, m)  # [out, G, M]
+    return keep_smallest_out(groups, m - n).reshape(out, d_in)
+
+
+def channel_mask(scores: torch.Tensor, sparsity: float, unit: int = 1) -> torch.Tensor:
+    """Whole output units of ``unit`` consecutive rows (channels, or heads with ``unit=head_dim``)
+    pruned by their summed score: exactly ``round(sparsity * n_units)`` units removed."""
+    out = scores.shape[0]
+    if out % unit:
+        raise ValueError(f"{out} output rows do not split into units of {unit}")
+    per_unit = scores.float().reshape(out // unit, -1).sum(-1)  # [U]
+    keep_units = keep_smallest_out(per_unit, round(sparsity * per_unit.numel()))  # [U]
+    return keep_units.repeat_interleave(unit)[:, None].expand_as(scores).clone()
+
+
+def global_masks(scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """One threshold over all layers: exactly ``round(sparsity * total)`` pruned overall.
+
+    Scores are compared across layers as they are, so they must share a scale (magnitudes of
+    one model do; use per-row or per-layer granularity otherwise). All scores are concatenated
+    once on their own device (memory: one float per prunable weight).
+    """
+    names = list(scores)
+    flat = torch.cat([scores[n].float().flatten() for n in names])  # [sum numel]
+    keep = keep_smallest_out(flat, round(sparsity * flat.numel()))
+    out, start = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        out[n] = keep[start : start + size].view_as(scores[n])
+        start += size
+    return out
+
+
+def random_scores(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Uniform random scores drawn from ``generator`` on the CPU (seeded, device independent)."""
+    return torch.rand(shape, generator=generator)
+
+
+def mask_from_scores(
+    scores: torch.Tensor,
+    sparsity: float,
+    granularity: str = "row",
+    nm: tuple[int, int] | None = None,
+    head_dim: int | None = None,
+) -> torch.Tensor:
+    """Keep-mask of one layer from its scores [out, in] (``global`` needs ``global_masks``)."""
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    if granularity == "row":
+        return row_mask(scores, sparsity)
+    if granularity == "layer":
+        return layer_mask(scores, sparsity)
+    if granularity == "channel":
+        return channel_mask(scores, sparsity)
+    if granularity == "head":
+        return channel_mask(scores, sparsity, head_dim or 1)
+    raise ValueError(f"granularity {granularity!r} is not one of {GRANULARITIES} for one layer")
+
+
+@torch.no_grad()
+def apply_keep(layer: PrunableLayer, keep: torch.Tensor) -> torch.Tensor:
+    """Zero ``layer``'s weight where ``keep`` [out, in] is False; returns the mask in the weight
+    parameter's own layout (transposed for GPT-2's ``Conv1D``)."""
+    w = layer.weight  # [out, in] view
+    keep = keep.to(w.device)
+    w.masked_fill_(~keep, 0.0)
+    return keep if w is layer.module.weight else keep.t()
+
+
+def full_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All-True keep-masks (nothing pruned) for every prunable weight, in its own layout."""
+    return {
+        layer.param_name: torch.ones_like(layer.module.weight, dtype=torch.bool)
+        for layer in prunable_layers(model)
+    }

@@ -1,0 +1,80 @@
+"""Prune from any importance score with any mask granularity (one class, many settings)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparse_merge.errors import check_choice, check_fraction
+from sparse_merge.models.blocks import head_dim, prunable_layers
+from sparse_merge.pruning.base import Calibration, Masks
+from sparse_merge.pruning.importance import Importance
+from sparse_merge.pruning.masking import (
+    GRANULARITIES,
+    apply_keep,
+    check_nm_sparsity,
+    full_masks,
+    global_masks,
+    mask_from_scores,
+    parse_nm,
+)
+
+
+class ScorePruner:
+    """Scores every prunable weight with ``importance``, then keeps the highest.
+
+    ``granularity``: ``row`` (exactly ``round(sparsity * in)`` pruned per output row),
+    ``layer`` (per layer), ``global`` (one threshold over all layers), ``channel`` (whole output
+    channels of every layer, ranked by summed score), ``head`` (whole attention heads of the
+    query/key/value projections, whole output channels elsewhere). ``nm='2:4'`` gives an N:M
+    pattern instead (it fixes the sparsity at (M-N)/M).
+    """
+
+    def __init__(
+        self, importance: Importance, granularity: str = "row", nm: str | None = None
+    ) -> None:
+        if not isinstance(importance, Importance):
+            raise TypeError(f"importance must implement Importance, got {type(importance)}")
+        self.importance = importance
+        self.granularity = check_choice("granularity", granularity, GRANULARITIES)
+        self.nm = parse_nm("nm", nm)
+
+    def describe(self) -> dict[str, str]:
+        """Method, importance and granularity (metadata of saved masks)."""
+        pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm else self.granularity
+        return {
+            "method": self.importance.name,
+            "importance": self.importance.name,
+            "granularity": pattern,
+        }
+
+    def prune(self, model: nn.Module, calib: Calibration | None, sparsity: float) -> Masks:
+        """Zero the lowest-scoring weights in place; returns keep-masks by weight parameter name."""
+        check_fraction("sparsity", sparsity)
+        if self.nm is not None:
+            check_nm_sparsity(self.nm, sparsity)
+        if sparsity == 0:
+            return full_masks(model)
+        scores = self.importance.compute(model, calib)  # name -> [out, in]
+        layers = prunable_layers(model)
+        if self.granularity == "global" and self.nm is None:
+            keeps = global_masks(scores, sparsity)
+        else:
+            dim = head_dim(model) if self.granularity == "head" else None
+            keeps = {
+                layer.param_name: mask_from_scores(
+                    scores[layer.param_name],
+                    sparsity,
+                    "channel"
+                    if self.granularity == "head" and not layer.is_attention_input
+                    else self.granularity,
+                    self.nm,
+                    dim,
+                )
+                for layer in layers
+            }
+        del scores
+        with torch.no_grad():
+            return {
+                layer.param_name: apply_keep(layer, keeps[layer.param_name]) for layer in layers
+            }

@@ -1,0 +1,263 @@
+"""Benchmark rows from local files (JSON, JSON lines, parquet, CSV) or the Hugging Face hub,
+and the fixed, seeded, disjoint subsets a benchmark is made of.
+
+``data_files`` (the ``task...data_files`` config key) takes one of:
+
+* ``null``: the benchmark's hub dataset (``hub_path``/``hub_name``), loaded with
+  ``datasets.load_dataset`` (needs a network or a filled ``datasets`` cache);
+* a path or a list of paths: one pool of rows that every split draws from (the subsets stay
+  disjoint);
+* a mapping ``{split: path or [paths]}``, e.g. ``{train: train.jsonl, test: test.jsonl}``.
+
+Local files are read directly (``.json`` holding a list of rows, a ``{"data": [...]}`` object
+or JSON lines; ``.jsonl``; ``.parquet``; ``.csv``). ``hf://`` and ``http(s)://`` paths go
+through ``datasets.load_dataset``.
+
+Subsets: the held-out rows are drawn first from ``data_seed`` alone (the same across runs, so
+reported numbers compare), the selection rows next from ``(data_seed, selection_seed)`` among
+the rows not held out; training and few-shot rows come from what is left. Rows are told apart by
+a key (the benchmark's question text), so two splits holding the same question never leak.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sparse_merge.errors import ConfigError, check_positive
+from sparse_merge.tasks.base import Example, Task
+
+Row = dict[str, Any]
+DataFiles = str | Sequence[str] | Mapping[str, str | Sequence[str]] | None
+SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+REMOTE = ("hf://", "http://", "https://")
+
+
+def _as_list(files: str | Sequence[str]) -> list[str]:
+    return [files] if isinstance(files, str | Path) else [str(f) for f in files]
+
+
+def check_data_files(key: str, data_files: DataFiles) -> None:
+    """Raise ``ConfigError`` unless every local file in ``data_files`` exists with a known format."""
+    if data_files is None:
+        return
+    groups = data_files.values() if isinstance(data_files, Mapping) else [data_files]
+    for files in groups:
+        for f in _as_list(files):
+            if str(f).startswith(REMOTE):
+                continue
+            if Path(f).suffix not in SUFFIXES:
+                raise ConfigError(key, str(f), "a file ending in " + ", ".join(SUFFIXES))
+            if not Path(f).expanduser().is_file():
+                raise ConfigError(key, str(f), "an existing file")
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    """Rows of one local file (format from its suffix)."""
+    path = Path(path).expanduser()
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict(orient="records")
+    if path.suffix == ".csv":
+        import pandas as pd
+
+        return pd.read_csv(path).to_dict(orient="records")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:  # JSON lines (also what BFCL ships as ``.json``)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        return data["data"]
+    if isinstance(data, dict):  # a single row
+        return [data]
+    return list(data)
+
+
+def _load_remote(files: list[str]) -> list[Row]:
+    from datasets import load_dataset
+
+    fmt = SUFFIXES.get(Path(files[0]).suffix, "json")
+    return list(load_dataset(fmt, data_files=files, split="train"))
+
+
+def load_split(
+    split: str,
+    data_files: DataFiles = None,
+    hub_path: str | None = None,
+    hub_name: str | None = None,
+    key: str = "data_files",
+) -> list[Row]:
+    """The rows of ``split``: from ``data_files`` when given, else from the hub."""
+    if data_files is None:
+        if hub_path is None:
+            raise ConfigError(key, None, "local files: this benchmark has no hub dataset")
+        from datasets import load_dataset
+
+        try:
+            return list(load_dataset(hub_path, hub_name, split=split))
+        except Exception as exc:  # offline, unknown split, gated dataset...
+            raise RuntimeError(
+                f"could not load split {split!r} of {hub_path!r} ({hub_name}) from the hub: "
+                f"{type(exc).__name__}: {exc}. Without a network, set {key} to local files."
+            ) from exc
+    if isinstance(data_files, Mapping):
+        if split not in data_files:
+            raise ConfigError(key, dict(data_files), f"a file for split {split!r}")
+        files = _as_list(data_files[split])
+    else:
+        files = _as_list(data_files)
+    if any(f.startswith(REMOTE) for f in files):
+        return _load_remote(files)
+    return [row for f in files for row in read_rows(f)]
+
+
+def choose(
+    rows: Sequence[Row], n: int | None, seed: str, exclude: set[str], key: Callable[[Row], str]
+) -> list[int]:
+    """Indices of ``n`` rows (all when ``None``) whose key is not in ``exclude``, drawn with
+    ``seed`` and returned in file order; duplicate keys count once."""
+    seen, candidates = set(exclude), []
+    for i, row in enumerate(rows):
+        k = key(row)
+        if k not in seen:
+            seen.add(k)
+            candidates.append(i)
+    if n is None:
+        return candidates
+    if n > len(candidates):
+        raise ValueError(f"{n} rows asked for, {len(candidates)} available")
+    return sorted(random.Random(seed).sample(candidates, n))
+
+
+class DatasetBenchmark:
+    """A benchmark made of dataset rows: held-out, selection and training subsets, disjoint.
+
+    Subclasses set ``name``, ``hub_path``/``hub_name`` and the default splits, and define
+    ``key(row)`` (what makes two rows the same datapoint), ``example(row)`` (a training example)
+    and ``make_task(name, rows)`` (the scored ``Task``). Rows load on first use, so building the
+    object from a config stays cheap.
+    """
+
+    name = "dataset"
+    hub_path: str | None = None
+    hub_name: str | None = None
+
+    def __init__(
+        self,
+        data_files: DataFiles = None,
+        selection_split: str = "train",
+        heldout_split: str = "test",
+        train_split: str = "train",
+        n_select: int | None = 100,
+        n_heldout: int | None = 500,
+        data_seed: int = 0,
+        selection_seed: int = 0,
+        hub_path: str | None = None,
+        hub_name: str | None = None,
+    ) -> None:
+        check_data_files("data_files", data_files)
+        for k, v in (("n_select", n_select), ("n_heldout", n_heldout)):
+            if v is not None:
+                check_positive(k, v, allow_zero=True)
+        self.data_files = data_files
+        self.splits = {"selection": selection_split, "heldout": heldout_split}
+        self.train_split = train_split
+        self.sizes = {"selection": n_select, "heldout": n_heldout}
+        self.data_seed, self.selection_seed = data_seed, selection_seed
+        if hub_path is not None:
+            self.hub_path, self.hub_name = hub_path, hub_name
+        self._rows: dict[str, list[Row]] = {}
+        self._subsets: dict[str, list[Row]] | None = None
+        self._tasks: dict[str, Task] = {}
+
+    # subclasses define these
+    def key(self, row: Row) -> str:
+        """What makes two rows the same datapoint (the question text)."""
+        raise NotImplementedError
+
+    def example(self, row: Row) -> Example:
+        """A training example (zero-shot prompt and target answer) from a row."""
+        raise NotImplementedError
+
+    def make_task(self, name: str, rows: list[Row]) -> Task:
+        """The scored task over ``rows`` (in this order)."""
+        raise NotImplementedError
+
+    def rows(self, split: str) -> list[Row]:
+        """All rows of ``split`` (loaded once)."""
+        if split not in self._rows:
+            self._rows[split] = load_split(
+                split, self.data_files, self.hub_path, self.hub_name, key=f"{self.name}.data_files"
+            )
+        return self._rows[split]
+
+    def subsets(self) -> dict[str, list[Row]]:
+        """The held-out and selection rows (drawn once)."""
+        if self._subsets is None:
+            out: dict[str, list[Row]] = {}
+            used: set[str] = set()
+            for part, seed in (
+                ("heldout", f"{self.name}:{self.data_seed}:heldout"),
+                ("selection", f"{self.name}:{self.data_seed}:{self.selection_seed}:selection"),
+            ):
+                rows = self.rows(self.splits[part])
+                try:
+                    idx = choose(rows, self.sizes[part], seed, used, self.key)
+                except ValueError as exc:
+                    key = "n_heldout" if part == "heldout" else "n_select"
+                    raise ConfigError(
+                        f"{self.name}.{key}",
+                        self.sizes[part],
+                        f"{exc} in split {self.splits[part]!r}",
+                    ) from None
+                out[part] = [rows[i] for i in idx]
+                used |= {self.key(r) for r in out[part]}
+            self._subsets = out
+        return self._subsets
+
+    def _evaluated_keys(self) -> set[str]:
+        return {self.key(r) for rows in self.subsets().values() for r in rows}
+
+    def pool(self, split: str | None = None) -> list[Row]:
+        """Rows of ``split`` (the train split by default) that are never evaluated."""
+        rows = self.rows(split or self.train_split)
+        return [rows[i] for i in choose(rows, None, "", self._evaluated_keys(), self.key)]
+
+    def _task(self, part: str) -> Task:
+        if part not in self._tasks:
+            self._tasks[part] = self.make_task(f"{self.name}/{part}", self.subsets()[part])
+        return self._tasks[part]
+
+    @property
+    def selection(self) -> Task:
+        """The datapoints evolution selects on (fixed by ``data_seed`` and ``selection_seed``)."""
+        return self._task("selection")
+
+    @property
+    def heldout(self) -> Task:
+        """The datapoints reported on (fixed by ``data_seed``)."""
+        return self._task("heldout")
+
+    def train_examples(self, n: int, seed: int) -> list[Example]:
+        """``n`` training examples from the never-evaluated rows (cycled when ``n`` exceeds
+        them), shuffled with ``seed``."""
+        pool = self.pool()
+        if not pool:
+            raise ValueError(f"{self.name}: no training rows left outside the evaluated subsets")
+        order = list(range(len(pool)))
+        random.Random(f"{self.name}:train:{seed}").shuffle(order)
+        return [self.example(pool[order[i % len(order)]]) for i in range(n)]
+
+    def fewshot(self, k: int, split: str | None = None) -> list[Row]:
+        """``k`` fixed exemplar rows (by ``data_seed``) that are never evaluated."""
+        if k == 0:
+            return []
+        pool = self.pool(split)
+        if k > len(pool):
+            raise ConfigError(f"{self.name}.num_fewshot", k, f"at most {len(pool)} exemplar rows")
+        return random.Random(f"{self.name}:{self.data_seed}:fewshot").sample(pool, k)

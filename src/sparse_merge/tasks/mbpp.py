@@ -1,0 +1,188 @@
+"""MBPP: write a Python function from its description; 1 when the task's asserts pass.
+
+Rows as in ``google-research-datasets/mbpp`` (``full``: ``task_id``, ``text``, ``code``,
+``test_list``, ``test_setup_code``; ``sanitized``: ``prompt`` and ``test_imports`` instead).
+The prompt is the one of the MBPP paper (Austin et al., 2021), as lm-evaluation-harness uses it:
+``You are an expert Python programmer, and here is your task: {text} Your code should pass these
+tests:\\n\\n{asserts}\\n[BEGIN]\\n`` with ``num_fewshot`` solved exemplars before it, generation
+stopping at ``[DONE]``. With a chat template the same text is the user turn and the code comes
+back in a fenced block. The code is run with the asserts in the ``Sandbox``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from sparse_merge.errors import check_positive
+from sparse_merge.tasks.base import Example
+from sparse_merge.tasks.data import DataFiles, DatasetBenchmark, Row
+from sparse_merge.tasks.generation import GenerationTask, render_chat, uses_chat_template
+from sparse_merge.tasks.sandbox import Sandbox, SandboxResult
+
+FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def description(row: Row) -> str:
+    """The task text (``text`` in the full set, ``prompt`` in the sanitized one)."""
+    return str(row.get("text") or row.get("prompt") or "").strip()
+
+
+def asserts(row: Row) -> list[str]:
+    """The task's test asserts."""
+    return [str(t) for t in row["test_list"]]
+
+
+def setup_code(row: Row) -> str:
+    """Code to run before the solution (``test_setup_code`` or ``test_imports``)."""
+    imports = row.get("test_imports")
+    if imports is not None and len(imports) > 0:
+        return "\n".join(imports)
+    return str(row.get("test_setup_code") or "")
+
+
+def task_text(row: Row) -> str:
+    """The instruction of the MBPP paper's prompt for one row."""
+    tests = "\n".join(asserts(row))
+    return (
+        f"You are an expert Python programmer, and here is your task: {description(row)} "
+        f"Your code should pass these tests:\n\n{tests}"
+    )
+
+
+def extract_code(completion: str) -> str:
+    """The code in a completion: the first fenced block if there is one, else the text before
+    ``[DONE]`` (a leading ``[BEGIN]`` dropped)."""
+    fenced = FENCE.search(completion)
+    if fenced:
+        return fenced.group(1).strip("\n")
+    code = completion.split("[DONE]", 1)[0]
+    return code.replace("[BEGIN]", "", 1).strip("\n")
+
+
+def program(row: Row, code: str) -> str:
+    """The program the sandbox runs: setup, the candidate code, then every assert."""
+    return f"{setup_code(row)}\n{code}\n\n" + "\n".join(asserts(row)) + "\n"
+
+
+class MBPPTask(GenerationTask):
+    """MBPP rows scored by running the generated code against their asserts in a sandbox."""
+
+    def __init__(
+        self,
+        name: str,
+        rows: Sequence[Row],
+        fewshot: Sequence[Row],
+        sandbox: Sandbox,
+        chat_template: str = "auto",
+        max_new_tokens: int = 512,
+        batch_size: int = 16,
+    ) -> None:
+        self.name, self.rows, self.shots = name, list(rows), list(fewshot)
+        self.sandbox, self.chat_template = sandbox, chat_template
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.stop: tuple[str, ...] = ("[DONE]",)
+        self.last_results: list[SandboxResult] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def prompt(self, tokenizer: PreTrainedTokenizerBase, row: Row) -> str:
+        """The prompt for one row (chat template or the paper's plain format)."""
+        if uses_chat_template(tokenizer, self.chat_template):
+            messages = []
+            for shot in self.shots:
+                messages.append({"role": "user", "content": task_text(shot)})
+                messages.append({"role": "assistant", "content": f"```python\n{shot['code']}\n```"})
+            messages.append({"role": "user", "content": task_text(row)})
+            return render_chat(tokenizer, messages)
+        shots = "".join(f"{task_text(s)}\n[BEGIN]\n{s['code']}\n[DONE]\n" for s in self.shots)
+        return f"{shots}{task_text(row)}\n[BEGIN]\n"
+
+    def prompts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """One prompt per row."""
+        return [self.prompt(tokenizer, row) for row in self.rows]
+
+    def judge(self, predictions: list[str]) -> list[float]:
+        """1.0 where the extracted code passes all of its row's asserts in the sandbox."""
+        programs = [program(r, extract_code(p)) for r, p in zip(self.rows, predictions)]
+        self.last_results = self.sandbox.run_many(programs, desc=self.name)
+        return [float(r.passed) for r in self.last_results]
+
+
+class MBPP(DatasetBenchmark):
+    """MBPP (``google-research-datasets/mbpp``): selection from ``validation``, held-out from
+    ``test``, training rows from ``train``, few-shot exemplars from ``prompt`` by default."""
+
+    name = "mbpp"
+    hub_path = "google-research-datasets/mbpp"
+    hub_name = "full"
+
+    def __init__(
+        self,
+        data_files: DataFiles = None,
+        selection_split: str = "validation",
+        heldout_split: str = "test",
+        train_split: str = "train",
+        fewshot_split: str = "prompt",
+        n_select: int | None = 64,
+        n_heldout: int | None = 500,
+        num_fewshot: int = 3,
+        chat_template: str = "auto",
+        max_new_tokens: int = 512,
+        batch_size: int = 16,
+        timeout_s: float = 10.0,
+        memory_mb: int = 1024,
+        workers: int = 4,
+        isolation: str = "auto",
+        data_seed: int = 0,
+        selection_seed: int = 0,
+        hub_path: str | None = None,
+        hub_name: str | None = None,
+    ) -> None:
+        check_positive("num_fewshot", num_fewshot, allow_zero=True)
+        check_positive("max_new_tokens", max_new_tokens)
+        check_positive("batch_size", batch_size)
+        super().__init__(
+            data_files,
+            selection_split,
+            heldout_split,
+            train_split,
+            n_select,
+            n_heldout,
+            data_seed,
+            selection_seed,
+            hub_path,
+            hub_name,
+        )
+        self.fewshot_split, self.num_fewshot = fewshot_split, num_fewshot
+        self.chat_template, self.max_new_tokens, self.batch_size = (
+            chat_template,
+            max_new_tokens,
+            batch_size,
+        )
+        self.sandbox = Sandbox(
+            timeout_s=timeout_s, memory_mb=memory_mb, workers=workers, isolation=isolation
+        )
+
+    def key(self, row: Row) -> str:
+        """The task description and its asserts."""
+        return description(row) + "\n" + "\n".join(asserts(row))
+
+    def example(self, row: Row) -> Example:
+        """Zero-shot prompt in the paper's format; the reference code and ``[DONE]`` as answer."""
+        return Example(f"{task_text(row)}\n[BEGIN]\n", f"{row['code']}\n[DONE]")
+
+    def make_task(self, name: str, rows: list[Row]) -> MBPPTask:
+        """An ``MBPPTask`` over ``rows`` with this benchmark's exemplars and sandbox."""
+        return MBPPTask(
+            name,
+            rows,
+            self.fewshot(self.num_fewshot, self.fewshot_split),
+            self.sandbox,
+            self.chat_template,
+            self.max_new_tokens,
+            self.batch_size,
+        )

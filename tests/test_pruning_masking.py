@@ -1,0 +1,174 @@
+import copy
+
+import pytest
+import torch
+
+from sparse_merge.errors import ConfigError
+from sparse_merge.models.blocks import head_dim, prunable_layers
+from sparse_merge.pruning.base import Calibration
+from sparse_merge.pruning.importance import (
+    GradientImportance,
+    MagnitudeImportance,
+    RandomImportance,
+    TaylorImportance,
+    WandaImportance,
+    lm_labels,
+)
+from sparse_merge.pruning.masking import (
+    channel_mask,
+    global_masks,
+    layer_mask,
+    nm_mask,
+    parse_nm,
+    row_mask,
+)
+from sparse_merge.pruning.scored import ScorePruner
+
+
+def calib(vocab: int, n: int = 4, t: int = 10) -> Calibration:
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, vocab, (n, t), generator=g)
+    attn = torch.ones(n, t, dtype=torch.long)
+    attn[-1, 7:] = 0
+    return Calibration(ids, attn)
+
+
+def test_row_and_layer_masks_are_exact_even_with_ties():
+    scores = torch.ones(3, 8)  # all tied
+    assert ((~row_mask(scores, 0.5)).sum(1) == 4).all()
+    assert (~row_mask(scores, 0.5))[:, :4].all()  # ties go to the lower index
+    keep = layer_mask(scores, 0.3)
+    assert int((~keep).sum()) == round(0.3 * 24)
+    assert (~keep).flatten()[:7].all() and keep.flatten()[7:].all()
+
+
+def test_global_mask_is_one_threshold_with_an_exact_count():
+    g = torch.Generator().manual_seed(0)
+    scores = {"a": torch.rand(4, 6, generator=g), "b": torch.rand(5, 3, generator=g) * 0.5}
+    keep = global_masks(scores, 0.4)
+    total = 24 + 15
+    assert sum(int((~k).sum()) for k in keep.values()) == round(0.4 * total)
+    pruned_max = max(scores[n][~keep[n]].max() for n in scores)
+    kept_min = min(scores[n][keep[n]].min() for n in scores)
+    assert pruned_max <= kept_min
+    # the layer with smaller scores loses more
+    assert (~keep["b"]).float().mean() > (~keep["a"]).float().mean()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_mask_has_n_kept_in_every_group(n, m):
+    scores = torch.rand(6, 16, generator=torch.Generator().manual_seed(1))
+    keep = nm_mask(scores, n, m)
+    groups = keep.reshape(6, -1, m)
+    assert (groups.sum(-1) == n).all()
+    # the kept ones are the largest of their group
+    s = scores.reshape(6, -1, m)
+    assert (
+        s.masked_fill(~groups, float("inf")).min(-1).values
+        >= s.masked_fill(groups, -1).max(-1).values
+    ).all()
+
+
+def test_parse_nm_rejects_bad_patterns():
+    assert parse_nm("nm", "2:4") == (2, 4)
+    assert parse_nm("nm", None) is None
+    for bad in ("4:2", "2-4", "0:4", "a:b"):
+        with pytest.raises(ConfigError, match="nm"):
+            parse_nm("nm", bad)
+
+
+def test_channel_and_head_masks_remove_whole_units():
+    scores = torch.arange(8 * 5, dtype=torch.float).reshape(8, 5)
+    keep = channel_mask(scores, 0.25)  # 2 of 8 rows, the lowest
+    assert keep[:2].logical_not().all() and keep[2:].all()
+    heads = channel_mask(scores.flip(0), 0.5, unit=2)  # 2 of 4 heads of 2 rows
+    assert heads[4:].logical_not().all() and heads[:4].all()
+
+
+def test_structured_pruner_removes_whole_heads_and_channels(tiny_llama, tokenizer):
+    ScorePruner(MagnitudeImportance(), "head").prune(tiny_llama, None, 0.5)
+    hd = head_dim(tiny_llama)
+    for layer in prunable_layers(tiny_llama):
+        rows_zero = (layer.weight == 0).all(1)  # [out]
+        rows_kept = (layer.weight != 0).all(1)
+        assert (rows_zero | rows_kept).all(), layer.name
+        assert int(rows_zero.sum()) == layer.weight.shape[0] // 2
+        if layer.is_attention_input:  # whole heads: every head all-zero or all-kept
+            per_head = rows_zero.reshape(-1, hd)
+            assert (per_head.all(1) | (~per_head).all(1)).all()
+
+
+def test_random_masks_are_reproducible_by_seed(tiny_llama):
+    a = ScorePruner(RandomImportance(seed=3), "layer").prune(copy.deepcopy(tiny_llama), None, 0.5)
+    b = ScorePruner(RandomImportance(seed=3), "layer").prune(copy.deepcopy(tiny_llama), None, 0.5)
+    c = ScorePruner(RandomImportance(seed=4), "layer").prune(copy.deepcopy(tiny_llama), None, 0.5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert all(int((~v).sum()) == v.numel() // 2 for v in a.values())
+
+
+def reference_grads(model, cal: Calibration, n_batches: int, batch_size: int):
+    model = copy.deepcopy(model)
+    batches = cal.batches(batch_size)[:n_batches]
+    for ids, attn in batches:
+        out = model(input_ids=ids, attention_mask=attn, labels=lm_labels(ids, attn))
+        (out.loss / len(batches)).backward()
+    return {layer.param_name: layer.module.weight.grad for layer in prunable_layers(model)}
+
+
+def test_gradient_and_taylor_scores_match_a_hand_computed_backward(tiny_llama, tokenizer):
+    cal = calib(len(tokenizer), n=6)
+    ref = reference_grads(tiny_llama, cal, n_batches=2, batch_size=2)
+    grad = GradientImportance(n_batches=2, batch_size=2).compute(tiny_llama, cal)
+    taylor = TaylorImportance(n_batches=2, batch_size=2).compute(tiny_llama, cal)
+    for layer in prunable_layers(tiny_llama):
+        g = ref[layer.param_name]
+        assert torch.allclose(grad[layer.param_name], g.abs(), atol=1e-7)
+        assert torch.allclose(taylor[layer.param_name], (layer.weight * g).abs(), atol=1e-7)
+    # nothing left behind: no grads, requires_grad restored
+    assert all(p.grad is None and p.requires_grad for p in tiny_llama.parameters())
+
+
+def test_gradient_scores_never_fall_back_to_magnitude(tiny_llama, tokenizer):
+    with pytest.raises(ValueError, match="calibration"):
+        GradientImportance().compute(tiny_llama, None)
+    with pytest.raises(ValueError, match="calibration"):
+        ScorePruner(TaylorImportance()).prune(tiny_llama, None, 0.5)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        TaylorImportance().compute(tiny_llama, calib(len(tokenizer)))
+    assert not (prunable_layers(tiny_llama)[0].weight == 0).any()  # nothing was pruned
+
+
+def test_gradient_taylor_magnitude_give_different_masks(tiny_llama, tokenizer):
+    cal = calib(len(tokenizer))
+    masks = {
+        imp.name: ScorePruner(imp, "row").prune(copy.deepcopy(tiny_llama), cal, 0.5)
+        for imp in (
+            MagnitudeImportance(),
+            GradientImportance(),
+            TaylorImportance(),
+            WandaImportance(),
+        )
+    }
+    key = "model.layers.1.mlp.up_proj.weight"
+    names = list(masks)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not torch.equal(masks[a][key], masks[b][key]), (a, b)
+
+
+def test_score_pruner_exact_per_granularity(tiny_llama):
+    for gran, unit in (("row", "row"), ("layer", "layer")):
+        model = copy.deepcopy(tiny_llama)
+        ScorePruner(MagnitudeImportance(), gran).prune(model, None, 0.3)
+        for layer in prunable_layers(model):
+            w = layer.weight
+            if unit == "row":
+                assert ((w == 0).sum(1) == round(0.3 * w.shape[1])).all()
+            else:
+                assert int((w == 0).sum()) == round(0.3 * w.numel())
+    model = copy.deepcopy(tiny_llama)
+    ScorePruner(MagnitudeImportance(), "global").prune(model, None, 0.3)
+    layers = prunable_layers(model)
+    total = sum(layer.weight.numel() for layer in layers)
+    assert sum(int((layer.weight == 0).sum()) for layer in layers) == round(0.3 * total)
