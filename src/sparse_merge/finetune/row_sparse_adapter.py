@@ -8,8 +8,9 @@ most important output rows of every targeted linear layer, optionally on an NF4 
    ``taylor`` (sum of ``|W * dL/dW|``, gradients from calibration batches), ``zo_taylor``
    (zeroth-order Taylor: SPSA estimates from ``n_estimate`` pairs of perturbed forward passes,
    no backward pass; see ``zo_scope``) or ``random`` (seeded);
-2. keeps the top ``k`` rows per layer: ``k = rank``, or, with ``lora_rank``, the most rows whose
-   update has no more parameters than a LoRA pair of that rank, ``k * in <= r * (in + out)``;
+2. keeps the top ``k`` rows per layer: ``k = rank`` when ``rank`` is set, otherwise the most
+   rows whose update has no more parameters than a LoRA pair of rank ``lora_rank``,
+   ``k * in <= lora_rank * (in + out)``;
 3. with ``quantize: nf4`` replaces the layer's weight by its NF4 quantisation (pure torch,
    block-wise absmax); ``init: residual`` starts the update at the selected rows of ``W - Q(W)``,
    so those rows compute with the full-precision weight at step 0;
@@ -110,12 +111,12 @@ class RowSparseAdapter:
         seed: int = 0,
     ) -> None:
         self.importance = check_choice("importance", importance, IMPORTANCES)
-        if (rank is None) == (lora_rank is None):
-            raise ConfigError(
-                "rank", rank, f"exactly one of rank and lora_rank set (lora_rank={lora_rank})"
-            )
+        if rank is None and lora_rank is None:
+            raise ConfigError("lora_rank", lora_rank, "a LoRA rank >= 1 when rank is null")
         self.rank = None if rank is None else int(check_positive("rank", rank))
         self.lora_rank = None if lora_rank is None else int(check_positive("lora_rank", lora_rank))
+        if self.rank is not None:
+            self.lora_rank = None  # rows per layer win over the LoRA-equivalent budget
         if not target_modules:
             raise ConfigError("target_modules", target_modules, "one or more module names")
         self.target_modules = list(target_modules)
