@@ -14,7 +14,9 @@ from .conftest import compose_cfg
 @pytest.fixture(scope="module")
 def merge_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("merge")
-    cfg = compose_cfg(["experiment=smoke", "pruner=magnitude", "sparsity=0.5"], tmp)
+    cfg = compose_cfg(
+        ["experiment=smoke", "evolver=one_shot", "pruner=magnitude", "sparsity=0.5"], tmp
+    )
     metric = execute(cfg)
     return tmp / "run", metric
 
@@ -50,7 +52,10 @@ def test_parents_are_cached(tmp_path_factory, merge_run):
     cache = run_dir.parent.parent / "model_cache"
     before = {p: p.stat().st_mtime for p in cache.rglob("model.safetensors")}
     assert len(before) == 3  # base + two children
-    cfg = compose_cfg(["experiment=smoke", "save_models=false"], tmp_path_factory.mktemp("again"))
+    cfg = compose_cfg(
+        ["experiment=smoke", "evolver=one_shot", "save_models=false"],
+        tmp_path_factory.mktemp("again"),
+    )
     execute(cfg)
     assert {p: p.stat().st_mtime for p in cache.rglob("model.safetensors")} == before
 
@@ -60,7 +65,14 @@ def test_wandb_offline_run_named_by_overrides(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = compose_cfg(
-        ["experiment=smoke", "logger=wandb", "save_models=false", "sparsity=0.3"], tmp_path
+        [
+            "experiment=smoke",
+            "evolver=one_shot",
+            "logger=wandb",
+            "save_models=false",
+            "sparsity=0.3",
+        ],
+        tmp_path,
     )
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict, read_write

@@ -58,7 +58,8 @@ def test_every_experiment_composes(experiment, tmp_path):
         ("sparsity=-0.1", "sparsity"),
         ("hardware.device=tpu", "hardware.device"),
         ("pipeline=nope", "pipeline"),
-        ("evolver.weight=2.0", "evolver.weight"),
+        ("evolver.pop_size=1", "evolver.pop_size"),
+        ("evolver.prune_target=both", "evolver.prune_target"),
     ],
 )
 def test_bad_values_raise_config_error_before_any_model(override, key, tmp_path):

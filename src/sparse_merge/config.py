@@ -34,6 +34,7 @@ class Config:
     save_models: bool = True  # save resulting models (HF format) in the run directory
     resume: bool = False  # continue the run found in output_dir from its last checkpoint
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)  # pipeline=finetune
+    budget: int = 1000  # forward passes of a single-method digits run (pipeline: digits)
     model: Any = MISSING
     task: Any = MISSING
     pruner: Any = MISSING

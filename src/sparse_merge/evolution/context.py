@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from sparse_merge.evolution.scoring import SparsityAwareScorer
 from sparse_merge.models.paramspace import ParamSpace
 from sparse_merge.pruning.base import Calibration, Pruner
 from sparse_merge.tasks.suite import TaskSuite
@@ -28,6 +29,8 @@ class MergeContext:
     run_dir: Path
     seed: int = 0
     calibration: Calibration | None = None
+    scorer: SparsityAwareScorer | None = None  # archive scores -> selection weights (evolvers)
+    resume: bool = False  # continue from the checkpoint in run_dir
     extra: dict[str, object] = field(default_factory=dict)
 
     def generator(self, offset: int = 0) -> torch.Generator:

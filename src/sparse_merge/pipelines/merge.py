@@ -1,4 +1,11 @@
-"""Merge pipeline: load the parents, run the evolver, evaluate, report, save."""
+"""Merge pipeline: load the parents, run the evolver, evaluate, report, save.
+
+The evolver's ``run(ctx)`` returns the genomes to report by name, headline first (one-shot:
+``merged``; Natural Niches: ``best`` by held-out mean and ``sparse``, the sparsest archive
+member within a tolerance of it). The report table compares them with the parents (held-out
+score per task, mean, exact sparsity); ``accuracy`` and ``sparsity`` in the summary are the
+headline model's.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,15 @@ import logging
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from sparse_merge.evolution.context import MergeContext
+from sparse_merge.evolution.scoring import SparsityAwareScorer
 from sparse_merge.hardware import Hardware
 from sparse_merge.models.hf import load_causal_lm, load_genome, load_tokenizer, save_causal_lm
 from sparse_merge.models.paramspace import ParamSpace
 from sparse_merge.models.source import ModelSource
-from sparse_merge.pruning.base import Pruner
+from sparse_merge.pruning.base import Calibration, Pruner
 from sparse_merge.pruning.sparsity import measure_sparsity
 from sparse_merge.tasks.suite import TaskSuite
 from sparse_merge.tracking.io import write_json
@@ -21,17 +30,37 @@ from sparse_merge.tracking.report import format_table
 
 log = logging.getLogger("sparse_merge")
 
+DEFAULT_CALIBRATION = 64  # sequences when the pruner does not say (``n_calibration``)
+
 
 def evaluate_genomes(
-    space: ParamSpace, genomes: dict[str, torch.Tensor], tasks: TaskSuite, tokenizer
+    space: ParamSpace,
+    genomes: dict[str, torch.Tensor],
+    tasks: TaskSuite,
+    tokenizer: PreTrainedTokenizerBase,
+    known: dict[str, dict[str, float]] | None = None,
 ) -> list[dict[str, object]]:
-    """One row per genome: held-out score per task, their weighted mean, and exact sparsity."""
+    """One row per genome: held-out score per task, their weighted mean, and exact sparsity
+    (``known`` held-out results are reused instead of evaluated again)."""
     rows = []
     for name, genome in genomes.items():
         model = space.load(genome)
-        acc = tasks.evaluate_heldout(model, tokenizer)
+        acc = (known or {}).get(name) or tasks.evaluate_heldout(model, tokenizer)
+        acc = {k: acc[k] for k in [*tasks.names, "mean"]}
         rows.append({"model": name, **acc, "sparsity": measure_sparsity(model).overall})
     return rows
+
+
+def build_calibration(
+    tokenizer: PreTrainedTokenizerBase, tasks: TaskSuite, pruner: Pruner | None, seed: int
+) -> Calibration | None:
+    """Calibration sequences for the pruner from the tasks' training examples (never from the
+    selection or held-out splits): ``pruner.n_calibration`` of them, interleaved over tasks."""
+    if pruner is None:
+        return None
+    n = int(getattr(pruner, "n_calibration", DEFAULT_CALIBRATION))
+    per_task = -(-n // len(tasks.names))
+    return Calibration.from_examples(tokenizer, tasks.train_examples(per_task, seed)[:n])
 
 
 def run_merge(
@@ -46,9 +75,11 @@ def run_merge(
     sparsity: float,
     run_dir: Path,
     save_models: bool = True,
+    scorer: SparsityAwareScorer | None = None,
+    resume: bool = False,
 ) -> float:
-    """Merge the source's parents with ``evolver``; returns the mean held-out score of the
-    evolver's last result (what a sweeper optimises)."""
+    """Merge the source's parents with ``evolver``; returns the held-out mean of its headline
+    result (what a sweeper optimises)."""
     tokenizer = load_tokenizer(source.tokenizer())
     paths = source.parents()
     first = next(iter(paths.values()))
@@ -65,22 +96,48 @@ def run_merge(
         logger=logger,
         run_dir=run_dir,
         seed=seed,
+        calibration=build_calibration(tokenizer, tasks, pruner, seed),
+        scorer=scorer,
+        resume=resume,
     )
     results = evolver.run(ctx)
+    headline = next(iter(results))
 
-    rows = evaluate_genomes(space, {**parents, **results}, tasks, tokenizer)
+    known = ctx.extra.get("heldout", {})
+    rows = evaluate_genomes(space, {**parents, **results}, tasks, tokenizer, known)
     columns = ["model", *tasks.names, "mean", "sparsity"]
     print("\n" + format_table(rows, columns) + "\n")
+    archive_rows = ctx.extra.get("archive_rows", [])
+    if archive_rows:
+        print(format_table(archive_rows, ["id", "name", *tasks.names, "mean", "sparsity"]) + "\n")
+    top = next(r for r in rows if r["model"] == headline)
+    metrics = {"accuracy": top["mean"], "sparsity": top["sparsity"], "target_sparsity": sparsity}
+    if archive_rows:
+        metrics["archive_sparsity"] = sum(r["sparsity"] for r in archive_rows) / len(archive_rows)
+        metrics["archive_size"] = len(archive_rows)
     write_json(
-        run_dir / "results.json", {"seed": seed, "target_sparsity": sparsity, "models": rows}
+        run_dir / "results.json",
+        {
+            "seed": seed,
+            "target_sparsity": sparsity,
+            "headline": headline,
+            **metrics,
+            "models": rows,
+            "archive": archive_rows,
+        },
     )
-    logger.summary({f"{r['model']}/{k}": v for r in rows for k, v in r.items() if k != "model"})
+    logger.summary(
+        {
+            **metrics,
+            **{f"{r['model']}/{k}": v for r in rows for k, v in r.items() if k != "model"},
+        }
+    )
     if save_models:
         for name, genome in results.items():
             space.load(genome)
             out = save_causal_lm(model, run_dir / "models" / name, tokenizer)
             log.info("saved %s to %s", name, out)
-    return float(rows[-1]["mean"])
+    return float(top["mean"])
 
 
 def run(cfg, parts: dict, run_dir: Path) -> float:
@@ -96,4 +153,6 @@ def run(cfg, parts: dict, run_dir: Path) -> float:
         sparsity=cfg.sparsity,
         run_dir=run_dir,
         save_models=cfg.save_models,
+        scorer=parts.get("scorer"),
+        resume=bool(cfg.get("resume", False)),
     )

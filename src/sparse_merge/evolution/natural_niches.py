@@ -1,0 +1,441 @@
+"""Natural Niches (M2N2) made sparsity-aware: the evolution engine over any ``Problem``.
+
+Each step: the first parent is drawn in proportion to the total score
+``omega * fitness + beta * sparsity_score`` (the scorer), the second by the matchmaker
+(attraction ``sum_j max(0, f_kj - f_p1,j)``) or again by total score; pruning at the
+schedule's sparsity acts as a mutation on the parents before crossover (as in the sparsity-aware
+paper) or on the child after it; crossover (SLERP with a random weight and split point) writes
+the child straight into the problem's workspace; Gaussian mutation touches only non-zero
+weights; the child is scored on the fixed selection set, joins the archive, and the individual
+with the lowest total leaves (possibly the child).
+
+The GA baseline is this engine with ``alpha = 0`` (no competition) and no matchmaker
+(``evolver=ga``). Every individual has a lineage id; every step is logged (JSONL) with its
+parents, operator parameters, pruning sparsity, the child's sparsity and scores, and whether it
+entered. A checkpoint (archive, scores, RNG states, schedule phase, lineage) is written
+atomically every ``checkpoint_every`` steps; resuming from it gives exactly the archive an
+uninterrupted run ends with.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sparse_merge.errors import ConfigError, check_choice, check_positive
+from sparse_merge.evolution.archive import Archive, replacement_slot
+from sparse_merge.evolution.crossover import Crossover
+from sparse_merge.evolution.mutation import mutate_
+from sparse_merge.evolution.problem import Problem
+from sparse_merge.evolution.schedules import ConstantSchedule, Schedule
+from sparse_merge.evolution.scoring import SparsityAwareScorer
+from sparse_merge.evolution.selection import select_parents
+from sparse_merge.tracking.io import write_atomic, write_json
+from sparse_merge.tracking.logger import RunLogger
+
+log = logging.getLogger("sparse_merge")
+
+PRUNE_TARGETS = ("parents", "child", "none")
+CHECKPOINT = "checkpoint.pt"
+ARCHIVE_CSV = "archive.csv"
+
+
+@dataclass
+class StepRecord:
+    """What one evolution step did (one JSONL line; enough to rebuild the family tree)."""
+
+    step: int
+    child_id: int
+    parent_ids: list[int]
+    weight: float | None
+    split: int | None
+    prune_sparsity: float
+    child_sparsity: float
+    child_scores: list[float]
+    child_mean: float
+    entered: bool
+    slot: int | None
+    replaced_id: int | None
+    best_fitness: float
+    archive_sparsity: float
+    eval_s: float
+    step_s: float
+
+
+@dataclass
+class EvolutionResult:
+    """The final archive, evaluated on the held-out split, and the two picked individuals."""
+
+    archive: Archive
+    rows: list[dict[str, Any]]  # one per occupied slot: id, slot, held-out scores, sparsity
+    best: int  # slot with the best held-out mean
+    sparse: int  # sparsest slot within ``tolerance`` of the best held-out mean
+    lineage: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+def _null_logger() -> RunLogger:
+    return RunLogger(console=False)
+
+
+class NaturalNiches:
+    """The sparsity-aware Natural Niches evolver (see module docstring for the step).
+
+    Args:
+        pop_size: archive slots (seeded with the problem's initial genomes; the rest start empty).
+        iterations: children to create.
+        crossover: ``slerp_split`` (M2N2), ``slerp`` (no split point) or ``none``.
+        matchmaker: draw the second parent by attraction (else by total score, like the first).
+        mutation_std: std of Gaussian noise on non-zero weights (0: off, M2N2's default for
+            pre-trained parents).
+        prune_target: prune the ``parents`` before crossover, the ``child`` after it, or
+            ``none``.
+        schedule: pruning sparsity per step (``None``: constant at the run's target).
+        checkpoint_every: steps between checkpoints (0: only at the end).
+        tolerance: the ``sparse`` pick is the sparsest individual whose held-out mean is within
+            ``tolerance`` of the best one.
+    """
+
+    def __init__(
+        self,
+        pop_size: int = 8,
+        iterations: int = 60,
+        crossover: str = "slerp_split",
+        matchmaker: bool = True,
+        mutation_std: float = 0.0,
+        prune_target: str = "parents",
+        schedule: Schedule | None = None,
+        checkpoint_every: int = 10,
+        tolerance: float = 0.01,
+    ) -> None:
+        if int(pop_size) < 2:
+            raise ConfigError("pop_size", pop_size, "an integer >= 2")
+        self.pop_size = int(pop_size)
+        self.iterations = int(check_positive("iterations", iterations, allow_zero=True))
+        self.crossover = Crossover(crossover)
+        self.matchmaker = bool(matchmaker)
+        self.mutation_std = float(check_positive("mutation_std", mutation_std, allow_zero=True))
+        self.prune_target = check_choice("prune_target", prune_target, PRUNE_TARGETS)
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise ConfigError("schedule", schedule, "a schedule (ConstantSchedule, CyclicSchedule)")
+        self.schedule = schedule if schedule is not None else ConstantSchedule()
+        self.checkpoint_every = int(
+            check_positive("checkpoint_every", checkpoint_every, allow_zero=True)
+        )
+        self.tolerance = float(check_positive("tolerance", tolerance, allow_zero=True))
+
+    # ---- the pipeline hook ---------------------------------------------------------------
+
+    def run(self, ctx) -> dict[str, torch.Tensor]:
+        """Evolve the context's parents (``MergeContext``); returns ``best`` and ``sparse``."""
+        from sparse_merge.evolution.llm import LLMProblem
+
+        problem = LLMProblem(
+            ctx.space,
+            ctx.tokenizer,
+            ctx.parents,
+            ctx.tasks,
+            ctx.pruner,
+            ctx.calibration,
+            ctx.extra.get("score_selection"),
+        )
+        scorer = ctx.scorer if ctx.scorer is not None else SparsityAwareScorer()
+        result = self.evolve(
+            problem,
+            scorer,
+            seed=ctx.seed,
+            target=ctx.sparsity if ctx.pruner is not None else 0.0,
+            run_dir=ctx.run_dir,
+            logger=ctx.logger,
+            resume=ctx.resume,
+        )
+        ctx.extra["evolution"] = result
+        ctx.extra["archive_rows"] = result.rows
+        by_slot = {r["slot"]: r for r in result.rows}
+        ctx.extra["heldout"] = {"best": by_slot[result.best], "sparse": by_slot[result.sparse]}
+        a = result.archive
+        return {"best": a.genomes[result.best].clone(), "sparse": a.genomes[result.sparse].clone()}
+
+    # ---- the engine ----------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        """The knobs a resumed run must share with the run it continues."""
+        return {
+            "pop_size": self.pop_size,
+            "crossover": self.crossover.mode,
+            "matchmaker": self.matchmaker,
+            "mutation_std": self.mutation_std,
+            "prune_target": self.prune_target,
+        }
+
+    def evolve(
+        self,
+        problem: Problem,
+        scorer: SparsityAwareScorer,
+        *,
+        seed: int = 0,
+        target: float = 0.0,
+        run_dir: str | Path | None = None,
+        logger: RunLogger | None = None,
+        resume: bool = False,
+    ) -> EvolutionResult:
+        """Run ``iterations`` steps (continuing a checkpoint in ``run_dir`` when ``resume``)."""
+        logger = logger or _null_logger()
+        run_dir = Path(run_dir) if run_dir is not None else None
+        schedule = self.schedule.bind(target) if hasattr(self.schedule, "bind") else self.schedule
+        pruning = self.prune_target != "none" and target > 0
+        ws = problem.workspace
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + 17)
+        noise_gen = torch.Generator(device=ws.device).manual_seed(int(seed) * 1_000_003 + 29)
+        archive = Archive(self.pop_size, problem.numel, problem.n_datapoints, ws.dtype, ws.device)
+        lineage: dict[int, dict[str, Any]] = {}
+        ckpt = run_dir / CHECKPOINT if run_dir is not None else None
+
+        if resume and ckpt is not None and ckpt.exists():
+            start, next_id = self._load(ckpt, archive, lineage, gen, noise_gen)
+            log.info("resumed from %s at step %d", ckpt, start)
+        else:
+            if resume:
+                log.warning("resume requested but no checkpoint in %s: starting fresh", run_dir)
+            start, next_id = 0, self._seed_archive(problem, archive, lineage, logger)
+
+        scratch = torch.empty_like(ws) if pruning and self.prune_target == "parents" else None
+        bar = tqdm(
+            range(start, self.iterations), desc="evolution", initial=start, total=self.iterations
+        )
+        for step in bar:
+            rec = self._step(
+                step,
+                next_id,
+                problem,
+                scorer,
+                archive,
+                lineage,
+                schedule,
+                pruning,
+                scratch,
+                gen,
+                noise_gen,
+            )
+            next_id += 1
+            logger.log({"event": "step", **asdict(rec)}, step=step)
+            bar.set_postfix(best=f"{rec.best_fitness:.3f}", child_sp=f"{rec.child_sparsity:.3f}")
+            done = step + 1
+            if ckpt is not None and self.checkpoint_every and done % self.checkpoint_every == 0:
+                self._save(ckpt, done, next_id, archive, lineage, gen, noise_gen)
+        if ckpt is not None:
+            self._save(ckpt, max(start, self.iterations), next_id, archive, lineage, gen, noise_gen)
+        return self._finish(problem, scorer, archive, lineage, run_dir, logger)
+
+    def _seed_archive(
+        self,
+        problem: Problem,
+        archive: Archive,
+        lineage: dict[int, dict[str, Any]],
+        logger: RunLogger,
+    ) -> int:
+        """Evaluate the initial genomes into the first slots; returns the next free id."""
+        initial = problem.initial()
+        if len(initial) > self.pop_size:
+            raise ConfigError("pop_size", self.pop_size, f">= the {len(initial)} initial genomes")
+        for i, (name, genome) in enumerate(initial.items()):
+            scores = problem.evaluate(genome)
+            sparsity = problem.sparsity(genome)
+            archive.put(i, genome, scores, sparsity, i)
+            lineage[i] = {"name": name, "parents": [], "step": None}
+            logger.log(
+                {
+                    "event": "initial",
+                    "id": i,
+                    "name": name,
+                    "sparsity": sparsity,
+                    "scores": scores,
+                    "mean": float(scores.mean()),
+                }
+            )
+        return len(initial)
+
+    @torch.no_grad()
+    def _step(
+        self,
+        step: int,
+        child_id: int,
+        problem: Problem,
+        scorer: SparsityAwareScorer,
+        archive: Archive,
+        lineage: dict[int, dict[str, Any]],
+        schedule: Schedule,
+        pruning: bool,
+        scratch: torch.Tensor | None,
+        gen: torch.Generator,
+        noise_gen: torch.Generator,
+    ) -> StepRecord:
+        t0 = time.perf_counter()
+        ws = problem.workspace
+        sparsity = float(schedule(step)) if pruning else 0.0
+        total = scorer.total(archive.scores, archive.sparsity, archive.valid)
+        p1, p2 = select_parents(
+            total,
+            archive.scores,
+            archive.valid,
+            gen,
+            matchmaker=self.matchmaker,
+            alpha=scorer.alpha,
+        )
+        parent_ids = [int(archive.ids[p1]), int(archive.ids[p2])]  # before the child enters
+        a, b = archive.genomes[p1], archive.genomes[p2]
+        if pruning and self.prune_target == "parents" and sparsity > 0:
+            scratch.copy_(a)
+            problem.prune_(scratch, sparsity)  # may use the workspace as scratch: done first
+            ws.copy_(b)
+            problem.prune_(ws, sparsity)
+            op = self.crossover(ws, scratch, ws, gen)
+        else:
+            op = self.crossover(ws, a, b, gen)
+        mutate_(ws, self.mutation_std, noise_gen)
+        if pruning and self.prune_target == "child" and sparsity > 0:
+            problem.prune_(ws, sparsity)
+        child_sparsity = problem.sparsity(ws)
+        t_eval = time.perf_counter()
+        scores = problem.evaluate(ws)  # [D]
+        eval_s = time.perf_counter() - t_eval
+        slot = replacement_slot(scorer, archive, scores, child_sparsity)
+        replaced = int(archive.ids[slot]) if slot is not None and archive.valid[slot] else None
+        if slot is not None:
+            archive.put(slot, ws, scores, child_sparsity, child_id)
+        lineage[child_id] = {
+            "parents": parent_ids,
+            "step": step,
+            "weight": op["weight"],
+            "split": op["split"],
+            "prune_sparsity": sparsity,
+            "sparsity": child_sparsity,
+            "mean": float(scores.mean()),
+            "entered": slot is not None,
+        }
+        fitness = scorer.fitness(archive.scores, archive.valid)
+        return StepRecord(
+            step=step,
+            child_id=child_id,
+            parent_ids=parent_ids,
+            weight=op["weight"],
+            split=op["split"],
+            prune_sparsity=sparsity,
+            child_sparsity=child_sparsity,
+            child_scores=scores.tolist(),
+            child_mean=float(scores.mean()),
+            entered=slot is not None,
+            slot=slot,
+            replaced_id=replaced,
+            best_fitness=float(fitness.max()),
+            archive_sparsity=float(archive.sparsity[archive.valid].mean()),
+            eval_s=eval_s,
+            step_s=time.perf_counter() - t0,
+        )
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def _save(
+        self,
+        path: Path,
+        step: int,
+        next_id: int,
+        archive: Archive,
+        lineage: dict[int, dict[str, Any]],
+        gen: torch.Generator,
+        noise_gen: torch.Generator,
+    ) -> None:
+        state = {
+            "step": step,  # the schedule phase is a pure function of the step
+            "next_id": next_id,
+            "archive": archive.state_dict(),
+            "lineage": lineage,
+            "rng": gen.get_state(),
+            "noise_rng": noise_gen.get_state(),
+            "settings": self.settings(),
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        write_atomic(path, lambda tmp: tmp.write_bytes(buf.getvalue()))
+
+    def _load(
+        self,
+        path: Path,
+        archive: Archive,
+        lineage: dict[int, dict[str, Any]],
+        gen: torch.Generator,
+        noise_gen: torch.Generator,
+    ) -> tuple[int, int]:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["settings"] != self.settings():
+            raise ConfigError(
+                "resume",
+                True,
+                f"the same evolver settings as the checkpoint ({state['settings']}), got {self.settings()}",
+            )
+        archive.load_state_dict(state["archive"])
+        lineage.clear()
+        lineage.update(state["lineage"])
+        gen.set_state(state["rng"])
+        noise_gen.set_state(state["noise_rng"])
+        return int(state["step"]), int(state["next_id"])
+
+    # ---- the end ---------------------------------------------------------------------------
+
+    def _finish(
+        self,
+        problem: Problem,
+        scorer: SparsityAwareScorer,
+        archive: Archive,
+        lineage: dict[int, dict[str, Any]],
+        run_dir: Path | None,
+        logger: RunLogger,
+    ) -> EvolutionResult:
+        """Held-out evaluation of the final archive; picks ``best`` and ``sparse``; writes
+        ``archive.csv`` and ``lineage.json``."""
+        total = scorer.total(archive.scores, archive.sparsity, archive.valid)
+        rows = []
+        for slot in tqdm(archive.occupied(), desc="held-out", leave=False):
+            held = problem.heldout(archive.genomes[slot])
+            ident = int(archive.ids[slot])
+            rows.append(
+                {
+                    "id": ident,
+                    "slot": slot,
+                    "name": lineage.get(ident, {}).get("name", f"child-{ident}"),
+                    **held,
+                    "accuracy": held["mean"],
+                    "sparsity": float(archive.sparsity[slot]),
+                    "selection_mean": float(archive.scores[slot].mean()),
+                    "total": float(total[slot]),
+                }
+            )
+        # best held-out mean; ties go to the sparser, then to the lower slot
+        best_row = max(rows, key=lambda r: (r["accuracy"], r["sparsity"], -r["slot"]))
+        close = [r for r in rows if r["accuracy"] >= best_row["accuracy"] - self.tolerance]
+        sparse_row = max(close, key=lambda r: (r["sparsity"], r["accuracy"], -r["slot"]))
+        if run_dir is not None:
+            _write_csv(run_dir / ARCHIVE_CSV, rows)
+            write_json(run_dir / "lineage.json", {str(k): v for k, v in sorted(lineage.items())})
+        logger.log({"event": "final_archive", "rows": rows})
+        return EvolutionResult(archive, rows, best_row["slot"], sparse_row["slot"], lineage)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows as CSV, atomically."""
+    columns = list(rows[0])
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns)
+            w.writeheader()
+            w.writerows(rows)
+
+    write_atomic(path, write)

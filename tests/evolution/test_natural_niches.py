@@ -1,0 +1,169 @@
+"""The Natural Niches engine on a tiny linear Problem: logs, lineage, sparsity, resume."""
+
+import json
+
+import pytest
+import torch
+
+from sparse_merge.errors import ConfigError
+from sparse_merge.evolution.natural_niches import NaturalNiches
+from sparse_merge.evolution.schedules import CyclicSchedule
+from sparse_merge.evolution.scoring import SparsityAwareScorer
+from sparse_merge.tracking.logger import RunLogger
+
+from .linear_problem import LinearProblem
+
+
+def evolve(tmp_path, problem=None, resume=False, scorer=None, target=0.0, **kw):
+    logger = RunLogger(console=False).start(tmp_path)
+    engine = NaturalNiches(**{"pop_size": 6, "iterations": 25, "checkpoint_every": 5, **kw})
+    try:
+        return engine.evolve(
+            problem or LinearProblem(),
+            scorer or SparsityAwareScorer(alpha=1.0),
+            seed=3,
+            target=target,
+            run_dir=tmp_path,
+            logger=logger,
+            resume=resume,
+        )
+    finally:
+        logger.close()
+
+
+def records(run_dir, event="step"):
+    lines = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [x for x in lines if x.get("event") == event]
+
+
+def test_steps_logged_with_lineage_and_archive_full(tmp_path):
+    res = evolve(tmp_path)
+    a = res.archive
+    assert len(a) == 6 and len(set(a.ids.tolist())) == 6
+    steps = records(tmp_path)
+    assert [r["step"] for r in steps] == list(range(25))
+    r = steps[0]
+    for key in ("parent_ids", "split", "weight", "prune_sparsity", "child_sparsity"):
+        assert key in r
+    assert len(r["child_scores"]) == 48 and r["entered"]  # empty slots take any child
+    # every archive member's ancestry goes back to the two initial genomes
+    for ident in a.ids.tolist():
+        stack, seen = [ident], set()
+        while stack:
+            i = stack.pop()
+            seen.add(i)
+            stack += res.lineage[i]["parents"]
+        assert seen & {0, 1}
+    assert {r["child_id"] for r in steps} == set(range(2, 27))
+    # the stored scores are the genomes' scores
+    p = LinearProblem()
+    for slot in a.occupied():
+        assert torch.equal(a.scores[slot], p.evaluate(a.genomes[slot]))
+    assert (tmp_path / "archive.csv").exists() and (tmp_path / "lineage.json").exists()
+    assert res.rows[[r["slot"] for r in res.rows].index(res.best)]["accuracy"] == max(
+        r["accuracy"] for r in res.rows
+    )
+
+
+def test_children_beat_both_parents_on_selection(tmp_path):
+    res = evolve(tmp_path, iterations=60)
+    parents = LinearProblem()
+    init = parents.initial()
+    best_parent = max(float(parents.evaluate(g).mean()) for g in init.values())
+    assert float(res.archive.scores.mean(1).max()) > best_parent
+
+
+def test_sparsity_aware_archive_reaches_the_target(tmp_path):
+    scorer = SparsityAwareScorer(alpha=1.0, beta=1.0, kind="fraction")
+    res = evolve(
+        tmp_path,
+        scorer=scorer,
+        target=0.5,
+        iterations=60,
+        prune_target="child",
+        schedule=CyclicSchedule(0.0, None, period=10),
+    )
+    a = res.archive
+    assert float(a.sparsity[a.valid].mean()) >= 0.8 * 0.5
+    steps = records(tmp_path)
+    assert steps[0]["prune_sparsity"] == 0.0 and steps[9]["prune_sparsity"] == 0.5
+    # pruning the child gives at least the scheduled sparsity (32 weights: multiples of 1/32)
+    assert all(r["child_sparsity"] >= round(r["prune_sparsity"] * 32) / 32 for r in steps)
+    assert any(r["child_sparsity"] == 0.5 for r in steps)
+
+
+def test_without_beta_pruned_children_rarely_survive(tmp_path):
+    """beta = 0 gives no reason to keep sparse children: the archive ends less sparse."""
+    kw = dict(
+        target=0.5,
+        iterations=60,
+        prune_target="child",
+        schedule=CyclicSchedule(0.0, None, period=10),
+    )
+    dense = evolve(tmp_path / "a", **kw).archive
+    sparse = evolve(
+        tmp_path / "b", scorer=SparsityAwareScorer(alpha=1.0, beta=1.0, kind="fraction"), **kw
+    ).archive
+    assert float(sparse.sparsity.mean()) > float(dense.sparsity.mean())
+
+
+def test_parent_pruning_and_mutation_keep_zeros_of_the_parents(tmp_path):
+    res = evolve(tmp_path, target=0.5, prune_target="parents", mutation_std=0.01, crossover="none")
+    # no crossover: a child is a pruned, mutated copy; pruned zeros stay zero
+    steps = records(tmp_path)
+    assert all(r["child_sparsity"] >= 0.5 - 1e-9 for r in steps)
+    assert all(r["weight"] is None and r["split"] is None for r in steps)
+    assert float(res.archive.sparsity.max()) >= 0.5
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashingProblem(LinearProblem):
+    """Fails at the ``fail_at``-th evaluation (a killed job)."""
+
+    def __init__(self, fail_at):
+        super().__init__()
+        self.fail_at = fail_at
+
+    def evaluate(self, genome):
+        if self.evaluations + 1 == self.fail_at:
+            raise Crash("killed")
+        return super().evaluate(genome)
+
+
+@pytest.mark.parametrize("prune_target", ["parents", "child"])
+def test_resume_gives_the_same_archive_as_an_uninterrupted_run(tmp_path, prune_target):
+    kw = dict(
+        target=0.4,
+        prune_target=prune_target,
+        mutation_std=0.05,
+        schedule=CyclicSchedule(0.0, None, period=4),
+        scorer=SparsityAwareScorer(alpha=1.0, beta=0.5),
+    )
+    full = evolve(tmp_path / "full", **kw)
+    with pytest.raises(Crash):  # 2 initial evaluations + 13 children: dies in step 13
+        evolve(tmp_path / "cut", problem=CrashingProblem(fail_at=16), **kw)
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 10
+    resumed = evolve(tmp_path / "cut", resume=True, **kw)
+    for key in ("genomes", "scores", "sparsity", "valid", "ids"):
+        assert torch.equal(getattr(resumed.archive, key), getattr(full.archive, key)), key
+    assert resumed.lineage == full.lineage
+    assert [r["step"] for r in records(tmp_path / "cut")][-15:] == list(range(10, 25))
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    evolve(tmp_path, iterations=5)
+    with pytest.raises(ConfigError, match="resume"):
+        evolve(tmp_path, iterations=10, resume=True, pop_size=7)
+
+
+def test_bad_values_raise_config_errors():
+    with pytest.raises(ConfigError, match="prune_target"):
+        NaturalNiches(prune_target="both")
+    with pytest.raises(ConfigError, match="pop_size"):
+        NaturalNiches(pop_size=1)
+    with pytest.raises(ConfigError, match="crossover"):
+        NaturalNiches(crossover="uniform")
