@@ -105,6 +105,11 @@ def test_wanda_and_taylor_rows_match_hand_computed_importance(tokenizer, calib):
     )
     chosen = adapter.select_rows(model, calib)[Q0]
     assert chosen.tolist() == sorted(torch.topk(taylor, 5).indices.tolist())
+    adapter = RowSparseAdapter(
+        importance="gradient", rank=5, target_modules=["q_proj"], n_batches=2, batch_size=8
+    )
+    by_grad = adapter.select_rows(model, calib)[Q0]
+    assert by_grad.tolist() == sorted(torch.topk(grad.abs().sum(1), 5).indices.tolist())
     random = RowSparseAdapter(importance="random", rank=5, target_modules=["q_proj"])
     assert random.select_rows(model)[Q0].tolist() != chosen.tolist()
 

@@ -5,7 +5,8 @@ most important output rows of every targeted linear layer, optionally on an NF4 
 
 1. scores every output row of every targeted layer of the (pruned, full-precision) model with
    ``importance``: ``magnitude`` (sum of ``|W|``), ``wanda`` (sum of ``|W| * ||X_j||``),
-   ``taylor`` (sum of ``|W * dL/dW|``, gradients from calibration batches), ``zo_taylor``
+   ``gradient`` (sum of ``|dL/dW|``), ``taylor`` (sum of ``|W * dL/dW|``; both with gradients
+   from calibration batches), ``zo_taylor``
    (zeroth-order Taylor: SPSA estimates from ``n_estimate`` pairs of perturbed forward passes,
    no backward pass; see ``zo_scope``) or ``random`` (seeded);
 2. keeps the top ``k`` rows per layer: ``k = rank`` when ``rank`` is set, otherwise the most
@@ -54,14 +55,15 @@ from sparse_merge.finetune.row_sparse import (
 from sparse_merge.models.blocks import PrunableLayer, prunable_layers
 from sparse_merge.pruning.base import Calibration, Masks
 from sparse_merge.pruning.importance import (
+    GradientImportance,
     MagnitudeImportance,
     TaylorImportance,
     WandaImportance,
     lm_labels,
 )
 
-IMPORTANCES = ("magnitude", "wanda", "taylor", "zo_taylor", "random")
-DATA_IMPORTANCES = ("wanda", "taylor", "zo_taylor")
+IMPORTANCES = ("magnitude", "wanda", "gradient", "taylor", "zo_taylor", "random")
+DATA_IMPORTANCES = ("wanda", "gradient", "taylor", "zo_taylor")
 QUANTIZE = ("none", "nf4")
 INITS = ("zeros", "residual")
 ZO_SCOPES = ("row", "weight")
@@ -183,6 +185,7 @@ class RowSparseAdapter:
         scorer = {
             "magnitude": lambda: MagnitudeImportance(),
             "wanda": lambda: WandaImportance(self.n_batches * self.batch_size, self.batch_size),
+            "gradient": lambda: GradientImportance(self.n_batches, self.batch_size),
             "taylor": lambda: TaylorImportance(self.n_batches, self.batch_size),
         }[self.importance]()
         scores = scorer.compute(model, calib)
