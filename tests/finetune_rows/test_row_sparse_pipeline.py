@@ -1,6 +1,7 @@
 """``lora=row_sparse`` through the fine-tuning pipeline (the same run(cfg) the CLI calls)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +11,12 @@ from transformers import AutoModelForCausalLM
 from sparse_merge.app import execute
 from sparse_merge.errors import ConfigError
 from sparse_merge.finetune.row_sparse import load_row_update
-from sparse_merge.models.hf import load_causal_lm
+from sparse_merge.models.hf import load_causal_lm, load_tokenizer
+from sparse_merge.tasks.mt_bench import generate_answers, load_questions, write_answers
 
 from ..conftest import compose_cfg
 
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SMOKE = ["experiment=finetune_smoke", "hardware.num_threads=1", "lora.n_batches=1"]
 
 
@@ -74,3 +77,17 @@ def test_bad_row_sparse_value_fails_before_any_model_is_loaded(tmp_path):
     with pytest.raises(ConfigError) as err:
         execute(cfg)
     assert err.value.key == "lora.importance"
+
+
+def test_merged_model_answers_mt_bench_questions(runs, tmp_path):
+    run_dir, _ = runs["taylor"]
+    model_dir = run_dir / "models" / "finetuned"
+    model = load_causal_lm(model_dir, torch.device("cpu"), torch.float32)
+    tokenizer = load_tokenizer(model_dir)
+    questions = load_questions(FIXTURES / "mt_bench_questions.jsonl")
+    answers = generate_answers(model, tokenizer, questions, "row_sparse", max_new_tokens=4)
+    path = write_answers(answers, tmp_path / "model_answer" / "row_sparse.jsonl")
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["question_id"] for x in lines] == sorted(q["question_id"] for q in questions)
+    for line, q in zip(lines, sorted(questions, key=lambda q: q["question_id"])):
+        assert len(line["choices"][0]["turns"]) == len(q["turns"])  # every turn answered
