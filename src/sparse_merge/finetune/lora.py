@@ -20,8 +20,8 @@ the sparsities used here; ``docs/finetune.md`` has the measurements.
 
 Each LoRA layer knows its keep-mask, so the merge needs no state outside the model. A mask that
 is exactly the zero pattern of the pruned weight (every kept weight non-zero, the usual case)
-is not stored: ``M = (W != 0)`` is recomputed where needed (an elementwise pass, no extra
-memory held); otherwise it is a non-persistent bool buffer (one byte per weight).
+is not stored: ``M = |sign(W)|`` is recomputed where needed (an elementwise pass, no memory
+held); otherwise it is a non-persistent bool buffer (one byte per weight).
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def effective_weight(
 
     ``mask`` None means ``M = (W != 0)``, for layers whose mask is exactly the zero pattern of
     their pruned weight. The same function computes the training forward's weight and the
-    merged weight, so the merged model reproduces the trained one bit for bit.
+    merged weight, so the merged model reproduces the trained one bit for bit when both run in
+    fp32 (a half-precision base is merged in fp32 and rounded once).
     """
     w = weight.to(dtype)
     a, b = lora_a.to(dtype), lora_b.to(dtype)  # [r, in], [out, r]
