@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from sparse_merge.analysis.__main__ import analyze
+from sparse_merge.analysis.collect import collect
 from sparse_merge.analysis.plots import pareto_front
+from sparse_merge.analysis.tables import grouped_summary, method_by_sparsity
 
 ACC = {("magnitude", 0.0): 0.8, ("magnitude", 0.5): 0.4, ("wanda", 0.0): 0.8, ("wanda", 0.5): 0.6}
 
@@ -124,3 +126,9 @@ def test_cli_lists_failed_runs(sweep):
     assert proc.returncode == 0, proc.stderr
     assert "10 runs: 8 finished, 2 failed or unfinished" in proc.stdout
     assert "boom" in proc.stdout
+
+
+def test_heatmap_table_has_one_row_per_method(sweep):
+    table = method_by_sparsity(grouped_summary(collect(sweep)), "accuracy")
+    assert list(table.index) == ["pruner=magnitude", "pruner=wanda"]
+    assert table.loc["pruner=wanda", 0.5] == pytest.approx(0.6)

@@ -48,7 +48,7 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None) -> dict[str, P
         path = metric_vs_sparsity(grouped, metric, out / f"{metric}_vs_sparsity.png", label)
         if path:
             written[f"{metric}_vs_sparsity"] = path
-    if path := heatmap(add_method(grouped), "accuracy", out / "heatmap_accuracy.png"):
+    if path := heatmap(grouped, "accuracy", out / "heatmap_accuracy.png"):
         written["heatmap_accuracy"] = path
     archives = [
         pd.read_csv(sweep_dir / run / ARCHIVE_FILE).assign(method=method)
