@@ -78,3 +78,32 @@ def test_cma_es_rejects_bad_values():
         CMAES(popsize=1)
     with pytest.raises(ConfigError, match="sigma0"):
         CMAES(sigma0=0.0)
+
+
+def test_map_elites_cells_bin_accuracies_and_keep_the_better_elite(scratch):
+    from sparse_merge.evolution.map_elites import MapElites
+
+    me = MapElites(bins=10, progress=False)
+    odd, even = scratch.descriptor_masks
+    scores = torch.zeros(scratch.n_datapoints)
+    assert me.cell(scores, [odd, even]) == (0, 0)
+    scores[odd] = 1.0
+    assert me.cell(scores, [odd, even]) == (9, 0)  # accuracy 1 goes to the last bin
+    scores[torch.nonzero(even).flatten()[: int(even.sum()) // 2 + 1]] = 1.0
+    assert me.cell(scores, [odd, even]) == (9, 5)
+    with pytest.raises(ConfigError, match="bins"):
+        MapElites(bins=0)
+
+
+def test_map_elites_improves_and_is_seeded(pretrained):
+    from sparse_merge.evolution.map_elites import MapElites
+
+    curves = []
+    for _ in range(2):
+        curve = Curve(pretrained)
+        MapElites(mutation_std=0.0, progress=False).run(pretrained, 150, seed=1, curve=curve)
+        curves.append(curve)
+    assert curves[0].test == curves[1].test and curves[0].evals == list(range(1, 151))
+    start = max(float(pretrained.evaluate(g).mean()) for g in pretrained.initial().values())
+    assert curves[0].train[-1] > start + 0.05  # merging the halves
+    assert all(x <= y for x, y in zip(curves[0].train, curves[0].train[1:]))  # elites only improve

@@ -42,7 +42,9 @@ class BruteForce:
         best, best_train, best_w = a.clone(), -1.0, 0.0
         evals = 0
         for s in tqdm(
-            range(0, budget, self.batch_size), desc="brute_force", disable=not self.progress
+            range(0, budget, self.batch_size),
+            desc="brute_force",
+            disable=None if self.progress else True,
         ):
             ws = [float(weights[i]) for i in order[s : s + self.batch_size]]
             for row, w in zip(batch, ws):

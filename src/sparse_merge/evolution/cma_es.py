@@ -54,7 +54,9 @@ class CMAES:
         best = start.clone()
         best_train = -1.0
         evals = 0
-        for _ in tqdm(range(budget // self.popsize), desc="cma_es", disable=not self.progress):
+        for _ in tqdm(
+            range(budget // self.popsize), desc="cma_es", disable=None if self.progress else True
+        ):
             solutions = es.ask()
             genomes = torch.from_numpy(np.asarray(solutions)).float()  # [pop, P]
             acc = problem.evaluate_batch(genomes).mean(1)  # [pop]

@@ -68,7 +68,7 @@ class MapElites:
         for genome in problem.initial().values():
             offer(genome, problem.evaluate(genome))
         ws = problem.workspace
-        for step in tqdm(range(budget), desc="map_elites", disable=not self.progress):
+        for step in tqdm(range(budget), desc="map_elites", disable=None if self.progress else True):
             p1 = sample_index(quality, filled, gen)
             p2 = sample_index(quality, filled, gen, exclude=p1) if int(filled.sum()) > 1 else p1
             self.crossover(ws, genomes[p1], genomes[p2], gen)
