@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 from transformers import AutoModelForCausalLM
 
 from sparse_merge.app import execute
@@ -96,3 +97,17 @@ def test_multirun_grid(tmp_path):
     assert len(summaries) == 4
     got = sorted(round(json.loads(s.read_text())["sparsity"], 2) for s in summaries)
     assert got == [0.3, 0.3, 0.6, 0.6]
+
+
+def test_perplexity_on_a_text_file(masks_run, tmp_path):
+    """masks.text_file: sliding-window perplexity of a text instead of the held-out answers."""
+    text = tmp_path / "heldout.txt"
+    text.write_text("12+34=46\nrev:abc=cba\n" * 20, encoding="utf-8")
+    cfg = compose_cfg(
+        ["experiment=masks", "pruner=magnitude", f"masks.text_file={text}", *SMALL], tmp_path
+    )
+    with open_dict(cfg):  # the same model cache as the first run
+        cfg.model.cache_dir = masks_run[2].model.cache_dir
+    metric = execute(cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["perplexity"] == metric and summary["dense_perplexity"] > 1.0
