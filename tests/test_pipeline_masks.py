@@ -111,3 +111,24 @@ def test_perplexity_on_a_text_file(masks_run, tmp_path):
     metric = execute(cfg)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["perplexity"] == metric and summary["dense_perplexity"] > 1.0
+
+
+def test_answer_perplexity_matches_one_sequence_at_a_time(tiny_llama, tokenizer):
+    """Batched, padded scoring of answer + eos tokens equals token_nlls on each example alone."""
+    import math
+
+    from sparse_merge.pipelines.masks import answer_perplexity
+    from sparse_merge.tasks.base import Example
+    from sparse_merge.tasks.perplexity import token_nlls
+
+    examples = [Example("12+3=", "15"), Example("rev:abcd=", "dcba"), Example("7+8=", "15")]
+    nlls = []
+    for e in examples:
+        prompt = tokenizer(e.prompt, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(e.answer, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([*prompt, *answer, tokenizer.eos_token_id])
+        nll = token_nlls(tiny_llama, ids, window=ids.numel() + 1, stride=ids.numel())
+        nlls.append(nll[-(len(answer) + 1) :])
+    expected = math.exp(torch.cat(nlls).double().mean().item())
+    got = answer_perplexity(tiny_llama, tokenizer, examples, batch_size=2)
+    assert got == pytest.approx(expected, rel=1e-5)

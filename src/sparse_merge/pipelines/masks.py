@@ -2,8 +2,9 @@
 perplexity before and after (``python run.py experiment=masks pruner=wanda sparsity=0.5``).
 
 Calibration sequences come from the task suite's training examples. Perplexity is measured on
-the suite's held-out examples (the ``answer + eos`` tokens given each prompt, scored through
-``tasks.perplexity.token_nlls``) or on ``masks.text_file`` (sliding window, every token).
+the suite's held-out examples (the ``answer + eos`` tokens given each prompt, the tokens the
+models were trained on) or on ``masks.text_file`` (``tasks.perplexity``: sliding window, every
+token).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from sparse_merge.errors import ConfigError, check_positive
+from sparse_merge.finetune.data import IGNORE_INDEX, encode_examples
 from sparse_merge.hardware import Hardware
 from sparse_merge.models.hf import load_causal_lm, load_tokenizer
 from sparse_merge.models.source import ModelSource
@@ -29,7 +31,7 @@ from sparse_merge.pruning.sparsity import measure_sparsity
 from sparse_merge.pruning.stats import mask_stats, overall_sparsity, plot_mask_stats
 from sparse_merge.pruning.validate import validate_masks, write_report
 from sparse_merge.tasks.base import Example
-from sparse_merge.tasks.perplexity import perplexity_of_file, token_nlls
+from sparse_merge.tasks.perplexity import perplexity_of_file
 from sparse_merge.tasks.suite import TaskSuite
 from sparse_merge.tracking.io import write_json
 from sparse_merge.tracking.logger import RunLogger
@@ -81,19 +83,28 @@ def heldout_examples(tasks: TaskSuite, per_task: int) -> list[Example]:
     return out
 
 
+@torch.inference_mode()
 def answer_perplexity(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example]
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    batch_size: int = 64,
 ) -> float:
     """exp(mean NLL) of the ``answer + eos`` tokens given their prompt, over all examples (the
-    tokens the models learn; prompts are random and never trained on)."""
-    nlls = []
-    for e in examples:
-        prompt = tokenizer(e.prompt, add_special_tokens=False)["input_ids"]
-        answer = tokenizer(e.answer, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([*prompt, *answer, tokenizer.eos_token_id])  # [T]
-        nll = token_nlls(model, ids, window=ids.numel() + 1, stride=ids.numel())  # [T-1]
-        nlls.append(nll[-(len(answer) + 1) :])
-    return math.exp(torch.cat(nlls).double().mean().item())
+    tokens the models learn; prompts are random and never trained on), in padded batches."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = encode_examples(tokenizer, examples[i : i + batch_size])
+        ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        labels = batch["labels"][:, 1:].to(device)  # [b, T-1]: token t+1 predicted at t
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [b, T-1, V]
+        nll = nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total += nll.item()
+        count += int((labels != IGNORE_INDEX).sum())
+    return math.exp(total / max(count, 1))
 
 
 def describe(pruner: Pruner) -> dict[str, str]:
