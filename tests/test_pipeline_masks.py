@@ -41,6 +41,7 @@ def test_masks_pipeline_saves_validated_masks_and_reports(masks_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert summary["perplexity"] == metric and metric > 1.0
+    assert summary["valid"] is True
     assert summary["dense_perplexity"] > 1.0
     out = Path(summary["masks_dir"])
     assert out == run_dir / "masks" / "toy-llama-smoke" / "sparsity50_wanda_row"

@@ -52,7 +52,7 @@ class MasksSettings:
     text_file: str | None = None  # perplexity on this UTF-8 text instead (sliding window)
     window: int | None = None  # text_file: tokens per window (default: the model's max positions)
     stride: int | None = None  # text_file: new tokens per window (default: window // 2)
-    tolerance: float = 0.01  # allowed |achieved - target| overall sparsity in validation
+    tolerance: float = 0.01  # |achieved - target| overall sparsity beyond this is reported
     plots: bool = True  # per-layer sparsity histogram and bar chart (PNG)
 
     def __post_init__(self) -> None:
@@ -178,8 +178,10 @@ def run_masks(
     write_json(out / "stats.json", stats)
     if settings.plots:
         plot_mask_stats(stats, out, f"{settings.model_name} {method_label(info)} {sparsity:.2f}")
-    if not report["ok"]:
+    if report["nonzero_masked"] or len(report["layers"]) != len(masks):
         raise RuntimeError(f"mask validation failed: {report['problems'][:3]}")
+    if not report["ok"]:  # e.g. whole heads cannot hit every target: reported, not fatal
+        log.warning("masks: %s", "; ".join(report["problems"]))
 
     achieved = measure_sparsity(model).overall
     summary: dict[str, Any] = {
@@ -189,6 +191,7 @@ def run_masks(
         "dense_perplexity": dense_ppl,
         "prune_seconds": seconds,
         "masks_dir": str(out),
+        "valid": report["ok"],
     }
     logger.log({"event": "masks", **summary, **info})
     logger.summary(summary)
