@@ -48,7 +48,7 @@ class MasksSettings:
     model_name: str  # <model> in that layout and in the metadata
     n_calibration: int = 128  # calibration sequences from the tasks' training examples
     calibration_length: int = 64  # max tokens per calibration sequence
-    answer_loss: bool = True  # gradient scores: loss on the examples' answer tokens only
+    answer_loss: bool = False  # gradient scores: loss on the answer tokens only (else all)
     heldout_examples: int = 256  # held-out examples per task for perplexity (0 = all)
     text_file: str | None = None  # perplexity on this UTF-8 text instead (sliding window)
     window: int | None = None  # text_file: tokens per window (default: the model's max positions)
