@@ -98,14 +98,11 @@ class Comparison:
         self.notes = dict(notes or {})
 
     def jobs(self) -> list[Job]:
-        """Every (panel, method, seed), seeds outermost: a comparison cut short has every
-        method for its first seeds."""
-        return [
-            Job(p, m, s)
-            for s in self.seeds
-            for p, panel in self.panels.items()
-            for m in panel.methods
-        ]
+        """Every (panel, method, seed): panels by increasing budget, then seeds, then methods,
+        so a comparison cut short has its cheap panels whole and every method for its first
+        seeds."""
+        panels = sorted(self.panels, key=lambda p: self.panels[p].budget)
+        return [Job(p, m, s) for p in panels for s in self.seeds for m in self.panels[p].methods]
 
     def grid(self, panel: str) -> list[int]:
         """The forward-pass counts every curve of ``panel`` is sampled at (0 included)."""
@@ -143,7 +140,8 @@ class Comparison:
         }
 
     def run(self, task: DigitsTask, out_dir: str | Path) -> list[dict[str, Any]]:
-        """Run the jobs missing under ``out_dir/runs`` and return every job's result."""
+        """Run the jobs missing under ``out_dir/runs`` and return every job's result (panels
+        and methods in config order)."""
         runs = Path(out_dir) / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         jobs = self.jobs()
@@ -161,7 +159,10 @@ class Comparison:
                     write_json(runs / futures[future].file, future.result())
                     bar.update()
         bar.close()
-        return [json.loads((runs / j.file).read_text()) for j in jobs]
+        report = [
+            Job(p, m, s) for p, pl in self.panels.items() for m in pl.methods for s in self.seeds
+        ]
+        return [json.loads((runs / j.file).read_text()) for j in report]  # in config order
 
 
 def _quiet() -> None:
