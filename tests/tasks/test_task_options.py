@@ -111,3 +111,9 @@ def test_evaluate_pipeline_keeps_per_datapoint_scores(tmp_path):
         assert row["gsm8k"] == pytest.approx(sum(per["gsm8k"]) / 2)
         assert row["mean"] == pytest.approx((row["gsm8k"] + row["mbpp"]) / 2)
     assert metric == pytest.approx(results["models"][0]["mean"])
+
+
+def test_masks_pipeline_runs_with_the_task(tmp_path):
+    overrides = ["experiment=masks", "task=boolq", *SMALL_MODEL, *OPTIONS["boolq"]]
+    cfg = compose_cfg([*overrides, "masks.n_calibration=8", "masks.plots=false"], tmp_path)
+    assert math.isfinite(execute(cfg))
