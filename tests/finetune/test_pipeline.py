@@ -95,7 +95,7 @@ def test_masks_saved_and_reused_through_mask_path(runs, tmp_path):
 
     first, _ = runs["sparse_to_sparse"]
     saved, meta = load_masks(first / "masks")
-    assert meta["method"] == "MagnitudePruner" and meta["sparsity"] == 0.5
+    assert meta["method"] == "magnitude" and meta["sparsity"] == 0.5
     assert len(saved) == 14 and all(m.dtype == torch.bool for m in saved.values())
     overrides = ["experiment=finetune_smoke", "lora.mode=sparse_to_sparse", "save_models=false"]
     cfg = compose_cfg([*overrides, f"lora.mask_path={first / 'masks'}", "sparsity=0.3"], tmp_path)
