@@ -123,9 +123,11 @@ def run() -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return crossover_rows() + step_rows()
+        rows = crossover_rows() + step_rows()
     finally:
         torch.set_num_threads(threads)
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # one table: every row, every column
+    return [{c: r.get(c, "") for c in columns} for r in rows]
 
 
 if __name__ == "__main__":

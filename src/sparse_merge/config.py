@@ -33,8 +33,9 @@ class Config:
     output_dir: str = MISSING  # run directory (Hydra's job dir by default)
     save_models: bool = True  # save resulting models (HF format) in the run directory
     resume: bool = False  # continue the run found in output_dir from its last checkpoint
-    budget: int = 1000  # forward passes of a single-method digits run (pipeline: digits)
+    masks: Any = None  # settings of the masks pipeline (conf/experiment/masks.yaml)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)  # pipeline=finetune
+    budget: int = 1000  # forward passes of a single-method digits run (pipeline: digits)
     model: Any = MISSING
     task: Any = MISSING
     pruner: Any = MISSING

@@ -64,7 +64,8 @@ class StepRecord:
     entered: bool
     slot: int | None
     replaced_id: int | None
-    best_fitness: float
+    best_fitness: float  # highest competition fitness in the archive
+    best_selection_mean: float  # highest mean selection score in the archive
     archive_sparsity: float
     eval_s: float  # the child's evaluation (its forward passes)
     prune_s: float  # pruning (includes a pruner's own calibration passes, e.g. Wanda's)
@@ -239,7 +240,11 @@ class NaturalNiches:
             next_id += 1
             # vars, not asdict: asdict deep-copies the D child scores every step (ms per step)
             logger.log({"event": "step", **vars(rec)}, step=step)
-            bar.set_postfix(best=f"{rec.best_fitness:.3f}", child_sp=f"{rec.child_sparsity:.3f}")
+            bar.set_postfix(
+                best_fitness=f"{rec.best_fitness:.3f}",
+                best_acc=f"{rec.best_selection_mean:.3f}",
+                child_sparsity=f"{rec.child_sparsity:.3f}",
+            )
             done = step + 1
             if write and ckpt and self.checkpoint_every and done % self.checkpoint_every == 0:
                 self._save(ckpt, done, next_id, archive, lineage, gen, noise_gen)
@@ -354,6 +359,7 @@ class NaturalNiches:
             slot=slot,
             replaced_id=replaced,
             best_fitness=float(fitness.max()),
+            best_selection_mean=float(archive.scores[archive.valid].mean(1).max()),
             archive_sparsity=float(archive.sparsity[archive.valid].mean()),
             eval_s=eval_s,
             prune_s=prune_s,

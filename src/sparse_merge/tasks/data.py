@@ -10,7 +10,7 @@ and the fixed, seeded, disjoint subsets a benchmark is made of.
 * a mapping ``{split: path or [paths]}``, e.g. ``{train: train.jsonl, test: test.jsonl}``.
 
 Local files are read directly (``.json`` holding a list of rows, a ``{"data": [...]}`` object
-or JSON lines; ``.jsonl``; ``.parquet``; ``.csv``). ``hf://`` and ``http(s)://`` paths go
+or JSON lines; ``.jsonl``; ``.parquet``; ``.csv``; ``.txt`` as one ``{"text": ...}`` row). ``hf://`` and ``http(s)://`` paths go
 through ``datasets.load_dataset``.
 
 Subsets: the held-out rows are drawn first from ``data_seed`` alone (the same across runs, so
@@ -32,7 +32,13 @@ from sparse_merge.tasks.base import Example, Task
 
 Row = dict[str, Any]
 DataFiles = str | Sequence[str] | Mapping[str, str | Sequence[str]] | None
-SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+SUFFIXES = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+}
 REMOTE = ("hf://", "http://", "https://")
 
 
@@ -67,6 +73,8 @@ def read_rows(path: str | Path) -> list[Row]:
 
         return pd.read_csv(path).to_dict(orient="records")
     text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":  # the whole file as one row
+        return [{"text": text}]
     try:
         data = json.loads(text)
     except json.JSONDecodeError:  # JSON lines (also what BFCL ships as ``.json``)

@@ -16,10 +16,15 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from sparse_merge.errors import check_positive
+from sparse_merge.errors import check_choice, check_positive
 from sparse_merge.tasks.base import Example
 from sparse_merge.tasks.data import DataFiles, DatasetBenchmark, Row
-from sparse_merge.tasks.generation import GenerationTask, render_chat, uses_chat_template
+from sparse_merge.tasks.generation import (
+    CHAT_MODES,
+    GenerationTask,
+    render_chat,
+    uses_chat_template,
+)
 from sparse_merge.tasks.sandbox import Sandbox, SandboxResult
 
 FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
@@ -145,6 +150,7 @@ class MBPP(DatasetBenchmark):
         check_positive("num_fewshot", num_fewshot, allow_zero=True)
         check_positive("max_new_tokens", max_new_tokens)
         check_positive("batch_size", batch_size)
+        check_choice("chat_template", chat_template, CHAT_MODES)
         super().__init__(
             data_files,
             selection_split,

@@ -1,0 +1,90 @@
+"""Pruning time per prunable layer for every pruner, on a random Llama built from a config.
+
+Each pruner prunes a fresh copy of the same model to 50 % (2:4 for the N:M rows) with the same
+calibration batch; the time covers everything the pruner does (calibration forward passes,
+statistics, scores, masks, weight updates). On CUDA the model is larger and timings are
+synchronised.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sparse_merge.models.blocks import prunable_layers
+from sparse_merge.pruning.base import Calibration
+from sparse_merge.pruning.importance import RandomImportance, TaylorImportance
+from sparse_merge.pruning.magnitude import MagnitudePruner
+from sparse_merge.pruning.scored import ScorePruner
+from sparse_merge.pruning.sparsegpt import SparseGPTPruner
+from sparse_merge.pruning.sparsity import measure_sparsity
+from sparse_merge.pruning.wanda import WandaPruner
+
+
+def _setting() -> tuple[torch.device, dict, int, int]:
+    if torch.cuda.is_available():
+        arch = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4)
+        return torch.device("cuda"), arch, 64, 512
+    arch = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2)
+    return torch.device("cpu"), arch, 16, 128
+
+
+def _pruners() -> dict[str, tuple[object, float]]:
+    return {
+        "magnitude": (MagnitudePruner(), 0.5),
+        "random": (ScorePruner(RandomImportance(seed=0), "layer"), 0.5),
+        "wanda": (WandaPruner(n_calibration=1024), 0.5),
+        "wanda 2:4": (WandaPruner(n_calibration=1024, nm="2:4"), 0.5),
+        "taylor": (ScorePruner(TaylorImportance(n_batches=1024, batch_size=8), "row"), 0.5),
+        "structured (heads)": (
+            ScorePruner(TaylorImportance(n_batches=1024, batch_size=8), "head"),
+            0.5,
+        ),
+        "sparsegpt": (SparseGPTPruner(n_calibration=1024), 0.5),
+        "sparsegpt 2:4": (SparseGPTPruner(n_calibration=1024, nm="2:4"), 0.5),
+    }
+
+
+def run() -> list[dict]:
+    """One row per pruner: total seconds, milliseconds per prunable layer, achieved sparsity."""
+    device, arch, n_seq, seq_len = _setting()
+    config = LlamaConfig(
+        vocab_size=1024,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=seq_len,
+        **arch,
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (n_seq, seq_len), generator=g)
+    calib = Calibration(ids, torch.ones_like(ids))
+    n_layers = len(prunable_layers(base))
+    rows = []
+    for name, (pruner, sparsity) in _pruners().items():
+        model = copy.deepcopy(base)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        pruner.prune(model, calib, sparsity)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        rows.append(
+            {
+                "pruner": name,
+                "device": device.type,
+                "hidden": arch["hidden_size"],
+                "layers": n_layers,
+                "calib_tokens": n_seq * seq_len,
+                "total_s": round(seconds, 3),
+                "ms_per_layer": round(1000 * seconds / n_layers, 2),
+                "sparsity": round(measure_sparsity(model).overall, 4),
+            }
+        )
+        del model
+    return rows

@@ -1,0 +1,185 @@
+"""Fine-tuning pipeline: prune (or load masks, ``lora.mask_path``), evaluate, train an adapter,
+merge, validate that the merged weights keep the mask (``mask_report.json``), evaluate again,
+save the merged model, the adapter and the masks.
+
+Runs on one process or data parallel under ``accelerate launch``; only the main process
+evaluates and writes files, the others train and wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from torch import nn
+
+from sparse_merge.errors import ConfigError
+from sparse_merge.finetune.adapter import Adapter, count_parameters
+from sparse_merge.finetune.settings import FinetuneSettings
+from sparse_merge.finetune.trainer import Trainer
+from sparse_merge.hardware import Hardware
+from sparse_merge.models.hf import load_causal_lm, load_tokenizer, save_causal_lm
+from sparse_merge.models.source import ModelSource
+from sparse_merge.pruning.base import Calibration, Masks, Pruner
+from sparse_merge.pruning.mask_io import MASKS_FILE, apply_masks, load_masks, model_hash, save_masks
+from sparse_merge.pruning.sparsity import measure_sparsity
+from sparse_merge.pruning.validate import validate_masks, write_report
+from sparse_merge.tasks.suite import TaskSuite
+from sparse_merge.tracking.io import write_json
+from sparse_merge.tracking.logger import RunLogger
+from sparse_merge.tracking.report import format_table
+
+log = logging.getLogger("sparse_merge")
+
+
+def _masks_from_file(path: str | None) -> tuple[Masks | None, dict]:
+    """Masks and metadata saved by ``save_masks`` (``lora.mask_path``), or (None, {})."""
+    if not path:
+        return None, {}
+    if not (Path(path) / MASKS_FILE).exists():
+        raise ConfigError("lora.mask_path", path, f"a directory holding {MASKS_FILE}")
+    return load_masks(path)
+
+
+def _mask_metadata(pruner: Pruner, model: nn.Module, source, start: str, sparsity: float) -> dict:
+    """Where masks computed in this run come from (saved with them)."""
+    importance = getattr(pruner, "importance", None)
+    return {
+        "method": type(pruner).__name__,
+        "importance": getattr(importance, "name", None) or type(pruner).__name__,
+        "sparsity": sparsity,
+        "granularity": getattr(pruner, "granularity", None),
+        "nm": str(getattr(pruner, "nm", None)),
+        "model": f"{getattr(source, 'name', 'model')}/{start}",
+        "source_hash": model_hash(model),
+    }
+
+
+def _start_model(source: ModelSource, start: str):
+    if start == "base":
+        return source.base()
+    parents = source.parents()
+    if start not in parents:
+        raise ConfigError("finetune.start", start, "'base' or one of " + ", ".join(parents))
+    return parents[start]
+
+
+def run_finetune(
+    source: ModelSource,
+    tasks: TaskSuite,
+    pruner: Pruner | None,
+    adapter: Adapter,
+    hardware: Hardware,
+    logger: RunLogger,
+    settings: FinetuneSettings,
+    *,
+    seed: int,
+    sparsity: float,
+    run_dir: Path,
+    save_models: bool = True,
+    resume: bool = False,
+) -> float | None:
+    """Fine-tune the source's ``settings.start`` model with ``adapter`` on ``tasks``' training
+    split; returns the mean held-out score of the merged model (None on non-main processes)."""
+    began = time.perf_counter()
+    trainer = Trainer(settings, hardware, logger, seed, checkpoint_dir=run_dir / "checkpoints")
+    main = trainer.is_main_process
+    masks, mask_meta = _masks_from_file(adapter.mask_path)
+    path = _start_model(source, settings.start)
+    tokenizer = load_tokenizer(source.tokenizer())
+    model = load_causal_lm(path, hardware.torch_device, hardware.torch_dtype)
+
+    calib: Calibration | None = None
+    uses_calib = getattr(adapter, "uses_calibration", False)  # lora=row_sparse scores rows on it
+    if pruner is not None or uses_calib:
+        per_task = math.ceil(settings.n_calib / len(tasks.names)) if settings.n_calib else 0
+        calib = (
+            Calibration.from_examples(tokenizer, tasks.train_examples(per_task, seed + 7919))
+            if per_task
+            else None
+        )
+    if masks is not None:
+        apply_masks(model, masks)
+    elif pruner is not None:
+        mask_meta = _mask_metadata(pruner, model, source, settings.start, sparsity)
+        masks = pruner.prune(model, calib, sparsity)
+    pruned_sparsity = measure_sparsity(model).overall
+
+    before = tasks.evaluate_heldout(model, tokenizer) if main else {}
+    if main:
+        logger.log({"event": "pruned", "sparsity": pruned_sparsity, **before}, console=True)
+
+    per_task = settings.n_train or math.ceil(trainer.examples_needed() / len(tasks.names))
+    examples = tasks.train_examples(per_task, seed)
+    wrapped = adapter.wrap(model, masks, calib=calib) if uses_calib else adapter.wrap(model, masks)
+    trainable = count_parameters(wrapped)
+    result = trainer.train(wrapped, tokenizer, examples, resume=resume)
+    inner = trainer.unwrap(wrapped)
+
+    metric = None
+    if main:
+        if save_models:
+            adapter.save(inner, run_dir / "adapter")
+            if masks is not None:
+                save_masks(run_dir / "masks", masks, mask_meta)
+        merged = adapter.merge(inner)
+        report = validate_masks(merged, masks) if masks is not None else None
+        if report is not None:
+            write_report(run_dir / "mask_report.json", report)
+        after = tasks.evaluate_heldout(merged, tokenizer)
+        achieved = measure_sparsity(merged).overall
+        rows = [
+            {"model": "pruned", **before, "sparsity": pruned_sparsity},
+            {"model": f"tuned ({adapter.name})", **after, "sparsity": achieved},
+        ]
+        print("\n" + format_table(rows, ["model", *tasks.names, "mean", "sparsity"]) + "\n")
+        metrics = {
+            "accuracy": after["mean"],
+            "accuracy_before": before["mean"],
+            **{f"accuracy/{k}": v for k, v in after.items() if k != "mean"},
+            **{f"accuracy_before/{k}": v for k, v in before.items() if k != "mean"},
+            "loss": result.final_loss,
+            "throughput": result.samples_per_s,
+            "tokens_per_s": result.tokens_per_s,
+            "peak_memory_mb": result.peak_memory_mb,
+            "train_seconds": result.seconds,
+            "wall_seconds": time.perf_counter() - began,
+            "sparsity": achieved,
+            "sparsity_before": pruned_sparsity,
+            "masked_nonzeros": report["nonzero_masked"] if report else 0,
+            "trainable_params": trainable,
+            "steps": result.steps,
+            "processes": trainer.accelerator.num_processes,
+            "method": adapter.name,
+        }
+        write_json(run_dir / "results.json", {"seed": seed, "target_sparsity": sparsity, **metrics})
+        logger.log({"event": "finetuned", **metrics}, console=True)
+        logger.summary(metrics)
+        if save_models:
+            out = save_causal_lm(merged, run_dir / "models" / "finetuned", tokenizer)
+            log.info("saved the merged model to %s", out)
+        metric = float(after["mean"])
+    trainer.accelerator.wait_for_everyone()
+    return metric
+
+
+def run(cfg, parts: dict, run_dir: Path) -> float | None:
+    """Pipeline entry (``pipeline: finetune``)."""
+    settings = FinetuneSettings(**OmegaConf.to_container(cfg.finetune, resolve=True))
+    return run_finetune(
+        parts["model"],
+        parts["task"],
+        parts["pruner"],
+        parts["lora"],
+        parts["hardware"],
+        parts["logger"],
+        settings,
+        seed=cfg.seed,
+        sparsity=cfg.sparsity,
+        run_dir=run_dir,
+        save_models=cfg.save_models,
+        resume=cfg.resume,
+    )

@@ -1,0 +1,167 @@
+"""GSM8K: grade-school maths word problems; 1 when the final number matches.
+
+Rows as in ``openai/gsm8k`` (``main``): ``question`` and ``answer`` (a worked solution ending in
+``#### <number>``). Prompt: ``num_fewshot`` worked exemplars from the training split (fixed by
+``data_seed``), then the question: plain ``Question: ...\\nAnswer:`` text, or chat turns through
+the tokenizer's chat template when it has one (``chat_template``). Greedy generation stops at
+the next ``Question:``. The prediction is the number after ``####`` when the completion has one,
+else its last number; both sides are compared as numbers (``1,000`` = ``1000.00``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
+
+from transformers import PreTrainedTokenizerBase
+
+from sparse_merge.errors import check_choice, check_positive
+from sparse_merge.tasks.base import Example
+from sparse_merge.tasks.data import DataFiles, DatasetBenchmark, Row
+from sparse_merge.tasks.generation import (
+    CHAT_MODES,
+    GenerationTask,
+    render_chat,
+    uses_chat_template,
+)
+
+NUMBER = re.compile(r"-?[$]?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+FINAL = re.compile(r"####\s*(" + NUMBER.pattern + ")")
+
+
+def normalize_number(text: str) -> Decimal | None:
+    """``text`` as a number (commas, ``$`` and a trailing ``.`` ignored), or ``None``."""
+    cleaned = text.replace(",", "").replace("$", "").rstrip(".")
+    try:
+        return Decimal(cleaned)
+    except InvalidOperation:
+        return None
+
+
+def extract_answer(completion: str) -> Decimal | None:
+    """The number after ``####`` if the completion has one, else its last number."""
+    final = FINAL.search(completion)
+    if final:
+        return normalize_number(final.group(1))
+    numbers = NUMBER.findall(completion)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def gold_answer(row: Row) -> Decimal:
+    """The reference number of a row (after ``####``)."""
+    value = extract_answer("#### " + row["answer"].split("####")[-1].strip())
+    if value is None:
+        raise ValueError(f"GSM8K row without a final '#### <number>': {row['answer'][-80:]!r}")
+    return value
+
+
+def solution(row: Row) -> str:
+    """A row's worked solution with its ``#### <number>`` line."""
+    return row["answer"].strip()
+
+
+class GSM8KTask(GenerationTask):
+    """GSM8K rows scored by exact numeric match of the extracted final answer."""
+
+    def __init__(
+        self,
+        name: str,
+        rows: Sequence[Row],
+        fewshot: Sequence[Row],
+        chat_template: str = "auto",
+        max_new_tokens: int = 256,
+        batch_size: int = 32,
+    ) -> None:
+        self.name, self.rows, self.shots = name, list(rows), list(fewshot)
+        self.chat_template = chat_template
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.stop: tuple[str, ...] = ("\n\nQuestion:", "Question:")
+        self.golds = [gold_answer(r) for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def prompt(self, tokenizer: PreTrainedTokenizerBase, row: Row) -> str:
+        """The few-shot prompt for one row."""
+        if uses_chat_template(tokenizer, self.chat_template):
+            messages = []
+            for shot in self.shots:
+                messages.append({"role": "user", "content": shot["question"]})
+                messages.append({"role": "assistant", "content": solution(shot)})
+            messages.append({"role": "user", "content": row["question"]})
+            return render_chat(tokenizer, messages)
+        shots = "".join(f"Question: {s['question']}\nAnswer: {solution(s)}\n\n" for s in self.shots)
+        return f"{shots}Question: {row['question']}\nAnswer:"
+
+    def prompts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """One prompt per row."""
+        return [self.prompt(tokenizer, row) for row in self.rows]
+
+    def judge(self, predictions: list[str]) -> list[float]:
+        """1.0 where the extracted number equals the reference."""
+        return [float(extract_answer(p) == g) for p, g in zip(predictions, self.golds)]
+
+
+class GSM8K(DatasetBenchmark):
+    """GSM8K (``openai/gsm8k``, ``main``): selection and training rows from ``train`` (disjoint),
+    held-out rows from ``test``."""
+
+    name = "gsm8k"
+    hub_path = "openai/gsm8k"
+    hub_name = "main"
+
+    def __init__(
+        self,
+        data_files: DataFiles = None,
+        selection_split: str = "train",
+        heldout_split: str = "test",
+        train_split: str = "train",
+        n_select: int | None = 100,
+        n_heldout: int | None = 500,
+        num_fewshot: int = 5,
+        chat_template: str = "auto",
+        max_new_tokens: int = 256,
+        batch_size: int = 32,
+        data_seed: int = 0,
+        selection_seed: int = 0,
+        hub_path: str | None = None,
+        hub_name: str | None = None,
+    ) -> None:
+        check_positive("num_fewshot", num_fewshot, allow_zero=True)
+        check_positive("max_new_tokens", max_new_tokens)
+        check_positive("batch_size", batch_size)
+        check_choice("chat_template", chat_template, CHAT_MODES)
+        super().__init__(
+            data_files,
+            selection_split,
+            heldout_split,
+            train_split,
+            n_select,
+            n_heldout,
+            data_seed,
+            selection_seed,
+            hub_path,
+            hub_name,
+        )
+        self.num_fewshot, self.chat_template = num_fewshot, chat_template
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def key(self, row: Row) -> str:
+        """The question text."""
+        return row["question"].strip()
+
+    def example(self, row: Row) -> Example:
+        """``Question: ...\\nAnswer:`` and the worked solution."""
+        return Example(f"Question: {row['question']}\nAnswer:", " " + solution(row))
+
+    def make_task(self, name: str, rows: list[Row]) -> GSM8KTask:
+        """A ``GSM8KTask`` over ``rows`` with this benchmark's exemplars."""
+        return GSM8KTask(
+            name,
+            rows,
+            self.fewshot(self.num_fewshot),
+            self.chat_template,
+            self.max_new_tokens,
+            self.batch_size,
+        )

@@ -1,0 +1,50 @@
+"""Data parallel on CPU: ``accelerate launch`` with 2 processes (gloo) ends with identical
+weights in both processes, equal to one process training on the same global batch.
+
+``--multi_gpu`` only makes the launcher start the processes through torchrun; the trainer's
+``Accelerator(cpu=True)`` then joins them on the gloo backend, no GPU needed.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .ddp_worker import train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _launch(out: Path) -> subprocess.CompletedProcess:
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate is not None, "the accelerate CLI is installed next to python"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    cmd += [str(Path(__file__).with_name("ddp_worker.py")), str(out)]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow  # two fresh Python processes importing torch/transformers: ~15-30 s
+def test_two_cpu_processes_end_with_identical_weights(tmp_path):
+    proc = _launch(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{k}.pt") for k in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    a, b = ranks[0]["weights"], ranks[1]["weights"]
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+    # the same 4 steps in one process on the same global batch (2 x 4 examples)
+    threads = torch.get_num_threads()
+    try:
+        single, _ = train(batch_size=8)
+    finally:
+        torch.set_num_threads(threads)
+    assert a.keys() == single.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], single[n], rtol=1e-3, atol=1e-5)
+    assert any(not torch.equal(single[n], torch.zeros_like(single[n])) for n in a if "lora_B" in n)

@@ -1,0 +1,96 @@
+"""Every benchmark works in the merge pipeline by switching ``task=`` (local fixture files)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sparse_merge.app import execute
+
+from ..conftest import compose_cfg
+from .conftest import FIXTURES
+
+SMALL_MODEL = [  # the smoke experiment's tiny toy parents
+    "model.name=toy-llama-smoke",
+    "model.arch={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+    "num_attention_heads: 4, num_key_value_heads: 2}",
+    "model.base_steps=30",
+    "model.child_steps=20",
+    "model.batch_size=16",
+]
+OPTIONS = {
+    "gsm8k": [
+        f"task.tasks.gsm8k.data_files={{train: {FIXTURES}/gsm8k_train.jsonl, test: {FIXTURES}/gsm8k_test.jsonl}}",
+        "task.tasks.gsm8k.n_select=3",
+        "task.tasks.gsm8k.n_heldout=2",
+        "task.tasks.gsm8k.num_fewshot=1",
+        "task.tasks.gsm8k.max_new_tokens=4",
+    ],
+    "mbpp": [
+        f"task.tasks.mbpp.data_files={FIXTURES}/mbpp.jsonl",
+        "task.tasks.mbpp.n_select=2",
+        "task.tasks.mbpp.n_heldout=2",
+        "task.tasks.mbpp.num_fewshot=1",
+        "task.tasks.mbpp.max_new_tokens=4",
+    ],
+    "boolq": [
+        f"task.tasks.boolq.data_files={{train: {FIXTURES}/boolq_train.parquet, validation: {FIXTURES}/boolq_validation.parquet}}",
+        "task.tasks.boolq.n_select=3",
+        "task.tasks.boolq.n_heldout=2",
+    ],
+    "hellaswag": [
+        f"task.tasks.hellaswag.data_files={FIXTURES}/hellaswag.jsonl",
+        "task.tasks.hellaswag.n_select=3",
+        "task.tasks.hellaswag.n_heldout=2",
+    ],
+    "bfcl": [
+        f"task.tasks.bfcl.questions={FIXTURES}/bfcl_simple.json",
+        f"task.tasks.bfcl.answers={FIXTURES}/bfcl_simple_answers.json",
+        "task.tasks.bfcl.n_select=2",
+        "task.tasks.bfcl.n_heldout=2",
+        "task.tasks.bfcl.max_new_tokens=4",
+    ],
+    "perplexity": [
+        f"task.tasks.perplexity.data_files={FIXTURES}/corpus.txt",
+        "task.tasks.perplexity.chunk_chars=100",
+        "task.tasks.perplexity.n_select=3",
+        "task.tasks.perplexity.n_heldout=2",
+    ],
+}
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_merge_pipeline_runs_with_the_task(option, tmp_path):
+    cfg = compose_cfg(
+        [f"task={option}", *SMALL_MODEL, *OPTIONS[option], "save_models=false"], tmp_path
+    )
+    metric = execute(cfg)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(results["models"]) >= 3  # both parents and the merged model
+    for row in results["models"]:
+        assert 0.0 <= row[option] <= 1.0 and row["mean"] == pytest.approx(row[option])
+    assert metric == pytest.approx(results["models"][-1]["mean"])
+
+
+@pytest.mark.parametrize("option", ["boolq", "gsm8k", "perplexity"])
+def test_finetune_pipeline_runs_with_the_task(option, tmp_path):
+    from omegaconf import open_dict
+
+    # long enough for every fixture example: a longer one loses its answer to truncation
+    overrides = [
+        "experiment=finetune_smoke",
+        f"task={option}",
+        *OPTIONS[option],
+        "finetune.max_length=512",
+    ]
+    cfg = compose_cfg([*overrides, "save_models=false", "hardware.num_threads=1"], tmp_path)
+    with open_dict(cfg):  # the smoke experiment sizes the toy tasks, which are not in this suite
+        for toy in ("addition", "reversal"):
+            cfg.task.tasks.pop(toy, None)
+    execute(cfg)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    for key in (f"accuracy/{option}", f"accuracy_before/{option}"):
+        assert 0.0 <= results[key] <= 1.0
+    assert math.isfinite(results["loss"])
