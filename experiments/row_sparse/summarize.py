@@ -51,6 +51,10 @@ def summarize(root: str | Path) -> pd.DataFrame:
     return table.reset_index().sort_values("method")
 
 
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.3f} ± {0 if pd.isna(std) else std:.3f}"
+
+
 def markdown(table: pd.DataFrame) -> str:
     """The table as markdown, mean ± std."""
     lines = [
@@ -58,11 +62,10 @@ def markdown(table: pd.DataFrame) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table.itertuples():
-        pm = lambda m, s: f"{m:.3f} ± {0 if pd.isna(s) else s:.3f}"  # noqa: E731
         lines.append(
-            f"| {r.method} | {r.n} | {pm(r.accuracy, r.accuracy_std)} | "
-            f"{pm(r.addition, r.addition_std)} | {pm(r.reversal, r.reversal_std)} | "
-            f"{pm(r.loss, r.loss_std)} | {int(r.trainable)} | {r.step_ms:.0f} | {r.peak_mb:.0f} |"
+            f"| {r.method} | {r.n} | {_pm(r.accuracy, r.accuracy_std)} | "
+            f"{_pm(r.addition, r.addition_std)} | {_pm(r.reversal, r.reversal_std)} | "
+            f"{_pm(r.loss, r.loss_std)} | {int(r.trainable)} | {r.step_ms:.0f} | {r.peak_mb:.0f} |"
         )
     return "\n".join(lines)
 
