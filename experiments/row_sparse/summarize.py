@@ -20,7 +20,7 @@ from sparse_merge.tracking.io import write_atomic
 
 def _method(overrides: str, shared: set[str]) -> str:
     keep = [o for o in overrides.split() if o not in shared and not o.startswith("seed=")]
-    return " ".join(keep)
+    return " ".join(sorted(keep))
 
 
 def summarize(root: str | Path) -> pd.DataFrame:
