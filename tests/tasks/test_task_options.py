@@ -64,7 +64,8 @@ OPTIONS = {
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_merge_pipeline_runs_with_the_task(option, tmp_path):
     cfg = compose_cfg(
-        [f"task={option}", *SMALL_MODEL, *OPTIONS[option], "save_models=false"], tmp_path
+        [f"task={option}", *SMALL_MODEL, *OPTIONS[option], "evolver=one_shot", "save_models=false"],
+        tmp_path,
     )
     metric = execute(cfg)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
