@@ -124,3 +124,10 @@ def test_cli_lists_failed_runs(sweep):
     assert proc.returncode == 0, proc.stderr
     assert "10 runs: 8 finished, 2 failed or unfinished" in proc.stdout
     assert "boom" in proc.stdout
+
+
+def test_heatmap_table_has_one_row_per_method(sweep):
+    analyze(sweep)
+    table = pd.read_csv(sweep / "analysis" / "accuracy_by_method.csv", index_col="method")
+    assert list(table.index) == ["pruner=magnitude", "pruner=wanda"]
+    assert table.loc["pruner=wanda", "0.5"] == pytest.approx(0.6)

@@ -43,8 +43,9 @@ def _masked_nonzeros(model, masks):
     return sum(int((params[n][~m] != 0).sum()) for n, m in masks.items())
 
 
+@pytest.mark.parametrize("mask_given", [True, False])
 @pytest.mark.parametrize("weighted", [True, False])
-def test_fused_layer_gradients_match_autograd(weighted):
+def test_fused_layer_gradients_match_autograd(weighted, mask_given):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 12, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(10, 12, generator=gen, dtype=torch.float64)
@@ -53,9 +54,8 @@ def test_fused_layer_gradients_match_autograd(weighted):
     a = torch.randn(4, 12, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(10, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     dy = torch.randn(3, 5, 10, generator=gen, dtype=torch.float64)
-    base = w if weighted else None
-
-    y = masked_lora_linear(x, base, a, b, mask, 0.7)
+    given = mask if mask_given else None  # None: the mask is read off the weight's zeros
+    y = masked_lora_linear(x, w, a, b, given, 0.7, with_base=weighted)
     grads = torch.autograd.grad(y, (x, a, b), dy)
     ref_w = ((w if weighted else 0) + 0.7 * (b @ a)) * mask
     y_ref = F.linear(x, ref_w)
@@ -120,7 +120,7 @@ def test_sparse_to_dense_merge_formula(pruned):
     layer = next(m for m in wrapped.modules() if isinstance(m, MaskedLoraLinear))
     w0 = layer.get_base_layer().weight.detach().clone()
     a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
-    expected = (w0 + (b @ a) * adapter.scaling) * layer.keep_mask
+    expected = (w0 + (b @ a) * adapter.scaling) * layer.keep()
     adapter.merge(wrapped)
     torch.testing.assert_close(layer.get_base_layer().weight, expected, rtol=0, atol=1e-6)
 
@@ -194,3 +194,58 @@ def test_adapter_saved_in_peft_format(pruned, tmp_path):
 def test_masked_mode_without_masks_fails(tiny_llama):
     with pytest.raises(ValueError, match="needs masks"):
         LoraAdapter(mode="sparse_to_dense").wrap(tiny_llama, None)
+
+
+def test_fused_layer_under_bf16_autocast():
+    """Mixed precision: the matmuls run in bf16, the fp32 adapter weights get fp32 gradients
+    close to the fp32 ones."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 16, generator=gen)
+    mask = torch.rand(12, 16, generator=gen) > 0.5
+    w = torch.randn(12, 16, generator=gen) * mask
+    a = torch.randn(4, 16, generator=gen).requires_grad_()
+    b = torch.randn(12, 4, generator=gen).requires_grad_()
+    ref = masked_lora_linear(x, w, a, b, mask, 0.5)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (a, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = masked_lora_linear(x, w, a, b, mask, 0.5)
+    assert y.dtype == torch.bfloat16
+    grads = torch.autograd.grad(y.float().square().sum(), (a, b))
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32]
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.3)
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).norm() < 0.05 * r.norm()
+
+
+def test_masks_equal_to_the_zero_pattern_are_not_stored(pruned):
+    """The usual case costs no mask memory; a kept weight that is exactly zero makes the layer
+    keep its mask, and that weight may then grow (it is kept, not pruned)."""
+    model, masks = pruned
+    name = "model.layers.0.mlp.up_proj.weight"
+    masks = dict(masks)
+    with torch.no_grad():
+        weight = dict(model.named_parameters())[name]
+        kept = masks[name].nonzero()[0]
+        weight[tuple(kept)] = 0.0  # a kept weight that happens to be zero
+    adapter, wrapped = _wrap(model, masks, "sparse_to_sparse")
+    layers = {
+        n.removeprefix("base_model.model.") + ".weight": m
+        for n, m in wrapped.named_modules()
+        if isinstance(m, MaskedLoraLinear)
+    }
+    assert layers[name].mask_source == "buffer" and layers[name].keep_mask is not None
+    others = [m for n, m in layers.items() if n != name]
+    assert all(m.mask_source == "weight" and m.keep_mask is None for m in others)
+    merged = adapter.merge(wrapped)
+    assert _masked_nonzeros(merged, masks) == 0
+    assert dict(merged.named_parameters())[name][tuple(kept)] != 0
+
+
+def test_mask_must_match_a_pruned_weight(tiny_llama):
+    masks = {
+        layer_name: torch.zeros_like(p, dtype=torch.bool)
+        for layer_name, p in tiny_llama.named_parameters()
+        if layer_name.endswith("q_proj.weight")
+    }
+    with pytest.raises(ValueError, match="not zero where the mask is False"):
+        LoraAdapter(mode="sparse_to_sparse", target_modules=["q_proj"]).wrap(tiny_llama, masks)

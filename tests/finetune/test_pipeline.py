@@ -39,7 +39,7 @@ def test_masked_modes_keep_every_masked_weight_zero(runs, mode):
     run_dir, metric = runs[mode]
     results = json.loads((run_dir / "results.json").read_text())
     report = json.loads((run_dir / "mask_report.json").read_text())
-    assert results["masked_nonzeros"] == 0 and report["ok"] and report["masked_nonzeros"] == 0
+    assert results["masked_nonzeros"] == 0 and report["ok"] and report["nonzero_masked"] == 0
     assert report["masked"] > 0 and len(report["layers"]) == 14  # 7 linears x 2 blocks
     assert results["sparsity"] == pytest.approx(0.5, abs=0.005)
     assert results["method"] == mode and metric == results["accuracy"]
@@ -49,8 +49,8 @@ def test_dense_baseline_reports_the_zeros_it_broke(runs):
     run_dir, _ = runs["dense"]
     results = json.loads((run_dir / "results.json").read_text())
     report = json.loads((run_dir / "mask_report.json").read_text())
-    assert report["masked_nonzeros"] > 0.9 * report["masked"] and not report["ok"]
-    assert results["masked_nonzeros"] == report["masked_nonzeros"]
+    assert report["nonzero_masked"] > 0.9 * report["masked"] and not report["ok"]
+    assert results["masked_nonzeros"] == report["nonzero_masked"]
     assert results["sparsity"] < 0.05 and results["sparsity_before"] == pytest.approx(
         0.5, abs=0.005
     )
@@ -88,3 +88,27 @@ def test_finetune_keys_are_typed_and_checked(tmp_path):
     with pytest.raises(ConfigError) as err:
         execute(cfg)
     assert err.value.key == "finetune.warmup"
+
+
+def test_masks_saved_and_reused_through_mask_path(runs, tmp_path):
+    from sparse_merge.pruning.mask_io import load_masks
+
+    first, _ = runs["sparse_to_sparse"]
+    saved, meta = load_masks(first / "masks")
+    assert meta["method"] == "magnitude" and meta["sparsity"] == 0.5
+    assert len(saved) == 14 and all(m.dtype == torch.bool for m in saved.values())
+    overrides = ["experiment=finetune_smoke", "lora.mode=sparse_to_sparse", "save_models=false"]
+    cfg = compose_cfg([*overrides, f"lora.mask_path={first / 'masks'}", "sparsity=0.3"], tmp_path)
+    execute(cfg)  # the mask file wins over pruning at sparsity=0.3
+    report = json.loads((tmp_path / "run" / "mask_report.json").read_text())
+    assert report["ok"] and report["mask_sparsity"] == pytest.approx(0.5, abs=0.005)
+    assert report["masked"] == sum(int((~m).sum()) for m in saved.values())
+
+
+def test_missing_mask_path_is_a_config_error(tmp_path):
+    from sparse_merge.errors import ConfigError
+
+    cfg = compose_cfg(["experiment=finetune_smoke", f"lora.mask_path={tmp_path}/nope"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        execute(cfg)
+    assert err.value.key == "lora.mask_path"

@@ -69,3 +69,10 @@ def test_chat_template_when_the_tokenizer_has_one(gsm8k, chat_tokenizer):
 def test_runs_on_the_toy_model(gsm8k, tiny_llama, tokenizer):
     scores = gsm8k.selection.score(tiny_llama, tokenizer)
     assert scores.shape == (3,) and set(scores.tolist()) <= {0.0, 1.0}
+
+
+def test_splits_expose_prompt_answer_examples(gsm8k):
+    task = gsm8k.heldout
+    assert len(task.examples) == len(task) == 4
+    assert task.examples[0].prompt == f"Question: {task.rows[0]['question']}\nAnswer:"
+    assert task.examples[0].answer.endswith("#### 18")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -71,3 +72,48 @@ def test_merge_pipeline_runs_with_the_task(option, tmp_path):
     for row in results["models"]:
         assert 0.0 <= row[option] <= 1.0 and row["mean"] == pytest.approx(row[option])
     assert metric == pytest.approx(results["models"][-1]["mean"])
+
+
+@pytest.mark.parametrize("option", ["boolq", "gsm8k", "perplexity"])
+def test_finetune_pipeline_runs_with_the_task(option, tmp_path):
+    from omegaconf import open_dict
+
+    # long enough for every fixture example: a longer one loses its answer to truncation
+    overrides = [
+        "experiment=finetune_smoke",
+        f"task={option}",
+        *OPTIONS[option],
+        "finetune.max_length=512",
+    ]
+    cfg = compose_cfg([*overrides, "save_models=false", "hardware.num_threads=1"], tmp_path)
+    with open_dict(cfg):  # the smoke experiment sizes the toy tasks, which are not in this suite
+        for toy in ("addition", "reversal"):
+            cfg.task.tasks.pop(toy, None)
+    execute(cfg)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    for key in (f"accuracy/{option}", f"accuracy_before/{option}"):
+        assert 0.0 <= results[key] <= 1.0
+    assert math.isfinite(results["loss"])
+
+
+def test_evaluate_pipeline_keeps_per_datapoint_scores(tmp_path):
+    cfg = compose_cfg(
+        ["pipeline=evaluate", "task=math_code", *SMALL_MODEL, *OPTIONS["gsm8k"], *OPTIONS["mbpp"]],
+        tmp_path,
+    )
+    metric = execute(cfg)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    scores = json.loads((tmp_path / "run" / "scores.json").read_text())
+    assert [r["model"] for r in results["models"]] == ["base", "math", "code"]
+    for row in results["models"]:
+        per = scores[row["model"]]
+        assert len(per["gsm8k"]) == 2 and len(per["mbpp"]) == 2
+        assert row["gsm8k"] == pytest.approx(sum(per["gsm8k"]) / 2)
+        assert row["mean"] == pytest.approx((row["gsm8k"] + row["mbpp"]) / 2)
+    assert metric == pytest.approx(results["models"][0]["mean"])
+
+
+def test_masks_pipeline_runs_with_the_task(tmp_path):
+    overrides = ["experiment=masks", "task=boolq", *SMALL_MODEL, *OPTIONS["boolq"]]
+    cfg = compose_cfg([*overrides, "masks.n_calibration=8", "masks.plots=false"], tmp_path)
+    assert math.isfinite(execute(cfg))

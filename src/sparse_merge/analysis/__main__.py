@@ -9,7 +9,12 @@ import pandas as pd
 
 from sparse_merge.analysis.collect import collect
 from sparse_merge.analysis.plots import archive_scatter, heatmap, metric_vs_sparsity
-from sparse_merge.analysis.tables import add_method, grouped_summary, sparsity_vs_performance
+from sparse_merge.analysis.tables import (
+    add_method,
+    grouped_summary,
+    method_by_sparsity,
+    sparsity_vs_performance,
+)
 from sparse_merge.tracking.io import write_atomic
 
 ARCHIVE_FILE = (
@@ -48,7 +53,12 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None) -> dict[str, P
         path = metric_vs_sparsity(grouped, metric, out / f"{metric}_vs_sparsity.png", label)
         if path:
             written[f"{metric}_vs_sparsity"] = path
-    if path := heatmap(add_method(grouped), "accuracy", out / "heatmap_accuracy.png"):
+    table = method_by_sparsity(grouped, "accuracy")
+    if not table.empty:
+        written["accuracy_by_method"] = write_atomic(
+            out / "accuracy_by_method.csv", lambda tmp: table.to_csv(tmp)
+        )
+    if path := heatmap(table, "accuracy", out / "heatmap_accuracy.png"):
         written["heatmap_accuracy"] = path
     archives = [
         pd.read_csv(sweep_dir / run / ARCHIVE_FILE).assign(method=method)

@@ -47,13 +47,10 @@ def metric_vs_sparsity(
     return out
 
 
-def heatmap(grouped: pd.DataFrame, metric: str, out: Path) -> Path | None:
-    """Method x sparsity heatmap of ``metric``'s mean."""
-    if f"{metric}_mean" not in grouped or grouped.empty:
+def heatmap(table: pd.DataFrame, metric: str, out: Path) -> Path | None:
+    """Heatmap of a method x sparsity table (``tables.method_by_sparsity``)."""
+    if table.empty:
         return None
-    table = grouped.pivot_table(
-        index="method", columns="sparsity", values=f"{metric}_mean", aggfunc="mean"
-    )
     fig, ax = plt.subplots(figsize=(1.0 + 0.8 * table.shape[1], 1.2 + 0.45 * table.shape[0]))
     im = ax.imshow(table.values, aspect="auto", cmap="viridis")
     ax.set_xticks(range(table.shape[1]), [f"{float(s):.2f}" for s in table.columns])

@@ -76,3 +76,12 @@ def sparsity_vs_performance(grouped: pd.DataFrame) -> pd.DataFrame:
         and not c.endswith("_count")
     ]
     return grouped[keep]
+
+
+def method_by_sparsity(grouped: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Method x target-sparsity table of ``metric``'s mean over seeds (what the heatmap shows)."""
+    if f"{metric}_mean" not in grouped:
+        return pd.DataFrame()
+    return grouped.pivot_table(
+        index="method", columns="sparsity", values=f"{metric}_mean", aggfunc="mean"
+    )

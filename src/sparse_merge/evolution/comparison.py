@@ -12,6 +12,7 @@ stopped. Jobs run in ``workers`` processes, each with ``threads`` torch threads.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -29,6 +30,8 @@ from sparse_merge.evolution.digits import DigitsProblem
 from sparse_merge.models.digits import DigitsParents
 from sparse_merge.tasks.digits import DigitsTask
 from sparse_merge.tracking.io import write_json
+
+log = logging.getLogger("sparse_merge")
 
 
 class Panel:
@@ -67,7 +70,8 @@ class Job:
 class Comparison:
     """Panels x methods x seeds (see module docstring).
 
-    ``paper`` holds reference numbers by ``panel -> method -> accuracy`` (shown next to ours),
+    ``run_missing=False`` runs nothing and reports the jobs whose files exist (e.g. while
+    other processes still run the rest). ``paper`` holds reference numbers by ``panel -> method -> accuracy`` (shown next to ours),
     ``notes`` short explanations by ``panel/method`` printed under the table.
     """
 
@@ -80,6 +84,7 @@ class Comparison:
         points: int = 200,
         results_dir: str | None = None,
         reuse: bool = True,
+        run_missing: bool = True,
         paper: dict[str, dict[str, float]] | None = None,
         notes: dict[str, str] | None = None,
     ) -> None:
@@ -94,18 +99,16 @@ class Comparison:
         self.points = int(check_positive("points", points))
         self.results_dir = results_dir
         self.reuse = bool(reuse)
+        self.run_missing = bool(run_missing)
         self.paper = {p: dict(m) for p, m in (paper or {}).items()}
         self.notes = dict(notes or {})
 
     def jobs(self) -> list[Job]:
-        """Every (panel, method, seed), seeds outermost: a comparison cut short has every
-        method for its first seeds."""
-        return [
-            Job(p, m, s)
-            for s in self.seeds
-            for p, panel in self.panels.items()
-            for m in panel.methods
-        ]
+        """Every (panel, method, seed): panels by increasing budget, then seeds, then methods,
+        so a comparison cut short has its cheap panels whole and every method for its first
+        seeds."""
+        panels = sorted(self.panels, key=lambda p: self.panels[p].budget)
+        return [Job(p, m, s) for p in panels for s in self.seeds for m in self.panels[p].methods]
 
     def grid(self, panel: str) -> list[int]:
         """The forward-pass counts every curve of ``panel`` is sampled at (0 included)."""
@@ -143,25 +146,39 @@ class Comparison:
         }
 
     def run(self, task: DigitsTask, out_dir: str | Path) -> list[dict[str, Any]]:
-        """Run the jobs missing under ``out_dir/runs`` and return every job's result."""
+        """Run the jobs missing under ``out_dir/runs`` and return every job's result (panels
+        and methods in config order)."""
         runs = Path(out_dir) / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         jobs = self.jobs()
         todo = [j for j in jobs if not (self.reuse and (runs / j.file).exists())]
+        todo = todo if self.run_missing else []
         bar = tqdm(total=len(todo), desc="comparison jobs")
         if self.workers == 1 or len(todo) <= 1:
             for job in todo:
-                write_json(runs / job.file, self.run_job(job, task))
+                self._run_to_file(job, task, runs)
                 bar.update()
         else:
             ctx = get_context("fork")  # the task's tensors are shared, not pickled per job
             with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_quiet) as pool:
-                futures = {pool.submit(self.run_job, job, task): job for job in todo}
+                futures = [pool.submit(self._run_to_file, job, task, runs) for job in todo]
                 for future in as_completed(futures):
-                    write_json(runs / futures[future].file, future.result())
+                    future.result()
                     bar.update()
         bar.close()
-        return [json.loads((runs / j.file).read_text()) for j in jobs]
+        order = [
+            Job(p, m, s) for p, pl in self.panels.items() for m in pl.methods for s in self.seeds
+        ]
+        found = [j for j in order if (runs / j.file).exists()]
+        if not self.run_missing and len(found) < len(order):
+            log.warning("reporting %d of %d jobs (run_missing=false)", len(found), len(order))
+        return [json.loads((runs / j.file).read_text()) for j in found]  # in config order
+
+    def _run_to_file(self, job: Job, task: DigitsTask, runs: Path) -> None:
+        """Run ``job`` and write its file, unless another process wrote it meanwhile."""
+        if self.reuse and (runs / job.file).exists():
+            return
+        write_json(runs / job.file, self.run_job(job, task))
 
 
 def _quiet() -> None:

@@ -31,6 +31,7 @@ class MergeContext:
     calibration: Calibration | None = None
     scorer: SparsityAwareScorer | None = None  # archive scores -> selection weights (evolvers)
     resume: bool = False  # continue from the checkpoint in run_dir
+    is_main: bool = True  # the process that logs and writes files (multi-process runs)
     extra: dict[str, object] = field(default_factory=dict)
 
     def generator(self, offset: int = 0) -> torch.Generator:

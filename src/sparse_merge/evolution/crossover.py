@@ -14,14 +14,20 @@ CHUNK = 1 << 22  # elements per chunk, bounds temporaries for billion-parameter 
 EPS = 1e-7
 
 
+DOT_CHUNK = 1 << 20  # elements per BLAS dot: short float32 sums, accumulated in float64
+
+
 def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
-    """(a.b, |a|^2, |b|^2) in float64, chunked."""
+    """(a.b, |a|^2, |b|^2): float32 dots over chunks of ``DOT_CHUNK``, summed in float64
+    (half-precision genomes are upcast chunk by chunk)."""
     ab = aa = bb = 0.0
-    for s in range(0, a.numel(), CHUNK):
-        x, y = a[s : s + CHUNK].double(), b[s : s + CHUNK].double()
-        ab += float(x @ y)
-        aa += float(x @ x)
-        bb += float(y @ y)
+    for s in range(0, a.numel(), DOT_CHUNK):
+        x, y = a[s : s + DOT_CHUNK], b[s : s + DOT_CHUNK]
+        if x.dtype not in (torch.float32, torch.float64):
+            x, y = x.float(), y.float()
+        ab += float(torch.dot(x, y))
+        aa += float(torch.dot(x, x))
+        bb += float(torch.dot(y, y))
     return ab, aa, bb
 
 
@@ -52,11 +58,17 @@ def slerp_(
         cb = torch.tensor(t * omega, dtype=torch.float64).sin().item() / sin
         return ca, cb
 
+    into_b = out.data_ptr() == b.data_ptr()  # then scale b in place first, never read it after
     for lo, hi, t in ((0, split, w), (split, n, 1.0 - w)):
         ca, cb = coeffs(t)
         for s in range(lo, hi, CHUNK):
             e = min(s + CHUNK, hi)
-            torch.add(a[s:e] * ca, b[s:e], alpha=cb, out=out[s:e])
+            o = out[s:e]
+            if into_b:
+                o.mul_(cb).add_(a[s:e], alpha=ca)
+            else:  # out is a or a third buffer: no temporaries
+                torch.mul(a[s:e], ca, out=o)
+                o.add_(b[s:e], alpha=cb)
     return out
 
 

@@ -23,7 +23,7 @@ import csv
 import io
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +64,13 @@ class StepRecord:
     entered: bool
     slot: int | None
     replaced_id: int | None
-    best_fitness: float
+    best_fitness: float  # highest competition fitness in the archive
+    best_selection_mean: float  # highest mean selection score in the archive
     archive_sparsity: float
-    eval_s: float
-    step_s: float
+    eval_s: float  # the child's evaluation (its forward passes)
+    prune_s: float  # pruning (includes a pruner's own calibration passes, e.g. Wanda's)
+    crossover_s: float
+    step_s: float  # the whole step
 
 
 @dataclass
@@ -153,8 +156,9 @@ class NaturalNiches:
             seed=ctx.seed,
             target=ctx.sparsity if ctx.pruner is not None else 0.0,
             run_dir=ctx.run_dir,
-            logger=ctx.logger,
+            logger=ctx.logger if ctx.is_main else None,
             resume=ctx.resume,
+            write=ctx.is_main,
         )
         ctx.extra["evolution"] = result
         ctx.extra["archive_rows"] = result.rows
@@ -185,8 +189,13 @@ class NaturalNiches:
         run_dir: str | Path | None = None,
         logger: RunLogger | None = None,
         resume: bool = False,
+        write: bool = True,
     ) -> EvolutionResult:
-        """Run ``iterations`` steps (continuing a checkpoint in ``run_dir`` when ``resume``)."""
+        """Run ``iterations`` steps (continuing a checkpoint in ``run_dir`` when ``resume``).
+
+        ``write=False`` (the other processes of a multi-process run) reads a checkpoint to
+        resume but writes nothing and shows no progress bar.
+        """
         logger = logger or _null_logger()
         run_dir = Path(run_dir) if run_dir is not None else None
         schedule = self.schedule.bind(target) if hasattr(self.schedule, "bind") else self.schedule
@@ -208,7 +217,11 @@ class NaturalNiches:
 
         scratch = torch.empty_like(ws) if pruning and self.prune_target == "parents" else None
         bar = tqdm(
-            range(start, self.iterations), desc="evolution", initial=start, total=self.iterations
+            range(start, self.iterations),
+            desc="evolution",
+            initial=start,
+            total=self.iterations,
+            disable=not write,
         )
         for step in bar:
             rec = self._step(
@@ -225,14 +238,19 @@ class NaturalNiches:
                 noise_gen,
             )
             next_id += 1
-            logger.log({"event": "step", **asdict(rec)}, step=step)
-            bar.set_postfix(best=f"{rec.best_fitness:.3f}", child_sp=f"{rec.child_sparsity:.3f}")
+            # vars, not asdict: asdict deep-copies the D child scores every step (ms per step)
+            logger.log({"event": "step", **vars(rec)}, step=step)
+            bar.set_postfix(
+                best_fitness=f"{rec.best_fitness:.3f}",
+                best_acc=f"{rec.best_selection_mean:.3f}",
+                child_sparsity=f"{rec.child_sparsity:.3f}",
+            )
             done = step + 1
-            if ckpt is not None and self.checkpoint_every and done % self.checkpoint_every == 0:
+            if write and ckpt and self.checkpoint_every and done % self.checkpoint_every == 0:
                 self._save(ckpt, done, next_id, archive, lineage, gen, noise_gen)
-        if ckpt is not None:
+        if write and ckpt is not None:
             self._save(ckpt, max(start, self.iterations), next_id, archive, lineage, gen, noise_gen)
-        return self._finish(problem, scorer, archive, lineage, run_dir, logger)
+        return self._finish(problem, scorer, archive, lineage, run_dir if write else None, logger)
 
     def _seed_archive(
         self,
@@ -291,17 +309,23 @@ class NaturalNiches:
         )
         parent_ids = [int(archive.ids[p1]), int(archive.ids[p2])]  # before the child enters
         a, b = archive.genomes[p1], archive.genomes[p2]
+        prune_s = 0.0
         if pruning and self.prune_target == "parents" and sparsity > 0:
+            t = time.perf_counter()
             scratch.copy_(a)
             problem.prune_(scratch, sparsity)  # may use the workspace as scratch: done first
             ws.copy_(b)
             problem.prune_(ws, sparsity)
-            op = self.crossover(ws, scratch, ws, gen)
-        else:
-            op = self.crossover(ws, a, b, gen)
+            prune_s += time.perf_counter() - t
+            a, b = scratch, ws
+        t = time.perf_counter()
+        op = self.crossover(ws, a, b, gen)
+        crossover_s = time.perf_counter() - t
         mutate_(ws, self.mutation_std, noise_gen)
         if pruning and self.prune_target == "child" and sparsity > 0:
+            t = time.perf_counter()
             problem.prune_(ws, sparsity)
+            prune_s += time.perf_counter() - t
         child_sparsity = problem.sparsity(ws)
         t_eval = time.perf_counter()
         scores = problem.evaluate(ws)  # [D]
@@ -335,8 +359,11 @@ class NaturalNiches:
             slot=slot,
             replaced_id=replaced,
             best_fitness=float(fitness.max()),
+            best_selection_mean=float(archive.scores[archive.valid].mean(1).max()),
             archive_sparsity=float(archive.sparsity[archive.valid].mean()),
             eval_s=eval_s,
+            prune_s=prune_s,
+            crossover_s=crossover_s,
             step_s=time.perf_counter() - t0,
         )
 

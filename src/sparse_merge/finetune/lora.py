@@ -18,8 +18,10 @@ product ``(dy^T x) * M``, one more matmul of the layer's size than dense LoRA. A
 sparse (SDDMM) form would do fewer flops at high sparsity but is slower than dense matmuls at
 the sparsities used here; ``docs/finetune.md`` has the measurements.
 
-The keep-mask of each adapted layer is a non-persistent bool buffer of the LoRA layer (one
-byte per weight), so the merge needs no state outside the model.
+Each LoRA layer knows its keep-mask, so the merge needs no state outside the model. A mask that
+is exactly the zero pattern of the pruned weight (every kept weight non-zero, the usual case)
+is not stored: ``M = |sign(W)|`` is recomputed where needed (an elementwise pass, no memory
+held); otherwise it is a non-persistent bool buffer (one byte per weight).
 """
 
 from __future__ import annotations
@@ -42,21 +44,35 @@ MODES = ("dense", "sparse_to_dense", "sparse_to_sparse")
 
 
 def effective_weight(
-    weight: torch.Tensor | None,
+    weight: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     scaling: float,
     dtype: torch.dtype,
+    with_base: bool = True,
 ) -> torch.Tensor:
-    """``(W + s * B @ A) * M`` [out, in] in ``dtype`` (``W`` None: the masked update alone).
+    """``(W + s * B @ A) * M`` [out, in] in ``dtype`` (``with_base=False``: ``(s * B @ A) * M``).
 
-    The same function computes the training forward's weight and the merged weight, so the
-    merged model reproduces the trained one bit for bit in the training dtype.
+    ``mask`` None means ``M = (W != 0)``, for layers whose mask is exactly the zero pattern of
+    their pruned weight. The same function computes the training forward's weight and the
+    merged weight, so the merged model reproduces the trained one bit for bit when both run in
+    fp32 (a half-precision base is merged in fp32 and rounded once).
     """
-    delta = (lora_b.to(dtype) @ lora_a.to(dtype)) * scaling  # [out, r] @ [r, in], as PEFT merges
-    w = delta if weight is None else weight.to(dtype) + delta
-    return w.mul_(mask)
+    w = weight.to(dtype)
+    a, b = lora_a.to(dtype), lora_b.to(dtype)  # [r, in], [out, r]
+    keep = _keep(w, mask)
+    if with_base:
+        return torch.addmm(w, b, a, alpha=scaling).mul_(keep)  # one pass: W + s * B @ A
+    return torch.mm(b, a).mul_(keep).mul_(scaling)
+
+
+def _keep(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The keep-mask as 0/1 in ``weight``'s dtype; ``|sign(W)|`` when ``mask`` is None (a few
+    times faster than ``W != 0`` followed by a bool multiply on CPU)."""
+    if mask is None:
+        return weight.sign().abs_()
+    return mask.to(weight.dtype)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -71,13 +87,13 @@ class _MaskedLoraLinear(torch.autograd.Function):
     """``y = x @ ((W + s * B @ A) * M)^T`` keeping only ``x`` (and the weights) for backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, mask, scaling):  # noqa: D102
+    def forward(ctx, x, weight, lora_a, lora_b, mask, scaling, with_base):  # noqa: D102
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            w = effective_weight(weight, lora_a, lora_b, mask, scaling, dtype)  # [out, in]
+            w = effective_weight(weight, lora_a, lora_b, mask, scaling, dtype, with_base)
             y = F.linear(x.to(dtype), w)  # [..., out]
         ctx.save_for_backward(x, weight, lora_a, lora_b, mask)
-        ctx.scaling, ctx.dtype = scaling, dtype
+        ctx.scaling, ctx.dtype, ctx.with_base = scaling, dtype, with_base
         return y
 
     @staticmethod
@@ -87,62 +103,85 @@ class _MaskedLoraLinear(torch.autograd.Function):
         grad_x = grad_a = grad_b = None
         with torch.autocast(dy.device.type, enabled=False):
             dy = dy.to(dtype)
-            if ctx.needs_input_grad[0]:
-                w = effective_weight(weight, lora_a, lora_b, mask, s, dtype)  # recomputed
+            if ctx.needs_input_grad[0]:  # W_eff recomputed, not kept from the forward
+                w = effective_weight(weight, lora_a, lora_b, mask, s, dtype, ctx.with_base)
                 grad_x = (dy @ w).to(x.dtype)  # [..., in]
                 del w
             if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
                 dy2 = dy.reshape(-1, dy.shape[-1])  # [N, out]
                 x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # [N, in]
-                g = (dy2.t() @ x2).mul_(mask)  # [out, in]: dL/dW_eff, masked
+                g = (dy2.t() @ x2).mul_(
+                    _keep(weight.to(dtype), mask)
+                )  # [out, in]: masked dL/dW_eff
                 grad_b = (g @ lora_a.to(dtype).t()).mul_(s).to(lora_b.dtype)  # [out, r]
                 grad_a = (lora_b.to(dtype).t() @ g).mul_(s).to(lora_a.dtype)  # [r, in]
-        return grad_x, None, grad_a, grad_b, None, None
+        return grad_x, None, grad_a, grad_b, None, None, None
 
 
 def masked_lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor | None,
+    weight: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     scaling: float,
+    with_base: bool = True,
 ) -> torch.Tensor:
-    """``x @ ((W + s * B @ A) * M)^T`` [..., out] (without ``W`` when it is None); ``W`` is
-    frozen, gradients flow to ``x``, ``A`` [r, in] and ``B`` [out, r]."""
-    return _MaskedLoraLinear.apply(x, weight, lora_a, lora_b, mask, scaling)
+    """``x @ ((W + s * B @ A) * M)^T`` [..., out] (``with_base=False``: the update alone);
+    ``mask`` None is ``W != 0``. ``W`` is frozen; gradients flow to ``x``, ``A`` [r, in] and
+    ``B`` [out, r]."""
+    return _MaskedLoraLinear.apply(x, weight, lora_a, lora_b, mask, scaling, with_base)
 
 
 class MaskedLoraLinear(PeftLoraLinear):
-    """PEFT's LoRA linear layer holding the keep-mask of its base weight.
+    """PEFT's LoRA linear layer that knows the keep-mask of its base weight.
 
-    With ``sparse_forward`` the forward uses the masked effective weight (sparse-to-sparse);
-    otherwise it is PEFT's dense-update forward (sparse-to-dense). Layers without a mask, and
-    the multi-adapter or disabled-adapter cases, fall back to PEFT's forward.
+    When the mask is exactly the zero pattern of the pruned base weight (the usual case: every
+    kept weight is non-zero), nothing is stored and ``M = (W != 0)`` is recomputed where
+    needed; otherwise the mask is kept as a bool buffer (one byte per weight). With
+    ``sparse_forward`` the forward uses the masked effective weight (sparse-to-sparse),
+    otherwise PEFT's dense-update forward (sparse-to-dense). Layers without a mask, and the
+    multi-adapter or disabled-adapter cases, use PEFT's forward.
     """
 
     sparse_forward = False
+    mask_source: str | None = None  # None (no mask), "weight" (W != 0) or "buffer"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         super().__init__(base_layer, adapter_name, **kwargs)
         self.register_buffer("keep_mask", None, persistent=False)  # [out, in] bool
 
+    @torch.no_grad()
     def set_mask(self, mask: torch.Tensor | None, sparse_forward: bool) -> None:
-        """Attach the base weight's keep-mask (in the weight's layout)."""
-        if mask is not None:
-            weight = self.get_base_layer().weight
-            if mask.shape != weight.shape:
-                raise ValueError(f"mask {tuple(mask.shape)} != weight {tuple(weight.shape)}")
-            mask = mask.to(device=weight.device, dtype=torch.bool)
-        self.keep_mask = mask
+        """Attach the base weight's keep-mask (in the weight's layout); the base weight must
+        already be zero where the mask is False."""
         self.sparse_forward = sparse_forward
+        self.keep_mask, self.mask_source = None, None
+        if mask is None:
+            return
+        weight = self.get_base_layer().weight
+        if mask.shape != weight.shape:
+            raise ValueError(f"mask {tuple(mask.shape)} != weight {tuple(weight.shape)}")
+        mask = mask.to(device=weight.device, dtype=torch.bool)
+        if bool((weight[~mask] != 0).any()):
+            raise ValueError("the base weight is not zero where the mask is False; prune first")
+        if torch.equal(weight != 0, mask):
+            self.mask_source = "weight"
+        else:  # some kept weights are exactly zero: keep the mask itself
+            self.keep_mask, self.mask_source = mask, "buffer"
+
+    def keep(self) -> torch.Tensor | None:
+        """The keep-mask [out, in] (computed from the weight when it is not stored)."""
+        if self.mask_source is None:
+            return None
+        return self.keep_mask if self.keep_mask is not None else self.get_base_layer().weight != 0
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Masked forward for the single active adapter; PEFT's forward otherwise."""
         active = self.active_adapters
         if (
             not self.sparse_forward
-            or self.keep_mask is None
+            or self.mask_source is None
             or self.disable_adapters
             or self.merged
             or kwargs.get("adapter_names") is not None
@@ -158,7 +197,8 @@ class MaskedLoraLinear(PeftLoraLinear):
             y = masked_lora_linear(x, base.weight, a, b, self.keep_mask, s)  # one matmul
         else:  # dropout feeds the update only, as in PEFT: two matmuls
             y = base(x, *args, **kwargs)
-            return y + masked_lora_linear(dropout(x), None, a, b, self.keep_mask, s).to(y.dtype)
+            update = masked_lora_linear(dropout(x), base.weight, a, b, self.keep_mask, s, False)
+            return y + update.to(y.dtype)
         if base.bias is not None:
             y = y + base.bias.to(y.dtype)
         return y
@@ -249,7 +289,7 @@ class LoraAdapter:
         if self.mode == "dense":
             return model.merge_and_unload()
         for layer in _lora_layers(model):
-            if layer.keep_mask is None:
+            if layer.mask_source is None:
                 layer.merge()
                 continue
             (name,) = layer.active_adapters

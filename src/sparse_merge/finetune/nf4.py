@@ -1,9 +1,10 @@
 """4-bit NormalFloat (NF4) quantisation, block-wise absmax, as in QLoRA.
 
-``quantize_nf4`` is pure torch, so the quantised path runs and is tested on CPU; on a CUDA
-device with bitsandbytes installed, ``NF4Linear.from_linear(..., backend="bitsandbytes")`` uses
-bitsandbytes' kernels instead. Not implemented here: QLoRA's double quantisation of the block
-scales (scales stay in fp32, 0.5 bit per weight more than bitsandbytes with double quant).
+``quantize_nf4`` is pure torch, so the quantised path runs and is tested on CPU and on GPUs
+alike; it uses the NF4 levels and block-wise absmax scaling of bitsandbytes' ``nf4`` type but
+not its fused kernels (``NF4Linear`` dequantises the whole weight each forward). Not
+implemented here: QLoRA's double quantisation of the block scales (scales stay in fp32, 0.5 bit
+per weight more than bitsandbytes with double quant).
 """
 
 from __future__ import annotations

@@ -5,7 +5,11 @@ summed over each output row; the ``k`` rows with the highest sums are trained (t
 lower row index). ``random`` draws ``k`` rows from a seeded generator. The zeroth-order
 gradients are SPSA estimates from ``n_estimate`` pairs of perturbed forward passes, with no
 backward pass (as in MeZO): ``g ~ mean_i [(L(w + eps z_i) - L(w - eps z_i)) / (2 eps)] z_i``
-with Gaussian ``z_i``.
+with Gaussian ``z_i``. ``spsa_row_taylor`` runs the same estimator over one scale per row
+instead of one value per weight, which estimates each row's Taylor sum ``sum_j W_rj dL/dW_rj``
+directly and with much less noise (tiny Llama, attention layers: correlation 0.55 with the
+true row sums from 128 pairs, 0.74 from 256; per-weight estimates summed per row: 0.17 from
+256 pairs).
 """
 
 from __future__ import annotations

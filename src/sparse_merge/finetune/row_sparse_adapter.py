@@ -5,11 +5,13 @@ most important output rows of every targeted linear layer, optionally on an NF4 
 
 1. scores every output row of every targeted layer of the (pruned, full-precision) model with
    ``importance``: ``magnitude`` (sum of ``|W|``), ``wanda`` (sum of ``|W| * ||X_j||``),
-   ``taylor`` (sum of ``|W * dL/dW|``, gradients from calibration batches), ``zo_taylor``
+   ``gradient`` (sum of ``|dL/dW|``), ``taylor`` (sum of ``|W * dL/dW|``; both with gradients
+   from calibration batches), ``zo_taylor``
    (zeroth-order Taylor: SPSA estimates from ``n_estimate`` pairs of perturbed forward passes,
    no backward pass; see ``zo_scope``) or ``random`` (seeded);
-2. keeps the top ``k`` rows per layer: ``k = rank``, or, with ``lora_rank``, the most rows whose
-   update has no more parameters than a LoRA pair of that rank, ``k * in <= r * (in + out)``;
+2. keeps the top ``k`` rows per layer: ``k = rank`` when ``rank`` is set, otherwise the most
+   rows whose update has no more parameters than a LoRA pair of rank ``lora_rank``,
+   ``k * in <= lora_rank * (in + out)``;
 3. with ``quantize: nf4`` replaces the layer's weight by its NF4 quantisation (pure torch,
    block-wise absmax); ``init: residual`` starts the update at the selected rows of ``W - Q(W)``,
    so those rows compute with the full-precision weight at step 0;
@@ -53,14 +55,15 @@ from sparse_merge.finetune.row_sparse import (
 from sparse_merge.models.blocks import PrunableLayer, prunable_layers
 from sparse_merge.pruning.base import Calibration, Masks
 from sparse_merge.pruning.importance import (
+    GradientImportance,
     MagnitudeImportance,
     TaylorImportance,
     WandaImportance,
     lm_labels,
 )
 
-IMPORTANCES = ("magnitude", "wanda", "taylor", "zo_taylor", "random")
-DATA_IMPORTANCES = ("wanda", "taylor", "zo_taylor")
+IMPORTANCES = ("magnitude", "wanda", "gradient", "taylor", "zo_taylor", "random")
+DATA_IMPORTANCES = ("wanda", "gradient", "taylor", "zo_taylor")
 QUANTIZE = ("none", "nf4")
 INITS = ("zeros", "residual")
 ZO_SCOPES = ("row", "weight")
@@ -110,12 +113,12 @@ class RowSparseAdapter:
         seed: int = 0,
     ) -> None:
         self.importance = check_choice("importance", importance, IMPORTANCES)
-        if (rank is None) == (lora_rank is None):
-            raise ConfigError(
-                "rank", rank, f"exactly one of rank and lora_rank set (lora_rank={lora_rank})"
-            )
+        if rank is None and lora_rank is None:
+            raise ConfigError("lora_rank", lora_rank, "a LoRA rank >= 1 when rank is null")
         self.rank = None if rank is None else int(check_positive("rank", rank))
         self.lora_rank = None if lora_rank is None else int(check_positive("lora_rank", lora_rank))
+        if self.rank is not None:
+            self.lora_rank = None  # rows per layer win over the LoRA-equivalent budget
         if not target_modules:
             raise ConfigError("target_modules", target_modules, "one or more module names")
         self.target_modules = list(target_modules)
@@ -182,6 +185,7 @@ class RowSparseAdapter:
         scorer = {
             "magnitude": lambda: MagnitudeImportance(),
             "wanda": lambda: WandaImportance(self.n_batches * self.batch_size, self.batch_size),
+            "gradient": lambda: GradientImportance(self.n_batches, self.batch_size),
             "taylor": lambda: TaylorImportance(self.n_batches, self.batch_size),
         }[self.importance]()
         scores = scorer.compute(model, calib)

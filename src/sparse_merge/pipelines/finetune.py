@@ -1,5 +1,6 @@
-"""Fine-tuning pipeline: prune (or load masks), evaluate, train an adapter, merge, validate that
-the merged weights keep the mask, evaluate again, save the merged model and the adapter.
+"""Fine-tuning pipeline: prune (or load masks, ``lora.mask_path``), evaluate, train an adapter,
+merge, validate that the merged weights keep the mask (``mask_report.json``), evaluate again,
+save the merged model, the adapter and the masks.
 
 Runs on one process or data parallel under ``accelerate launch``; only the main process
 evaluates and writes files, the others train and wait.
@@ -12,7 +13,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -23,8 +23,11 @@ from sparse_merge.finetune.trainer import Trainer
 from sparse_merge.hardware import Hardware
 from sparse_merge.models.hf import load_causal_lm, load_tokenizer, save_causal_lm
 from sparse_merge.models.source import ModelSource
+from sparse_merge.pipelines.masks import describe
 from sparse_merge.pruning.base import Calibration, Masks, Pruner
+from sparse_merge.pruning.mask_io import MASKS_FILE, apply_masks, load_masks, model_hash, save_masks
 from sparse_merge.pruning.sparsity import measure_sparsity
+from sparse_merge.pruning.validate import validate_masks, write_report
 from sparse_merge.tasks.suite import TaskSuite
 from sparse_merge.tracking.io import write_json
 from sparse_merge.tracking.logger import RunLogger
@@ -33,24 +36,23 @@ from sparse_merge.tracking.report import format_table
 log = logging.getLogger("sparse_merge")
 
 
-@torch.no_grad()
-def mask_report(model: nn.Module, masks: Masks) -> dict[str, object]:
-    """Per layer: masked positions, how many of them are non-zero, and exact sparsity."""
-    params = dict(model.named_parameters())
-    layers, broken, masked = {}, 0, 0
-    for name, keep in masks.items():
-        w = params[name]
-        keep = keep.to(w.device)
-        n_masked = int((~keep).sum())
-        nonzero = int((w[~keep] != 0).sum())
-        layers[name] = {
-            "masked": n_masked,
-            "masked_nonzeros": nonzero,
-            "sparsity": float((w == 0).sum()) / w.numel(),
-        }
-        broken += nonzero
-        masked += n_masked
-    return {"masked": masked, "masked_nonzeros": broken, "ok": broken == 0, "layers": layers}
+def _masks_from_file(path: str | None) -> tuple[Masks | None, dict]:
+    """Masks and metadata saved by ``save_masks`` (``lora.mask_path``), or (None, {})."""
+    if not path:
+        return None, {}
+    if not (Path(path) / MASKS_FILE).exists():
+        raise ConfigError("lora.mask_path", path, f"a directory holding {MASKS_FILE}")
+    return load_masks(path)
+
+
+def _mask_metadata(pruner: Pruner, model: nn.Module, source, start: str, sparsity: float) -> dict:
+    """Where masks computed in this run come from (saved with them, as the masks pipeline does)."""
+    return {
+        **describe(pruner),
+        "sparsity": sparsity,
+        "model": f"{getattr(source, 'name', 'model')}/{start}",
+        "source_hash": model_hash(model),
+    }
 
 
 def _start_model(source: ModelSource, start: str):
@@ -82,13 +84,11 @@ def run_finetune(
     began = time.perf_counter()
     trainer = Trainer(settings, hardware, logger, seed, checkpoint_dir=run_dir / "checkpoints")
     main = trainer.is_main_process
+    masks, mask_meta = _masks_from_file(adapter.mask_path)
     path = _start_model(source, settings.start)
     tokenizer = load_tokenizer(source.tokenizer())
     model = load_causal_lm(path, hardware.torch_device, hardware.torch_dtype)
 
-    masks: Masks | None = None
-    if adapter.mask_path:
-        raise ConfigError("lora.mask_path", adapter.mask_path, "null until mask files exist")
     calib: Calibration | None = None
     uses_calib = getattr(adapter, "uses_calibration", False)  # lora=row_sparse scores rows on it
     if pruner is not None or uses_calib:
@@ -98,7 +98,10 @@ def run_finetune(
             if per_task
             else None
         )
-    if pruner is not None:
+    if masks is not None:
+        apply_masks(model, masks)
+    elif pruner is not None:
+        mask_meta = _mask_metadata(pruner, model, source, settings.start, sparsity)
         masks = pruner.prune(model, calib, sparsity)
     pruned_sparsity = measure_sparsity(model).overall
 
@@ -117,10 +120,12 @@ def run_finetune(
     if main:
         if save_models:
             adapter.save(inner, run_dir / "adapter")
+            if masks is not None:
+                save_masks(run_dir / "masks", masks, mask_meta)
         merged = adapter.merge(inner)
-        report = mask_report(merged, masks) if masks is not None else None
+        report = validate_masks(merged, masks) if masks is not None else None
         if report is not None:
-            write_json(run_dir / "mask_report.json", report)
+            write_report(run_dir / "mask_report.json", report)
         after = tasks.evaluate_heldout(merged, tokenizer)
         achieved = measure_sparsity(merged).overall
         rows = [
@@ -141,7 +146,7 @@ def run_finetune(
             "wall_seconds": time.perf_counter() - began,
             "sparsity": achieved,
             "sparsity_before": pruned_sparsity,
-            "masked_nonzeros": report["masked_nonzeros"] if report else 0,
+            "masked_nonzeros": report["nonzero_masked"] if report else 0,
             "trainable_params": trainable,
             "steps": result.steps,
             "processes": trainer.accelerator.num_processes,

@@ -10,12 +10,14 @@ headline model's.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from sparse_merge.evolution.context import MergeContext
+from sparse_merge.evolution.distributed import ShardedSelectionScorer
 from sparse_merge.evolution.scoring import SparsityAwareScorer
 from sparse_merge.hardware import Hardware
 from sparse_merge.models.hf import load_causal_lm, load_genome, load_tokenizer, save_causal_lm
@@ -83,7 +85,14 @@ def run_merge(
     tokenizer = load_tokenizer(source.tokenizer())
     paths = source.parents()
     first = next(iter(paths.values()))
-    model = load_causal_lm(first, hardware.torch_device, hardware.torch_dtype)
+    device = hardware.torch_device
+    sharded = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch / torchrun
+        sharded = ShardedSelectionScorer(tasks)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    main = sharded is None or sharded.is_main
+    model = load_causal_lm(first, device, hardware.torch_dtype)
     space = ParamSpace(model)
     parents = {name: load_genome(space, path).to(space.flat.device) for name, path in paths.items()}
     ctx = MergeContext(
@@ -99,12 +108,17 @@ def run_merge(
         calibration=build_calibration(tokenizer, tasks, pruner, seed),
         scorer=scorer,
         resume=resume,
+        is_main=main,
     )
+    if sharded is not None:
+        ctx.extra["score_selection"] = sharded
     results = evolver.run(ctx)
     headline = next(iter(results))
 
     known = ctx.extra.get("heldout", {})
     rows = evaluate_genomes(space, {**parents, **results}, tasks, tokenizer, known)
+    if not main:  # every process evaluated; one reports and writes
+        return float(next(r for r in rows if r["model"] == headline)["mean"])
     columns = ["model", *tasks.names, "mean", "sparsity"]
     print("\n" + format_table(rows, columns) + "\n")
     archive_rows = ctx.extra.get("archive_rows", [])

@@ -238,7 +238,12 @@ class DatasetBenchmark:
 
     def _task(self, part: str) -> Task:
         if part not in self._tasks:
-            self._tasks[part] = self.make_task(f"{self.name}/{part}", self.subsets()[part])
+            rows = self.subsets()[part]
+            task = self.make_task(f"{self.name}/{part}", rows)
+            # every split also exposes its datapoints as prompt/answer pairs, like the toy tasks
+            # (answer-perplexity metrics of the masks pipeline read them)
+            task.examples = tuple(self.example(r) for r in rows)
+            self._tasks[part] = task
         return self._tasks[part]
 
     @property

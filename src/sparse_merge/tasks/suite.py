@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,11 @@ class TaskSuite:
     ) -> None:
         if not tasks:
             raise ConfigError("tasks", dict(tasks), "at least one task")
+        for name, task in tasks.items():
+            if isinstance(task, Mapping | Sequence | int | float):  # a node without _target_
+                raise ConfigError(
+                    f"tasks.{name}", task, "a benchmark (a node with a _target_ building one)"
+                )
         self.tasks = dict(tasks)
         weights = dict(weights or {})
         unknown = set(weights) - set(self.tasks)
@@ -62,7 +67,16 @@ class TaskSuite:
 
     def score_selection(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
         """[D] float scores on every selection datapoint, in the fixed column order."""
-        return torch.cat([t.selection.score(model, tokenizer).float() for t in self.tasks.values()])
+        columns = []
+        for name, task in self.tasks.items():
+            scores = task.selection.score(model, tokenizer).float().reshape(-1)
+            if scores.numel() != len(task.selection):
+                raise ValueError(
+                    f"task {name!r} gave {scores.numel()} scores for "
+                    f"{len(task.selection)} selection datapoints"
+                )
+            columns.append(scores)
+        return torch.cat(columns)
 
     def evaluate_heldout(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase

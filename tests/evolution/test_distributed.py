@@ -1,0 +1,49 @@
+"""Data-parallel scoring: shards cover the datapoints in order; 2 gloo processes give the
+single-process scores."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparse_merge.evolution.distributed import ShardedSelectionScorer, shard_bounds
+
+from .dist_score_script import suite
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shard_bounds_cover_in_order():
+    assert [shard_bounds(7, r, 2) for r in range(2)] == [(0, 3), (3, 7)]
+    assert [shard_bounds(5, r, 3) for r in range(3)] == [(0, 1), (1, 3), (3, 5)]
+    assert [shard_bounds(1, r, 2) for r in range(2)] == [(0, 0), (0, 1)]
+
+
+def test_rank_shards_concatenate_to_every_task():
+    tasks = suite()
+    scorers = [ShardedSelectionScorer(tasks, rank=r, world=3) for r in range(3)]
+    for i, task in enumerate(scorers[0].tasks):
+        joined = [e for s in scorers for e in s.shards[i].examples]
+        assert joined == list(task.examples)
+
+
+@pytest.mark.slow  # two fresh Python processes importing torch/transformers: ~20-40 s
+def test_two_gloo_processes_score_like_one(tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate is not None, "the accelerate CLI is installed next to python"
+    out = tmp_path / "scores.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    # --multi_gpu only makes the launcher use torchrun; the scorer joins on gloo without a GPU
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    cmd += [str(Path(__file__).with_name("dist_score_script.py")), str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["world"] == 2
+    assert res["sharded"] == res["single"]
+    assert 0 < sum(res["single"]) < len(res["single"])  # mixed scores: order matters
