@@ -64,14 +64,16 @@ OPTIONS = {
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_merge_pipeline_runs_with_the_task(option, tmp_path):
     cfg = compose_cfg(
-        [f"task={option}", *SMALL_MODEL, *OPTIONS[option], "save_models=false"], tmp_path
+        [f"task={option}", *SMALL_MODEL, *OPTIONS[option], "evolver=one_shot", "save_models=false"],
+        tmp_path,
     )
     metric = execute(cfg)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(results["models"]) >= 3  # both parents and the merged model
     for row in results["models"]:
         assert 0.0 <= row[option] <= 1.0 and row["mean"] == pytest.approx(row[option])
-    assert metric == pytest.approx(results["models"][-1]["mean"])
+    headline = next(r for r in results["models"] if r["model"] == results["headline"])
+    assert metric == pytest.approx(headline["mean"]) == pytest.approx(results["accuracy"])
 
 
 @pytest.mark.parametrize("option", ["boolq", "gsm8k", "perplexity"])
