@@ -20,7 +20,7 @@ from sparse_merge.evolution.scoring import SparsityAwareScorer  # noqa: E402
 from sparse_merge.models.digits import DigitsParents  # noqa: E402
 from sparse_merge.tasks.digits import DigitsTask  # noqa: E402
 
-STEPS = 2000
+STEPS = 500
 
 
 def _natural_niches(problem: DigitsProblem, test_every_step: bool) -> float:

@@ -85,3 +85,20 @@ def test_wandb_offline_run_named_by_overrides(tmp_path, monkeypatch):
     assert list((run_dir / "wandb").glob("offline-run-*")), "an offline W&B run was written"
     assert cfg.logger.wandb.name == "experiment=smoke,logger=wandb,sparsity=0.3"
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize(("rank", "written"), [("0", True), ("1", False)])
+def test_only_the_main_process_writes_the_run_status(rank, written, tmp_path, monkeypatch):
+    import sparse_merge.app as app
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(app, "_pipeline", lambda name: lambda cfg, parts, run_dir: 0.25)
+    execute(compose_cfg(["experiment=smoke"], tmp_path))
+    status = tmp_path / "run" / "status.json"
+    assert status.exists() is written
+    if written:
+        assert json.loads(status.read_text()) | {"finished": 0} == {
+            "status": "finished",
+            "metric": 0.25,
+            "finished": 0,
+        }

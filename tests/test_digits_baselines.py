@@ -101,8 +101,9 @@ def test_map_elites_improves_and_is_seeded(pretrained):
     curves = []
     for _ in range(2):
         curve = Curve(pretrained)
-        MapElites(mutation_std=0.0, progress=False).run(pretrained, 150, seed=1, curve=curve)
+        best = MapElites(mutation_std=0.0, progress=False).run(pretrained, 150, seed=1, curve=curve)
         curves.append(curve)
+    assert curves[0].test[-1] == pretrained.test_accuracy(best["map_elites"])
     assert curves[0].test == curves[1].test and curves[0].evals == list(range(1, 151))
     start = max(float(pretrained.evaluate(g).mean()) for g in pretrained.initial().values())
     assert curves[0].train[-1] > start + 0.05  # merging the halves

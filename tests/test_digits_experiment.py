@@ -108,3 +108,12 @@ def test_single_method_run(tmp_path):
     r = json.loads((tmp_path / "run" / "runs" / "scratch__mapelites__seed2.json").read_text())
     assert r["evals"] == 30 and r["budget"] == 30
     torch.testing.assert_close(torch.tensor(r["test"][-1]), torch.tensor(r["final_test"]))
+
+
+def test_single_engine_run_uses_the_scorer_group(tmp_path):
+    overrides = ["pipeline=digits", "model=digits_mlp", "task=digits", "evolver=ga", "budget=25"]
+    cfg = compose_cfg([*overrides, "evolver.pop_size=6", "evolver.mutation_std=0.01"], tmp_path)
+    assert cfg.scorer.alpha == 0.0
+    execute(cfg)
+    r = json.loads((tmp_path / "run" / "runs" / "scratch__naturalniches__seed0.json").read_text())
+    assert r["evals"] == 25 and 0.0 < r["final_test"] < 1.0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 from transformers import AutoModelForCausalLM
 
 from sparse_merge.app import execute
@@ -40,6 +41,7 @@ def test_masks_pipeline_saves_validated_masks_and_reports(masks_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert summary["perplexity"] == metric and metric > 1.0
+    assert summary["valid"] is True
     assert summary["dense_perplexity"] > 1.0
     out = Path(summary["masks_dir"])
     assert out == run_dir / "masks" / "toy-llama-smoke" / "sparsity50_wanda_row"
@@ -96,3 +98,38 @@ def test_multirun_grid(tmp_path):
     assert len(summaries) == 4
     got = sorted(round(json.loads(s.read_text())["sparsity"], 2) for s in summaries)
     assert got == [0.3, 0.3, 0.6, 0.6]
+
+
+def test_perplexity_on_a_text_file(masks_run, tmp_path):
+    """masks.text_file: sliding-window perplexity of a text instead of the held-out answers."""
+    text = tmp_path / "heldout.txt"
+    text.write_text("12+34=46\nrev:abc=cba\n" * 20, encoding="utf-8")
+    cfg = compose_cfg(
+        ["experiment=masks", "pruner=magnitude", f"masks.text_file={text}", *SMALL], tmp_path
+    )
+    with open_dict(cfg):  # the same model cache as the first run
+        cfg.model.cache_dir = masks_run[2].model.cache_dir
+    metric = execute(cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["perplexity"] == metric and summary["dense_perplexity"] > 1.0
+
+
+def test_answer_perplexity_matches_one_sequence_at_a_time(tiny_llama, tokenizer):
+    """Batched, padded scoring of answer + eos tokens equals token_nlls on each example alone."""
+    import math
+
+    from sparse_merge.pipelines.masks import answer_perplexity
+    from sparse_merge.tasks.base import Example
+    from sparse_merge.tasks.perplexity import token_nlls
+
+    examples = [Example("12+3=", "15"), Example("rev:abcd=", "dcba"), Example("7+8=", "15")]
+    nlls = []
+    for e in examples:
+        prompt = tokenizer(e.prompt, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(e.answer, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([*prompt, *answer, tokenizer.eos_token_id])
+        nll = token_nlls(tiny_llama, ids, window=ids.numel() + 1, stride=ids.numel())
+        nlls.append(nll[-(len(answer) + 1) :])
+    expected = math.exp(torch.cat(nlls).double().mean().item())
+    got = answer_perplexity(tiny_llama, tokenizer, examples, batch_size=2)
+    assert got == pytest.approx(expected, rel=1e-5)

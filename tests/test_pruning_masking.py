@@ -107,11 +107,12 @@ def test_random_masks_are_reproducible_by_seed(tiny_llama):
     assert all(int((~v).sum()) == v.numel() // 2 for v in a.values())
 
 
-def reference_grads(model, cal: Calibration, n_batches: int, batch_size: int):
+def reference_grads(model, cal: Calibration, n_batches: int, batch_size: int, labels=None):
     model = copy.deepcopy(model)
     batches = cal.batches(batch_size)[:n_batches]
-    for ids, attn in batches:
-        out = model(input_ids=ids, attention_mask=attn, labels=lm_labels(ids, attn))
+    for i, (ids, attn) in enumerate(batches):
+        lab = lm_labels(ids, attn) if labels is None else labels[i * batch_size :][:batch_size]
+        out = model(input_ids=ids, attention_mask=attn, labels=lab)
         (out.loss / len(batches)).backward()
     return {layer.param_name: layer.module.weight.grad for layer in prunable_layers(model)}
 
@@ -172,3 +173,22 @@ def test_score_pruner_exact_per_granularity(tiny_llama):
     layers = prunable_layers(model)
     total = sum(layer.weight.numel() for layer in layers)
     assert sum(int((layer.weight == 0).sum()) for layer in layers) == round(0.3 * total)
+
+
+def test_answer_only_labels_change_the_gradient(tiny_llama, tokenizer):
+    from sparse_merge.tasks.base import Example
+
+    examples = [Example("12+3=", "15"), Example("rev:abcd=", "dcba")]
+    full = Calibration.from_examples(tokenizer, examples)
+    answers = Calibration.from_examples(tokenizer, examples, answers_only=True)
+    assert full.labels is None and torch.equal(answers.input_ids, full.input_ids)
+    assert answers.labels[0].tolist()[:5] == [-100] * 5  # the prompt "12+3=" is skipped
+    assert (answers.labels[0, 5:7] == full.input_ids[0, 5:7]).all()  # the answer "15" is kept
+    assert (answers.labels[1, 9:] == answers.input_ids[1, 9:]).all()
+    assert answers.head(1).labels.shape[0] == 1
+    a = GradientImportance(1, 2).compute(tiny_llama, full)
+    b = GradientImportance(1, 2).compute(tiny_llama, answers)
+    ref = reference_grads(tiny_llama, answers, 1, 2, labels=answers.labels)
+    key = prunable_layers(tiny_llama)[0].param_name
+    assert not torch.allclose(a[key], b[key])
+    assert torch.allclose(b[key], ref[key].abs(), atol=1e-7)

@@ -54,7 +54,8 @@ def test_two_processes_train_once(tmp_path):
 
 @pytest.mark.slow
 def test_default_children_beat_each_other_on_their_own_task(tmp_path):
-    """The default toy parents (conf/model/toy.yaml sizes): each child clearly wins its own skill."""
+    """Parents of the easy-skills base (the fine-tuning experiment's zoo, conf/model/toy.yaml
+    sizes): each child clearly wins its own skill."""
     zoo = _zoo(tmp_path, steps=(1500, 800), arch={"hidden_size": 128, "intermediate_size": 256})
     tok = load_tokenizer(zoo.tokenizer())
     add, rev = (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 import time
@@ -93,18 +94,24 @@ def execute(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.output_dir)
     logger = parts["logger"]
     logger.start(run_dir, resolved(cfg))
-    status = (
-        run_dir / "status.json"
-    )  # lets sweep analysis tell finished, failed and running runs apart
-    write_json(status, {"status": "running", "started": time.time()})
+    # status.json lets sweep analysis tell finished, failed and running runs apart; under
+    # `accelerate launch` only the main process (RANK 0) writes it, so a late rank cannot
+    # overwrite the main process's metric
+    main = int(os.environ.get("RANK", "0")) == 0
+
+    def status(**fields: Any) -> None:
+        if main:
+            write_json(run_dir / "status.json", fields)
+
+    status(status="running", started=time.time())
     try:
         metric = _pipeline(cfg.pipeline)(cfg, parts, run_dir)
     except BaseException as exc:
-        write_json(status, {"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        status(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         logger.close()
-    write_json(status, {"status": "finished", "metric": metric, "finished": time.time()})
+    status(status="finished", metric=metric, finished=time.time())
     return metric
 
 

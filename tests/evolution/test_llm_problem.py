@@ -59,3 +59,28 @@ def test_sparsity_and_prune_of_a_stored_genome(problem):
     assert torch.equal(a[emb.offset : emb.stop], before[emb.offset : emb.stop])
     problem.prune_(a, 0.0)  # a no-op
     assert abs(problem.sparsity(a) - 0.5) < 0.005
+
+
+def test_calibration_comes_from_training_examples(tokenizer):
+    from types import SimpleNamespace
+
+    from sparse_merge.pipelines.merge import build_calibration
+
+    tasks = TaskSuite(
+        {
+            "addition": AdditionTask(1, 2, n_select=8, n_heldout=8),
+            "reversal": ReversalTask(1, 4, n_select=8, n_heldout=8),
+        }
+    )
+    calib = build_calibration(tokenizer, tasks, SimpleNamespace(n_calibration=5), seed=0)
+    assert len(calib) == 5
+    texts = tokenizer.batch_decode(calib.input_ids, skip_special_tokens=True)
+    evaluated = {
+        e.prompt
+        for t in tasks.tasks.values()
+        for split in (t.selection, t.heldout)
+        for e in split.examples
+    }
+    assert not any(any(text.startswith(p) for p in evaluated) for text in texts)
+    assert any("rev:" in t for t in texts) and any("+" in t for t in texts)  # both tasks
+    assert build_calibration(tokenizer, tasks, None, seed=0) is None

@@ -228,3 +228,20 @@ def test_adapter_trains_through_the_trainer(tokenizer, examples):
         assert m.delta.abs().sum() > 0
     assert isinstance(adapter.merge(inner).get_submodule(Q0), nn.Linear)
     assert not isinstance(inner.get_submodule(Q0), RowSparseLinear)
+
+
+def test_dense_rows_option_and_missing_calibration(tokenizer, calib):
+    model = _model(tokenizer)
+    masks = MagnitudePruner().prune(model, calib, 0.5)
+    adapter = RowSparseAdapter(importance="magnitude", rank=2, respect_masks=False)
+    wrapped = adapter.wrap(model, masks)
+    with torch.no_grad():
+        for m in row_sparse_modules(wrapped).values():
+            assert m.row_mask is None
+            m.delta.fill_(0.5)
+    merged = dict(adapter.merge(wrapped).named_parameters())
+    name = f"{Q0}.weight"
+    rows_filled = (merged[name] != 0).all(1)  # the two trained rows are dense again
+    assert int(rows_filled.sum()) == 2 and not (merged[name][~rows_filled] != 0).all()
+    with pytest.raises(ValueError, match="calibration"):
+        RowSparseAdapter(importance="taylor", rank=2).select_rows(_model(tokenizer), None)

@@ -12,6 +12,7 @@ stopped. Jobs run in ``workers`` processes, each with ``threads`` torch threads.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -29,6 +30,8 @@ from sparse_merge.evolution.digits import DigitsProblem
 from sparse_merge.models.digits import DigitsParents
 from sparse_merge.tasks.digits import DigitsTask
 from sparse_merge.tracking.io import write_json
+
+log = logging.getLogger("sparse_merge")
 
 
 class Panel:
@@ -67,7 +70,8 @@ class Job:
 class Comparison:
     """Panels x methods x seeds (see module docstring).
 
-    ``paper`` holds reference numbers by ``panel -> method -> accuracy`` (shown next to ours),
+    ``run_missing=False`` runs nothing and reports the jobs whose files exist (e.g. while
+    other processes still run the rest). ``paper`` holds reference numbers by ``panel -> method -> accuracy`` (shown next to ours),
     ``notes`` short explanations by ``panel/method`` printed under the table.
     """
 
@@ -80,6 +84,7 @@ class Comparison:
         points: int = 200,
         results_dir: str | None = None,
         reuse: bool = True,
+        run_missing: bool = True,
         paper: dict[str, dict[str, float]] | None = None,
         notes: dict[str, str] | None = None,
     ) -> None:
@@ -94,6 +99,7 @@ class Comparison:
         self.points = int(check_positive("points", points))
         self.results_dir = results_dir
         self.reuse = bool(reuse)
+        self.run_missing = bool(run_missing)
         self.paper = {p: dict(m) for p, m in (paper or {}).items()}
         self.notes = dict(notes or {})
 
@@ -146,23 +152,33 @@ class Comparison:
         runs.mkdir(parents=True, exist_ok=True)
         jobs = self.jobs()
         todo = [j for j in jobs if not (self.reuse and (runs / j.file).exists())]
+        todo = todo if self.run_missing else []
         bar = tqdm(total=len(todo), desc="comparison jobs")
         if self.workers == 1 or len(todo) <= 1:
             for job in todo:
-                write_json(runs / job.file, self.run_job(job, task))
+                self._run_to_file(job, task, runs)
                 bar.update()
         else:
             ctx = get_context("fork")  # the task's tensors are shared, not pickled per job
             with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_quiet) as pool:
-                futures = {pool.submit(self.run_job, job, task): job for job in todo}
+                futures = [pool.submit(self._run_to_file, job, task, runs) for job in todo]
                 for future in as_completed(futures):
-                    write_json(runs / futures[future].file, future.result())
+                    future.result()
                     bar.update()
         bar.close()
-        report = [
+        order = [
             Job(p, m, s) for p, pl in self.panels.items() for m in pl.methods for s in self.seeds
         ]
-        return [json.loads((runs / j.file).read_text()) for j in report]  # in config order
+        found = [j for j in order if (runs / j.file).exists()]
+        if not self.run_missing and len(found) < len(order):
+            log.warning("reporting %d of %d jobs (run_missing=false)", len(found), len(order))
+        return [json.loads((runs / j.file).read_text()) for j in found]  # in config order
+
+    def _run_to_file(self, job: Job, task: DigitsTask, runs: Path) -> None:
+        """Run ``job`` and write its file, unless another process wrote it meanwhile."""
+        if self.reuse and (runs / job.file).exists():
+            return
+        write_json(runs / job.file, self.run_job(job, task))
 
 
 def _quiet() -> None:

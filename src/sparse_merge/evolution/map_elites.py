@@ -57,24 +57,32 @@ class MapElites:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + 41)
         noise_gen = torch.Generator().manual_seed(seed * 1_000_003 + 43)
 
-        def offer(genome: torch.Tensor, scores: torch.Tensor) -> None:
+        changed = [-1]  # the cell the last offer changed (-1: none)
+
+        def offer(genome: torch.Tensor, scores: torch.Tensor) -> bool:
             i, j = self.cell(scores, masks)
             c = i * self.bins + j
             q = float(scores.mean())
+            changed[0] = -1
             if not filled[c] or q > quality[c]:
                 genomes[c].copy_(genome)
                 quality[c], filled[c] = q, True
+                changed[0] = c
+            return changed[0] >= 0
 
         for genome in problem.initial().values():
             offer(genome, problem.evaluate(genome))
         ws = problem.workspace
+        best, test = -1, 0.0  # the best cell and its elite's held-out score
         for step in tqdm(range(budget), desc="map_elites", disable=None if self.progress else True):
             p1 = sample_index(quality, filled, gen)
             p2 = sample_index(quality, filled, gen, exclude=p1) if int(filled.sum()) > 1 else p1
             self.crossover(ws, genomes[p1], genomes[p2], gen)
             mutate_(ws, self.mutation_std, noise_gen)
-            offer(ws, problem.evaluate(ws))
-            best = int(torch.where(filled, quality, -1.0).argmax())
-            curve.record(step + 1, genomes[best], float(quality[best]))
+            if offer(ws, problem.evaluate(ws)) or best < 0:
+                new = int(torch.where(filled, quality, -1.0).argmax())
+                if new != best or changed[0] == new:  # held-out evaluation only when it moved
+                    best, test = new, problem.heldout(genomes[new])["mean"]
+            curve.append(step + 1, float(quality[best]), test)
         best = int(torch.where(filled, quality, -1.0).argmax())
         return {"map_elites": genomes[best].clone()}

@@ -104,7 +104,7 @@ class RowSparseAdapter:
         block_size: int = 64,
         init: str = "zeros",
         respect_masks: bool = True,
-        n_estimate: int = 16,
+        n_estimate: int = 64,
         eps: float = 1e-2,
         zo_scope: str = "row",
         n_batches: int = 4,

@@ -3,8 +3,8 @@
 With ``evolver=m2n2_digits`` (``experiment=m2n2_digits``) the evolver is a ``Comparison``:
 every method of every panel for every seed, then a figure (test accuracy against forward
 passes, mean +- standard error) and a markdown table of final accuracies. With a single method
-(``evolver=map_elites``, ``cma_es``, ``brute_force``, or a ``NaturalNichesMethod``) it runs that
-method once from the ``model`` group's parents with ``seed`` for ``budget`` forward passes.
+(``evolver=map_elites``, ``cma_es``, ``brute_force``, ``natural_niches``, ``ga``, ...) it runs
+that method once from the ``model`` group's parents with ``seed`` for ``budget`` forward passes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sparse_merge.analysis.curves import mean_se, write_report
 from sparse_merge.errors import ConfigError
+from sparse_merge.evolution.budgeted import NaturalNichesMethod
 from sparse_merge.evolution.comparison import Comparison, Panel
 from sparse_merge.models.digits import DigitsParents
 from sparse_merge.tasks.digits import DigitsTask
@@ -24,13 +25,18 @@ log = logging.getLogger("sparse_merge")
 REPORT = "m2n2_digits"  # file stem of the figure and the table
 
 
-def as_comparison(evolver, parents: DigitsParents, seed: int, budget: int) -> Comparison:
-    """The comparison to run: ``evolver`` itself, or a one-job comparison around a method."""
+def as_comparison(
+    evolver, parents: DigitsParents, seed: int, budget: int, scorer=None
+) -> Comparison:
+    """The comparison to run: ``evolver`` itself, or a one-job comparison around a method (the
+    engine's evolver runs with the ``scorer`` group, e.g. ``evolver=ga``'s alpha 0)."""
     if isinstance(evolver, Comparison):
         return evolver
+    if callable(getattr(evolver, "evolve", None)):  # the Natural Niches engine
+        evolver = NaturalNichesMethod(evolver, scorer, test_every_step=False)
     if not callable(getattr(evolver, "run", None)):
         raise ConfigError("evolver", type(evolver).__name__, "a digits method or a comparison")
-    name = type(evolver).__name__.lower()
+    name = type(getattr(evolver, "evolver", evolver)).__name__.lower()
     panel = Panel(parents.name, budget, parents, {name: evolver})
     return Comparison({parents.init: panel}, [seed], points=min(budget, 250))
 
@@ -64,5 +70,7 @@ def run_digits(
 
 def run(cfg, parts: dict, run_dir: Path) -> float:
     """Pipeline entry: the evolver group (a comparison or one method), the digits task."""
-    comparison = as_comparison(parts["evolver"], parts["model"], int(cfg.seed), int(cfg.budget))
+    comparison = as_comparison(
+        parts["evolver"], parts["model"], int(cfg.seed), int(cfg.budget), parts.get("scorer")
+    )
     return run_digits(comparison, parts["task"], run_dir)[0]

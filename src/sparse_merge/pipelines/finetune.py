@@ -23,6 +23,7 @@ from sparse_merge.finetune.trainer import Trainer
 from sparse_merge.hardware import Hardware
 from sparse_merge.models.hf import load_causal_lm, load_tokenizer, save_causal_lm
 from sparse_merge.models.source import ModelSource
+from sparse_merge.pipelines.masks import describe
 from sparse_merge.pruning.base import Calibration, Masks, Pruner
 from sparse_merge.pruning.mask_io import MASKS_FILE, apply_masks, load_masks, model_hash, save_masks
 from sparse_merge.pruning.sparsity import measure_sparsity
@@ -45,14 +46,10 @@ def _masks_from_file(path: str | None) -> tuple[Masks | None, dict]:
 
 
 def _mask_metadata(pruner: Pruner, model: nn.Module, source, start: str, sparsity: float) -> dict:
-    """Where masks computed in this run come from (saved with them)."""
-    importance = getattr(pruner, "importance", None)
+    """Where masks computed in this run come from (saved with them, as the masks pipeline does)."""
     return {
-        "method": type(pruner).__name__,
-        "importance": getattr(importance, "name", None) or type(pruner).__name__,
+        **describe(pruner),
         "sparsity": sparsity,
-        "granularity": getattr(pruner, "granularity", None),
-        "nm": str(getattr(pruner, "nm", None)),
         "model": f"{getattr(source, 'name', 'model')}/{start}",
         "source_hash": model_hash(model),
     }

@@ -22,15 +22,32 @@ class Calibration:
 
     input_ids: torch.Tensor  # [N, T]
     attention_mask: torch.Tensor  # [N, T]
+    labels: torch.Tensor | None = None  # [N, T] loss targets for gradient scores (-100 = skip)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def loss_labels(self) -> torch.Tensor:
+        """[N, T] targets of the LM loss: ``labels``, else every non-padding token."""
+        if self.labels is not None:
+            return self.labels
+        return self.input_ids.masked_fill(self.attention_mask == 0, -100)
+
+    def head(self, n: int) -> Calibration:
+        """The first ``n`` sequences (all of them when there are fewer)."""
+        labels = None if self.labels is None else self.labels[:n]
+        return Calibration(self.input_ids[:n], self.attention_mask[:n], labels)
+
     @classmethod
     def from_examples(
-        cls, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int = 128
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        examples: Sequence[Example],
+        max_length: int = 128,
+        answers_only: bool = False,
     ) -> Calibration:
-        """Prompt + answer of each example, right-padded (padding is masked out)."""
+        """Prompt + answer of each example, right-padded (padding is masked out); with
+        ``answers_only`` the gradient loss covers the answer tokens only (labels)."""
         side = tokenizer.padding_side
         tokenizer.padding_side = "right"
         try:
@@ -44,7 +61,13 @@ class Calibration:
             )
         finally:
             tokenizer.padding_side = side
-        return cls(batch["input_ids"], batch["attention_mask"])
+        labels = None
+        if answers_only:
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            for i, e in enumerate(examples):
+                n_prompt = len(tokenizer(e.prompt, add_special_tokens=False)["input_ids"])
+                labels[i, :n_prompt] = -100
+        return cls(batch["input_ids"], batch["attention_mask"], labels)
 
     def batches(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(input_ids [b, T], attention_mask [b, T]) chunks."""

@@ -83,7 +83,8 @@ def loss_gradients(
     model: nn.Module, calib: Calibration | None, n_batches: int, batch_size: int, who: str
 ) -> Scores:
     """``dL/dW`` [out, in] of every prunable weight, ``L`` the mean LM loss over the first
-    ``n_batches`` calibration batches. Raises when the gradient cannot be had."""
+    ``n_batches`` calibration batches (targets: ``calib.loss_labels()``, every non-padding token
+    unless the calibration says otherwise). Raises when the gradient cannot be had."""
     if calib is None or len(calib) == 0:
         raise ValueError(f"{who} needs calibration batches for gradients; none were passed")
     if torch.is_inference_mode_enabled():
@@ -98,7 +99,11 @@ def loss_gradients(
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads_before = [p.grad for p in params]
-    batches = calib.batches(batch_size)[:n_batches]
+    labels = calib.loss_labels()  # [N, T]
+    batches = [
+        (ids, attn, labels[i : i + batch_size])
+        for (ids, attn), i in zip(calib.batches(batch_size), range(0, len(calib), batch_size))
+    ][:n_batches]
     device = next(model.parameters()).device
     try:
         for p in params:  # only the prunable weights get gradients (less memory)
@@ -107,9 +112,9 @@ def loss_gradients(
         for layer in layers:
             layer.module.weight.requires_grad_(True)
         with torch.enable_grad():
-            for ids, attn in tqdm(batches, desc=f"{who}: gradients", leave=False):
-                ids, attn = ids.to(device), attn.to(device)
-                out = model(input_ids=ids, attention_mask=attn, labels=lm_labels(ids, attn))
+            for ids, attn, lab in tqdm(batches, desc=f"{who}: gradients", leave=False):
+                ids, attn, lab = ids.to(device), attn.to(device), lab.to(device)
+                out = model(input_ids=ids, attention_mask=attn, labels=lab)
                 (out.loss / len(batches)).backward()
         grads: Scores = {}
         for layer in layers:

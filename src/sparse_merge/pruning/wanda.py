@@ -54,7 +54,7 @@ def require_calibration(calib: Calibration | None, who: str) -> Calibration:
 
 def take(calib: Calibration, n: int) -> Calibration:
     """The first ``n`` calibration sequences (all of them when there are fewer)."""
-    return Calibration(calib.input_ids[:n], calib.attention_mask[:n])
+    return calib.head(n)
 
 
 class WandaPruner:
