@@ -16,14 +16,20 @@ def encode_examples(
     tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``/``attention_mask``/``labels`` [N, T]; prompt and padding labels
-    are ``IGNORE_INDEX`` so the loss covers the answer and the closing eos only."""
+    are ``IGNORE_INDEX`` so the loss covers the answer and the closing eos only.
+
+    An example longer than ``max_length`` loses the start of its prompt first (a long passage
+    or few-shot prompt must not push its answer out); only an answer longer than
+    ``max_length`` by itself is cut at its end."""
     rows, labels = [], []
     for e in examples:
         p = tokenizer(e.prompt, add_special_tokens=False)["input_ids"]
         a = tokenizer(e.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (p + a)[:max_length] if max_length else p + a
-        rows.append(ids)
-        labels.append(([IGNORE_INDEX] * len(p) + a)[: len(ids)])
+        if max_length:
+            a = a[:max_length]
+            p = p[len(p) - (max_length - len(a)) :] if len(p) + len(a) > max_length else p
+        rows.append(p + a)
+        labels.append([IGNORE_INDEX] * len(p) + a)
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
