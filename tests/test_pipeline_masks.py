@@ -94,7 +94,7 @@ def test_multirun_grid(tmp_path):
         *args,
     ]
     subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True)
-    summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
+    summaries = sorted((tmp_path / "sweep").rglob("summary.json"))  # subdirs hold "/"
     assert len(summaries) == 4
     got = sorted(round(json.loads(s.read_text())["sparsity"], 2) for s in summaries)
     assert got == [0.3, 0.3, 0.6, 0.6]
