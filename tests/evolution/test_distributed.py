@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from sparse_merge.evolution.distributed import ShardedSelectionScorer, shard_bounds
 
 from .dist_score_script import suite
@@ -31,7 +29,7 @@ def test_rank_shards_concatenate_to_every_task():
         assert joined == list(task.examples)
 
 
-@pytest.mark.slow  # two fresh Python processes importing torch/transformers: ~20-40 s
+# two fresh Python processes importing torch/transformers: about 15 s
 def test_two_gloo_processes_score_like_one(tmp_path):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate is not None, "the accelerate CLI is installed next to python"
