@@ -7,10 +7,9 @@ Rows as in ``google/boolq`` (``question``, ``passage``, ``answer``: bool) or Sup
 
 from __future__ import annotations
 
-from sparse_merge.errors import check_choice, check_positive
 from sparse_merge.tasks.base import Example
-from sparse_merge.tasks.choice import LENGTH_NORMS, Choice, MultipleChoiceTask
-from sparse_merge.tasks.data import DataFiles, DatasetBenchmark, Row
+from sparse_merge.tasks.choice import Choice, ChoiceBenchmark
+from sparse_merge.tasks.data import Row
 
 OPTIONS = (" no", " yes")
 
@@ -26,44 +25,14 @@ def label(row: Row) -> int:
     return int(bool(value))
 
 
-class BoolQ(DatasetBenchmark):
+class BoolQ(ChoiceBenchmark):
     """BoolQ (``google/boolq``): selection and training rows from ``train`` (disjoint),
     held-out rows from ``validation`` (the test split has no labels)."""
 
     name = "boolq"
     hub_path = "google/boolq"
     hub_name = None
-
-    def __init__(
-        self,
-        data_files: DataFiles = None,
-        selection_split: str = "train",
-        heldout_split: str = "validation",
-        train_split: str = "train",
-        n_select: int | None = 200,
-        n_heldout: int | None = 1000,
-        length_norm: str = "none",
-        batch_size: int = 16,
-        data_seed: int = 0,
-        selection_seed: int = 0,
-        hub_path: str | None = None,
-        hub_name: str | None = None,
-    ) -> None:
-        check_choice("length_norm", length_norm, LENGTH_NORMS)
-        check_positive("batch_size", batch_size)
-        super().__init__(
-            data_files,
-            selection_split,
-            heldout_split,
-            train_split,
-            n_select,
-            n_heldout,
-            data_seed,
-            selection_seed,
-            hub_path,
-            hub_name,
-        )
-        self.length_norm, self.batch_size = length_norm, batch_size
+    default_length_norm = "none"
 
     def key(self, row: Row) -> str:
         """Question and passage."""
@@ -73,7 +42,6 @@ class BoolQ(DatasetBenchmark):
         """The context and the right option."""
         return Example(context(row), OPTIONS[label(row)])
 
-    def make_task(self, name: str, rows: list[Row]) -> MultipleChoiceTask:
+    def choice(self, row: Row) -> Choice:
         """Two options per row: `` no`` and `` yes``."""
-        items = [Choice(context(r), OPTIONS, label(r)) for r in rows]
-        return MultipleChoiceTask(name, items, self.length_norm, self.batch_size)
+        return Choice(context(row), OPTIONS, label(row))

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from sparse_merge.errors import check_choice, check_positive
+from sparse_merge.tasks.data import DataFiles, DatasetBenchmark, Row
 from sparse_merge.tasks.generation import context_length
 
 LENGTH_NORMS = ("char", "token", "none")
@@ -141,3 +142,52 @@ class MultipleChoiceTask:
         """[N] bool: the chosen option is the right one."""
         preds = self.predict(model, tokenizer)
         return torch.tensor([p == it.label for p, it in zip(preds, self.items)], dtype=torch.bool)
+
+
+class ChoiceBenchmark(DatasetBenchmark):
+    """A dataset benchmark scored by multiple choice: subclasses say how a row becomes a
+    ``Choice`` (``choice``) and pick their default ``length_norm``."""
+
+    default_length_norm = "none"
+
+    def __init__(
+        self,
+        data_files: DataFiles = None,
+        selection_split: str = "train",
+        heldout_split: str = "validation",
+        train_split: str = "train",
+        n_select: int | None = 200,
+        n_heldout: int | None = 1000,
+        length_norm: str | None = None,
+        batch_size: int = 16,
+        data_seed: int = 0,
+        selection_seed: int = 0,
+        hub_path: str | None = None,
+        hub_name: str | None = None,
+    ) -> None:
+        length_norm = self.default_length_norm if length_norm is None else length_norm
+        check_choice("length_norm", length_norm, LENGTH_NORMS)
+        check_positive("batch_size", batch_size)
+        super().__init__(
+            data_files,
+            selection_split,
+            heldout_split,
+            train_split,
+            n_select,
+            n_heldout,
+            data_seed,
+            selection_seed,
+            hub_path,
+            hub_name,
+        )
+        self.length_norm, self.batch_size = length_norm, batch_size
+
+    def choice(self, row: Row) -> Choice:
+        """The context, the options and the index of the right one."""
+        raise NotImplementedError
+
+    def make_task(self, name: str, rows: list[Row]) -> MultipleChoiceTask:
+        """One ``Choice`` per row, scored by log-likelihood."""
+        return MultipleChoiceTask(
+            name, [self.choice(r) for r in rows], self.length_norm, self.batch_size
+        )

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import re
 
-from sparse_merge.errors import check_choice, check_positive
 from sparse_merge.tasks.base import Example
-from sparse_merge.tasks.choice import LENGTH_NORMS, Choice, MultipleChoiceTask
-from sparse_merge.tasks.data import DataFiles, DatasetBenchmark, Row
+from sparse_merge.tasks.choice import Choice, ChoiceBenchmark
+from sparse_merge.tasks.data import Row
 
 
 def clean(text: str) -> str:
@@ -32,44 +31,14 @@ def options(row: Row) -> tuple[str, ...]:
     return tuple(" " + clean(e) for e in row["endings"])
 
 
-class HellaSwag(DatasetBenchmark):
+class HellaSwag(ChoiceBenchmark):
     """HellaSwag (``Rowan/hellaswag``): selection and training rows from ``train`` (disjoint),
     held-out rows from ``validation`` (the test split has no labels)."""
 
     name = "hellaswag"
     hub_path = "Rowan/hellaswag"
     hub_name = None
-
-    def __init__(
-        self,
-        data_files: DataFiles = None,
-        selection_split: str = "train",
-        heldout_split: str = "validation",
-        train_split: str = "train",
-        n_select: int | None = 200,
-        n_heldout: int | None = 1000,
-        length_norm: str = "char",
-        batch_size: int = 16,
-        data_seed: int = 0,
-        selection_seed: int = 0,
-        hub_path: str | None = None,
-        hub_name: str | None = None,
-    ) -> None:
-        check_choice("length_norm", length_norm, LENGTH_NORMS)
-        check_positive("batch_size", batch_size)
-        super().__init__(
-            data_files,
-            selection_split,
-            heldout_split,
-            train_split,
-            n_select,
-            n_heldout,
-            data_seed,
-            selection_seed,
-            hub_path,
-            hub_name,
-        )
-        self.length_norm, self.batch_size = length_norm, batch_size
+    default_length_norm = "char"
 
     def key(self, row: Row) -> str:
         """Context and endings."""
@@ -79,7 +48,6 @@ class HellaSwag(DatasetBenchmark):
         """The context and the right ending."""
         return Example(context(row), options(row)[int(row["label"])])
 
-    def make_task(self, name: str, rows: list[Row]) -> MultipleChoiceTask:
+    def choice(self, row: Row) -> Choice:
         """Four options per row."""
-        items = [Choice(context(r), options(r), int(r["label"])) for r in rows]
-        return MultipleChoiceTask(name, items, self.length_norm, self.batch_size)
+        return Choice(context(row), options(row), int(row["label"]))
