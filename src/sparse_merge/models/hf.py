@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,6 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from sparse_merge.models.paramspace import ParamSpace
+from sparse_merge.tracking.io import write_atomic_dir
 
 
 def resolve(name_or_path: str | Path) -> Path:
@@ -53,20 +52,13 @@ def save_causal_lm(
     Written to a temporary sibling directory and renamed into place, so a crash never leaves a
     half-written model behind.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+
+    return write_atomic_dir(out_dir, write)
 
 
 @torch.no_grad()

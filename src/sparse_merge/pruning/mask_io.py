@@ -12,8 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sparse_merge.pruning.base import Masks
+from sparse_merge.tracking.io import write_atomic_dir
 
 MASKS_FILE = "masks.safetensors"
 METADATA_FILE = "metadata.json"
@@ -71,18 +70,12 @@ def save_masks(directory: str | Path, masks: Masks, metadata: Mapping[str, Any])
         if mask.dtype != torch.bool:
             raise TypeError(f"mask {name} has dtype {mask.dtype}; masks are bool (True = kept)")
         tensors[name] = mask.detach().cpu().contiguous()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / MASKS_FILE), metadata={METADATA_KEY: text})
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+
+    return write_atomic_dir(out, write)
 
 
 def load_masks(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Masks, dict]:
