@@ -91,13 +91,8 @@ def run_finetune(
 
     calib: Calibration | None = None
     uses_calib = getattr(adapter, "uses_calibration", False)  # lora=row_sparse scores rows on it
-    if pruner is not None or uses_calib:
-        per_task = math.ceil(settings.n_calib / len(tasks.names)) if settings.n_calib else 0
-        calib = (
-            Calibration.from_examples(tokenizer, tasks.train_examples(per_task, seed + 7919))
-            if per_task
-            else None
-        )
+    if (pruner is not None or uses_calib) and settings.n_calib:
+        calib = Calibration.from_tasks(tokenizer, tasks, settings.n_calib, seed + 7919)
     if masks is not None:
         apply_masks(model, masks)
     elif pruner is not None:

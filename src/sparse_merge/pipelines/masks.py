@@ -149,10 +149,11 @@ def run_masks(
     heldout = [] if settings.text_file else heldout_examples(tasks, settings.heldout_examples)
     dense_ppl = ppl()
     source_hash = model_hash(model)
-    per_task = math.ceil(settings.n_calibration / len(tasks.names))
-    calib = Calibration.from_examples(
+    calib = Calibration.from_tasks(
         tokenizer,
-        tasks.train_examples(per_task, seed)[: settings.n_calibration],
+        tasks,
+        settings.n_calibration,
+        seed,
         settings.calibration_length,
         answers_only=settings.answer_loss,
     )

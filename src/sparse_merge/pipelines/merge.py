@@ -61,8 +61,7 @@ def build_calibration(
     if pruner is None:
         return None
     n = int(getattr(pruner, "n_calibration", DEFAULT_CALIBRATION))
-    per_task = -(-n // len(tasks.names))
-    return Calibration.from_examples(tokenizer, tasks.train_examples(per_task, seed)[:n])
+    return Calibration.from_tasks(tokenizer, tasks, n, seed)
 
 
 def run_merge(

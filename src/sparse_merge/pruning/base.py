@@ -69,6 +69,22 @@ class Calibration:
                 labels[i, :n_prompt] = -100
         return cls(batch["input_ids"], batch["attention_mask"], labels)
 
+    @classmethod
+    def from_tasks(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        tasks,
+        n: int,
+        seed: int,
+        max_length: int = 128,
+        answers_only: bool = False,
+    ) -> Calibration:
+        """``n`` training examples of a task suite (``names``, ``train_examples``), interleaved
+        over its tasks — never from the selection or held-out splits."""
+        per_task = -(-n // len(tasks.names))
+        examples = tasks.train_examples(per_task, seed)[:n]
+        return cls.from_examples(tokenizer, examples, max_length, answers_only)
+
     def batches(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(input_ids [b, T], attention_mask [b, T]) chunks."""
         return [
