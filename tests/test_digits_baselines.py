@@ -73,11 +73,32 @@ def test_cma_es_improves_a_random_start_and_is_seeded(scratch):
     assert runs[0].train[-1] > start + 0.15
 
 
+@pytest.mark.parametrize("covariance", ["identity", "diagonal", "full"])
+def test_cma_es_covariance_models_all_search(task, covariance):
+    small = DigitsProblem(DigitsParents("scratch", hidden=8), task, seed=0)  # 610 parameters
+    curve = Curve(small)
+    CMAES(popsize=10, covariance=covariance, progress=False).run(small, 400, seed=3, curve=curve)
+    start = float(small.evaluate(small.initial()["random_0"]).mean())
+    assert curve.train[-1] > start + 0.15
+
+
+def test_cma_es_step_size_rule_reaches_cma(scratch):
+    curves = {}
+    for rule in ("csa", "tpa"):
+        curves[rule] = Curve(scratch)
+        CMAES(popsize=10, sigma_adaptation=rule, progress=False).run(scratch, 200, 0, curves[rule])
+    assert curves["csa"].train != curves["tpa"].train
+
+
 def test_cma_es_rejects_bad_values():
     with pytest.raises(ConfigError, match="popsize"):
         CMAES(popsize=1)
     with pytest.raises(ConfigError, match="sigma0"):
         CMAES(sigma0=0.0)
+    with pytest.raises(ConfigError, match="covariance=.*'identity', 'full', 'diagonal'"):
+        CMAES(covariance="sep")
+    with pytest.raises(ConfigError, match="sigma_adaptation"):
+        CMAES(sigma_adaptation="median")
 
 
 def test_map_elites_cells_bin_accuracies_and_keep_the_better_elite(scratch):
@@ -108,3 +129,24 @@ def test_map_elites_improves_and_is_seeded(pretrained):
     start = max(float(pretrained.evaluate(g).mean()) for g in pretrained.initial().values())
     assert curves[0].train[-1] > start + 0.05  # merging the halves
     assert all(x <= y for x, y in zip(curves[0].train, curves[0].train[1:]))  # elites only improve
+
+
+@pytest.mark.parametrize("replace_below, same_draws", [(0.0, False), (1e9, True)])
+def test_map_elites_draws_one_elite_twice_only_below_the_quality_sum(
+    pretrained, replace_below, same_draws
+):
+    from sparse_merge.evolution.map_elites import MapElites
+
+    me = MapElites(mutation_std=0.0, replace_below=replace_below, progress=False)
+    pairs = []
+    crossover = me.crossover
+
+    def recording(out, a, b, generator):
+        pairs.append(bool(torch.equal(a, b)))
+        return crossover(out, a, b, generator)
+
+    me.crossover = recording
+    me.run(pretrained, 60, seed=2, curve=Curve(pretrained))
+    assert any(pairs) is same_draws
+    with pytest.raises(ConfigError, match="replace_below"):
+        MapElites(replace_below=-1.0)

@@ -80,6 +80,14 @@ def test_quick_experiment_writes_figure_table_and_reuses_runs(tmp_path):
     assert execute(quick_cfg(tmp_path)) == metric  # every job reused, nothing rerun
     assert {p.name: p.stat().st_mtime_ns for p in (run / "runs").iterdir()} == before
 
+    changed = quick_cfg(tmp_path)  # a changed method runs again; the others are kept
+    with open_dict(changed):
+        changed.evolver.panels.scratch.methods.map_elites.replace_below = 0.0
+    execute(changed)
+    after = {p.name: p.stat().st_mtime_ns for p in (run / "runs").iterdir()}
+    rerun = {name for name in after if after[name] != before[name]}
+    assert rerun == {"scratch__map_elites__seed0.json", "scratch__map_elites__seed1.json"}
+
 
 def test_same_seed_same_parents_across_methods(tmp_path):
     cfg = quick_cfg(tmp_path)

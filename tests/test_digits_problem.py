@@ -57,10 +57,10 @@ def test_prune_is_exact_per_weight_matrix_and_spares_biases(problem):
     genome = torch.randn(problem.numel, generator=torch.Generator().manual_seed(2))
     assert problem.sparsity(genome) == 0.0
     problem.prune_(genome, 0.25)
-    w1 = problem.space.view(genome, "net.0.weight")
-    w2 = problem.space.view(genome, "net.2.weight")
+    w1 = problem.space.view(genome, "w1")
+    w2 = problem.space.view(genome, "w2")
     assert int((w1 == 0).sum()) == w1.numel() // 4 and int((w2 == 0).sum()) == w2.numel() // 4
-    assert int((problem.space.view(genome, "net.0.bias") == 0).sum()) == 0
+    assert int((problem.space.view(genome, "b1") == 0).sum()) == 0
     assert problem.sparsity(genome) == 0.25
     with pytest.raises(ConfigError, match="sparsity"):
         problem.prune_(genome, 1.5)

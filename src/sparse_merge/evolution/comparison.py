@@ -4,13 +4,15 @@ over several seeds, in one or more panels (e.g. from scratch and from pre-traine
 Each (panel, method, seed) is one job: a fresh ``DigitsProblem`` (its parents seeded by the
 seed, so every method of a seed starts from the same parents), a fresh ``Curve``, one run of
 the method. A job's result (its curve sampled on a common grid, its final scores and its
-speed) is written atomically to ``<dir>/runs/<panel>__<method>__seed<seed>.json``; a job whose
-file exists is not run again (``reuse``), so an interrupted comparison continues where it
-stopped. Jobs run in ``workers`` processes, each with ``threads`` torch threads.
+speed) is written atomically to ``<dir>/runs/<panel>__<method>__seed<seed>.json`` with the
+job's settings (``settings``: the method's and the parents' parameters and the budget); a job
+whose file exists with the same settings is not run again (``reuse``), so an interrupted
+comparison continues where it stopped, and a changed method or panel runs again. Jobs run in ``workers`` processes, each with ``threads`` torch threads.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -29,7 +31,7 @@ from sparse_merge.evolution.curve import Curve
 from sparse_merge.evolution.digits import DigitsProblem
 from sparse_merge.models.digits import DigitsParents
 from sparse_merge.tasks.digits import DigitsTask
-from sparse_merge.tracking.io import write_json
+from sparse_merge.tracking.io import to_jsonable, write_json
 
 log = logging.getLogger("sparse_merge")
 
@@ -116,6 +118,25 @@ class Comparison:
         n = min(self.points, budget)
         return sorted({round(budget * i / n) for i in range(n + 1)})
 
+    def settings(self, job: Job) -> dict[str, Any]:
+        """What decides a job's result besides its seed: the method's and the parents'
+        parameters and the budget (JSON-comparable)."""
+        panel = self.panels[job.panel]
+        return to_jsonable(
+            {
+                "budget": panel.budget,
+                "parents": describe(panel.parents),
+                "method": describe(panel.methods[job.method]),
+            }
+        )
+
+    def done(self, job: Job, runs: Path) -> bool:
+        """Whether ``job``'s result file exists with the job's current settings."""
+        path = runs / job.file
+        if not path.exists():
+            return False
+        return json.loads(path.read_text()).get("settings") == self.settings(job)
+
     def run_job(self, job: Job, task: DigitsTask) -> dict[str, Any]:
         """Run one job; returns its result (see module docstring)."""
         torch.set_num_threads(self.threads)
@@ -134,6 +155,7 @@ class Comparison:
             "panel": job.panel,
             "method": job.method,
             "seed": job.seed,
+            "settings": self.settings(job),
             "budget": panel.budget,
             "evals": curve.evals[-1],
             "final_test": curve.test[-1],
@@ -151,7 +173,7 @@ class Comparison:
         runs = Path(out_dir) / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         jobs = self.jobs()
-        todo = [j for j in jobs if not (self.reuse and (runs / j.file).exists())]
+        todo = [j for j in jobs if not (self.reuse and self.done(j, runs))]
         todo = todo if self.run_missing else []
         bar = tqdm(total=len(todo), desc="comparison jobs")
         if self.workers == 1 or len(todo) <= 1:
@@ -176,9 +198,25 @@ class Comparison:
 
     def _run_to_file(self, job: Job, task: DigitsTask, runs: Path) -> None:
         """Run ``job`` and write its file, unless another process wrote it meanwhile."""
-        if self.reuse and (runs / job.file).exists():
+        if self.reuse and self.done(job, runs):
             return
         write_json(runs / job.file, self.run_job(job, task))
+
+
+def describe(obj: Any) -> Any:
+    """A method or parents object as plain data: its class and the attributes named by its
+    constructor's parameters, recursively (the progress switch and tensors left out)."""
+    if isinstance(obj, (str, int, float, bool, type(None), Path)):
+        return obj if not isinstance(obj, Path) else str(obj)
+    if isinstance(obj, dict):
+        return {str(k): describe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [describe(v) for v in obj]
+    if isinstance(obj, torch.Tensor) or not hasattr(obj, "__dict__"):
+        return type(obj).__name__
+    params = inspect.signature(type(obj).__init__).parameters
+    public = {k: describe(v) for k, v in vars(obj).items() if k in params and k != "progress"}
+    return {"class": type(obj).__name__, **public}
 
 
 def _quiet() -> None:

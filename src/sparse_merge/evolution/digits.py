@@ -1,8 +1,8 @@
 """The M2N2 digits problem: the 64-256-10 MLP evaluated straight from flat genomes.
 
-A genome uses the layout of ``DigitsMLP`` in a ``ParamSpace`` (``net.0.weight`` [H, 64],
-``net.0.bias`` [H], ``net.2.weight`` [10, H], ``net.2.bias`` [10]), so the parents of
-``DigitsParents`` are genomes of this problem as they are. Evaluation slices the genome into
+A genome uses the layout of ``DigitsMLP`` in a ``ParamSpace`` (``w1``, ``b1``, ``w2``, ``b2``;
+the weights [64, H] and [H, 10] in the reference's ``in_out`` layout, transposed in ``out_in``),
+so the parents of ``DigitsParents`` are genomes of this problem as they are. Evaluation slices the genome into
 views and runs two matmuls: no ``nn.Module`` is built or loaded per evaluation, and a batch of
 genomes (CMA-ES, brute force) is evaluated with batched matmuls in one call.
 """
@@ -16,7 +16,7 @@ from sparse_merge.models.digits import DigitsParents
 from sparse_merge.pruning.base import keep_smallest_out
 from sparse_merge.tasks.digits import DigitsTask
 
-WEIGHTS = ("net.0.weight", "net.2.weight")  # the prunable weights (biases are not pruned)
+WEIGHTS = ("w1", "w2")  # the prunable weights (biases are not pruned)
 
 
 class DigitsProblem:
@@ -40,9 +40,8 @@ class DigitsProblem:
         self.x_test, self.y_test = task.heldout.images, task.heldout.labels  # [T, 64], [T]
         self.n_datapoints = len(self.y_sel)
         self.descriptor_masks = [self.y_sel % 2 == 1, self.y_sel % 2 == 0]  # odd, even: [D]
-        self._slices = [self.space.slot(n) for n in ("net.0.weight", "net.0.bias")] + [
-            self.space.slot(n) for n in ("net.2.weight", "net.2.bias")
-        ]
+        self._slices = [self.space.slot(n) for n in ("w1", "b1", "w2", "b2")]
+        self._in_out = parents.layout == "in_out"
         self._weights = [self.space.slot(n) for n in WEIGHTS]
         self._n_weights = sum(s.numel for s in self._weights)
         self._workspace = torch.zeros(self.numel)  # [P]
@@ -63,29 +62,29 @@ class DigitsProblem:
         return {name: g.clone() for name, g in self._initial.items()}
 
     def _params(self, genomes: torch.Tensor) -> list[torch.Tensor]:
-        """W1 [B, H, 64], b1 [B, 1, H], W2 [B, 10, H], b2 [B, 1, 10] as views of ``genomes`` [B, P]."""
-        b = genomes.shape[0]
+        """W1 [B, 64, H], b1 [B, 1, H], W2 [B, H, 10], b2 [B, 1, 10] as views of ``genomes`` [B, P]
+        (transposed views in the ``out_in`` layout)."""
+        b, h = genomes.shape[0], self.hidden
         w1, b1, w2, b2 = (genomes[:, s.offset : s.stop] for s in self._slices)
-        return [
-            w1.view(b, self.hidden, 64),
-            b1.view(b, 1, self.hidden),
-            w2.view(b, 10, self.hidden),
-            b2.view(b, 1, 10),
-        ]
+        if self._in_out:
+            w1, w2 = w1.view(b, 64, h), w2.view(b, h, 10)
+        else:
+            w1, w2 = w1.view(b, h, 64).transpose(1, 2), w2.view(b, 10, h).transpose(1, 2)
+        return [w1, b1.view(b, 1, h), w2, b2.view(b, 1, 10)]
 
     @torch.no_grad()
     def logits(self, genome: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Logits [N, 10] of one genome [P] on ``images`` [N, 64]."""
         w1, b1, w2, b2 = (p[0] for p in self._params(genome[None]))
-        hidden = torch.addmm(b1, images, w1.t()).relu_()  # [N, H]
-        return torch.addmm(b2, hidden, w2.t())  # [N, 10]
+        hidden = torch.addmm(b1, images, w1).relu_()  # [N, H]
+        return torch.addmm(b2, hidden, w2)  # [N, 10]
 
     @torch.no_grad()
     def logits_batch(self, genomes: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Logits [B, N, 10] of genomes [B, P] on ``images`` [N, 64] (batched matmuls)."""
         w1, b1, w2, b2 = self._params(genomes)
-        hidden = torch.baddbmm(b1, images.expand(len(genomes), -1, -1), w1.transpose(1, 2))
-        return torch.baddbmm(b2, hidden.relu_(), w2.transpose(1, 2))  # [B, N, 10]
+        hidden = torch.baddbmm(b1, images.expand(len(genomes), -1, -1), w1)
+        return torch.baddbmm(b2, hidden.relu_(), w2)  # [B, N, 10]
 
     def evaluate(self, genome: torch.Tensor) -> torch.Tensor:
         """Float 0/1 correctness [D] on the training images, in their fixed order."""

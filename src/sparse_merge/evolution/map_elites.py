@@ -1,12 +1,17 @@
 """MAP-Elites baseline: a grid of elites over the selection accuracy on two groups of
 datapoints (for digits: odd and even training images), as in the M2N2 reference.
 
-Each step draws two elites in proportion to their quality (overall selection accuracy;
-distinct once two cells are filled), crosses them over (SLERP with a random weight and split
+Each step draws two elites in proportion to their quality (overall selection accuracy), crosses them over (SLERP with a random weight and split
 point), mutates the child (Gaussian noise, off when ``mutation_std = 0``, the setting for
 pre-trained parents), and puts it into the cell of its two group accuracies
 (``floor(acc * bins)``, an accuracy of 1 in the last bin) when the cell is empty or the child
 beats its elite. The problem provides the groups as ``descriptor_masks`` (two bool [D] masks).
+
+The two elites are drawn with replacement (the same elite may be drawn twice: the child is then
+that elite, mutated) while the elites' qualities sum to less than ``replace_below``, and as two
+distinct elites afterwards. The M2N2 reference code draws with replacement while the qualities
+sum to less than 2 (``replace_below: 2``), so from random parents the first steps are mostly
+mutations of one elite; ``replace_below: 0`` draws distinct elites whenever two cells are filled.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class MapElites:
         bins: int = 10,
         mutation_std: float = 0.01,
         crossover: str = "slerp_split",
+        replace_below: float = 2.0,
         progress: bool = True,
     ) -> None:
         if int(bins) < 1:
@@ -36,6 +42,7 @@ class MapElites:
         self.bins = int(bins)
         self.mutation_std = float(check_positive("mutation_std", mutation_std, allow_zero=True))
         self.crossover = Crossover(crossover)
+        self.replace_below = float(check_positive("replace_below", replace_below, allow_zero=True))
         self.progress = bool(progress)
 
     def cell(self, scores: torch.Tensor, masks: list[torch.Tensor]) -> tuple[int, int]:
@@ -76,7 +83,8 @@ class MapElites:
         best, test = -1, 0.0  # the best cell and its elite's held-out score
         for step in tqdm(range(budget), desc="map_elites", disable=None if self.progress else True):
             p1 = sample_index(quality, filled, gen)
-            p2 = sample_index(quality, filled, gen, exclude=p1) if int(filled.sum()) > 1 else p1
+            distinct = int(filled.sum()) > 1 and float(quality.sum()) >= self.replace_below
+            p2 = sample_index(quality, filled, gen, exclude=p1 if distinct else None)
             self.crossover(ws, genomes[p1], genomes[p2], gen)
             mutate_(ws, self.mutation_std, noise_gen)
             if offer(ws, problem.evaluate(ws)) or best < 0:
