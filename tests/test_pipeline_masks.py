@@ -72,9 +72,13 @@ def test_saved_masks_reprune_the_base_exactly(masks_run):
 
 
 def test_bad_masks_value_fails_before_work(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
     cfg = compose_cfg(["experiment=masks", "masks.n_calibration=0", *SMALL[:-1]], tmp_path)
     with pytest.raises(Exception, match="masks.n_calibration"):
         execute(cfg)
+    with pytest.raises(ConfigCompositionException, match="n_calibraton"):  # a misspelt key
+        compose_cfg(["experiment=masks", "masks.n_calibraton=8"], tmp_path)
 
 
 @pytest.mark.slow

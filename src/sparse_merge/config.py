@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, ListConfig
 
 from sparse_merge.errors import ConfigError, check_fraction, check_positive
 from sparse_merge.finetune.settings import FinetuneSettings
+from sparse_merge.pruning.settings import MasksSettings
 
 GROUPS = ("model", "task", "pruner", "scorer", "evolver", "lora", "hardware", "logger")
 
@@ -33,7 +34,7 @@ class Config:
     output_dir: str = MISSING  # run directory (Hydra's job dir by default)
     save_models: bool = True  # save resulting models (HF format) in the run directory
     resume: bool = False  # continue the run found in output_dir from its last checkpoint
-    masks: Any = None  # settings of the masks pipeline (conf/experiment/masks.yaml)
+    masks: MasksSettings = field(default_factory=MasksSettings)  # pipeline=masks
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)  # pipeline=finetune
     budget: int = 1000  # forward passes of a single-method digits run (pipeline: digits)
     model: Any = MISSING

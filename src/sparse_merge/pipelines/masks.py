@@ -12,21 +12,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from sparse_merge.errors import ConfigError, check_positive
+from sparse_merge.errors import ConfigError
 from sparse_merge.finetune.data import IGNORE_INDEX, encode_examples
 from sparse_merge.hardware import Hardware
 from sparse_merge.models.hf import load_causal_lm, load_tokenizer
 from sparse_merge.models.source import ModelSource
 from sparse_merge.pruning.base import Calibration, Pruner
 from sparse_merge.pruning.mask_io import mask_dir, model_hash, save_masks
+from sparse_merge.pruning.settings import MasksSettings
 from sparse_merge.pruning.sparsity import measure_sparsity
 from sparse_merge.pruning.stats import mask_stats, overall_sparsity, plot_mask_stats
 from sparse_merge.pruning.validate import validate_masks, write_report
@@ -38,37 +39,6 @@ from sparse_merge.tracking.logger import RunLogger
 from sparse_merge.tracking.report import format_table
 
 log = logging.getLogger("sparse_merge")
-
-
-@dataclass
-class MasksSettings:
-    """Settings of the masks pipeline (the ``masks:`` node of ``conf/experiment/masks.yaml``)."""
-
-    root: str  # mask directories go under <root>/<model>/sparsity50_<method>/
-    model_name: str  # <model> in that layout and in the metadata
-    n_calibration: int = 128  # calibration sequences from the tasks' training examples
-    calibration_length: int = 64  # max tokens per calibration sequence
-    answer_loss: bool = False  # gradient scores: loss on the answer tokens only (else all)
-    heldout_examples: int = 256  # held-out examples per task for perplexity (0 = all)
-    text_file: str | None = None  # perplexity on this UTF-8 text instead (sliding window)
-    window: int | None = None  # text_file: tokens per window (default: the model's max positions)
-    stride: int | None = None  # text_file: new tokens per window (default: window // 2)
-    tolerance: float = 0.01  # |achieved - target| overall sparsity beyond this is reported
-    plots: bool = True  # per-layer sparsity histogram and bar chart (PNG)
-
-    def __post_init__(self) -> None:
-        check_positive("masks.n_calibration", self.n_calibration)
-        check_positive("masks.calibration_length", self.calibration_length)
-        check_positive("masks.heldout_examples", self.heldout_examples, allow_zero=True)
-        check_positive("masks.tolerance", self.tolerance, allow_zero=True)
-        if self.text_file is not None and not Path(self.text_file).is_file():
-            raise ConfigError("masks.text_file", self.text_file, "an existing UTF-8 text file")
-        if (
-            self.window is not None
-            and self.stride is not None
-            and not 0 < self.stride < self.window
-        ):
-            raise ConfigError("masks.stride", self.stride, f"in (0, window={self.window})")
 
 
 def heldout_examples(tasks: TaskSuite, per_task: int) -> list[Example]:
@@ -210,10 +180,7 @@ def run_masks(
 
 def run(cfg, parts: dict, run_dir: Path) -> float:
     """Pipeline entry (``pipeline: masks``)."""
-    node = cfg.get("masks")
-    if node is None:
-        raise ConfigError("masks", None, "a masks: node (use experiment=masks)")
-    settings = MasksSettings(**{str(k): v for k, v in node.items()})
+    settings = MasksSettings(**OmegaConf.to_container(cfg.masks, resolve=True))
     return run_masks(
         parts["model"],
         parts["task"],
