@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from sparse_merge.app import execute
-from sparse_merge.config import GROUPS, check_target_keys
+from sparse_merge.config import GROUPS, check_target_keys, validate
 from sparse_merge.errors import ConfigError
 
 from .conftest import CONF_DIR, compose_cfg
@@ -76,6 +76,19 @@ def test_unknown_key_in_a_group_file_is_reported(tmp_path):
         cfg.pruner.granularty = "row"
     with pytest.raises(ConfigError, match=r"pruner\.granularty.*granularity"):
         execute(cfg)
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "mbpp", "boolq", "perplexity"])
+def test_benchmark_keys_are_checked_through_to_the_base_class(task, tmp_path):
+    cfg = compose_cfg([f"task={task}"], tmp_path)
+    name = next(iter(cfg.task.tasks))
+    with open_dict(cfg):
+        cfg.task.tasks[name].n_heldout = 7  # a key of DatasetBenchmark, taken via **kwargs
+    validate(cfg)
+    with open_dict(cfg):
+        cfg.task.tasks[name].n_heldot = 7
+    with pytest.raises(ConfigError, match=r"n_heldot.*n_heldout"):
+        validate(cfg)
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,32 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
+def accepted_keys(target: Any) -> list[str] | None:
+    """The keyword arguments ``target`` accepts; ``None`` when it takes any.
+
+    A class whose ``__init__`` passes ``**kwargs`` on to its base class accepts the base's
+    parameters too: the classes of the MRO are followed while their ``__init__`` takes
+    ``**kwargs`` (the usual ``super().__init__(**kwargs)``).
+    """
+    inits = (
+        [vars(k)["__init__"] for k in target.__mro__ if "__init__" in vars(k)]
+        if inspect.isclass(target)
+        else [target]
+    )
+    names: list[str] = []
+    for init in inits:
+        try:
+            params = list(inspect.signature(init).parameters.values())
+        except (TypeError, ValueError):  # a builtin without a signature: cannot check
+            return None
+        if inspect.isclass(target):
+            params = params[1:]  # self
+        names += [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
 def check_target_keys(node: Any, key: str) -> None:
     """Every key of a ``_target_`` node (and nested ones) must be a parameter of the target."""
     if isinstance(node, ListConfig):
@@ -68,11 +94,9 @@ def check_target_keys(node: Any, key: str) -> None:
             raise ConfigError(
                 f"{key}._target_", target, f"an importable class or function ({exc})"
             ) from None
-        params = inspect.signature(obj).parameters
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        allowed = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        allowed = accepted_keys(obj)
         for k in node:
-            if not str(k).startswith("_") and k not in params and not takes_any:
+            if not str(k).startswith("_") and allowed is not None and k not in allowed:
                 raise ConfigError(
                     f"{key}.{k}", node.get(k), f"a key of {target}: {', '.join(allowed)}"
                 )

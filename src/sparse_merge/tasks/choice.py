@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from sparse_merge.errors import check_choice, check_positive
-from sparse_merge.tasks.data import DataFiles, DatasetBenchmark, Row
+from sparse_merge.tasks.data import DatasetBenchmark, Row
 from sparse_merge.tasks.generation import context_length
 
 LENGTH_NORMS = ("char", "token", "none")
@@ -152,33 +153,15 @@ class ChoiceBenchmark(DatasetBenchmark):
 
     def __init__(
         self,
-        data_files: DataFiles = None,
-        selection_split: str = "train",
-        heldout_split: str = "validation",
-        train_split: str = "train",
-        n_select: int | None = 200,
-        n_heldout: int | None = 1000,
         length_norm: str | None = None,
         batch_size: int = 16,
-        data_seed: int = 0,
-        selection_seed: int = 0,
-        hub_path: str | None = None,
-        hub_name: str | None = None,
+        **split_options: Any,
     ) -> None:
         length_norm = self.default_length_norm if length_norm is None else length_norm
         check_choice("length_norm", length_norm, LENGTH_NORMS)
         check_positive("batch_size", batch_size)
         super().__init__(
-            data_files,
-            selection_split,
-            heldout_split,
-            train_split,
-            n_select,
-            n_heldout,
-            data_seed,
-            selection_seed,
-            hub_path,
-            hub_name,
+            **{"heldout_split": "validation", "n_select": 200, "n_heldout": 1000, **split_options}
         )
         self.length_norm, self.batch_size = length_norm, batch_size
 

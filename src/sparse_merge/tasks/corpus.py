@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sparse_merge.errors import check_positive
 from sparse_merge.tasks.base import Example
-from sparse_merge.tasks.data import DataFiles, DatasetBenchmark, Row
+from sparse_merge.tasks.data import DatasetBenchmark, Row
 from sparse_merge.tasks.generation import context_length
 from sparse_merge.tasks.perplexity import token_nlls
 
@@ -86,35 +87,17 @@ class Corpus(DatasetBenchmark):
 
     def __init__(
         self,
-        data_files: DataFiles = None,
         text_field: str = "text",
         chunk_chars: int = 2000,
-        selection_split: str = "validation",
-        heldout_split: str = "test",
-        train_split: str = "train",
-        n_select: int | None = 64,
-        n_heldout: int | None = 128,
         window: int | None = None,
-        data_seed: int = 0,
-        selection_seed: int = 0,
-        hub_path: str | None = None,
-        hub_name: str | None = None,
         name: str = "corpus",
+        **split_options: Any,
     ) -> None:
         check_positive("chunk_chars", chunk_chars)
         if window is not None:
             check_positive("window", window)
         super().__init__(
-            data_files,
-            selection_split,
-            heldout_split,
-            train_split,
-            n_select,
-            n_heldout,
-            data_seed,
-            selection_seed,
-            hub_path,
-            hub_name,
+            **{"selection_split": "validation", "n_select": 64, "n_heldout": 128, **split_options}
         )
         self.name, self.text_field, self.chunk_chars, self.window = (
             name,

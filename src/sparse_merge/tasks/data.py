@@ -148,7 +148,9 @@ class DatasetBenchmark:
     Subclasses set ``name``, ``hub_path``/``hub_name`` and the default splits, and define
     ``key(row)`` (what makes two rows the same datapoint), ``example(row)`` (a training example)
     and ``make_task(name, rows)`` (the scored ``Task``). Rows load on first use, so building the
-    object from a config stays cheap.
+    object from a config stays cheap. A subclass takes its own parameters and passes the data
+    and split parameters below on as ``**split_options`` (merged over its own defaults);
+    config key checking follows them here.
     """
 
     name = "dataset"

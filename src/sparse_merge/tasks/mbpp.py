@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from sparse_merge.errors import check_choice, check_positive
 from sparse_merge.tasks.base import Example
-from sparse_merge.tasks.data import DataFiles, DatasetBenchmark, Row
+from sparse_merge.tasks.data import DatasetBenchmark, Row
 from sparse_merge.tasks.generation import (
     CHAT_MODES,
     GenerationTask,
@@ -127,13 +128,7 @@ class MBPP(DatasetBenchmark):
 
     def __init__(
         self,
-        data_files: DataFiles = None,
-        selection_split: str = "validation",
-        heldout_split: str = "test",
-        train_split: str = "train",
         fewshot_split: str = "prompt",
-        n_select: int | None = 64,
-        n_heldout: int | None = 500,
         num_fewshot: int = 3,
         chat_template: str = "auto",
         max_new_tokens: int = 512,
@@ -142,27 +137,13 @@ class MBPP(DatasetBenchmark):
         memory_mb: int = 1024,
         workers: int = 4,
         isolation: str = "auto",
-        data_seed: int = 0,
-        selection_seed: int = 0,
-        hub_path: str | None = None,
-        hub_name: str | None = None,
+        **split_options: Any,
     ) -> None:
         check_positive("num_fewshot", num_fewshot, allow_zero=True)
         check_positive("max_new_tokens", max_new_tokens)
         check_positive("batch_size", batch_size)
         check_choice("chat_template", chat_template, CHAT_MODES)
-        super().__init__(
-            data_files,
-            selection_split,
-            heldout_split,
-            train_split,
-            n_select,
-            n_heldout,
-            data_seed,
-            selection_seed,
-            hub_path,
-            hub_name,
-        )
+        super().__init__(**{"selection_split": "validation", "n_select": 64, **split_options})
         self.fewshot_split, self.num_fewshot = fewshot_split, num_fewshot
         self.chat_template, self.max_new_tokens, self.batch_size = (
             chat_template,
