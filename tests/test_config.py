@@ -78,6 +78,15 @@ def test_unknown_key_in_a_group_file_is_reported(tmp_path):
         execute(cfg)
 
 
+@pytest.mark.parametrize("experiment", ["smoke", "finetune_smoke"])
+def test_smoke_experiments_take_any_task(experiment, tmp_path):
+    small = compose_cfg([f"experiment={experiment}"], tmp_path)
+    assert small.task.tasks.addition.n_heldout == 16  # the toy tasks, sized down
+    cfg = compose_cfg([f"experiment={experiment}", "task=gsm8k"], tmp_path)
+    assert list(cfg.task.tasks) == ["gsm8k"]
+    validate(cfg)
+
+
 @pytest.mark.parametrize("task", ["gsm8k", "mbpp", "boolq", "perplexity"])
 def test_benchmark_keys_are_checked_through_to_the_base_class(task, tmp_path):
     cfg = compose_cfg([f"task={task}"], tmp_path)
