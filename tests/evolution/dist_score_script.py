@@ -1,5 +1,5 @@
-"""Run under a 2-process launch: sharded selection scores vs single-process scores (rank 0
-writes both to the JSON file named by argv[1])."""
+"""Run under a 2-process launch: sharded selection scores and held-out means vs single-process
+ones (rank 0 writes both to the JSON file named by argv[1])."""
 
 import json
 import sys
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from sparse_merge.evolution.distributed import ShardedSelectionScorer
+from sparse_merge.evolution.distributed import ShardedScorer
 from sparse_merge.models.tokenizer import char_tokenizer
 from sparse_merge.models.toy import toy_llama
 from sparse_merge.tasks.base import Example
@@ -25,8 +25,10 @@ def suite() -> TaskSuite:
     for name, n in (("a", 7), ("b", 5)):  # odd sizes: uneven shards
         ex = [Example(f"{name}{i}+{i * 3}=", str(i)) for i in range(n)]
         sel = ExactMatchTask(f"{name}/selection", ex, 3, batch_size=4, match=varied)
-        tasks[name] = SimpleNamespace(name=name, selection=sel, heldout=sel)
-    return TaskSuite(tasks)
+        ex = [Example(f"{name}{i}*{i + 5}=", str(i)) for i in range(n + 4)]
+        held = ExactMatchTask(f"{name}/heldout", ex, 3, batch_size=4, match=varied)
+        tasks[name] = SimpleNamespace(name=name, selection=sel, heldout=held)
+    return TaskSuite(tasks, weights={"a": 1.0, "b": 3.0})
 
 
 def main() -> None:
@@ -38,11 +40,13 @@ def main() -> None:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
     tasks = suite()
-    scorer = ShardedSelectionScorer(tasks)
+    scorer = ShardedScorer(tasks)
     sharded = scorer(model, tok)
+    heldout = ShardedScorer(tasks, split="heldout").evaluate(model, tok)
     if scorer.is_main:
         single = tasks.score_selection(model, tok)
         out = {"world": scorer.world, "sharded": sharded.tolist(), "single": single.tolist()}
+        out.update(heldout_sharded=heldout, heldout_single=tasks.evaluate_heldout(model, tok))
         with open(sys.argv[1], "w") as f:
             json.dump(out, f)
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sparse_merge.evolution.distributed import ShardedSelectionScorer, shard_bounds
+from sparse_merge.evolution.distributed import ShardedScorer, shard_bounds
 
 from .dist_score_script import suite
 
@@ -23,7 +23,7 @@ def test_shard_bounds_cover_in_order():
 
 def test_rank_shards_concatenate_to_every_task():
     tasks = suite()
-    scorers = [ShardedSelectionScorer(tasks, rank=r, world=3) for r in range(3)]
+    scorers = [ShardedScorer(tasks, rank=r, world=3) for r in range(3)]
     for i, task in enumerate(scorers[0].tasks):
         joined = [e for s in scorers for e in s.shards[i].examples]
         assert joined == list(task.examples)
@@ -45,3 +45,26 @@ def test_two_gloo_processes_score_like_one(tmp_path):
     assert res["world"] == 2
     assert res["sharded"] == res["single"]
     assert 0 < sum(res["single"]) < len(res["single"])  # mixed scores: order matters
+    assert res["heldout_sharded"] == res["heldout_single"]
+    assert 0 < res["heldout_single"]["mean"] < 1
+
+
+# a 1-process run, then the same run under a 2-process launch: about 25 s
+def test_merge_run_under_two_processes_reports_what_one_process_reports(tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    args = ["experiment=smoke", "evolver.iterations=4", f"model.cache_dir={tmp_path}/cache"]
+    args += ["save_models=false"]
+    results = {}
+    for procs in (1, 2):
+        out = tmp_path / f"run{procs}"
+        cmd = [sys.executable] if procs == 1 else [accelerate, "launch", "--multi_gpu"]
+        if procs == 2:
+            cmd += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+            cmd += ["--dynamo_backend", "no", "--main_process_port", "0"]
+        cmd += ["run.py", *args, f"hydra.run.dir={out}"]
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[procs] = json.loads((out / "results.json").read_text())
+    assert results[2]["models"] == results[1]["models"]
+    assert results[2]["archive"] == results[1]["archive"]

@@ -1,5 +1,6 @@
 """Data-parallel scoring of a child: each process scores a contiguous shard of every task's
-selection datapoints, and one ``all_gather`` puts the scores back in the suite's order.
+selection datapoints, and one ``all_gather`` puts the scores back in the suite's order. The
+held-out evaluations (of archive members and of the final results) are split the same way.
 
 Run with ``accelerate launch --num_processes N run.py ...`` (or ``torchrun``): every process
 holds the live model and runs the same seeded evolution, so every process builds the same
@@ -39,11 +40,19 @@ def shard_task(task: Task, rank: int, world: int) -> Task | None:
     return None
 
 
-class ShardedSelectionScorer:
-    """``(model, tokenizer) -> scores [D]`` like ``TaskSuite.score_selection``, computed across
-    the processes of a ``torch.distributed`` group (an Accelerate launch)."""
+class ShardedScorer:
+    """``(model, tokenizer) -> scores [D]`` like ``TaskSuite.score_selection`` (of the
+    ``split`` subsets: ``selection`` or ``heldout``), computed across the processes of a
+    ``torch.distributed`` group (an Accelerate launch); ``evaluate`` gives the per-task means
+    like ``TaskSuite.evaluate_heldout``."""
 
-    def __init__(self, tasks: TaskSuite, rank: int | None = None, world: int | None = None) -> None:
+    def __init__(
+        self,
+        tasks: TaskSuite,
+        rank: int | None = None,
+        world: int | None = None,
+        split: str = "selection",
+    ) -> None:
         if rank is None or world is None:
             from accelerate import PartialState
 
@@ -53,7 +62,8 @@ class ShardedSelectionScorer:
         else:
             self.device = torch.device("cpu")
         self.rank, self.world = int(rank), int(world)
-        self.tasks = [t.selection for t in tasks.tasks.values()]
+        self.suite = tasks
+        self.tasks = [getattr(t, split) for t in tasks.tasks.values()]
         self.sizes = [len(t) for t in self.tasks]
         self.shards = [shard_task(t, self.rank, self.world) for t in self.tasks]
 
@@ -101,3 +111,10 @@ class ShardedSelectionScorer:
                 out.append(per_rank[r][cursors[r] : cursors[r] + n])
                 cursors[r] += n
         return torch.cat(out)
+
+    def evaluate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
+        """Mean score per task plus their weighted ``mean``, identical on every process."""
+        scores = self(model, tokenizer).split(self.sizes)
+        return self.suite.summarize(
+            {n: s.float().mean().item() for n, s in zip(self.suite.names, scores)}
+        )

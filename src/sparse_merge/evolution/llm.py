@@ -17,6 +17,8 @@ from sparse_merge.tasks.suite import TaskSuite
 
 # scores [D] of the live model on the selection split; the default is the suite's own scoring
 SelectionScorer = Callable[[nn.Module, PreTrainedTokenizerBase], torch.Tensor]
+# held-out mean per task plus ``mean``; the default is TaskSuite.evaluate_heldout
+HeldoutEvaluator = Callable[[nn.Module, PreTrainedTokenizerBase], dict[str, float]]
 
 
 class LLMProblem:
@@ -24,6 +26,7 @@ class LLMProblem:
 
     ``score_selection`` replaces the suite's single-process scoring (the multi-process
     evaluator passes its own); it must return the same [D] scores in the same order.
+    ``evaluate_heldout`` likewise replaces ``TaskSuite.evaluate_heldout``.
     """
 
     def __init__(
@@ -35,6 +38,7 @@ class LLMProblem:
         pruner: Pruner | None = None,
         calibration: Calibration | None = None,
         score_selection: SelectionScorer | None = None,
+        evaluate_heldout: HeldoutEvaluator | None = None,
     ) -> None:
         if not parents:
             raise ValueError("LLMProblem needs at least one parent genome")
@@ -47,6 +51,7 @@ class LLMProblem:
         self.parents = dict(parents)
         self.pruner, self.calibration = pruner, calibration
         self._score = score_selection or tasks.score_selection
+        self._heldout = evaluate_heldout or tasks.evaluate_heldout
         self.numel = space.numel
         self.n_datapoints = tasks.n_selection
         self.task_names = tasks.names
@@ -82,7 +87,7 @@ class LLMProblem:
 
     def heldout(self, genome: torch.Tensor) -> dict[str, float]:
         """Held-out score per task and their weighted ``mean``."""
-        return self.tasks.evaluate_heldout(self._load(genome), self.tokenizer)
+        return self._heldout(self._load(genome), self.tokenizer)
 
     @torch.no_grad()
     def sparsity(self, genome: torch.Tensor) -> float:

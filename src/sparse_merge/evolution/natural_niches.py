@@ -148,6 +148,7 @@ class NaturalNiches:
             ctx.pruner,
             ctx.calibration,
             ctx.extra.get("score_selection"),
+            ctx.extra.get("evaluate_heldout"),
         )
         scorer = ctx.scorer if ctx.scorer is not None else SparsityAwareScorer()
         result = self.evolve(

@@ -17,7 +17,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from sparse_merge.evolution.context import MergeContext
-from sparse_merge.evolution.distributed import ShardedSelectionScorer
+from sparse_merge.evolution.distributed import ShardedScorer
+from sparse_merge.evolution.llm import HeldoutEvaluator
 from sparse_merge.evolution.scoring import SparsityAwareScorer
 from sparse_merge.hardware import Hardware
 from sparse_merge.models.hf import load_causal_lm, load_genome, load_tokenizer, save_causal_lm
@@ -41,13 +42,16 @@ def evaluate_genomes(
     tasks: TaskSuite,
     tokenizer: PreTrainedTokenizerBase,
     known: dict[str, dict[str, float]] | None = None,
+    evaluate_heldout: HeldoutEvaluator | None = None,
 ) -> list[dict[str, object]]:
     """One row per genome: held-out score per task, their weighted mean, and exact sparsity
-    (``known`` held-out results are reused instead of evaluated again)."""
+    (``known`` held-out results are reused instead of evaluated again; ``evaluate_heldout``
+    replaces ``tasks.evaluate_heldout``, e.g. split over processes)."""
+    evaluate_heldout = evaluate_heldout or tasks.evaluate_heldout
     rows = []
     for name, genome in genomes.items():
         model = space.load(genome)
-        acc = (known or {}).get(name) or tasks.evaluate_heldout(model, tokenizer)
+        acc = (known or {}).get(name) or evaluate_heldout(model, tokenizer)
         acc = {k: acc[k] for k in [*tasks.names, "mean"]}
         rows.append({"model": name, **acc, "sparsity": measure_sparsity(model).overall})
     return rows
@@ -87,7 +91,7 @@ def run_merge(
     device = hardware.torch_device
     sharded = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch / torchrun
-        sharded = ShardedSelectionScorer(tasks)
+        sharded = ShardedScorer(tasks)
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     main = sharded is None or sharded.is_main
@@ -109,14 +113,16 @@ def run_merge(
         resume=resume,
         is_main=main,
     )
-    if sharded is not None:
-        ctx.extra["score_selection"] = sharded
+    heldout = None
+    if sharded is not None:  # every process scores its shard of each evaluation
+        heldout = ShardedScorer(tasks, split="heldout").evaluate
+        ctx.extra.update(score_selection=sharded, evaluate_heldout=heldout)
     results = evolver.run(ctx)
     headline = next(iter(results))
 
     known = ctx.extra.get("heldout", {})
-    rows = evaluate_genomes(space, {**parents, **results}, tasks, tokenizer, known)
-    if not main:  # every process evaluated; one reports and writes
+    rows = evaluate_genomes(space, {**parents, **results}, tasks, tokenizer, known, heldout)
+    if not main:  # the processes evaluated together; one reports and writes
         return float(next(r for r in rows if r["model"] == headline)["mean"])
     columns = ["model", *tasks.names, "mean", "sparsity"]
     print("\n" + format_table(rows, columns) + "\n")

@@ -82,13 +82,17 @@ class TaskSuite:
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase
     ) -> dict[str, float]:
         """Mean held-out score per task, plus ``mean`` (weighted over tasks)."""
-        acc = {
-            n: t.heldout.score(model, tokenizer).float().mean().item()
-            for n, t in self.tasks.items()
-        }
+        return self.summarize(
+            {
+                n: t.heldout.score(model, tokenizer).float().mean().item()
+                for n, t in self.tasks.items()
+            }
+        )
+
+    def summarize(self, per_task: dict[str, float]) -> dict[str, float]:
+        """``per_task`` mean scores plus ``mean``, their weighted mean over tasks."""
         total = sum(self.weights.values())
-        acc["mean"] = sum(self.weights[n] * a for n, a in acc.items()) / total
-        return acc
+        return {**per_task, "mean": sum(self.weights[n] * a for n, a in per_task.items()) / total}
 
     def train_examples(self, n: int, seed: int) -> list[Example]:
         """``n`` training examples per task, interleaved."""
