@@ -24,7 +24,9 @@ def test_is_a_problem_with_the_digits_shapes(problem):
     assert int(odd.sum() + even.sum()) == 1437 and not (odd & even).any()
 
 
-def test_flat_evaluation_matches_the_module(problem, task):
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_flat_evaluation_matches_the_module(layout, task):
+    problem = DigitsProblem(DigitsParents("scratch", layout=layout), task, seed=3)
     genome = torch.randn(problem.numel, generator=torch.Generator().manual_seed(0))
     model = problem.space.load(genome)
     expected = (model(task.selection.images).argmax(-1) == task.selection.labels).float()
@@ -70,3 +72,42 @@ def test_raw_pixels_keep_sklearn_values():
     raw, scaled = DigitsTask(raw_pixels=True), DigitsTask()
     assert raw.selection.images.max() == 16.0
     assert torch.allclose(raw.selection.images / 16.0, scaled.selection.images)
+
+
+def test_reference_layout_puts_one_pixels_fan_out_first(task):
+    problem = DigitsProblem(DigitsParents("scratch"), task, seed=3)
+    genome = torch.zeros(problem.numel)
+    genome[:256] = 1.0  # in_out: the first 256 entries are pixel 0's weights to every unit
+    w1 = problem.space.view(genome, "w1")
+    assert w1.shape == (64, 256) and bool((w1[0] == 1).all()) and float(w1[1:].abs().sum()) == 0
+
+
+def test_parents_from_a_file(task, tmp_path):
+    from safetensors.torch import save_file
+
+    numel = DigitsProblem(DigitsParents("scratch"), task).numel
+    pair = {"digits_0_4": torch.randn(numel), "digits_5_9": torch.randn(numel)}
+    save_file(pair, str(tmp_path / "pair.safetensors"))
+    parents = DigitsParents("file", path=str(tmp_path / "pair.safetensors"))
+    for seed in (0, 1):  # the same pair whatever the seed
+        initial = DigitsProblem(parents, task, seed=seed).initial()
+        assert all(torch.equal(initial[k], pair[k]) for k in pair)
+    with pytest.raises(ConfigError, match="path"):
+        DigitsParents("file", path=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ConfigError, match="hidden=32"):  # genomes of another size
+        DigitsParents("file", hidden=32, path=str(tmp_path / "pair.safetensors"))
+
+
+def test_the_committed_reference_pair_loads():
+    from pathlib import Path
+
+    path = (
+        Path(__file__).resolve().parents[1] / "experiments/m2n2_digits/reference_pair.safetensors"
+    )
+    task = DigitsTask(raw_pixels=True)
+    problem = DigitsProblem(DigitsParents("file", path=str(path)), task)
+    accs = {k: float(problem.evaluate(g).mean()) for k, g in problem.initial().items()}
+    assert accs == {
+        "digits_0_4": pytest.approx(0.4934, abs=1e-4),
+        "digits_5_9": pytest.approx(0.4816, abs=1e-4),
+    }
