@@ -136,8 +136,11 @@ def test_replacement_lowest_total_leaves_possibly_the_child():
     assert replacement_slot(scorer, a, torch.tensor([1.0, 0, 0, 0]), 0.0) is None  # child 1 < 2
     a.scores[1] = torch.tensor([1.0, 0, 0, 0])  # now slot 1 is the weakest (1)
     assert replacement_slot(scorer, a, torch.tensor([1.0, 1, 1, 0]), 0.0) == 1
-    # a tie at the lowest total: the child leaves
+    # a tie at the lowest total: the child leaves, or (the reference's rule) enters
     assert replacement_slot(scorer, a, torch.tensor([0.0, 0, 0, 1]), 0.0) is None
+    assert replacement_slot(scorer, a, torch.tensor([0.0, 0, 0, 1]), 0.0, enter_on_tie=True) == 1
+    # strictly worst: the child leaves either way
+    assert replacement_slot(scorer, a, torch.zeros(4), 0.0, enter_on_tie=True) is None
 
 
 def test_replacement_uses_competition_over_archive_plus_child():

@@ -83,13 +83,18 @@ class Archive:
 
 
 def replacement_slot(
-    scorer: SparsityAwareScorer, archive: Archive, child_scores: torch.Tensor, child_sparsity: float
+    scorer: SparsityAwareScorer,
+    archive: Archive,
+    child_scores: torch.Tensor,
+    child_sparsity: float,
+    enter_on_tie: bool = False,
 ) -> int | None:
     """The slot a child takes, or None when it does not enter.
 
     While a slot is empty the child fills it. Otherwise the child joins, totals are computed
     over the archive plus the child, and the individual with the lowest total leaves; on a tie
-    at the lowest total the child is the one that leaves (a newcomer must beat someone).
+    at the lowest total the child is the one that leaves (a newcomer must beat someone), or,
+    with ``enter_on_tie``, the first tied archive member (the M2N2 reference's argmin).
     """
     slot = archive.empty_slot()
     if slot is not None:
@@ -99,6 +104,6 @@ def replacement_slot(
     total = scorer.total(scores, sparsity)  # [pop + 1]
     lowest = (total == total.min()).nonzero().flatten()
     child = archive.pop_size
-    if (lowest == child).any():
+    if lowest[0] == child or ((lowest == child).any() and not enter_on_tie):
         return None
     return int(lowest[0])

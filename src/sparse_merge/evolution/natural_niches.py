@@ -104,6 +104,9 @@ class NaturalNiches:
         checkpoint_every: steps between checkpoints (0: only at the end).
         tolerance: the ``sparse`` pick is the sparsest individual whose held-out mean is within
             ``tolerance`` of the best one.
+        enter_on_tie: a child whose total ties the lowest enters (the first lowest archive
+            member leaves, as in the M2N2 reference code: neutral moves are accepted); by
+            default it does not (a newcomer must beat someone).
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class NaturalNiches:
         schedule: Schedule | None = None,
         checkpoint_every: int = 10,
         tolerance: float = 0.01,
+        enter_on_tie: bool = False,
     ) -> None:
         if int(pop_size) < 2:
             raise ConfigError("pop_size", pop_size, "an integer >= 2")
@@ -133,6 +137,7 @@ class NaturalNiches:
             check_positive("checkpoint_every", checkpoint_every, allow_zero=True)
         )
         self.tolerance = float(check_positive("tolerance", tolerance, allow_zero=True))
+        self.enter_on_tie = bool(enter_on_tie)
 
     # ---- the pipeline hook ---------------------------------------------------------------
 
@@ -331,7 +336,7 @@ class NaturalNiches:
         t_eval = time.perf_counter()
         scores = problem.evaluate(ws)  # [D]
         eval_s = time.perf_counter() - t_eval
-        slot = replacement_slot(scorer, archive, scores, child_sparsity)
+        slot = replacement_slot(scorer, archive, scores, child_sparsity, self.enter_on_tie)
         replaced = int(archive.ids[slot]) if slot is not None and archive.valid[slot] else None
         if slot is not None:
             archive.put(slot, ws, scores, child_sparsity, child_id)
