@@ -158,6 +158,46 @@ class GenerationTask:
         return torch.tensor(self.judge(self.predict(model, tokenizer)), dtype=torch.float32)
 
 
+class FewShotTask(GenerationTask):
+    """A generation task over dataset rows with few-shot exemplars (``shots``): with a chat
+    template, each exemplar is a user turn (``question``) and an assistant turn (``answer``)
+    before the row's own question; without one, ``plain_prompt`` formats the row."""
+
+    rows: list[dict]
+    shots: list[dict]
+    chat_template: str
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def question(self, row: dict) -> str:
+        """The user turn of a row."""
+        raise NotImplementedError
+
+    def answer(self, row: dict) -> str:
+        """The assistant turn of an exemplar."""
+        raise NotImplementedError
+
+    def plain_prompt(self, row: dict) -> str:
+        """The prompt of a row, exemplars included, without a chat template."""
+        raise NotImplementedError
+
+    def prompt(self, tokenizer: PreTrainedTokenizerBase, row: dict) -> str:
+        """The few-shot prompt of one row."""
+        if not uses_chat_template(tokenizer, self.chat_template):
+            return self.plain_prompt(row)
+        messages = []
+        for shot in self.shots:
+            messages.append({"role": "user", "content": self.question(shot)})
+            messages.append({"role": "assistant", "content": self.answer(shot)})
+        messages.append({"role": "user", "content": self.question(row)})
+        return render_chat(tokenizer, messages)
+
+    def prompts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """One prompt per row."""
+        return [self.prompt(tokenizer, row) for row in self.rows]
+
+
 class ExactMatchTask(GenerationTask):
     """Scores 1 when the greedy completion of a prompt equals its answer, else 0."""
 

@@ -15,16 +15,12 @@ from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase
-
 from sparse_merge.errors import check_choice, check_positive
 from sparse_merge.tasks.base import Example
 from sparse_merge.tasks.data import DatasetBenchmark, Row
 from sparse_merge.tasks.generation import (
     CHAT_MODES,
-    GenerationTask,
-    render_chat,
-    uses_chat_template,
+    FewShotTask,
 )
 
 NUMBER = re.compile(r"-?[$]?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -62,7 +58,7 @@ def solution(row: Row) -> str:
     return row["answer"].strip()
 
 
-class GSM8KTask(GenerationTask):
+class GSM8KTask(FewShotTask):
     """GSM8K rows scored by exact numeric match of the extracted final answer."""
 
     def __init__(
@@ -80,24 +76,18 @@ class GSM8KTask(GenerationTask):
         self.stop: tuple[str, ...] = ("\n\nQuestion:", "Question:")
         self.golds = [gold_answer(r) for r in self.rows]
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def question(self, row: Row) -> str:
+        """The question text."""
+        return row["question"]
 
-    def prompt(self, tokenizer: PreTrainedTokenizerBase, row: Row) -> str:
-        """The few-shot prompt for one row."""
-        if uses_chat_template(tokenizer, self.chat_template):
-            messages = []
-            for shot in self.shots:
-                messages.append({"role": "user", "content": shot["question"]})
-                messages.append({"role": "assistant", "content": solution(shot)})
-            messages.append({"role": "user", "content": row["question"]})
-            return render_chat(tokenizer, messages)
+    def answer(self, row: Row) -> str:
+        """The worked solution."""
+        return solution(row)
+
+    def plain_prompt(self, row: Row) -> str:
+        """``Question: ...\nAnswer: ...`` exemplars, then the row's question."""
         shots = "".join(f"Question: {s['question']}\nAnswer: {solution(s)}\n\n" for s in self.shots)
         return f"{shots}Question: {row['question']}\nAnswer:"
-
-    def prompts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-        """One prompt per row."""
-        return [self.prompt(tokenizer, row) for row in self.rows]
 
     def judge(self, predictions: list[str]) -> list[float]:
         """1.0 where the extracted number equals the reference."""

@@ -15,16 +15,12 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase
-
 from sparse_merge.errors import check_choice, check_positive
 from sparse_merge.tasks.base import Example
 from sparse_merge.tasks.data import DatasetBenchmark, Row
 from sparse_merge.tasks.generation import (
     CHAT_MODES,
-    GenerationTask,
-    render_chat,
-    uses_chat_template,
+    FewShotTask,
 )
 from sparse_merge.tasks.sandbox import Sandbox, SandboxResult
 
@@ -73,7 +69,7 @@ def program(row: Row, code: str) -> str:
     return f"{setup_code(row)}\n{code}\n\n" + "\n".join(asserts(row)) + "\n"
 
 
-class MBPPTask(GenerationTask):
+class MBPPTask(FewShotTask):
     """MBPP rows scored by running the generated code against their asserts in a sandbox."""
 
     def __init__(
@@ -92,24 +88,18 @@ class MBPPTask(GenerationTask):
         self.stop: tuple[str, ...] = ("[DONE]",)
         self.last_results: list[SandboxResult] = []
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def question(self, row: Row) -> str:
+        """The task text with its asserts."""
+        return task_text(row)
 
-    def prompt(self, tokenizer: PreTrainedTokenizerBase, row: Row) -> str:
-        """The prompt for one row (chat template or the paper's plain format)."""
-        if uses_chat_template(tokenizer, self.chat_template):
-            messages = []
-            for shot in self.shots:
-                messages.append({"role": "user", "content": task_text(shot)})
-                messages.append({"role": "assistant", "content": f"```python\n{shot['code']}\n```"})
-            messages.append({"role": "user", "content": task_text(row)})
-            return render_chat(tokenizer, messages)
+    def answer(self, row: Row) -> str:
+        """The reference code in a Python block."""
+        return f"```python\n{row['code']}\n```"
+
+    def plain_prompt(self, row: Row) -> str:
+        """The paper's format: exemplars between ``[BEGIN]`` and ``[DONE]``, then the task."""
         shots = "".join(f"{task_text(s)}\n[BEGIN]\n{s['code']}\n[DONE]\n" for s in self.shots)
         return f"{shots}{task_text(row)}\n[BEGIN]\n"
-
-    def prompts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-        """One prompt per row."""
-        return [self.prompt(tokenizer, row) for row in self.rows]
 
     def judge(self, predictions: list[str]) -> list[float]:
         """1.0 where the extracted code passes all of its row's asserts in the sandbox."""
