@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from sparse_merge.errors import check_positive
 from sparse_merge.models.blocks import prunable_layers
 from sparse_merge.pruning.base import Calibration
-from sparse_merge.pruning.layerwise import record_inputs
-from sparse_merge.pruning.wanda import ColumnNorms, require_calibration, take, wanda_scores
+from sparse_merge.pruning.layerwise import record_inputs, require_calibration, take
+from sparse_merge.pruning.wanda import ColumnNorms, wanda_scores
 
 # layer parameter name (``PrunableLayer.param_name``) -> scores [out, in]
 Scores = dict[str, torch.Tensor]

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparse_merge.errors import check_fraction
 from sparse_merge.models.blocks import PrunableLayer, block_linears, decoder_blocks
 from sparse_merge.pruning.base import Calibration
+from sparse_merge.pruning.masking import check_nm_sparsity
 
 
 class InputStat(Protocol):
@@ -144,3 +146,36 @@ def prune_layerwise(
             (*_with_hidden(args, kwargs, _run_block(block, args, kwargs)), mask)
             for args, kwargs, mask in batches
         ]
+
+
+def require_calibration(calib: Calibration | None, who: str) -> Calibration:
+    """``calib`` if it holds sequences; an error naming ``who`` otherwise (no silent fallback)."""
+    if calib is None or len(calib) == 0:
+        raise ValueError(f"{who} needs calibration sequences (got {calib!r}); none were passed")
+    return calib
+
+
+def take(calib: Calibration, n: int) -> Calibration:
+    """The first ``n`` calibration sequences (all of them when there are fewer)."""
+    return calib.head(n)
+
+
+class CalibratedPruner:
+    """What the layer-wise pruners (Wanda, SparseGPT) share: a granularity or an N:M pattern,
+    ``n_calibration`` sequences, and the checks made before any layer is touched."""
+
+    n_calibration: int
+    granularity: str
+    nm: tuple[int, int] | None
+
+    def pattern(self) -> str:
+        """``N:M`` when set, else the granularity (the masks' metadata)."""
+        return f"{self.nm[0]}:{self.nm[1]}" if self.nm else self.granularity
+
+    def calibration(self, calib: Calibration | None, sparsity: float) -> Calibration:
+        """Checks ``sparsity`` (and that it fits the N:M pattern) and returns the first
+        ``n_calibration`` sequences of ``calib`` (an error when there are none)."""
+        check_fraction("sparsity", sparsity)
+        if self.nm is not None:
+            check_nm_sparsity(self.nm, sparsity)
+        return take(require_calibration(calib, type(self).__name__), self.n_calibration)

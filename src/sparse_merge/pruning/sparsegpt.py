@@ -17,12 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparse_merge.errors import check_choice, check_fraction, check_positive
+from sparse_merge.errors import check_choice, check_positive
 from sparse_merge.models.blocks import PrunableLayer
 from sparse_merge.pruning.base import Calibration, Masks, keep_smallest_out
-from sparse_merge.pruning.layerwise import prune_layerwise
-from sparse_merge.pruning.masking import check_nm_sparsity, full_masks, parse_nm
-from sparse_merge.pruning.wanda import require_calibration, take
+from sparse_merge.pruning.layerwise import CalibratedPruner, prune_layerwise
+from sparse_merge.pruning.masking import full_masks, parse_nm
 
 
 class Hessian:
@@ -112,7 +111,7 @@ def sparsegpt_prune_(
     return ~prune
 
 
-class SparseGPTPruner:
+class SparseGPTPruner(CalibratedPruner):
     """Second-order pruning with weight reconstruction, block by block through the pruned
     blocks: exactly ``round(sparsity * n)`` zeros per layer (``granularity='layer'``, as in the
     paper) or per output row (``'row'``), or an N:M pattern (``nm='2:4'``)."""
@@ -137,16 +136,12 @@ class SparseGPTPruner:
 
     def describe(self) -> dict[str, str]:
         """Method, importance and granularity (metadata of saved masks)."""
-        pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm else self.granularity
-        return {"method": "sparsegpt", "importance": "obs", "granularity": pattern}
+        return {"method": "sparsegpt", "importance": "obs", "granularity": self.pattern()}
 
     @torch.no_grad()
     def prune(self, model: nn.Module, calib: Calibration | None, sparsity: float) -> Masks:
         """Prune and update the kept weights in place; returns keep-masks by weight name."""
-        check_fraction("sparsity", sparsity)
-        if self.nm is not None:
-            check_nm_sparsity(self.nm, sparsity)
-        calib = take(require_calibration(calib, "SparseGPTPruner"), self.n_calibration)
+        calib = self.calibration(calib, sparsity)
         if sparsity == 0:
             return full_masks(model)
         masks: Masks = {}

@@ -10,13 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparse_merge.errors import check_choice, check_fraction, check_positive
+from sparse_merge.errors import check_choice, check_positive
 from sparse_merge.models.blocks import PrunableLayer
 from sparse_merge.pruning.base import Calibration, Masks
-from sparse_merge.pruning.layerwise import prune_layerwise
+from sparse_merge.pruning.layerwise import CalibratedPruner, prune_layerwise
 from sparse_merge.pruning.masking import (
     apply_keep,
-    check_nm_sparsity,
     full_masks,
     mask_from_scores,
     parse_nm,
@@ -45,19 +44,7 @@ def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     return weight.abs().float() * norms[None, :]
 
 
-def require_calibration(calib: Calibration | None, who: str) -> Calibration:
-    """``calib`` if it holds sequences; an error naming ``who`` otherwise (no silent fallback)."""
-    if calib is None or len(calib) == 0:
-        raise ValueError(f"{who} needs calibration sequences (got {calib!r}); none were passed")
-    return calib
-
-
-def take(calib: Calibration, n: int) -> Calibration:
-    """The first ``n`` calibration sequences (all of them when there are fewer)."""
-    return calib.head(n)
-
-
-class WandaPruner:
+class WandaPruner(CalibratedPruner):
     """Activation-aware pruning: exactly ``round(sparsity * in)`` weights per output row
     (``granularity='row'``, as in the paper) or per layer, or an N:M pattern (``nm='2:4'``)."""
 
@@ -75,16 +62,12 @@ class WandaPruner:
 
     def describe(self) -> dict[str, str]:
         """Method, importance and granularity (metadata of saved masks)."""
-        pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm else self.granularity
-        return {"method": "wanda", "importance": "wanda", "granularity": pattern}
+        return {"method": "wanda", "importance": "wanda", "granularity": self.pattern()}
 
     @torch.no_grad()
     def prune(self, model: nn.Module, calib: Calibration | None, sparsity: float) -> Masks:
         """Zero the lowest-scoring weights in place; returns keep-masks by weight parameter name."""
-        check_fraction("sparsity", sparsity)
-        if self.nm is not None:
-            check_nm_sparsity(self.nm, sparsity)
-        calib = take(require_calibration(calib, "WandaPruner"), self.n_calibration)
+        calib = self.calibration(calib, sparsity)
         if sparsity == 0:
             return full_masks(model)
         masks: Masks = {}
