@@ -108,6 +108,28 @@ def _peak_step_bytes(model, opt, batch, device: torch.device) -> int:
     return max(totals) - totals[0]
 
 
+def measure_steps(
+    models: dict[str, torch.nn.Module], batch: torch.Tensor, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Step times (``ROUNDS`` per model, interleaved) and peak step bytes of each model, each
+    with its own AdamW over its trainable parameters."""
+    opts = {
+        m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        for m, model in models.items()
+    }
+    for m in models:  # warm-up: optimiser state exists before anything is measured
+        for _ in range(2):
+            _step(models[m], opts[m], batch)
+    times: dict[str, list[float]] = {m: [] for m in models}
+    for _ in range(ROUNDS):  # interleaved, so load changes hit every model alike
+        for m in models:
+            start = time.perf_counter()
+            _step(models[m], opts[m], batch)
+            times[m].append(time.perf_counter() - start)
+    memory = {m: _peak_step_bytes(models[m], opts[m], batch, device) for m in models}
+    return times, memory
+
+
 def run() -> list[dict]:
     """One row per mode: step time and peak step memory, absolute and relative to dense LoRA."""
     threads = torch.get_num_threads()
@@ -121,20 +143,7 @@ def run() -> list[dict]:
         batch = torch.randint(4, len(tokenizer), (BATCH, SEQ), generator=gen).to(device)
         modes = ["dense", "sparse_to_dense", "sparse_to_sparse", "s2s_two_matmuls", "s2s_autograd"]
         models = {m: _build(m, base, masks) for m in modes}
-        opts = {
-            m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            for m, model in models.items()
-        }
-        for m in modes:  # warm-up: optimiser state exists before anything is measured
-            for _ in range(2):
-                _step(models[m], opts[m], batch)
-        times = {m: [] for m in modes}
-        for _ in range(ROUNDS):  # interleaved, so load changes hit every mode alike
-            for m in modes:
-                start = time.perf_counter()
-                _step(models[m], opts[m], batch)
-                times[m].append(time.perf_counter() - start)
-        memory = {m: _peak_step_bytes(models[m], opts[m], batch, device) for m in modes}
+        times, memory = measure_steps(models, batch, device)
     finally:
         torch.set_num_threads(threads)
     ref_t, ref_m = min(times["dense"]), memory["dense"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -92,20 +91,7 @@ def run() -> list[dict]:
         batch = torch.randint(4, len(tokenizer), (BATCH, SEQ), generator=gen).to(device)
         modes = ["lora", "row_sparse", "row_sparse_masked", "row_sparse_nf4"]
         models = {m: _build(m, pruned if m == "row_sparse_masked" else base, masks) for m in modes}
-        opts = {
-            m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            for m, model in models.items()
-        }
-        for m in modes:  # warm-up: optimiser state exists before anything is measured
-            for _ in range(2):
-                bench_lora._step(models[m], opts[m], batch)
-        times = {m: [] for m in modes}
-        for _ in range(ROUNDS):  # interleaved, so load changes hit every mode alike
-            for m in modes:
-                start = time.perf_counter()
-                bench_lora._step(models[m], opts[m], batch)
-                times[m].append(time.perf_counter() - start)
-        memory = {m: bench_lora._peak_step_bytes(models[m], opts[m], batch, device) for m in modes}
+        times, memory = bench_lora.measure_steps(models, batch, device)
     finally:
         torch.set_num_threads(threads)
     ref_t, ref_m = statistics.median(times["lora"]), memory["lora"]
