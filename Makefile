@@ -48,7 +48,15 @@ report: $(STAMP) ## A small grid offline on the toy models, then its tables and 
 	$(PY) run.py -m experiment=report_grid hydra.sweep.dir=$(REPORT_DIR) $(ARGS)
 	$(PY) -m sparse_merge.analysis $(REPORT_DIR)
 
-SWEEP ?= $(shell ls -d multirun/*/* 2>/dev/null | grep -v report | tail -n 1)
+COMPARE_DIR ?= multirun/compare
+
+.PHONY: compare
+compare: $(STAMP) ## The merge comparison over seeds 0-2: evolution vs base, parents, classic merges at equal budget (ARGS adds overrides)
+	rm -rf $(COMPARE_DIR)
+	$(PY) run.py -m seed=0,1,2 baselines=classic save_models=false hardware.num_threads=1 hydra.sweep.dir=$(COMPARE_DIR) $(ARGS)
+	$(PY) -m sparse_merge.analysis.merge_table $(COMPARE_DIR)
+
+SWEEP ?= $(shell ls -d multirun/*/* 2>/dev/null | grep -v -e report -e compare | tail -n 1)
 
 .PHONY: analyze
 analyze: $(STAMP) ## Tables (CSV) and plots (PNG) of a sweep: SWEEP=multirun/<date>/<time> (default: newest)

@@ -25,9 +25,11 @@ def test_default_job_writes_results_with_exact_sparsity(merge_run):
     run_dir, metric = merge_run
     results = json.loads((run_dir / "results.json").read_text())
     rows = {r["model"]: r for r in results["models"]}
-    assert set(rows) == {"math", "code", "merged"}
+    assert set(rows) == {"base", "math", "code", "base@0.5", "math@0.5", "code@0.5", "merged"}
+    for name in ("base@0.5", "math@0.5", "code@0.5"):  # the unmerged models, pruned alike
+        assert abs(rows[name]["sparsity"] - 0.5) <= 0.005
     assert abs(rows["merged"]["sparsity"] - 0.5) <= 0.005
-    assert rows["math"]["sparsity"] < 0.01 and rows["code"]["sparsity"] < 0.01
+    assert all(rows[n]["sparsity"] < 0.01 for n in ("base", "math", "code"))
     assert metric == rows["merged"]["mean"]
     for r in rows.values():
         assert 0.0 <= r["addition"] <= 1.0 and 0.0 <= r["reversal"] <= 1.0

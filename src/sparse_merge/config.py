@@ -21,7 +21,18 @@ from sparse_merge.errors import ConfigError, check_fraction, check_positive
 from sparse_merge.finetune.settings import FinetuneSettings
 from sparse_merge.pruning.settings import MasksSettings
 
-GROUPS = ("model", "task", "pruner", "scorer", "evolver", "lora", "hardware", "logger")
+GROUPS = (
+    "model",
+    "task",
+    "pruner",
+    "scorer",
+    "evolver",
+    "search",
+    "baselines",
+    "lora",
+    "hardware",
+    "logger",
+)
 
 
 @dataclass
@@ -42,6 +53,8 @@ class Config:
     pruner: Any = MISSING
     scorer: Any = MISSING
     evolver: Any = MISSING
+    search: Any = MISSING  # what the evolution searches over: weights | task_vectors
+    baselines: Any = None  # baselines=classic: the classic merges at the evolution's budget
     lora: Any = MISSING
     hardware: Any = MISSING
     logger: Any = MISSING

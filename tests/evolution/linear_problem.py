@@ -32,6 +32,7 @@ class LinearProblem:
         self._initial = {"a": a.flatten(), "b": b.flatten()}
         self._ws = torch.zeros(self.numel)
         self.evaluations = 0
+        self.heldout_calls = 0
 
     @property
     def workspace(self) -> torch.Tensor:
@@ -45,6 +46,7 @@ class LinearProblem:
         return ((self.x @ genome.view(self.shape).T).argmax(1) == self.y).float()
 
     def heldout(self, genome: torch.Tensor) -> dict[str, float]:
+        self.heldout_calls += 1
         acc = float(((self.hx @ genome.view(self.shape).T).argmax(1) == self.hy).float().mean())
         return {"linear": acc, "mean": acc}
 

@@ -169,7 +169,7 @@ def test_archive_state_round_trip():
 def test_crossover_slerp_split_in_place_matches_drawn_parameters():
     a, b = torch.randn(50, generator=gen(1)), torch.randn(50, generator=gen(2))
     out = torch.empty(50)
-    info = Crossover("slerp_split")(out, a, b, gen(3))
+    info = Crossover.named("slerp_split")(out, a, b, gen(3))
     w, k = info["weight"], info["split"]
     assert 0.0 <= w < 1.0 and 0 <= k <= 50
     from sparse_merge.evolution.crossover import slerp_
@@ -177,22 +177,22 @@ def test_crossover_slerp_split_in_place_matches_drawn_parameters():
     assert torch.equal(out, slerp_(torch.empty(50), a, b, w, k))
     # written into b itself (the live buffer), same result
     b2 = b.clone()
-    Crossover("slerp_split")(b2, a, b2, gen(3))
+    Crossover.named("slerp_split")(b2, a, b2, gen(3))
     assert torch.allclose(b2, out)
 
 
 def test_crossover_without_split_and_none():
     a, b = torch.randn(20, generator=gen(1)), torch.randn(20, generator=gen(2))
     out = torch.empty(20)
-    info = Crossover("slerp")(out, a, b, gen(0))
+    info = Crossover.named("slerp")(out, a, b, gen(0))
     assert info["split"] is None
     from sparse_merge.evolution.crossover import slerp_
 
     assert torch.equal(out, slerp_(torch.empty(20), a, b, info["weight"]))
-    assert Crossover("none")(out, a, b, gen(0)) == {"weight": None, "split": None}
+    assert Crossover.named("none")(out, a, b, gen(0)) == {"weight": None, "split": None}
     assert torch.equal(out, a)
     with pytest.raises(ConfigError, match="crossover"):
-        Crossover("uniform")
+        Crossover.named("uniform")
 
 
 # ---- mutation ----------------------------------------------------------------------------

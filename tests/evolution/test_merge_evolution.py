@@ -37,17 +37,24 @@ def test_outputs_report_archive_and_models(nn_run):
     run_dir = tmp / "run"
     results = json.loads((run_dir / "results.json").read_text())
     rows = {r["model"]: r for r in results["models"]}
-    assert set(rows) == {"math", "code", "best", "sparse"}
+    assert set(rows) == {
+        *("base", "math", "code"),
+        *("base@0.4", "math@0.4", "code@0.4"),
+        *("best", "sparse"),
+    }
     assert metric == rows["best"]["mean"] == results["accuracy"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["accuracy"] == metric and summary["sparsity"] == rows["best"]["sparsity"]
     with open(run_dir / "archive.csv") as f:
         archive = list(csv.DictReader(f))
-    assert len(archive) == 4 and {"accuracy", "sparsity"} <= set(archive[0])
-    assert max(float(r["accuracy"]) for r in archive) == pytest.approx(metric)
+    assert len(archive) == 4 and {"accuracy", "sparsity", "selection_mean"} <= set(archive[0])
+    # every evaluation is counted: 2 parents, 4 children, one per member pruned at the end
+    below = sum(float(r["sparsity"]) < 0.4 for r in archive)
+    assert results["evaluations"] == 2 + 4 + below == rows["best"]["evals"]
     for name in ("best", "sparse"):
         model = AutoModelForCausalLM.from_pretrained(run_dir / "models" / name)
         assert measure_sparsity(model).overall == pytest.approx(rows[name]["sparsity"])
+        assert rows[name]["sparsity"] >= 0.4 - 1e-9  # the target is reached, and measured
     assert rows["sparse"]["sparsity"] >= rows["best"]["sparsity"]
 
 
@@ -86,3 +93,28 @@ def test_evolver_options_instantiate(option, checks):
     got = {"matchmaker": evolver.matchmaker, "crossover": evolver.crossover.mode}
     assert {k: got[k] for k in checks} == checks
     assert cfg.scorer.alpha == (0.0 if option == "ga" else 1.0)
+
+
+def test_baselines_at_equal_budget_in_one_table(tmp_path):
+    execute(compose_cfg([*SMALL, "baselines=classic", "save_models=false"], tmp_path))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    rows = {r["model"]: r for r in results["models"]}
+    budget = results["evaluations"]
+    names = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "slerp"]
+    assert list(rows)[6:-2] == names  # base and parents (dense, pruned), baselines, picks
+    for name in names:
+        assert 0 < rows[name]["evals"] <= budget
+        assert rows[name]["sparsity"] >= 0.4 - 1e-9  # pruned like the picks, measured
+        assert rows[name]["settings"]["weights"]
+
+
+def test_task_vector_search_reports_coefficients_and_exact_sparsity(tmp_path):
+    execute(compose_cfg([*SMALL, "search=task_vectors", "save_models=false"], tmp_path))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["search"]["search"] == "task_vectors"
+    rows = {r["model"]: r for r in results["models"]}
+    assert rows["best"]["sparsity"] >= 0.4 - 1e-9
+    coef = results["picks"]["best"]["coefficients"]
+    assert set(coef) == {"math", "code"} and set(coef["math"]) == {"block0", "block1", "other"}
+    names = [r["name"] for r in results["archive"]]
+    assert {"base", "math", "code", "task_arithmetic"} & set(names)

@@ -37,7 +37,8 @@ def records(run_dir, event="step"):
 
 
 def test_steps_logged_with_lineage_and_archive_full(tmp_path):
-    res = evolve(tmp_path)
+    problem = LinearProblem()
+    res = evolve(tmp_path, problem=problem)
     a = res.archive
     assert len(a) == 6 and len(set(a.ids.tolist())) == 6
     steps = records(tmp_path)
@@ -59,10 +60,33 @@ def test_steps_logged_with_lineage_and_archive_full(tmp_path):
     p = LinearProblem()
     for slot in a.occupied():
         assert torch.equal(a.scores[slot], p.evaluate(a.genomes[slot]))
-    assert (tmp_path / "archive.csv").exists() and (tmp_path / "lineage.json").exists()
-    assert res.rows[[r["slot"] for r in res.rows].index(res.best)]["accuracy"] == max(
-        r["accuracy"] for r in res.rows
-    )
+    assert (tmp_path / "lineage.json").exists()
+    # the picks come from the selection split only: best has the highest selection mean
+    assert res.picks["best"].selection_mean == pytest.approx(float(a.scores.double().mean(1).max()))
+    assert problem.heldout_calls == 0  # held-out data is for reports, not for the engine
+    assert res.evaluations == 2 + 25
+
+
+def test_final_picks_reach_the_target_exactly_and_count_their_evaluations(tmp_path):
+    res = evolve(tmp_path, target=0.5, prune_target="parents", iterations=12)
+    members_below = int((res.archive.sparsity[res.archive.valid] < 0.5).sum())
+    assert members_below > 0  # children of partly pruned parents and the parents themselves
+    assert res.evaluations == 2 + 12 + members_below
+    p = LinearProblem()
+    for pick in res.picks.values():
+        assert pick.sparsity >= 0.5
+        assert p.sparsity(pick.genome) == pick.sparsity
+        assert torch.equal(p.evaluate(pick.genome), pick.scores)  # re-scored after pruning
+    best = res.picks["best"]
+    assert res.picks["sparse"].selection_mean >= best.selection_mean - 0.01
+    assert res.picks["sparse"].sparsity >= best.sparsity
+
+
+def test_without_final_prune_the_picks_are_archive_members(tmp_path):
+    res = evolve(tmp_path, target=0.5, prune_target="parents", iterations=12, final_prune=False)
+    assert res.evaluations == 2 + 12
+    ids = set(res.archive.ids.tolist())
+    assert all(p.ident in ids and not p.pruned for p in res.picks.values())
 
 
 def test_children_beat_both_parents_on_selection(tmp_path):

@@ -1,14 +1,19 @@
-"""SLERP crossover on flat genomes, written straight into an output buffer.
-
-As in the M2N2 reference code, one angle is computed over the whole genome, and the
-interpolation weight is ``w`` before a split point and ``1 - w`` after it.
+"""Crossover: a merge method applied to two archive members, written straight into an output
+buffer; and ``slerp_``, the M2N2 reference's SLERP on flat genomes (one angle over the whole
+genome, interpolation weight ``w`` before a split point and ``1 - w`` after it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 
 from sparse_merge.errors import check_choice
+
+if TYPE_CHECKING:
+    from sparse_merge.merging.base import MergeMethod, Segment
 
 CHUNK = 1 << 22  # elements per chunk, bounds temporaries for billion-parameter genomes
 EPS = 1e-7
@@ -75,31 +80,76 @@ def slerp_(
 CROSSOVER_MODES = ("slerp_split", "slerp", "none")
 
 
-class Crossover:
-    """The crossover operator of an evolver, one of three variants, always in place:
+def genome_slerp() -> MergeMethod:
+    """SLERP with one angle over the whole genome: the M2N2 reference's crossover."""
+    from sparse_merge.merging.slerp import Slerp
 
-    * ``slerp_split`` (M2N2): SLERP with a random weight ``w ~ U[0, 1)`` and a random split
-      point ``k ~ U{0..P}``: ``t = w`` on ``[:k]`` and ``1 - w`` on ``[k:]``;
-    * ``slerp``: SLERP with a random weight, no split point;
-    * ``none``: the child is a copy of the first parent (mutation and pruning only).
+    return Slerp(granularity="genome")
+
+
+class Crossover:
+    """The crossover operator of an evolver: a merge method (``sparse_merge.merging``) applied
+    to two archive members with weights ``[1 - w, w]``, ``w ~ U[0, 1)``, written in place.
+
+    Args:
+        method: the merge method (``None``: the child is a copy of the first parent, i.e.
+            mutation and pruning only). Methods that work on task vectors (TIES, DARE, ...)
+            get the problem's base model.
+        split: draw a split point ``k ~ U{0..P}``; the weights are reversed after it
+            (``t = w`` on ``[:k]``, ``1 - w`` on ``[k:]`` for two parents, as in M2N2).
+
+    The M2N2 default (``slerp_split``) is ``Crossover(Slerp(granularity="genome"), split=True)``:
+    one SLERP angle over the whole genome, as in the M2N2 reference code. The names
+    ``slerp_split``, ``slerp`` and ``none`` are accepted for the three classic variants.
     """
 
-    def __init__(self, mode: str = "slerp_split") -> None:
-        self.mode = check_choice("crossover", mode, CROSSOVER_MODES)
+    def __init__(self, method: MergeMethod | None = None, split: bool = True) -> None:
+        self.method, self.split = method, bool(split)
+
+    @classmethod
+    def named(cls, mode: str) -> Crossover:
+        """``slerp_split`` (M2N2), ``slerp`` (no split point) or ``none``."""
+        check_choice("crossover", mode, CROSSOVER_MODES)
+        if mode == "none":
+            return cls(None, split=False)
+        return cls(genome_slerp(), split=mode == "slerp_split")
+
+    @property
+    def mode(self) -> str:
+        """A short name: ``none``, or the method's name with ``+split`` when it splits."""
+        if self.method is None:
+            return "none"
+        name = self.method.describe()["name"]
+        if name == "slerp" and getattr(self.method, "granularity", None) == "genome":
+            return "slerp_split" if self.split else "slerp"
+        return f"{name}+split" if self.split else name
+
+    def describe(self) -> dict[str, object]:
+        """The operator's settings (for checkpoints and logs)."""
+        method = None if self.method is None else self.method.describe()
+        return {"method": method, "split": self.split}
 
     @torch.no_grad()
     def __call__(
-        self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, generator: torch.Generator
+        self,
+        out: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        generator: torch.Generator,
+        base: torch.Tensor | None = None,
+        segments: Sequence[Segment] | None = None,
     ) -> dict[str, float | int | None]:
         """Write the child of ``a`` and ``b`` into ``out`` (which may be ``a`` or ``b``);
         returns the operator parameters drawn (``weight``, ``split``) for the lineage log."""
-        if self.mode == "none":
+        if self.method is None:
             if out.data_ptr() != a.data_ptr():
                 out.copy_(a)
             return {"weight": None, "split": None}
         w = float(torch.rand((), generator=generator, dtype=torch.float64))
         split = None
-        if self.mode == "slerp_split":
+        if self.split:
             split = int(torch.randint(0, a.numel() + 1, (), generator=generator))
-        slerp_(out, a, b, w, split)
+        self.method.merge_(
+            out, base, [a, b], [1.0 - w, w], segments=segments, split=split, rng=generator
+        )
         return {"weight": w, "split": split}

@@ -1,5 +1,7 @@
 """The ``Problem`` of merging causal LMs: genomes are ParamSpace rows, scores come from a
-TaskSuite's selection split, pruning is the run's Pruner on the live model."""
+TaskSuite's selection split, pruning is the run's Pruner on the live model. The base model the
+parents were fine-tuned from (when known) is part of the problem: merge methods that work on
+task vectors need it, and it can join the initial archive."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from sparse_merge.evolution.problem import is_workspace
+from sparse_merge.merging.base import Segment, tensor_segments
 from sparse_merge.models.blocks import prunable_layers
 from sparse_merge.models.paramspace import ParamSpace
 from sparse_merge.pruning.base import Calibration, Pruner
@@ -27,6 +30,9 @@ class LLMProblem:
     ``score_selection`` replaces the suite's single-process scoring (the multi-process
     evaluator passes its own); it must return the same [D] scores in the same order.
     ``evaluate_heldout`` likewise replaces ``TaskSuite.evaluate_heldout``.
+
+    ``base`` is the genome the parents were fine-tuned from (``None`` when unknown);
+    ``include_base`` puts it in the initial archive, under the name ``base``.
     """
 
     def __init__(
@@ -39,16 +45,24 @@ class LLMProblem:
         calibration: Calibration | None = None,
         score_selection: SelectionScorer | None = None,
         evaluate_heldout: HeldoutEvaluator | None = None,
+        base: torch.Tensor | None = None,
+        include_base: bool = False,
     ) -> None:
         if not parents:
             raise ValueError("LLMProblem needs at least one parent genome")
-        for name, g in parents.items():
+        if include_base and base is None:
+            raise ValueError("include_base=True needs the base genome")
+        if "base" in parents and base is not None:
+            raise ValueError("a parent is named 'base', the name of the base model")
+        for name, g in {**parents, **({} if base is None else {"base": base})}.items():
             if g.shape != space.flat.shape:
                 raise ValueError(
                     f"parent {name!r} has shape {tuple(g.shape)}, expected {tuple(space.flat.shape)}"
                 )
         self.space, self.tokenizer, self.tasks = space, tokenizer, tasks
         self.parents = dict(parents)
+        self.base, self.include_base = base, bool(include_base)
+        self.writes = 0  # counts writes into the workspace (lets a caller keep a build cached)
         self.pruner, self.calibration = pruner, calibration
         self._score = score_selection or tasks.score_selection
         self._heldout = evaluate_heldout or tasks.evaluate_heldout
@@ -72,13 +86,23 @@ class LLMProblem:
         """The live model (its parameters are views into the workspace)."""
         return self.space.model
 
+    @property
+    def segments(self) -> list[Segment]:
+        """Where each parameter tensor lies in a genome (per-tensor merge methods use it)."""
+        return tensor_segments(self.space.slots)
+
     def initial(self) -> dict[str, torch.Tensor]:
-        """The parent genomes by name."""
-        return dict(self.parents)
+        """The parent genomes by name (after the base, when ``include_base``)."""
+        return {**({"base": self.base} if self.include_base else {}), **self.parents}
+
+    def weights(self, genome: torch.Tensor) -> torch.Tensor:
+        """The model weights [P] a genome stands for (here the genome itself, copied)."""
+        return genome.detach().clone()
 
     def _load(self, genome: torch.Tensor) -> nn.Module:
         if not is_workspace(self, genome):
             self.space.load(genome)
+            self.writes += 1
         return self.space.model
 
     def evaluate(self, genome: torch.Tensor) -> torch.Tensor:
@@ -101,5 +125,6 @@ class LLMProblem:
             return
         model = self._load(genome)
         self.pruner.prune(model, self.calibration, target)
+        self.writes += 1
         if not is_workspace(self, genome):
             genome.copy_(self.space.flat)

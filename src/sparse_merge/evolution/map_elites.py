@@ -41,7 +41,7 @@ class MapElites:
             raise ConfigError("bins", bins, "an integer >= 1")
         self.bins = int(bins)
         self.mutation_std = float(check_positive("mutation_std", mutation_std, allow_zero=True))
-        self.crossover = Crossover(crossover)
+        self.crossover = Crossover.named(crossover)
         self.replace_below = float(check_positive("replace_below", replace_below, allow_zero=True))
         self.progress = bool(progress)
 

@@ -19,11 +19,10 @@ uninterrupted run ends with.
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from sparse_merge.errors import ConfigError, check_choice, check_positive
 from sparse_merge.evolution.archive import Archive, replacement_slot
 from sparse_merge.evolution.crossover import Crossover
 from sparse_merge.evolution.mutation import mutate_
-from sparse_merge.evolution.problem import Problem
+from sparse_merge.evolution.problem import EvolutionResult, Pick, Problem
 from sparse_merge.evolution.schedules import ConstantSchedule, Schedule
 from sparse_merge.evolution.scoring import SparsityAwareScorer
 from sparse_merge.evolution.selection import select_parents
@@ -45,7 +44,6 @@ log = logging.getLogger("sparse_merge")
 
 PRUNE_TARGETS = ("parents", "child", "none")
 CHECKPOINT = "checkpoint.pt"
-ARCHIVE_CSV = "archive.csv"
 
 
 @dataclass
@@ -73,17 +71,6 @@ class StepRecord:
     step_s: float  # the whole step
 
 
-@dataclass
-class EvolutionResult:
-    """The final archive, evaluated on the held-out split, and the two picked individuals."""
-
-    archive: Archive
-    rows: list[dict[str, Any]]  # one per occupied slot: id, slot, held-out scores, sparsity
-    best: int  # slot with the best held-out mean
-    sparse: int  # sparsest slot within ``tolerance`` of the best held-out mean
-    lineage: dict[int, dict[str, Any]] = field(default_factory=dict)
-
-
 def _null_logger() -> RunLogger:
     return RunLogger(console=False)
 
@@ -94,7 +81,8 @@ class NaturalNiches:
     Args:
         pop_size: archive slots (seeded with the problem's initial genomes; the rest start empty).
         iterations: children to create.
-        crossover: ``slerp_split`` (M2N2), ``slerp`` (no split point) or ``none``.
+        crossover: a ``Crossover`` (a merge method, with or without a split point), or one of
+            the names ``slerp_split`` (M2N2), ``slerp`` (no split point), ``none``.
         matchmaker: draw the second parent by attraction (else by total score, like the first).
         mutation_std: std of Gaussian noise on non-zero weights (0: off, M2N2's default for
             pre-trained parents).
@@ -102,8 +90,11 @@ class NaturalNiches:
             ``none``.
         schedule: pruning sparsity per step (``None``: constant at the run's target).
         checkpoint_every: steps between checkpoints (0: only at the end).
-        tolerance: the ``sparse`` pick is the sparsest individual whose held-out mean is within
-            ``tolerance`` of the best one.
+        tolerance: the ``sparse`` pick is the sparsest individual whose selection mean is
+            within ``tolerance`` of the best one.
+        final_prune: at the end, archive members below the run's target sparsity are pruned to
+            it with the run's pruner and scored again on the selection split (these evaluations
+            count in the budget), so both picks reach the target exactly.
         enter_on_tie: a child whose total ties the lowest enters (the first lowest archive
             member leaves, as in the M2N2 reference code: neutral moves are accepted); by
             default it does not (a newcomer must beat someone).
@@ -113,7 +104,7 @@ class NaturalNiches:
         self,
         pop_size: int = 8,
         iterations: int = 60,
-        crossover: str = "slerp_split",
+        crossover: str | Crossover = "slerp_split",
         matchmaker: bool = True,
         mutation_std: float = 0.0,
         prune_target: str = "parents",
@@ -121,12 +112,17 @@ class NaturalNiches:
         checkpoint_every: int = 10,
         tolerance: float = 0.01,
         enter_on_tie: bool = False,
+        final_prune: bool = True,
     ) -> None:
         if int(pop_size) < 2:
             raise ConfigError("pop_size", pop_size, "an integer >= 2")
         self.pop_size = int(pop_size)
         self.iterations = int(check_positive("iterations", iterations, allow_zero=True))
-        self.crossover = Crossover(crossover)
+        if isinstance(crossover, str):
+            crossover = Crossover.named(crossover)
+        if not isinstance(crossover, Crossover):
+            raise ConfigError("crossover", crossover, "a Crossover or slerp_split, slerp, none")
+        self.crossover = crossover
         self.matchmaker = bool(matchmaker)
         self.mutation_std = float(check_positive("mutation_std", mutation_std, allow_zero=True))
         self.prune_target = check_choice("prune_target", prune_target, PRUNE_TARGETS)
@@ -138,40 +134,7 @@ class NaturalNiches:
         )
         self.tolerance = float(check_positive("tolerance", tolerance, allow_zero=True))
         self.enter_on_tie = bool(enter_on_tie)
-
-    # ---- the pipeline hook ---------------------------------------------------------------
-
-    def run(self, ctx) -> dict[str, torch.Tensor]:
-        """Evolve the context's parents (``MergeContext``); returns ``best`` and ``sparse``."""
-        from sparse_merge.evolution.llm import LLMProblem
-
-        problem = LLMProblem(
-            ctx.space,
-            ctx.tokenizer,
-            ctx.parents,
-            ctx.tasks,
-            ctx.pruner,
-            ctx.calibration,
-            ctx.extra.get("score_selection"),
-            ctx.extra.get("evaluate_heldout"),
-        )
-        scorer = ctx.scorer if ctx.scorer is not None else SparsityAwareScorer()
-        result = self.evolve(
-            problem,
-            scorer,
-            seed=ctx.seed,
-            target=ctx.sparsity if ctx.pruner is not None else 0.0,
-            run_dir=ctx.run_dir,
-            logger=ctx.logger if ctx.is_main else None,
-            resume=ctx.resume,
-            write=ctx.is_main,
-        )
-        ctx.extra["evolution"] = result
-        ctx.extra["archive_rows"] = result.rows
-        by_slot = {r["slot"]: r for r in result.rows}
-        ctx.extra["heldout"] = {"best": by_slot[result.best], "sparse": by_slot[result.sparse]}
-        a = result.archive
-        return {"best": a.genomes[result.best].clone(), "sparse": a.genomes[result.sparse].clone()}
+        self.final_prune = bool(final_prune)
 
     # ---- the engine ----------------------------------------------------------------------
 
@@ -179,7 +142,7 @@ class NaturalNiches:
         """The knobs a resumed run must share with the run it continues."""
         return {
             "pop_size": self.pop_size,
-            "crossover": self.crossover.mode,
+            "crossover": self.crossover.describe(),
             "matchmaker": self.matchmaker,
             "mutation_std": self.mutation_std,
             "prune_target": self.prune_target,
@@ -256,7 +219,10 @@ class NaturalNiches:
                 self._save(ckpt, done, next_id, archive, lineage, gen, noise_gen)
         if write and ckpt is not None:
             self._save(ckpt, max(start, self.iterations), next_id, archive, lineage, gen, noise_gen)
-        return self._finish(problem, scorer, archive, lineage, run_dir if write else None, logger)
+        evaluations = len(problem.initial()) + self.iterations
+        return self._finish(
+            problem, scorer, archive, lineage, run_dir if write else None, target, evaluations
+        )
 
     def _seed_archive(
         self,
@@ -325,9 +291,11 @@ class NaturalNiches:
             prune_s += time.perf_counter() - t
             a, b = scratch, ws
         t = time.perf_counter()
-        op = self.crossover(ws, a, b, gen)
+        op = self.crossover(
+            ws, a, b, gen, getattr(problem, "base", None), getattr(problem, "segments", None)
+        )
         crossover_s = time.perf_counter() - t
-        mutate_(ws, self.mutation_std, noise_gen)
+        getattr(problem, "mutate_", mutate_)(ws, self.mutation_std, noise_gen)
         if pruning and self.prune_target == "child" and sparsity > 0:
             t = time.perf_counter()
             problem.prune_(ws, sparsity)
@@ -429,46 +397,38 @@ class NaturalNiches:
         archive: Archive,
         lineage: dict[int, dict[str, Any]],
         run_dir: Path | None,
-        logger: RunLogger,
+        target: float,
+        evaluations: int,
     ) -> EvolutionResult:
-        """Held-out evaluation of the final archive; picks ``best`` and ``sparse``; writes
-        ``archive.csv`` and ``lineage.json``."""
-        total = scorer.total(archive.scores, archive.sparsity, archive.valid)
-        rows = []
-        for slot in tqdm(archive.occupied(), desc="held-out", leave=False):
-            held = problem.heldout(archive.genomes[slot])
-            ident = int(archive.ids[slot])
-            rows.append(
-                {
-                    "id": ident,
-                    "slot": slot,
-                    "name": lineage.get(ident, {}).get("name", f"child-{ident}"),
-                    **held,
-                    "accuracy": held["mean"],
-                    "sparsity": float(archive.sparsity[slot]),
-                    "selection_mean": float(archive.scores[slot].mean()),
-                    "total": float(total[slot]),
-                }
+        """Picks ``best`` (highest selection mean) and ``sparse`` (the sparsest member within
+        ``tolerance`` of it), on the selection split only; members below ``target`` are first
+        pruned to it and re-scored when ``final_prune``. Writes ``lineage.json``."""
+        candidates = []
+        for slot in archive.occupied():
+            genome, scores = archive.genomes[slot], archive.scores[slot]
+            sparsity, pruned = float(archive.sparsity[slot]), False
+            if self.final_prune and target > 0 and sparsity < target:
+                genome = genome.clone()
+                problem.prune_(genome, target)
+                scores, sparsity, pruned = problem.evaluate(genome), problem.sparsity(genome), True
+                evaluations += 1
+            candidates.append(
+                (slot, Pick(genome, scores, sparsity, int(archive.ids[slot]), pruned))
             )
-        # best held-out mean; ties go to the sparser, then to the lower slot
-        best_row = max(rows, key=lambda r: (r["accuracy"], r["sparsity"], -r["slot"]))
-        close = [r for r in rows if r["accuracy"] >= best_row["accuracy"] - self.tolerance]
-        sparse_row = max(close, key=lambda r: (r["sparsity"], r["accuracy"], -r["slot"]))
+        # highest selection mean; ties go to the sparser, then to the lower slot
+        best_slot, best = max(candidates, key=lambda c: (c[1].selection_mean, c[1].sparsity, -c[0]))
+        close = [
+            c for c in candidates if c[1].selection_mean >= best.selection_mean - self.tolerance
+        ]
+        _, sparse = max(close, key=lambda c: (c[1].sparsity, c[1].selection_mean, -c[0]))
         if run_dir is not None:
-            _write_csv(run_dir / ARCHIVE_CSV, rows)
             write_json(run_dir / "lineage.json", {str(k): v for k, v in sorted(lineage.items())})
-        logger.log({"event": "final_archive", "rows": rows})
-        return EvolutionResult(archive, rows, best_row["slot"], sparse_row["slot"], lineage)
+        picks = {"best": _own(best, archive), "sparse": _own(sparse, archive)}
+        return EvolutionResult(picks, evaluations, archive, lineage)
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Rows as CSV, atomically."""
-    columns = list(rows[0])
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns)
-            w.writeheader()
-            w.writerows(rows)
-
-    write_atomic(path, write)
+def _own(pick: Pick, archive: Archive) -> Pick:
+    """``pick`` with a genome of its own (not a view into the archive)."""
+    if pick.pruned:
+        return pick
+    return Pick(pick.genome.clone(), pick.scores.clone(), pick.sparsity, pick.ident, False)

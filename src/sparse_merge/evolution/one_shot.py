@@ -1,34 +1,78 @@
-"""One-shot merge and prune: SLERP two parents at a fixed weight, then prune the result."""
+"""One-shot merge and prune: one merge method at fixed weights, then the run's pruner."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from sparse_merge.errors import ConfigError, check_fraction
-from sparse_merge.evolution.context import MergeContext
-from sparse_merge.evolution.crossover import slerp_
+from sparse_merge.evolution.problem import EvolutionResult, Pick
+from sparse_merge.merging.base import MergeMethod
+from sparse_merge.merging.slerp import Slerp
+from sparse_merge.tracking.logger import RunLogger
 
 
 class OneShotMerge:
-    """``merged = slerp(parent_a, parent_b, weight)`` written into the live model, then pruned
-    with the run's pruner at the run's sparsity."""
+    """``merged = method(base, parents, weights)`` written into the live model, then pruned
+    with the run's pruner to the run's sparsity; one selection evaluation.
 
-    def __init__(self, weight: float = 0.5, split: float | None = None) -> None:
-        self.weight = check_fraction("weight", weight, upper_open=False)
+    Args:
+        method: any merge method (default: SLERP with one angle over the whole genome).
+        weights: one weight per parent (default: ``1 / n`` each for methods without a base,
+            ``1`` each for task-vector methods, i.e. plain task arithmetic).
+        split: a split point as a fraction of the genome (weights reversed after it), or None.
+    """
+
+    def __init__(
+        self,
+        method: MergeMethod | None = None,
+        weights: Sequence[float] | None = None,
+        split: float | None = None,
+    ) -> None:
+        self.method = method if method is not None else Slerp(granularity="genome")
+        self.weights = None if weights is None else [float(w) for w in weights]
         self.split = None if split is None else check_fraction("split", split, upper_open=False)
 
-    def run(self, ctx: MergeContext) -> dict[str, torch.Tensor]:
-        """Returns ``{"merged": genome}``; the live model holds the merged, pruned weights."""
-        if len(ctx.parents) != 2:
-            raise ConfigError(
-                "model.parents", list(ctx.parents), "exactly two parents for a one-shot merge"
-            )
-        a, b = ctx.parents.values()
-        split = None if self.split is None else round(self.split * a.numel())
-        slerp_(ctx.space.flat, a, b, self.weight, split)  # straight into the live buffer
-        if ctx.pruner is not None and ctx.sparsity > 0:
-            ctx.pruner.prune(ctx.space.model, ctx.calibration, ctx.sparsity)
-        ctx.logger.log(
-            {"event": "merged", "weight": self.weight, "split": split, "sparsity": ctx.sparsity}
+    def evolve(
+        self,
+        problem,
+        scorer=None,
+        *,
+        seed: int = 0,
+        target: float = 0.0,
+        run_dir: str | Path | None = None,
+        logger: RunLogger | None = None,
+        resume: bool = False,
+        write: bool = True,
+    ) -> EvolutionResult:
+        """Returns ``{"merged": ...}``; the live model holds the merged, pruned weights."""
+        parents = list(problem.parents.values())
+        n = len(parents)
+        weights = self.weights
+        if weights is None:
+            weights = [1.0] * n if self.method.needs_base else [1.0 / n] * n
+        if len(weights) != n:
+            raise ConfigError("evolver.weights", weights, f"one weight per parent ({n})")
+        ws = problem.workspace
+        split = None if self.split is None else round(self.split * ws.numel())
+        rng = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7)
+        self.method.merge_(
+            ws, problem.base, parents, weights, segments=problem.segments, split=split, rng=rng
         )
-        return {"merged": ctx.space.genome()}
+        problem.writes += 1
+        problem.prune_(ws, target)
+        genome = ws.clone()
+        scores, sparsity = problem.evaluate(genome), problem.sparsity(genome)
+        if logger is not None:
+            logger.log(
+                {
+                    "event": "merged",
+                    "method": self.method.describe(),
+                    "weights": weights,
+                    "split": split,
+                    "sparsity": sparsity,
+                }
+            )
+        return EvolutionResult({"merged": Pick(genome, scores, sparsity, -1)}, evaluations=1)

@@ -16,9 +16,16 @@ on a genome other than the workspace overwrite the workspace's content.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from sparse_merge.evolution.archive import Archive
+    from sparse_merge.evolution.scoring import SparsityAwareScorer
+    from sparse_merge.tracking.logger import RunLogger
 
 
 @runtime_checkable
@@ -59,3 +66,50 @@ def is_workspace(problem: Problem, genome: torch.Tensor) -> bool:
     """Whether ``genome`` is the problem's workspace buffer itself (same storage and shape)."""
     ws = problem.workspace
     return genome.data_ptr() == ws.data_ptr() and genome.shape == ws.shape
+
+
+@dataclass
+class Pick:
+    """One individual an evolver hands back: where it came from and its selection scores."""
+
+    genome: torch.Tensor  # [P] (for a task-vector problem: its coefficients)
+    scores: torch.Tensor  # [D] selection scores of exactly this genome
+    sparsity: float  # exact sparsity of exactly this genome
+    ident: int  # lineage id of the archive member it comes from (-1: none)
+    pruned: bool = False  # pruned to the target after the search (then re-scored)
+
+    @property
+    def selection_mean(self) -> float:
+        """Mean selection score."""
+        return float(self.scores.double().mean())
+
+
+@dataclass
+class EvolutionResult:
+    """What an evolver returns: the picks by name (headline first), chosen on the selection
+    split only, the final archive, the lineage, and the selection evaluations spent."""
+
+    picks: dict[str, Pick]
+    evaluations: int  # selection evaluations (forward passes over the selection set)
+    archive: Archive | None = None
+    lineage: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Evolver(Protocol):
+    """What the merge pipeline calls: one signature for every search over a ``Problem``."""
+
+    def evolve(
+        self,
+        problem: Problem,
+        scorer: SparsityAwareScorer,
+        *,
+        seed: int = 0,
+        target: float = 0.0,
+        run_dir: str | Path | None = None,
+        logger: RunLogger | None = None,
+        resume: bool = False,
+        write: bool = True,
+    ) -> EvolutionResult:
+        """Search ``problem``; ``target`` is the run's sparsity (the picks are pruned to it)."""
+        ...

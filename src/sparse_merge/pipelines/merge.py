@@ -1,10 +1,13 @@
-"""Merge pipeline: load the parents, run the evolver, evaluate, report, save.
+"""Merge pipeline: load the parents (and the base), build the ``Problem``, run the evolver,
+optionally search the classic merges at the same budget, evaluate on the held-out split, report,
+save.
 
-The evolver's ``run(ctx)`` returns the genomes to report by name, headline first (one-shot:
-``merged``; Natural Niches: ``best`` by held-out mean and ``sparse``, the sparsest archive
-member within a tolerance of it). The report table compares them with the parents (held-out
-score per task, mean, exact sparsity); ``accuracy`` and ``sparsity`` in the summary are the
-headline model's.
+The evolver picks its results on the selection split only (``EvolutionResult.picks``, headline
+first: Natural Niches' ``best`` and ``sparse``, the one-shot merge's ``merged``). Held-out data
+is used here, after the picks, for the report: one table with the base, each parent, each of
+them pruned to the target, each baseline and the picks -- held-out score per task, mean, exact
+sparsity, selection mean and the selection evaluations each row cost. ``accuracy`` and
+``sparsity`` in the summary are the headline pick's.
 """
 
 from __future__ import annotations
@@ -12,14 +15,18 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sparse_merge.evolution.context import MergeContext
+from sparse_merge.errors import ConfigError
+from sparse_merge.evolution.baselines import Baselines
 from sparse_merge.evolution.distributed import ShardedScorer
-from sparse_merge.evolution.llm import HeldoutEvaluator
+from sparse_merge.evolution.llm import LLMProblem
+from sparse_merge.evolution.problem import EvolutionResult
 from sparse_merge.evolution.scoring import SparsityAwareScorer
+from sparse_merge.evolution.search import WeightSearch
 from sparse_merge.hardware import Hardware
 from sparse_merge.models.hf import load_causal_lm, load_genome, load_tokenizer, save_causal_lm
 from sparse_merge.models.paramspace import ParamSpace
@@ -27,34 +34,14 @@ from sparse_merge.models.source import ModelSource
 from sparse_merge.pruning.base import Calibration, Pruner
 from sparse_merge.pruning.sparsity import measure_sparsity
 from sparse_merge.tasks.suite import TaskSuite
-from sparse_merge.tracking.io import write_json
+from sparse_merge.tracking.io import write_csv, write_json
 from sparse_merge.tracking.logger import RunLogger
 from sparse_merge.tracking.report import format_table
 
 log = logging.getLogger("sparse_merge")
 
 DEFAULT_CALIBRATION = 64  # sequences when the pruner does not say (``n_calibration``)
-
-
-def evaluate_genomes(
-    space: ParamSpace,
-    genomes: dict[str, torch.Tensor],
-    tasks: TaskSuite,
-    tokenizer: PreTrainedTokenizerBase,
-    known: dict[str, dict[str, float]] | None = None,
-    evaluate_heldout: HeldoutEvaluator | None = None,
-) -> list[dict[str, object]]:
-    """One row per genome: held-out score per task, their weighted mean, and exact sparsity
-    (``known`` held-out results are reused instead of evaluated again; ``evaluate_heldout``
-    replaces ``tasks.evaluate_heldout``, e.g. split over processes)."""
-    evaluate_heldout = evaluate_heldout or tasks.evaluate_heldout
-    rows = []
-    for name, genome in genomes.items():
-        model = space.load(genome)
-        acc = (known or {}).get(name) or evaluate_heldout(model, tokenizer)
-        acc = {k: acc[k] for k in [*tasks.names, "mean"]}
-        rows.append({"model": name, **acc, "sparsity": measure_sparsity(model).overall})
-    return rows
+ARCHIVE_CSV = "archive.csv"
 
 
 def build_calibration(
@@ -66,6 +53,68 @@ def build_calibration(
         return None
     n = int(getattr(pruner, "n_calibration", DEFAULT_CALIBRATION))
     return Calibration.from_tasks(tokenizer, tasks, n, seed)
+
+
+def _row(problem: LLMProblem, name: str, weights: torch.Tensor, **extra: Any) -> dict[str, Any]:
+    """A report row: held-out score per task, mean, exact sparsity of ``weights`` [P]."""
+    held = problem.heldout(weights)  # loads ``weights`` into the live model
+    sparsity = measure_sparsity(problem.model).overall
+    return {
+        "model": name,
+        **{k: held[k] for k in [*problem.task_names, "mean"]},
+        "sparsity": sparsity,
+        **extra,
+    }
+
+
+def reference_rows(problem: LLMProblem, target: float) -> list[dict[str, Any]]:
+    """The base and each parent, as they are and pruned to ``target`` with the run's pruner."""
+    models = {**({"base": problem.base} if problem.base is not None else {}), **problem.parents}
+    rows = [_row(problem, name, g, selection=None, evals=0) for name, g in models.items()]
+    if problem.pruner is not None and target > 0:
+        for name, genome in models.items():
+            pruned = genome.clone()
+            problem.prune_(pruned, target)
+            rows.append(_row(problem, f"{name}@{target:g}", pruned, selection=None, evals=0))
+    return rows
+
+
+def archive_rows(problem, result: EvolutionResult, scorer: SparsityAwareScorer) -> list[dict]:
+    """Held-out report of every final archive member (for ``archive.csv`` and the Pareto plot;
+    the picks never look at these numbers)."""
+    archive = result.archive
+    if archive is None:
+        return []
+    total = scorer.total(archive.scores, archive.sparsity, archive.valid)
+    rows = []
+    for slot in archive.occupied():
+        genome = archive.genomes[slot]
+        held = problem.heldout(genome)
+        ident = int(archive.ids[slot])
+        rows.append(
+            {
+                "id": ident,
+                "slot": slot,
+                "name": result.lineage.get(ident, {}).get("name", f"child-{ident}"),
+                **held,
+                "accuracy": held["mean"],
+                "sparsity": float(archive.sparsity[slot]),
+                "selection_mean": float(archive.scores[slot].double().mean()),
+                "total": float(total[slot]),
+            }
+        )
+    return rows
+
+
+def _load_base(source: ModelSource, space: ParamSpace, required: str | None) -> torch.Tensor | None:
+    """The base genome, or None when the source has none and nothing requires it."""
+    try:
+        path = source.base()
+    except ConfigError:
+        if required is not None:
+            raise ConfigError("model.base", None, f"a base model ({required} needs one)") from None
+        return None
+    return load_genome(space, path).to(space.flat.device)
 
 
 def run_merge(
@@ -82,58 +131,105 @@ def run_merge(
     save_models: bool = True,
     scorer: SparsityAwareScorer | None = None,
     resume: bool = False,
+    search=None,
+    baselines: Baselines | None = None,
 ) -> float:
     """Merge the source's parents with ``evolver``; returns the held-out mean of its headline
-    result (what a sweeper optimises)."""
+    pick (what a sweeper optimises)."""
+    search = search if search is not None else WeightSearch()
+    scorer = scorer if scorer is not None else SparsityAwareScorer()
+    required = None
+    if getattr(search, "needs_base", False):
+        required = f"search={search.name}"
+    elif baselines is not None:
+        required = "baselines"
+    if required is not None:
+        source.base()  # a missing base fails here, before any model is loaded
     tokenizer = load_tokenizer(source.tokenizer())
     paths = source.parents()
     first = next(iter(paths.values()))
     device = hardware.torch_device
-    sharded = None
+    sharded = heldout = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch / torchrun
         sharded = ShardedScorer(tasks)
+        heldout = ShardedScorer(tasks, split="heldout").evaluate
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     main = sharded is None or sharded.is_main
     model = load_causal_lm(first, device, hardware.torch_dtype)
     space = ParamSpace(model)
     parents = {name: load_genome(space, path).to(space.flat.device) for name, path in paths.items()}
-    ctx = MergeContext(
-        space=space,
-        tokenizer=tokenizer,
-        parents=parents,
-        tasks=tasks,
-        pruner=pruner,
-        sparsity=sparsity,
-        logger=logger,
-        run_dir=run_dir,
-        seed=seed,
-        calibration=build_calibration(tokenizer, tasks, pruner, seed),
-        scorer=scorer,
-        resume=resume,
-        is_main=main,
+    base = _load_base(source, space, required)
+    target = sparsity if pruner is not None else 0.0
+    llm = LLMProblem(
+        space,
+        tokenizer,
+        parents,
+        tasks,
+        pruner,
+        build_calibration(tokenizer, tasks, pruner, seed),
+        sharded,
+        heldout,
+        base=base,
+        include_base=getattr(search, "include_base", False),
     )
-    heldout = None
-    if sharded is not None:  # every process scores its shard of each evaluation
-        heldout = ShardedScorer(tasks, split="heldout").evaluate
-        ctx.extra.update(score_selection=sharded, evaluate_heldout=heldout)
-    results = evolver.run(ctx)
-    headline = next(iter(results))
+    problem = search.build(llm, seed)
+    result = evolver.evolve(
+        problem,
+        scorer,
+        seed=seed,
+        target=target,
+        run_dir=run_dir,
+        logger=logger if main else None,
+        resume=resume,
+        write=main,
+    )
 
-    known = ctx.extra.get("heldout", {})
-    rows = evaluate_genomes(space, {**parents, **results}, tasks, tokenizer, known, heldout)
+    rows = reference_rows(llm, target)
+    found = []
+    if baselines is not None:
+        found = baselines.run(llm, result.evaluations, target, seed)
+        for b in found:
+            settings = {k: v for k, v in b.settings.items()}
+            rows.append(
+                _row(
+                    llm,
+                    b.name,
+                    b.pick.genome,
+                    selection=b.pick.selection_mean,
+                    evals=b.evaluations,
+                    settings=settings,
+                )
+            )
+    picks = {name: problem.weights(p.genome) for name, p in result.picks.items()}
+    for name, pick in result.picks.items():
+        rows.append(
+            _row(llm, name, picks[name], selection=pick.selection_mean, evals=result.evaluations)
+        )
+    members = archive_rows(problem, result, scorer)
     if not main:  # the processes evaluated together; one reports and writes
-        return float(next(r for r in rows if r["model"] == headline)["mean"])
-    columns = ["model", *tasks.names, "mean", "sparsity"]
-    print("\n" + format_table(rows, columns) + "\n")
-    archive_rows = ctx.extra.get("archive_rows", [])
-    if archive_rows:
-        print(format_table(archive_rows, ["id", "name", *tasks.names, "mean", "sparsity"]) + "\n")
+        return float(next(r for r in rows if r["model"] == next(iter(picks)))["mean"])
+
+    headline = next(iter(picks))
+    columns = ["model", *tasks.names, "mean", "sparsity", "selection", "evals"]
+    print(f"\nheld-out scores; selection evaluations per row: {result.evaluations} (evolution)")
+    print(format_table(rows, columns) + "\n")
+    if members:
+        print(format_table(members, ["id", "name", *tasks.names, "mean", "sparsity"]) + "\n")
+        write_csv(run_dir / ARCHIVE_CSV, members)
     top = next(r for r in rows if r["model"] == headline)
-    metrics = {"accuracy": top["mean"], "sparsity": top["sparsity"], "target_sparsity": sparsity}
-    if archive_rows:
-        metrics["archive_sparsity"] = sum(r["sparsity"] for r in archive_rows) / len(archive_rows)
-        metrics["archive_size"] = len(archive_rows)
+    metrics = {
+        "accuracy": top["mean"],
+        "sparsity": top["sparsity"],
+        "target_sparsity": sparsity,
+        "evaluations": result.evaluations,
+    }
+    if members:
+        metrics["archive_sparsity"] = sum(r["sparsity"] for r in members) / len(members)
+        metrics["archive_size"] = len(members)
+    described = {}
+    if hasattr(problem, "describe"):
+        described = {name: problem.describe(p.genome) for name, p in result.picks.items()}
     write_json(
         run_dir / "results.json",
         {
@@ -141,19 +237,27 @@ def run_merge(
             "target_sparsity": sparsity,
             "headline": headline,
             **metrics,
+            "search": search.describe(),
             "models": rows,
-            "archive": archive_rows,
+            "archive": members,
+            "picks": described,
+            "baselines": baselines.describe() if baselines is not None else None,
         },
     )
     logger.summary(
         {
             **metrics,
-            **{f"{r['model']}/{k}": v for r in rows for k, v in r.items() if k != "model"},
+            **{
+                f"{r['model']}/{k}": v
+                for r in rows
+                for k, v in r.items()
+                if k not in ("model", "settings") and v is not None
+            },
         }
     )
     if save_models:
-        for name, genome in results.items():
-            space.load(genome)
+        for name, weights in picks.items():
+            space.load(weights)
             out = save_causal_lm(model, run_dir / "models" / name, tokenizer)
             log.info("saved %s to %s", name, out)
     return float(top["mean"])
@@ -174,4 +278,6 @@ def run(cfg, parts: dict, run_dir: Path) -> float:
         save_models=cfg.save_models,
         scorer=parts.get("scorer"),
         resume=bool(cfg.get("resume", False)),
+        search=parts.get("search"),
+        baselines=parts.get("baselines"),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -60,3 +61,16 @@ def write_atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Rows of dicts as CSV (columns of the first row), atomically."""
+    columns = list(rows[0]) if rows else []
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    return write_atomic(path, write)

@@ -13,6 +13,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
     columns = list(columns or rows[0].keys())
 
     def cell(v: Any) -> str:
+        if v is None:
+            return "–"
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     cells = [[cell(r.get(c, "")) for c in columns] for r in rows]

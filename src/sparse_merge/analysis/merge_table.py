@@ -1,0 +1,160 @@
+"""``python -m sparse_merge.analysis.merge_table <dir> [--out DIR]``: the merge comparison
+over seeds -- every model row of the merge runs' ``results.json`` (base, parents, their pruned
+copies, baselines, evolved picks) as mean ± sd over the runs found, in one Markdown table
+(``merge_table.md``), a CSV (``merge_table.csv``) and a bar chart (``merge_table.png``).
+
+Runs are grouped by the group choices and overrides other than ``seed``, so a multirun over
+seeds and one other setting gives one table per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from sparse_merge.analysis.collect import find_runs, load_run
+from sparse_merge.tracking.io import write_atomic
+
+
+def _fmt(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _span(values: list[int]) -> str:
+    """``7``, ``7–9`` for a range over seeds, ``–`` for rows that cost no search."""
+    if values == [0]:
+        return "–"
+    return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
+
+
+def setting(run: dict[str, Any]) -> str:
+    """The run's overrides without ``seed`` (what the runs of one table share)."""
+    items = [o for o in str(run.get("overrides", "")).split() if not o.startswith("seed=")]
+    return " ".join(items) or "(defaults)"
+
+
+def gather(root: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Finished merge runs under ``root`` by setting: each run's ``results.json`` and seed."""
+    root = Path(root)
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run_dir in find_runs(root):
+        results = run_dir / "results.json"
+        info = load_run(run_dir, root)
+        if info.get("status") != "finished" or not results.exists():
+            continue
+        groups[setting(info)].append(json.loads(results.read_text()))
+    if not groups:
+        raise FileNotFoundError(f"no finished merge runs with results.json under {root}")
+    return dict(groups)
+
+
+def table(runs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """(columns, rows): per model, mean ± sd over ``runs`` of each held-out column."""
+    first = runs[0]
+    skip = ("model", "mean", "sparsity", "selection", "evals", "settings")
+    tasks = [k for k in first["models"][0] if k not in skip]
+    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        for row in r["models"]:
+            by_model[row["model"]].append(row)
+    out = []
+    for model, rows in by_model.items():
+        evals = sorted({int(r.get("evals") or 0) for r in rows})
+        out.append(
+            {
+                "model": model,
+                **{t: _fmt([r[t] for r in rows]) for t in tasks},
+                "mean": _fmt([r["mean"] for r in rows]),
+                "sparsity": _fmt([r["sparsity"] for r in rows]),
+                "selection evals": _span(evals),
+                "seeds": len(rows),
+                "_mean": statistics.fmean(r["mean"] for r in rows),
+            }
+        )
+    return ["model", *tasks, "mean", "sparsity", "selection evals", "seeds"], out
+
+
+def markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """A Markdown table; the best mean in bold."""
+    best = max(r["_mean"] for r in rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = [str(r[c]) for c in columns]
+        if r["_mean"] == best:
+            cells[columns.index("mean")] = f"**{cells[columns.index('mean')]}**"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Held-out mean per model (bars, mean ± sd over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["model"] for r in rows]
+    means, sds = [], []
+    for r in rows:
+        m, _, sd = str(r["mean"]).partition(" ± ")
+        means.append(float(m))
+        sds.append(float(sd) if sd else 0.0)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 3.5))
+    ax.bar(range(len(rows)), means, yerr=sds, capsize=3, color="#4c72b0")
+    ax.set_xticks(range(len(rows)), names, rotation=45, ha="right")
+    ax.set_ylabel("held-out mean")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+
+    def save(tmp: Path) -> None:
+        fig.savefig(tmp, format="png", dpi=120)
+
+    write_atomic(path, save)
+    plt.close(fig)
+    return path
+
+
+def report(root: str | Path, out: str | Path | None = None) -> str:
+    """Write ``merge_table.md``/``.csv``/``.png`` under ``out`` (default: ``root``); returns
+    the Markdown text."""
+    root = Path(root)
+    out = Path(out) if out else root
+    parts, csv_lines = [], []
+    for i, (name, runs) in enumerate(gather(root).items()):
+        columns, rows = table(runs)
+        budget = sorted({int(r.get("evaluations", 0)) for r in runs})
+        target = runs[0].get("target_sparsity")
+        head = (
+            f"**{name}** — {len(runs)} seed(s), target sparsity {target}, held-out scores "
+            f"(mean ± sd over seeds); the evolution used {_span(budget)} selection "
+            "evaluations and every baseline at most as many."
+        )
+        parts.append(head + "\n\n" + markdown(columns, rows))
+        csv_lines += [",".join(["setting", *columns])] if i == 0 else []
+        csv_lines += [",".join([f'"{name}"', *(f'"{r[c]}"' for c in columns)]) for r in rows]
+        plot(rows, out / ("merge_table.png" if i == 0 else f"merge_table_{i}.png"), name)
+    text = "\n\n".join(parts) + "\n"
+    write_atomic(out / "merge_table.md", lambda tmp: tmp.write_text(text))
+    write_atomic(out / "merge_table.csv", lambda tmp: tmp.write_text("\n".join(csv_lines) + "\n"))
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("root", help="a multirun directory of merge runs")
+    parser.add_argument("--out", default=None, help="where to write (default: the directory)")
+    args = parser.parse_args()
+    print(report(args.root, args.out))
+
+
+if __name__ == "__main__":
+    main()

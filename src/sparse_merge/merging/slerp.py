@@ -1,0 +1,117 @@
+"""SLERP of two models: one angle per tensor (mergekit's ``slerp``) or one angle over the whole
+genome (the M2N2 reference's crossover)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from sparse_merge.errors import check_choice, check_fraction, check_positive
+from sparse_merge.evolution.crossover import _dots, slerp_
+from sparse_merge.merging.base import MergeMethod, Segment
+
+GRANULARITIES = ("tensor", "genome")
+
+
+class Slerp(MergeMethod):
+    """Spherical interpolation of exactly two models, ``t = w_1 / (w_0 + w_1)`` (weights
+    ``[1 - t, t]``; ``t = 0`` gives the first model, ``t = 1`` the second).
+
+    Args:
+        granularity: ``tensor``: one angle per tensor, as mergekit 0.1.5's ``slerp`` (the
+            vectors are normalised for the angle; linear interpolation when
+            ``|cos| > dot_threshold``); ``genome``: one angle over the whole genome, the M2N2
+            reference's variant (``sparse_merge.evolution.crossover.slerp_``, which falls back
+            to linear interpolation only when ``sin`` of the angle is below 1e-7, and ignores
+            ``dot_threshold`` and ``eps``). Segments only matter for ``tensor``.
+        dot_threshold: ``|cos|`` above which a tensor is interpolated linearly, in [0, 1).
+        eps: norms at or below it count as 1 (zero tensors), > 0.
+
+    The angle's dot products are float32 over chunks summed in float64 (mergekit: float32
+    sums); the interpolation runs in float32 (float64 for float64 inputs) like mergekit's.
+    """
+
+    name = "slerp"
+
+    def __init__(
+        self, granularity: str = "tensor", dot_threshold: float = 0.9995, eps: float = 1e-8
+    ) -> None:
+        self.granularity = check_choice("granularity", granularity, GRANULARITIES)
+        self.dot_threshold = check_fraction("dot_threshold", dot_threshold)
+        self.eps = float(check_positive("eps", eps))
+
+    def describe(self) -> dict[str, object]:
+        """``slerp`` and its settings."""
+        return {
+            "name": self.name,
+            "granularity": self.granularity,
+            "dot_threshold": self.dot_threshold,
+            "eps": self.eps,
+        }
+
+    def interpolation(self, weights: Sequence[float]) -> float:
+        """``t = w_1 / (w_0 + w_1)`` of the two weights."""
+        if len(weights) != 2:
+            raise ValueError(f"slerp merges exactly two models, got {len(weights)} weights")
+        total = float(weights[0]) + float(weights[1])
+        if total == 0.0:
+            raise ValueError(f"slerp: weights {list(weights)} sum to 0")
+        return float(weights[1]) / total
+
+    def merge_tensor(
+        self,
+        base: Tensor | None,
+        tensors: Sequence[Tensor],
+        weights: Sequence[float],
+        rng: torch.Generator | None = None,
+    ) -> Tensor:
+        """SLERP of the two ``tensors`` with one angle for this tensor (base ignored)."""
+        self.check_inputs(None, tensors, weights)
+        t = self.interpolation(weights)
+        a, b = tensors
+        if not a.is_floating_point():
+            raise TypeError(f"slerp needs floating-point tensors, not {a.dtype}")
+        x, y = a.reshape(-1), b.reshape(-1)  # [n]
+        if self.granularity == "genome":
+            return slerp_(torch.empty_like(x), x, y, t).view(a.shape)
+        dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+        ca, cb = 1.0 - t, t
+        if x.numel() > 0:
+            ab, aa, bb = _dots(x, y)
+            na, nb = math.sqrt(aa), math.sqrt(bb)
+            na, nb = (na if na > self.eps else 1.0), (nb if nb > self.eps else 1.0)
+            cos = min(max(ab / (na * nb), -1.0), 1.0)
+            if abs(cos) <= self.dot_threshold:
+                theta = math.acos(cos)
+                ca = math.sin((1.0 - t) * theta) / math.sin(theta)
+                cb = math.sin(t * theta) / math.sin(theta)
+        out = x.to(dtype, copy=True).mul_(ca).add_(y, alpha=cb)  # [n]
+        return out.view(a.shape).to(a.dtype)
+
+    @torch.no_grad()
+    def merge_(
+        self,
+        out: Tensor,
+        base: Tensor | None,
+        genomes: Sequence[Tensor],
+        weights: Sequence[float],
+        *,
+        segments: Sequence[Segment] | None = None,
+        split: int | None = None,
+        rng: torch.Generator | None = None,
+    ) -> Tensor:
+        """Per tensor: the shared driver; per genome: ``slerp_`` with ``t`` on ``[:split]``
+        and ``1 - t`` after it."""
+        if self.granularity == "tensor":
+            return super().merge_(
+                out, base, genomes, weights, segments=segments, split=split, rng=rng
+            )
+        self.check_inputs(None, genomes, weights)
+        t = self.interpolation(weights)
+        a, b = genomes
+        if out.shape != a.shape or a.dim() != 1:
+            raise ValueError(f"slerp: out {tuple(out.shape)} and genomes {tuple(a.shape)}: not [P]")
+        return slerp_(out, a, b, t, split)
