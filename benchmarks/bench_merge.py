@@ -4,7 +4,8 @@ of the same bytes.
 
 The genome is ~50 M float32 elements in 12 tensors of [1024, 4096] with a [4096] vector after
 each (a bias or norm), merged with weights [0.4, 0.6] and a split point at a third, as a
-crossover does. Stochastic methods draw from a seeded ``torch.Generator``.
+crossover does, on one thread (steadier on a shared machine). Stochastic methods draw from a
+seeded ``torch.Generator``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,16 @@ def _methods() -> dict[str, MergeMethod]:
 
 
 def run() -> list[dict]:
-    """One row per method: seconds per merge and the ratio to ``copy_``."""
+    """One row per method: seconds per merge and the ratio to ``copy_`` (one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _rows()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rows() -> list[dict]:
     segments = _segments()
     n = segments[-1][1]
     g = torch.Generator().manual_seed(0)

@@ -193,6 +193,22 @@ def test_first_k_mask_ties_keep_lowest_indices():
     assert torch.equal(first_k_mask(big, 1234, largest=True), expected)
 
 
+@pytest.mark.parametrize("pattern", ["ties", "aligned"])
+def test_first_k_mask_on_large_tensors_is_a_stable_sort(pattern):
+    n = 300_000  # large enough for the sampled bracket (and its fallback when it misses)
+    if pattern == "ties":  # few distinct values, like deltas quantised to the weights' ulp
+        v = torch.randint(0, 1000, (n,), generator=gen(16)).float()
+    else:  # the strided sample sees only the large entries: the bracket misses
+        v = torch.rand(n, generator=gen(16))
+        v[:: n // (1 << 14)] += 10
+    for k in (1, 3_000, 150_000, 299_000):
+        for largest in (True, False):
+            first = torch.sort(v, descending=largest, stable=True).indices[:k]
+            expected = torch.zeros(n, dtype=torch.bool)
+            expected[first] = True
+            assert torch.equal(first_k_mask(v, k, largest=largest), expected), (k, largest)
+
+
 def test_breadcrumbs_removes_outliers_and_smallest():
     base = torch.zeros(2, 5)
     x = t([[1, -2, 3, -4, 5], [-6, 7, -8, 9, -10]])  # |x| ranks 1..10

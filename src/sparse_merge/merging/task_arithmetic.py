@@ -26,6 +26,15 @@ CONSENSUS = ("none", "sum", "count")
 RANDOM_SPARSIFICATIONS = ("random", "rank_magnitude")
 RESCALE_EPS = 1e-7  # mergekit: no rescaling when either L1 norm is below it
 DIVISOR_EPS = 1e-8  # mergekit: a weight sum below it (no consensus) divides by 1 instead
+SELECT_SAMPLE = 1 << 14  # sample size that brackets a top-k threshold
+SAME_SIZE_INT = MappingProxyType(
+    {
+        torch.float64: torch.int64,
+        torch.float32: torch.int32,
+        torch.float16: torch.int16,
+        torch.bfloat16: torch.int16,
+    }
+)
 
 # (sparsification, consensus) -> mergekit's method name, for logs and reports
 MERGEKIT_NAMES = MappingProxyType(
@@ -42,14 +51,34 @@ MERGEKIT_NAMES = MappingProxyType(
 )
 
 
+def _kth_smallest(v: Tensor, r: int) -> Tensor:
+    """The ``r``-th smallest value of a flat ``v`` (``1 <= r <= v.numel()``): a strided sample
+    brackets it, and the exact value is selected among the entries inside the bracket (a few
+    percent of them); when the bracket misses, a full ``kthvalue``. Several times faster
+    than ``topk``/``kthvalue`` on multi-million-element tensors."""
+    n = v.numel()
+    if n <= 4 * SELECT_SAMPLE:
+        return torch.kthvalue(v, r).values
+    sample = torch.sort(v[:: n // SELECT_SAMPLE]).values  # [m]
+    m, q = sample.numel(), r / n
+    margin = 6 * math.sqrt(q * (1 - q) / m) + 2 / m  # 6 standard errors of the quantile
+    lo_i, hi_i = math.floor((q - margin) * m), math.ceil((q + margin) * m)
+    below, inside = 0, None  # entries under the bracket; mask of those inside it
+    if lo_i >= 0:
+        below = int((v < sample[lo_i]).count_nonzero())
+        inside = v >= sample[lo_i]
+    if hi_i < m:
+        le = v <= sample[hi_i]
+        inside = le if inside is None else inside.logical_and_(le)
+    band = v if inside is None else v[inside]  # [b]
+    if below < r <= below + band.numel():
+        return torch.kthvalue(band, r - below).values
+    return torch.kthvalue(v, r).values
+
+
 def _kth(v: Tensor, k: int, largest: bool) -> Tensor:
     """The ``k``-th largest (or smallest) value of a flat ``v``, ``1 <= k <= v.numel()``."""
-    n = v.numel()
-    if k <= n // 2:
-        vals = torch.topk(v, k, largest=largest, sorted=False).values
-        return vals.min() if largest else vals.max()
-    vals = torch.topk(v, n - k + 1, largest=not largest, sorted=False).values
-    return vals.max() if largest else vals.min()
+    return _kth_smallest(v, v.numel() - k + 1 if largest else k)
 
 
 def first_k_mask(v: Tensor, k: int, largest: bool) -> Tensor:
@@ -223,7 +252,10 @@ class TaskArithmetic(MergeMethod):
         smallest ``|t|``) among the ``m`` of its row (along dim 1; a vector is one row)."""
         rows = t if t.dim() >= 2 else t.reshape(1, -1)  # [R, m, ...]
         m = rows.shape[1]
-        order = torch.sort(rows.abs(), dim=1, stable=True).indices  # [R, m, ...]
+        mag = rows.abs()  # [R, m, ...]; |x| >= 0 orders like its bits, and integers sort faster
+        keys = mag.view(SAME_SIZE_INT[mag.dtype]) if mag.dtype in SAME_SIZE_INT else mag
+        order = torch.sort(keys, dim=1, stable=True).indices  # [R, m, ...]
+        del mag, keys
         arange = torch.arange(m, device=t.device).view(1, m, *([1] * (rows.dim() - 2)))
         ranks = torch.empty_like(order).scatter_(1, order, arange.expand_as(order))
         del order
@@ -257,14 +289,13 @@ class TaskArithmetic(MergeMethod):
         w = w.view(n, *([1] * base.dim()))  # [N, 1, ...], rounded to the dtype as mergekit
         deltas.mul_(w)
         if self.consensus != "none":
-            pos, neg = deltas > 0, deltas < 0  # [N, *S]
-            if self.consensus == "sum":
-                up = deltas.sum(dim=0) >= 0  # [*S]
-            else:
-                up = pos.sum(dim=0) >= neg.sum(dim=0)
-            keep = torch.where(up, pos, neg)  # [N, *S] the entries of the elected sign
-            del pos, neg, up
-            divisor = torch.where(keep, w, 0).sum(dim=0)  # [*S]
+            votes = deltas.sum(dim=0) if self.consensus == "sum" else deltas.sign().sum(dim=0)
+            sign = (votes >= 0).to(dtype).mul_(2).sub_(1)  # [*S] elected sign, +1 on a tie
+            del votes
+            keep = torch.mul(deltas, sign).gt_(0)  # [N, *S] 1.0 where d_i has that sign
+            del sign
+            # sum_i w_i keep_i, as one small matmul (float masks: no slow bool kernels)
+            divisor = torch.mm(w.view(1, n), keep.view(n, -1)).view(base.shape)  # [*S]
             divisor[divisor == 0] = 1
             mixed = deltas.mul_(keep).sum(dim=0)  # [*S]
         else:
