@@ -71,3 +71,67 @@ def test_default_children_beat_each_other_on_their_own_task(tmp_path):
         )
     assert acc["math"][0] > acc["code"][0] + 0.3
     assert acc["code"][1] > acc["math"][1] + 0.3
+
+
+def test_child_replay_is_checked_and_part_of_the_cache_key(tmp_path):
+    from sparse_merge.errors import ConfigError
+
+    zoo = _zoo(tmp_path)
+    replay = ToyZoo(
+        "t", str(tmp_path), zoo.base_skills, zoo.children, zoo.arch, 20, 10, 8, child_replay=0.5
+    )
+    assert replay.root != zoo.root
+    with pytest.raises(ConfigError, match="child_replay"):
+        ToyZoo("t", str(tmp_path), zoo.base_skills, zoo.children, child_replay=1.0)
+
+
+def test_train_lm_mixes_skills_by_weight(tokenizer, monkeypatch):
+    import sparse_merge.models.toy as toy
+
+    seen = []
+    encode = toy.encode_examples
+    monkeypatch.setattr(toy, "encode_examples", lambda tok, ex: seen.extend(ex) or encode(tok, ex))
+    model = toy.toy_llama(tokenizer, hidden_size=32, intermediate_size=64)
+    skills = [
+        AdditionTask(1, 1, n_select=0, n_heldout=0),
+        ReversalTask(1, 3, n_select=0, n_heldout=0),
+    ]
+    toy.train_lm(model, tokenizer, skills, 3, 1e-3, 8, 0, "t", weights=[1.0, 0.0])
+    assert len(seen) == 24 and not any(e.prompt.startswith("rev:") for e in seen)
+    seen.clear()
+    toy.train_lm(model, tokenizer, skills, 3, 1e-3, 8, 0, "t")  # uniform: both skills
+    assert any(e.prompt.startswith("rev:") for e in seen) and any("+" in e.prompt for e in seen)
+
+
+@pytest.mark.slow  # trains the default toy zoo once (about 2 minutes), cached with python run.py
+def test_default_zoo_has_skills_to_combine():
+    """conf/model/toy.yaml: the base knows neither hard skill, each child learns its own, and
+    task arithmetic (math at 0.5, code at 1) beats both children on the mean."""
+    from pathlib import Path
+
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from sparse_merge.models.hf import load_genome
+    from sparse_merge.models.paramspace import ParamSpace
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "toy.yaml")
+    cfg.cache_dir = str(Path("~/.cache/sparse_merge").expanduser())
+    zoo = instantiate(cfg)
+    tok = load_tokenizer(zoo.tokenizer())
+    add = AdditionTask(2, 2, n_select=0, n_heldout=256)
+    rev = ReversalTask(4, 6, n_select=0, n_heldout=256)
+    space = ParamSpace(load_causal_lm(zoo.base()))
+    base = space.genome()
+    g = {n: load_genome(space, p) for n, p in zoo.parents().items()}
+
+    def acc(genome: torch.Tensor) -> tuple[float, float]:
+        model = space.load(genome)
+        return tuple(float(t.heldout.score(model, tok).float().mean()) for t in (add, rev))
+
+    b, m, c = acc(base), acc(g["math"]), acc(g["code"])
+    ta = acc(base + 0.5 * (g["math"] - base) + (g["code"] - base))
+    assert b[0] < 0.5 and b[1] < 0.1  # the base: neither hard skill
+    assert m[0] > b[0] + 0.3 and c[1] > b[1] + 0.8  # each child learns its own
+    assert sum(ta) > max(sum(m), sum(c)) + 0.05  # a merge with both skills beats both

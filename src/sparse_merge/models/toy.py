@@ -22,7 +22,7 @@ from sparse_merge.models.hf import load_causal_lm, load_tokenizer, save_causal_l
 from sparse_merge.models.tokenizer import char_tokenizer
 from sparse_merge.tasks.toy import ToyTask
 
-CACHE_VERSION = 1  # bump when training code changes what a cached model would be
+CACHE_VERSION = 2  # bump when training code changes what a cached model would be
 
 
 def toy_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **arch: Any) -> LlamaForCausalLM:
@@ -56,14 +56,18 @@ def train_lm(
     batch_size: int,
     seed: int,
     desc: str,
+    weights: list[float] | None = None,
 ) -> list[float]:
-    """AdamW on a uniform mixture of ``skills``' training examples (loss on answers); returns losses."""
+    """AdamW on a mixture of ``skills``' training examples (loss on answers), uniform unless
+    ``weights`` (one per skill, summing to 1) says otherwise; returns losses."""
     rng = random.Random(seed)
-    examples = [
-        e
-        for task in skills
-        for e in task.train_examples(steps * batch_size // len(skills) + 1, seed)
-    ]
+    total = steps * batch_size
+    counts = (
+        [int(total * w) + 1 if w > 0 else 0 for w in weights]
+        if weights
+        else [total // len(skills) + 1] * len(skills)
+    )
+    examples = [e for task, n in zip(skills, counts) if n for e in task.train_examples(n, seed)]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     # 10 % warm-up, but at least 2 steps: OneCycleLR divides by (warm-up steps - 1)
     pct_start = max(0.1, 2.0 / steps) if steps > 2 else 0.5
@@ -89,7 +93,12 @@ def train_lm(
 
 class ToyZoo:
     """A base model trained on easy instances of every skill, and one child per skill
-    fine-tuned from it on that skill's hard instances. Trained once, then loaded from the cache."""
+    fine-tuned from it on that skill's hard instances. Trained once, then loaded from the cache.
+
+    ``child_replay`` is the share of each child's training examples drawn from the base skills
+    (rehearsal, spread evenly over them): a child then keeps what the base knew instead of
+    drifting everywhere, so its task vector changes little besides its own skill.
+    """
 
     def __init__(
         self,
@@ -104,18 +113,22 @@ class ToyZoo:
         lr: float = 3e-3,
         child_lr: float = 1e-3,
         seed: int = 0,
+        child_replay: float = 0.0,
     ) -> None:
         if len(children) < 2:
             raise ConfigError("children", list(children), "two or more child skills")
         check_positive("base_steps", base_steps)
         check_positive("child_steps", child_steps)
         check_positive("batch_size", batch_size)
+        if not 0.0 <= child_replay < 1.0:
+            raise ConfigError("child_replay", child_replay, "a share in [0, 1)")
         self.name = name
         self.base_skills = dict(base_skills)
         self.children = dict(children)
         self.arch = dict(arch or {})
         self.steps = (base_steps, child_steps)
         self.batch_size, self.lrs, self.seed = batch_size, (lr, child_lr), seed
+        self.child_replay = float(child_replay)
         spec = {
             "version": CACHE_VERSION,
             "arch": self.arch,
@@ -125,6 +138,7 @@ class ToyZoo:
             "batch_size": batch_size,
             "lrs": self.lrs,
             "seed": seed,
+            "child_replay": self.child_replay,
         }
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
         self.root = Path(cache_dir).expanduser() / f"{name}-{key}"
@@ -170,15 +184,19 @@ class ToyZoo:
             if (self._path(child) / "config.json").exists():
                 continue
             model = load_causal_lm(base_path)
+            replay = list(self.base_skills.values()) if self.child_replay > 0 else []
             train_lm(
                 model,
                 tokenizer,
-                [task],
+                [task, *replay],
                 self.steps[1],
                 self.lrs[1],
                 self.batch_size,
                 self.seed + 1 + i,
                 desc=f"{self.name}: {child}",
+                weights=[1.0 - self.child_replay, *[self.child_replay / len(replay)] * len(replay)]
+                if replay
+                else None,
             )
             save_causal_lm(model, self._path(child), tokenizer)
         (self.root / "spec.json").write_text(json.dumps(self._spec, indent=2, sort_keys=True))
