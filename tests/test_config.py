@@ -60,10 +60,14 @@ def test_every_experiment_composes(experiment, tmp_path):
         ("pipeline=nope", "pipeline"),
         ("evolver.pop_size=1", "evolver.pop_size"),
         ("evolver.prune_target=both", "evolver.prune_target"),
+        ("search=task_vectors search.groups=layer", "search.groups"),
+        ("baselines=classic baselines.budget=0", "baselines.budget"),
+        ("baselines=classic +baselines.methods.ties.grid.dens=[1]", "baselines.methods.ties.grid"),
+        ("evolver=one_shot evolver.split=2", "evolver.split"),
     ],
 )
 def test_bad_values_raise_config_error_before_any_model(override, key, tmp_path):
-    cfg = compose_cfg([override, f"model.cache_dir={tmp_path}/cache"], tmp_path)
+    cfg = compose_cfg([*override.split(), f"model.cache_dir={tmp_path}/cache"], tmp_path)
     with pytest.raises(ConfigError) as err:
         execute(cfg)
     assert err.value.key == key

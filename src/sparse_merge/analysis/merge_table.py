@@ -38,7 +38,8 @@ def _span(values: list[int]) -> str:
 
 def setting(run: dict[str, Any]) -> str:
     """The run's overrides without ``seed`` (what the runs of one table share)."""
-    items = [o for o in str(run.get("overrides", "")).split() if not o.startswith("seed=")]
+    skip = ("seed=", "save_models=", "hardware.num_threads=", "baselines=")
+    items = [o for o in str(run.get("overrides", "")).split() if not o.startswith(skip)]
     return " ".join(items) or "(defaults)"
 
 
@@ -78,14 +79,15 @@ def table(runs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
                 "selection evals": _span(evals),
                 "seeds": len(rows),
                 "_mean": statistics.fmean(r["mean"] for r in rows),
+                "_sparsity": min(r["sparsity"] for r in rows),
             }
         )
     return ["model", *tasks, "mean", "sparsity", "selection evals", "seeds"], out
 
 
-def markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
-    """A Markdown table; the best mean in bold."""
-    best = max(r["_mean"] for r in rows)
+def markdown(columns: list[str], rows: list[dict[str, Any]], target: float = 0.0) -> str:
+    """A Markdown table; the best mean among the rows at the target sparsity in bold."""
+    best = max(r["_mean"] for r in rows if r["_sparsity"] >= target - 0.005)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = [str(r[c]) for c in columns]
@@ -138,7 +140,7 @@ def report(root: str | Path, out: str | Path | None = None) -> str:
             f"(mean ± sd over seeds); the evolution used {_span(budget)} selection "
             "evaluations and every baseline at most as many."
         )
-        parts.append(head + "\n\n" + markdown(columns, rows))
+        parts.append(head + "\n\n" + markdown(columns, rows, float(target or 0.0)))
         csv_lines += [",".join(["setting", *columns])] if i == 0 else []
         csv_lines += [",".join([f'"{name}"', *(f'"{r[c]}"' for c in columns)]) for r in rows]
         plot(rows, out / ("merge_table.png" if i == 0 else f"merge_table_{i}.png"), name)

@@ -95,7 +95,9 @@ class ToyZoo:
     """A base model trained on easy instances of every skill, and one child per skill
     fine-tuned from it on that skill's hard instances. Trained once, then loaded from the cache.
 
-    ``child_replay`` is the share of each child's training examples drawn from the base skills
+    ``child_batch_size`` (default ``batch_size``) sets the children's batch: a larger batch
+    with fewer steps sees as many examples in fewer, less noisy optimizer steps (a smaller
+    task vector). ``child_replay`` is the share of each child's training examples drawn from the base skills
     (rehearsal, spread evenly over them): a child then keeps what the base knew instead of
     drifting everywhere, so its task vector changes little besides its own skill.
     """
@@ -114,12 +116,15 @@ class ToyZoo:
         child_lr: float = 1e-3,
         seed: int = 0,
         child_replay: float = 0.0,
+        child_batch_size: int | None = None,
     ) -> None:
         if len(children) < 2:
             raise ConfigError("children", list(children), "two or more child skills")
         check_positive("base_steps", base_steps)
         check_positive("child_steps", child_steps)
         check_positive("batch_size", batch_size)
+        child_batch_size = batch_size if child_batch_size is None else child_batch_size
+        check_positive("child_batch_size", child_batch_size)
         if not 0.0 <= child_replay < 1.0:
             raise ConfigError("child_replay", child_replay, "a share in [0, 1)")
         self.name = name
@@ -129,6 +134,7 @@ class ToyZoo:
         self.steps = (base_steps, child_steps)
         self.batch_size, self.lrs, self.seed = batch_size, (lr, child_lr), seed
         self.child_replay = float(child_replay)
+        self.child_batch_size = int(child_batch_size)
         spec = {
             "version": CACHE_VERSION,
             "arch": self.arch,
@@ -139,6 +145,7 @@ class ToyZoo:
             "lrs": self.lrs,
             "seed": seed,
             "child_replay": self.child_replay,
+            "child_batch_size": self.child_batch_size,
         }
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
         self.root = Path(cache_dir).expanduser() / f"{name}-{key}"
@@ -191,7 +198,7 @@ class ToyZoo:
                 [task, *replay],
                 self.steps[1],
                 self.lrs[1],
-                self.batch_size,
+                self.child_batch_size,
                 self.seed + 1 + i,
                 desc=f"{self.name}: {child}",
                 weights=[1.0 - self.child_replay, *[self.child_replay / len(replay)] * len(replay)]
