@@ -95,11 +95,10 @@ class ToyZoo:
     """A base model trained on easy instances of every skill, and one child per skill
     fine-tuned from it on that skill's hard instances. Trained once, then loaded from the cache.
 
-    ``child_batch_size`` (default ``batch_size``) sets the children's batch: a larger batch
-    with fewer steps sees as many examples in fewer, less noisy optimizer steps (a smaller
-    task vector). ``child_replay`` is the share of each child's training examples drawn from the base skills
+    ``child_replay`` is the share of each child's training examples drawn from the base skills
     (rehearsal, spread evenly over them): a child then keeps what the base knew instead of
     drifting everywhere, so its task vector changes little besides its own skill.
+    ``child_batch_size`` (default ``batch_size``) is the children's batch size.
     """
 
     def __init__(
