@@ -53,7 +53,7 @@ def test_parents_are_cached(tmp_path_factory, merge_run):
     run_dir, _ = merge_run
     cache = run_dir.parent.parent / "model_cache"
     before = {p: p.stat().st_mtime for p in cache.rglob("model.safetensors")}
-    assert len(before) == 3  # base + two children
+    assert len(before) >= 3  # base + two children (other tests may cache other zoos here)
     cfg = compose_cfg(
         ["experiment=smoke", "evolver=one_shot", "save_models=false"],
         tmp_path_factory.mktemp("again"),
