@@ -63,6 +63,7 @@ def table(runs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     first = runs[0]
     skip = ("model", "mean", "sparsity", "selection", "evals", "settings")
     tasks = [k for k in first["models"][0] if k not in skip]
+    picks = set(first.get("picked") or [first.get("headline")])
     by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         for row in r["models"]:
@@ -78,6 +79,7 @@ def table(runs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
                 "sparsity": _fmt([r["sparsity"] for r in rows]),
                 "selection evals": _span(evals),
                 "seeds": len(rows),
+                "picked": model in picks,
                 "_mean": statistics.fmean(r["mean"] for r in rows),
                 "_sparsity": min(r["sparsity"] for r in rows),
             }
@@ -98,7 +100,8 @@ def markdown(columns: list[str], rows: list[dict[str, Any]], target: float = 0.0
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Held-out mean per model (bars, mean ± sd over seeds)."""
+    """Held-out mean per model (bars, mean ± sd over seeds): the unsearched references (base,
+    parents) grey, the searched baselines blue, the evolved picks orange."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +114,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         means.append(float(m))
         sds.append(float(sd) if sd else 0.0)
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 3.5))
-    ax.bar(range(len(rows)), means, yerr=sds, capsize=3, color="#4c72b0")
+    colours = [
+        "#999999" if r["selection evals"] == "–" else "#dd8452" if r["picked"] else "#4c72b0"
+        for r in rows
+    ]
+    ax.bar(range(len(rows)), means, yerr=sds, capsize=3, color=colours)
     ax.set_xticks(range(len(rows)), names, rotation=45, ha="right")
     ax.set_ylabel("held-out mean")
     ax.set_title(title, fontsize=9)

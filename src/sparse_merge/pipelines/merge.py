@@ -240,6 +240,7 @@ def run_merge(
             "search": search.describe(),
             "models": rows,
             "archive": members,
+            "picked": list(picks),  # the evolver's picks, headline first
             "picks": described,
             "baselines": baselines.describe() if baselines is not None else None,
         },
