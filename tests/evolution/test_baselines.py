@@ -7,13 +7,8 @@ import torch
 
 from sparse_merge.errors import ConfigError
 from sparse_merge.evolution.baselines import Baselines, grid_points
-from sparse_merge.evolution.llm import LLMProblem
 from sparse_merge.merging.slerp import Slerp
 from sparse_merge.merging.task_arithmetic import TaskArithmetic
-from sparse_merge.models.paramspace import ParamSpace
-from sparse_merge.pruning.magnitude import MagnitudePruner
-from sparse_merge.tasks.suite import TaskSuite
-from sparse_merge.tasks.toy import AdditionTask, ReversalTask
 
 
 def test_grid_points_expand_weights_per_parent_and_t():
@@ -32,19 +27,8 @@ def test_a_bad_grid_setting_fails_before_any_model_is_loaded():
 
 
 @pytest.fixture
-def problem(tiny_llama, tokenizer):
-    space = ParamSpace(tiny_llama)
-    g = torch.Generator().manual_seed(1)
-    base = space.genome()
-    a = base + 0.02 * torch.randn(base.shape, generator=g)
-    b = base + 0.02 * torch.randn(base.shape, generator=g)
-    tasks = TaskSuite(
-        {
-            "addition": AdditionTask(1, 1, n_select=4, n_heldout=3),
-            "reversal": ReversalTask(1, 3, n_select=4, n_heldout=3),
-        }
-    )
-    return LLMProblem(space, tokenizer, {"a": a, "b": b}, tasks, MagnitudePruner(), base=base)
+def problem(based_problem):
+    return based_problem
 
 
 def test_search_spends_at_most_the_budget_and_prunes_every_candidate(problem):

@@ -7,27 +7,11 @@ from sparse_merge.evolution.llm import LLMProblem
 from sparse_merge.evolution.task_vectors import TaskVectorProblem, layer_groups
 from sparse_merge.merging.linear import Linear
 from sparse_merge.merging.task_arithmetic import TaskArithmetic
-from sparse_merge.models.paramspace import ParamSpace
-from sparse_merge.pruning.magnitude import MagnitudePruner
-from sparse_merge.tasks.suite import TaskSuite
-from sparse_merge.tasks.toy import AdditionTask, ReversalTask
 
 
 @pytest.fixture
-def problem(tiny_llama, tokenizer):
-    space = ParamSpace(tiny_llama)
-    g = torch.Generator().manual_seed(0)
-    base = space.genome()
-    a = base + 0.01 * torch.randn(base.shape, generator=g)
-    b = base + 0.01 * torch.randn(base.shape, generator=g)
-    tasks = TaskSuite(
-        {
-            "addition": AdditionTask(1, 1, n_select=4, n_heldout=3),
-            "reversal": ReversalTask(1, 3, n_select=4, n_heldout=3),
-        }
-    )
-    inner = LLMProblem(space, tokenizer, {"a": a, "b": b}, tasks, MagnitudePruner(), base=base)
-    return TaskVectorProblem(inner, TaskArithmetic(), groups="block")
+def problem(based_problem):
+    return TaskVectorProblem(based_problem, TaskArithmetic(), groups="block")
 
 
 def test_block_groups_follow_decoder_blocks():
