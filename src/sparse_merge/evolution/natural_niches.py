@@ -4,10 +4,13 @@ Each step: the first parent is drawn in proportion to the total score
 ``omega * fitness + beta * sparsity_score`` (the scorer), the second by the matchmaker
 (attraction ``sum_j max(0, f_kj - f_p1,j)``) or again by total score; pruning at the
 schedule's sparsity acts as a mutation on the parents before crossover (as in the sparsity-aware
-paper) or on the child after it; crossover (SLERP with a random weight and split point) writes
-the child straight into the problem's workspace; Gaussian mutation touches only non-zero
-weights; the child is scored on the fixed selection set, joins the archive, and the individual
-with the lowest total leaves (possibly the child).
+paper) or on the child after it; crossover (a merge method with a random weight and split
+point; by default SLERP over the whole genome) writes the child straight into the problem's
+workspace; Gaussian mutation touches only non-zero weights (or the problem's own ``mutate_``);
+the child is scored on the fixed selection set, joins the archive, and the individual with the
+lowest total leaves (possibly the child). At the end the engine picks ``best`` and ``sparse`` on
+the selection split only (members below the target pruned to it and re-scored first); the
+held-out split is the pipeline's, for reports.
 
 The GA baseline is this engine with ``alpha = 0`` (no competition) and no matchmaker
 (``evolver=ga``). Every individual has a lineage id; every step is logged (JSONL) with its
