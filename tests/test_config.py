@@ -131,3 +131,10 @@ def test_cfg_job_prints_composed_config():
     )
     assert proc.returncode == 0
     assert "sparsity: 0.5" in proc.stdout and "pruner:" in proc.stdout
+
+
+def test_hf_parents_are_given_on_the_command_line_as_the_docs_show():
+    cfg = compose_cfg(["model=hf", "model.base=/m/base", "model.parents={math: /m/a, code: /m/b}"])
+    source = instantiate(cfg.model, _convert_="all")
+    assert source.parents() == {"math": "/m/a", "code": "/m/b"}
+    assert source.base() == "/m/base"
