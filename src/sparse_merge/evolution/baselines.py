@@ -112,7 +112,6 @@ class Baselines:
     ) -> list[BaselineResult]:
         """Search every method with ``self.budget`` (or ``budget``) selection evaluations."""
         budget = self.budget or int(budget)
-        parents = list(problem.parents.values())
         out = []
         for i, (name, (factory, grid)) in enumerate(self.methods.items()):
             points = grid_points(grid, list(problem.parents))
@@ -123,9 +122,9 @@ class Baselines:
                 chosen = [points[k] for k in keep]
             best: tuple[float, Pick, dict[str, Any]] | None = None
             for point in tqdm(chosen, desc=f"baseline {name}", leave=False):
-                pick = self._candidate(problem, factory, point, parents, target, seed)
+                pick = self._candidate(problem, factory, point, target, seed)
                 if best is None or pick.selection_mean > best[0]:
-                    best = (pick.selection_mean, Pick(pick.genome.clone(), *_rest(pick)), point)
+                    best = (pick.selection_mean, pick.detached(), point)
             _, pick, point = best
             log.info("%s: best %s, selection mean %.3f", name, point, pick.selection_mean)
             out.append(BaselineResult(name, pick, point, len(chosen), len(points)))
@@ -137,22 +136,14 @@ class Baselines:
         problem: LLMProblem,
         factory: MethodFactory,
         point: dict[str, Any],
-        parents: list[torch.Tensor],
         target: float,
         seed: int,
     ) -> Pick:
         """Merge (into the live model), prune, score on selection; the genome is the workspace."""
         settings = {k: v for k, v in point.items() if k != "weights"}
-        weights = point.get("weights", [1.0 / len(parents)] * len(parents))
-        method = factory(**settings)
-        ws = problem.workspace
+        n = len(problem.parents)
         rng = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7)
-        method.merge_(ws, problem.base, parents, weights, segments=problem.segments, rng=rng)
-        problem.writes += 1
+        ws = problem.merge_(factory(**settings), point.get("weights", [1.0 / n] * n), rng=rng)
         if self.prune and target > 0:
             problem.prune_(ws, target)
         return Pick(ws, problem.evaluate(ws), problem.sparsity(ws), -1)
-
-
-def _rest(pick: Pick) -> tuple[torch.Tensor, float, int]:
-    return pick.scores, pick.sparsity, pick.ident

@@ -5,14 +5,14 @@ task vectors need it, and it can join the initial archive."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from sparse_merge.evolution.problem import is_workspace
-from sparse_merge.merging.base import Segment, tensor_segments
+from sparse_merge.merging.base import MergeMethod, Segment, tensor_segments
 from sparse_merge.models.blocks import prunable_layers
 from sparse_merge.models.paramspace import ParamSpace
 from sparse_merge.pruning.base import Calibration, Pruner
@@ -94,6 +94,22 @@ class LLMProblem:
     def initial(self) -> dict[str, torch.Tensor]:
         """The parent genomes by name (after the base, when ``include_base``)."""
         return {**({"base": self.base} if self.include_base else {}), **self.parents}
+
+    @torch.no_grad()
+    def merge_(
+        self,
+        method: MergeMethod,
+        weights: Sequence[float],
+        *,
+        split: int | None = None,
+        rng: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Merge the parents (with the base) into the workspace, tensor by tensor; returns it."""
+        ws = self.workspace
+        parents = list(self.parents.values())
+        method.merge_(ws, self.base, parents, weights, segments=self.segments, split=split, rng=rng)
+        self.writes += 1
+        return ws
 
     def weights(self, genome: torch.Tensor) -> torch.Tensor:
         """The model weights [P] a genome stands for (here the genome itself, copied)."""

@@ -426,12 +426,5 @@ class NaturalNiches:
         _, sparse = max(close, key=lambda c: (c[1].sparsity, c[1].selection_mean, -c[0]))
         if run_dir is not None:
             write_json(run_dir / "lineage.json", {str(k): v for k, v in sorted(lineage.items())})
-        picks = {"best": _own(best, archive), "sparse": _own(sparse, archive)}
+        picks = {"best": best.detached(), "sparse": sparse.detached()}
         return EvolutionResult(picks, evaluations, archive, lineage)
-
-
-def _own(pick: Pick, archive: Archive) -> Pick:
-    """``pick`` with a genome of its own (not a view into the archive)."""
-    if pick.pruned:
-        return pick
-    return Pick(pick.genome.clone(), pick.scores.clone(), pick.sparsity, pick.ident, False)

@@ -48,23 +48,18 @@ class OneShotMerge:
         write: bool = True,
     ) -> EvolutionResult:
         """Returns ``{"merged": ...}``; the live model holds the merged, pruned weights."""
-        parents = list(problem.parents.values())
-        n = len(parents)
+        n = len(problem.parents)
         weights = self.weights
         if weights is None:
             weights = [1.0] * n if self.method.needs_base else [1.0 / n] * n
         if len(weights) != n:
             raise ConfigError("evolver.weights", weights, f"one weight per parent ({n})")
-        ws = problem.workspace
-        split = None if self.split is None else round(self.split * ws.numel())
+        split = None if self.split is None else round(self.split * problem.numel)
         rng = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7)
-        self.method.merge_(
-            ws, problem.base, parents, weights, segments=problem.segments, split=split, rng=rng
-        )
-        problem.writes += 1
+        ws = problem.merge_(self.method, weights, split=split, rng=rng)
         problem.prune_(ws, target)
+        scores, sparsity = problem.evaluate(ws), problem.sparsity(ws)  # scored in place
         genome = ws.clone()
-        scores, sparsity = problem.evaluate(genome), problem.sparsity(genome)
         if logger is not None:
             logger.log(
                 {

@@ -78,6 +78,12 @@ class Pick:
     ident: int  # lineage id of the archive member it comes from (-1: none)
     pruned: bool = False  # pruned to the target after the search (then re-scored)
 
+    def detached(self) -> Pick:
+        """The same pick with tensors of its own (not views into an archive or a workspace)."""
+        return Pick(
+            self.genome.clone(), self.scores.clone(), self.sparsity, self.ident, self.pruned
+        )
+
     @property
     def selection_mean(self) -> float:
         """Mean selection score."""

@@ -101,9 +101,11 @@ class MergeMethod:
         self, base: Tensor | None, tensors: Sequence[Tensor], weights: Sequence[float]
     ) -> None:
         """Raise ``ValueError`` unless there is one weight per tensor, the shapes agree and a
-        base is given when the method needs one."""
+        base is given when the method needs one; ``TypeError`` for non-floating-point tensors."""
         if len(tensors) == 0:
             raise ValueError(f"{self.name}: no tensors to merge")
+        if not tensors[0].is_floating_point():
+            raise TypeError(f"{self.name} needs floating-point tensors, not {tensors[0].dtype}")
         if len(weights) != len(tensors):
             raise ValueError(f"{self.name}: {len(weights)} weights for {len(tensors)} tensors")
         shape = tensors[0].shape

@@ -42,8 +42,6 @@ class Linear(MergeMethod):
         """The weighted average of ``tensors`` (same shape, any number)."""
         self.check_inputs(None, tensors, weights)
         first = tensors[0]
-        if not first.is_floating_point():
-            raise TypeError(f"linear merging needs floating-point tensors, not {first.dtype}")
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         w = torch.tensor([float(x) for x in weights], dtype=dtype)  # [N], rounded as mergekit
         acc = first.to(dtype, copy=True).mul_(float(w[0]))  # same shape as the inputs

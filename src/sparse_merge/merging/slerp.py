@@ -72,8 +72,6 @@ class Slerp(MergeMethod):
         self.check_inputs(None, tensors, weights)
         t = self.interpolation(weights)
         a, b = tensors
-        if not a.is_floating_point():
-            raise TypeError(f"slerp needs floating-point tensors, not {a.dtype}")
         x, y = a.reshape(-1), b.reshape(-1)  # [n]
         if self.granularity == "genome":
             return slerp_(torch.empty_like(x), x, y, t).view(a.shape)

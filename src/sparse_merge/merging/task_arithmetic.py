@@ -279,8 +279,6 @@ class TaskArithmetic(MergeMethod):
         """``base + lambda_ * merge(sparsify(x_i - base) * w_i)`` for one tensor."""
         self.check_inputs(base, tensors, weights)
         assert base is not None
-        if not base.is_floating_point():
-            raise TypeError(f"{self.name} needs floating-point tensors, not {base.dtype}")
         dtype, n = base.dtype, len(tensors)
         deltas = torch.empty((n, *base.shape), dtype=dtype, device=base.device)  # [N, *S]
         for row, x in zip(deltas, tensors):

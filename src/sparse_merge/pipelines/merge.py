@@ -32,7 +32,6 @@ from sparse_merge.models.hf import load_causal_lm, load_genome, load_tokenizer, 
 from sparse_merge.models.paramspace import ParamSpace
 from sparse_merge.models.source import ModelSource
 from sparse_merge.pruning.base import Calibration, Pruner
-from sparse_merge.pruning.sparsity import measure_sparsity
 from sparse_merge.tasks.suite import TaskSuite
 from sparse_merge.tracking.io import write_csv, write_json
 from sparse_merge.tracking.logger import RunLogger
@@ -57,14 +56,9 @@ def build_calibration(
 
 def _row(problem: LLMProblem, name: str, weights: torch.Tensor, **extra: Any) -> dict[str, Any]:
     """A report row: held-out score per task, mean, exact sparsity of ``weights`` [P]."""
-    held = problem.heldout(weights)  # loads ``weights`` into the live model
-    sparsity = measure_sparsity(problem.model).overall
-    return {
-        "model": name,
-        **{k: held[k] for k in [*problem.task_names, "mean"]},
-        "sparsity": sparsity,
-        **extra,
-    }
+    held = problem.heldout(weights)
+    scores = {k: held[k] for k in [*problem.task_names, "mean"]}
+    return {"model": name, **scores, "sparsity": problem.sparsity(weights), **extra}
 
 
 def reference_rows(problem: LLMProblem, target: float) -> list[dict[str, Any]]:
@@ -190,15 +184,15 @@ def run_merge(
     if baselines is not None:
         found = baselines.run(llm, result.evaluations, target, seed)
         for b in found:
-            settings = {k: v for k, v in b.settings.items()}
+            pick = b.pick
             rows.append(
                 _row(
                     llm,
                     b.name,
-                    b.pick.genome,
-                    selection=b.pick.selection_mean,
+                    pick.genome,
+                    selection=pick.selection_mean,
                     evals=b.evaluations,
-                    settings=settings,
+                    settings=b.settings,
                 )
             )
     picks = {name: problem.weights(p.genome) for name, p in result.picks.items()}
