@@ -1,4 +1,5 @@
-"""The README's default table is what a fresh default run prints."""
+"""The README's default table (the default run with the classic baselines) is what a fresh
+run prints."""
 
 import json
 import re
@@ -23,9 +24,9 @@ def readme_table() -> dict[str, list[str]]:
     return {cells[0]: cells[1:] for cells in (line.split() for line in lines[2:])}
 
 
-@pytest.mark.slow  # a minute or two with cached toy parents (training them first: minutes)
+@pytest.mark.slow  # about a minute with cached toy parents (training them first: 2 minutes)
 def test_readme_default_table_matches_a_fresh_run(tmp_path):
-    cfg = compose_cfg(["hardware.num_threads=1", "save_models=false"], tmp_path)
+    cfg = compose_cfg(["baselines=classic", "hardware.num_threads=1", "save_models=false"], tmp_path)
     with open_dict(cfg):  # the toy parents' usual cache, shared with python run.py
         cfg.model.cache_dir = str(Path("~/.cache/sparse_merge").expanduser())
     execute(cfg)
