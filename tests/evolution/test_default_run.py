@@ -26,7 +26,9 @@ def readme_table() -> dict[str, list[str]]:
 
 @pytest.mark.slow  # about a minute with cached toy parents (training them first: 2 minutes)
 def test_readme_default_table_matches_a_fresh_run(tmp_path):
-    cfg = compose_cfg(["baselines=classic", "hardware.num_threads=1", "save_models=false"], tmp_path)
+    cfg = compose_cfg(
+        ["baselines=classic", "hardware.num_threads=1", "save_models=false"], tmp_path
+    )
     with open_dict(cfg):  # the toy parents' usual cache, shared with python run.py
         cfg.model.cache_dir = str(Path("~/.cache/sparse_merge").expanduser())
     execute(cfg)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_merge.analysis.collect import find_runs, load_run
-from sparse_merge.tracking.io import write_atomic
+from sparse_merge.tracking.io import write_atomic, write_csv
 
 
 def _fmt(values: list[float], digits: int = 3) -> str:
@@ -137,7 +137,7 @@ def report(root: str | Path, out: str | Path | None = None) -> str:
     the Markdown text."""
     root = Path(root)
     out = Path(out) if out else root
-    parts, csv_lines = [], []
+    parts, csv_rows = [], []
     for i, (name, runs) in enumerate(gather(root).items()):
         columns, rows = table(runs)
         budget = sorted({int(r.get("evaluations", 0)) for r in runs})
@@ -148,12 +148,11 @@ def report(root: str | Path, out: str | Path | None = None) -> str:
             "evaluations and every baseline at most as many."
         )
         parts.append(head + "\n\n" + markdown(columns, rows, float(target or 0.0)))
-        csv_lines += [",".join(["setting", *columns])] if i == 0 else []
-        csv_lines += [",".join([f'"{name}"', *(f'"{r[c]}"' for c in columns)]) for r in rows]
+        csv_rows += [{"setting": name, **{c: r[c] for c in columns}} for r in rows]
         plot(rows, out / ("merge_table.png" if i == 0 else f"merge_table_{i}.png"), name)
     text = "\n\n".join(parts) + "\n"
     write_atomic(out / "merge_table.md", lambda tmp: tmp.write_text(text))
-    write_atomic(out / "merge_table.csv", lambda tmp: tmp.write_text("\n".join(csv_lines) + "\n"))
+    write_csv(out / "merge_table.csv", csv_rows)
     return text
 
 
