@@ -169,7 +169,9 @@ class Sandbox:
         if cpu_s is not None:
             check_positive("cpu_s", cpu_s)
         self.timeout_s = float(timeout_s)
-        self.cpu_s = int(cpu_s) if cpu_s is not None else max(1, int(timeout_s + 0.999))
+        # default CPU limit: one second past the wall clock, so a busy loop is always stopped by
+        # the wall clock (``timeout``); at exactly the wall-clock limit the two raced
+        self.cpu_s = int(cpu_s) if cpu_s is not None else int(timeout_s + 0.999) + 1
         self.memory_bytes = int(memory_mb) << 20
         self.file_bytes = int(max_file_mb) << 20
         self.workers = int(workers)
