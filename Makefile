@@ -80,3 +80,12 @@ format: $(STAMP) ## Format the code with ruff
 clean: ## Remove caches and run outputs (keeps .venv and the toy-model cache)
 	rm -rf outputs .pytest_cache .ruff_cache benchmarks/results
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+SMOLLM2_MASKS_DIR ?= multirun/smollm2_masks
+
+.PHONY: smollm2-masks
+smollm2-masks: $(STAMP) ## Prune SmolLM2-135M offline: magnitude, Wanda, SparseGPT x 50 %, 70 %, 2:4, 4:8 (docs/pruning.md; ~40 min on 2 cores)
+	rm -rf $(SMOLLM2_MASKS_DIR)
+	$(PY) run.py -m experiment=smollm2_masks pruner=magnitude,wanda,sparsegpt sparsity=0.5,0.7 hydra.sweep.dir=$(SMOLLM2_MASKS_DIR)/row
+	$(PY) run.py -m experiment=smollm2_masks pruner=magnitude,wanda,sparsegpt "pruner.nm='2:4','4:8'" hydra.sweep.dir=$(SMOLLM2_MASKS_DIR)/nm
+	$(PY) -m sparse_merge.analysis.masks_table $(SMOLLM2_MASKS_DIR)

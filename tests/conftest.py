@@ -35,6 +35,8 @@ def compose_cfg(overrides: list[str], tmp: Path | None = None) -> DictConfig:
             cfg.output_dir = str(tmp / "run")
             if "cache_dir" in cfg.model:
                 cfg.model.cache_dir = str(tmp.parent / "model_cache")
+            if cfg.masks.get("dense_cache"):
+                cfg.masks.dense_cache = str(tmp / "dense_perplexity")
     return cfg
 
 

@@ -26,4 +26,5 @@ def test_uniform_model_has_vocab_perplexity(tokenizer):
         def forward(self, ids):
             return type("O", (), {"logits": torch.zeros(*ids.shape, 50)})()
 
-    assert math.isclose(perplexity(Uniform(), tokenizer, "abcdefgh"), 50.0, rel_tol=1e-6)
+    ids = tokenizer("abcdefgh", return_tensors="pt")["input_ids"]
+    assert math.isclose(perplexity([token_nlls(Uniform(), ids, 4, 2)]), 50.0, rel_tol=1e-6)

@@ -24,7 +24,7 @@ SMALL = [
     "model.child_steps=20",
     "model.batch_size=16",
     "task.tasks.reversal.n_heldout=16",
-    "masks.n_calibration=16",
+    "calibration.n=16",
 ]
 
 
@@ -74,11 +74,11 @@ def test_saved_masks_reprune_the_base_exactly(masks_run):
 def test_bad_masks_value_fails_before_work(tmp_path):
     from hydra.errors import ConfigCompositionException
 
-    cfg = compose_cfg(["experiment=masks", "masks.n_calibration=0", *SMALL[:-1]], tmp_path)
-    with pytest.raises(Exception, match="masks.n_calibration"):
+    cfg = compose_cfg(["experiment=masks", "calibration.n=0", *SMALL[:-1]], tmp_path)
+    with pytest.raises(Exception, match="calibration.n"):
         execute(cfg)
-    with pytest.raises(ConfigCompositionException, match="n_calibraton"):  # a misspelt key
-        compose_cfg(["experiment=masks", "masks.n_calibraton=8"], tmp_path)
+    with pytest.raises(ConfigCompositionException, match="lenght"):  # a misspelt key
+        compose_cfg(["experiment=masks", "calibration.lenght=8"], tmp_path)
 
 
 @pytest.mark.slow
@@ -104,27 +104,64 @@ def test_multirun_grid(tmp_path):
     assert got == [0.3, 0.3, 0.6, 0.6]
 
 
-def test_perplexity_on_a_text_file(masks_run, tmp_path):
-    """masks.text_file: sliding-window perplexity of a text instead of the held-out answers."""
-    text = tmp_path / "heldout.txt"
-    text.write_text("12+34=46\nrev:abc=cba\n" * 20, encoding="utf-8")
-    cfg = compose_cfg(
-        ["experiment=masks", "pruner=magnitude", f"masks.text_file={text}", *SMALL], tmp_path
-    )
-    with open_dict(cfg):  # the same model cache as the first run
+def test_dense_row_is_measured_and_its_perplexity_reused(masks_run, tmp_path):
+    """A second run on the same weights and data reads the dense perplexity from the cache."""
+    run_dir, _, first_cfg = masks_run
+    first = json.loads((run_dir / "results.json").read_text())
+    assert first["dense_sparsity"] == 0.0 and first["wall_seconds"] > 0
+    cfg = compose_cfg(["experiment=masks", "pruner=magnitude", "sparsity=0.3", *SMALL], tmp_path)
+    with open_dict(cfg):  # the same model and dense-perplexity caches as the first run
+        cfg.model.cache_dir = first_cfg.model.cache_dir
+        cfg.masks.dense_cache = first_cfg.masks.dense_cache
+    cached = list(Path(cfg.masks.dense_cache).glob("*.json"))
+    assert len(cached) == 1
+    # a planted value proves the second run reads the cache instead of measuring again
+    cached[0].write_text(json.dumps({"perplexity": 123.5}))
+    execute(cfg)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["dense_perplexity"] == 123.5
+
+
+def test_corpus_perplexity_and_too_small_data(masks_run, tmp_path, monkeypatch):
+    """task=wikitext on one local file: corpus perplexity over every held-out token; a file too
+    small for the calibration set is refused before any model loads."""
+    from sparse_merge.errors import ConfigError
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"{i}+{i + 7}={2 * i + 7} rev:abc=cba\n" for i in range(160)))
+    corpus = [
+        "task=wikitext",
+        f"task.tasks.wikitext.data_files={text}",
+        "task.tasks.wikitext.chunk_chars=200",
+        "task.tasks.wikitext.n_select=2",
+        "task.tasks.wikitext.n_heldout=3",
+        "task.tasks.wikitext.window=64",
+    ]
+    small = [o for o in SMALL if not o.startswith("task.")]
+    cfg = compose_cfg(["experiment=masks", "pruner=wanda", *corpus, *small], tmp_path)
+    with open_dict(cfg):
         cfg.model.cache_dir = masks_run[2].model.cache_dir
+        cfg.calibration.n = 8
     metric = execute(cfg)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["perplexity"] == metric and summary["dense_perplexity"] > 1.0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["perplexity"] == metric and results["dense_perplexity"] > 1.0
+    # 3585 characters make 19 passages: 5 evaluated, 14 to train on, fewer than 64
+    cfg = compose_cfg(["experiment=masks", "pruner=wanda", *corpus, *small], tmp_path / "b")
+    with open_dict(cfg):
+        cfg.model.cache_dir = masks_run[2].model.cache_dir
+        cfg.calibration.n = 64
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("sparse_merge.pipelines.masks.load_causal_lm", never)
+    with pytest.raises(ConfigError, match="calibration.n.*14 training rows"):
+        execute(cfg)
 
 
 def test_answer_perplexity_matches_one_sequence_at_a_time(tiny_llama, tokenizer):
     """Batched, padded scoring of answer + eos tokens equals token_nlls on each example alone."""
-    import math
-
-    from sparse_merge.pipelines.masks import answer_perplexity
     from sparse_merge.tasks.base import Example
-    from sparse_merge.tasks.perplexity import token_nlls
+    from sparse_merge.tasks.perplexity import answer_nlls, perplexity, token_nlls
 
     examples = [Example("12+3=", "15"), Example("rev:abcd=", "dcba"), Example("7+8=", "15")]
     nlls = []
@@ -134,6 +171,6 @@ def test_answer_perplexity_matches_one_sequence_at_a_time(tiny_llama, tokenizer)
         ids = torch.tensor([*prompt, *answer, tokenizer.eos_token_id])
         nll = token_nlls(tiny_llama, ids, window=ids.numel() + 1, stride=ids.numel())
         nlls.append(nll[-(len(answer) + 1) :])
-    expected = math.exp(torch.cat(nlls).double().mean().item())
-    got = answer_perplexity(tiny_llama, tokenizer, examples, batch_size=2)
-    assert got == pytest.approx(expected, rel=1e-5)
+    got = answer_nlls(tiny_llama, tokenizer, examples, batch_size=2)
+    assert [len(g) for g in got] == [len(n) for n in nlls]
+    assert perplexity(got) == pytest.approx(perplexity(nlls), rel=1e-5)

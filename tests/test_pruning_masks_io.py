@@ -3,11 +3,15 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from sparse_merge.models.blocks import prunable_layers
 from sparse_merge.pruning.magnitude import MagnitudePruner
 from sparse_merge.pruning.mask_io import (
+    MASKS_FILE,
     METADATA_FIELDS,
+    METADATA_KEY,
     apply_masks,
     load_masks,
     mask_dir,
@@ -43,6 +47,86 @@ def test_masks_round_trip_bit_exactly_with_metadata(tmp_path, tiny_llama):
     assert {k: metadata[k] for k in info} == info
     assert json.loads((out / "metadata.json").read_text()) == metadata
     assert not [p for p in tmp_path.rglob(".*")]  # no temporary directory left
+
+
+def random_mask(shape, seed=0, p=0.5):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < p
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        random_mask((13,)),  # 1-D, numel not a multiple of 8
+        random_mask((7, 9), seed=1),  # 2-D, 63 entries
+        random_mask((3, 5, 11), seed=2),  # 3-D, 165 entries
+        random_mask((8, 16), seed=3),  # whole bytes
+        torch.ones(5, 3, dtype=torch.bool),
+        torch.zeros(17, dtype=torch.bool),
+        torch.ones(1, dtype=torch.bool),
+        torch.zeros(0, 4, dtype=torch.bool),  # empty
+        torch.tensor(True),  # 0-D
+    ],
+    ids=["1d-13", "2d-7x9", "3d-3x5x11", "2d-8x16", "all-true", "all-false", "one", "empty", "0d"],
+)
+def test_packed_masks_round_trip_exactly(tmp_path, mask):
+    save_masks(tmp_path / "m", {"w": mask, "other": ~mask}, {"method": "test"})
+    loaded, metadata = load_masks(tmp_path / "m")
+    assert loaded.keys() == {"w", "other"}
+    assert loaded["w"].dtype == torch.bool and loaded["w"].shape == mask.shape
+    assert torch.equal(loaded["w"], mask) and torch.equal(loaded["other"], ~mask)
+    assert metadata["method"] == "test" and "mask_format" not in metadata
+    with safe_open(str(tmp_path / "m" / MASKS_FILE), framework="pt") as f:
+        header = f.metadata()
+        stored = f.get_tensor("w")
+    assert header["mask_format"] == "packbits-v1"
+    assert json.loads(header["mask_shapes"])["w"] == list(mask.shape)
+    assert stored.dtype == torch.uint8 and stored.shape == ((mask.numel() + 7) // 8,)
+
+
+def test_packed_file_is_about_one_bit_per_weight(tmp_path):
+    mask = random_mask((1000, 1000))  # 1e6 entries: 125,000 bytes packed, 1e6 as bool
+    save_masks(tmp_path / "packed", {"w": mask}, {})
+    save_file({"w": mask}, str(tmp_path / "bool.safetensors"))
+    packed = (tmp_path / "packed" / MASKS_FILE).stat().st_size
+    unpacked = (tmp_path / "bool.safetensors").stat().st_size
+    assert 125_000 <= packed < 126_000 and packed < unpacked / 6
+
+
+def test_old_bool_mask_files_still_load(tmp_path, tiny_llama):
+    """A directory as the pre-packing ``save_masks`` wrote it: bool tensors, metadata only."""
+    info = meta(tiny_llama)
+    masks = MagnitudePruner().prune(tiny_llama, None, 0.5)
+    masks["odd.weight"] = random_mask((3, 5, 7))
+    old = tmp_path / "old"
+    old.mkdir()
+    text = json.dumps({"date": "2024-01-01T00:00:00+00:00", **info}, sort_keys=True)
+    save_file(
+        {k: v.contiguous() for k, v in masks.items()}, str(old / MASKS_FILE), {METADATA_KEY: text}
+    )
+    loaded, metadata = load_masks(old)
+    assert loaded.keys() == masks.keys()
+    assert all(loaded[k].dtype == torch.bool and torch.equal(loaded[k], masks[k]) for k in masks)
+    assert metadata == json.loads(text)
+
+
+def rewrite_header(path, **changes):
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(path), {**header, **changes})
+
+
+def test_a_recorded_shape_that_does_not_fit_the_bytes_is_a_clear_error(tmp_path):
+    out = save_masks(tmp_path / "m", {"layers.0.w": random_mask((4, 10))}, {})
+    rewrite_header(out / MASKS_FILE, mask_shapes=json.dumps({"layers.0.w": [4, 11]}))
+    with pytest.raises(ValueError, match=r"'layers\.0\.w'.*masks\.safetensors.*\(4, 11\).*6 bytes"):
+        load_masks(out)
+    rewrite_header(out / MASKS_FILE, mask_shapes=json.dumps({"other": [4, 10]}))  # no shape for it
+    with pytest.raises(ValueError, match="layers.0.w"):
+        load_masks(out)
+    rewrite_header(out / MASKS_FILE, mask_format="packbits-v9")
+    with pytest.raises(ValueError, match="packbits-v9"):
+        load_masks(out)
 
 
 def test_model_hash_tells_models_apart(tiny_llama, tokenizer):

@@ -19,7 +19,7 @@ from omegaconf import MISSING, DictConfig, ListConfig
 
 from sparse_merge.errors import ConfigError, check_fraction, check_positive
 from sparse_merge.finetune.settings import FinetuneSettings
-from sparse_merge.pruning.settings import MasksSettings
+from sparse_merge.pruning.settings import CalibrationSettings, MasksSettings
 
 GROUPS = (
     "model",
@@ -45,6 +45,7 @@ class Config:
     output_dir: str = MISSING  # run directory (Hydra's job dir by default)
     save_models: bool = True  # save resulting models (HF format) in the run directory
     resume: bool = False  # continue the run found in output_dir from its last checkpoint
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)  # pruners
     masks: MasksSettings = field(default_factory=MasksSettings)  # pipeline=masks
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)  # pipeline=finetune
     budget: int = 1000  # forward passes of a single-method digits run (pipeline: digits)

@@ -62,9 +62,8 @@ def test_sparsity_and_prune_of_a_stored_genome(problem):
 
 
 def test_calibration_comes_from_training_examples(tokenizer):
-    from types import SimpleNamespace
-
-    from sparse_merge.pipelines.merge import build_calibration
+    from sparse_merge.pruning.base import Calibration
+    from sparse_merge.pruning.settings import CalibrationSettings
 
     tasks = TaskSuite(
         {
@@ -72,8 +71,9 @@ def test_calibration_comes_from_training_examples(tokenizer):
             "reversal": ReversalTask(1, 4, n_select=8, n_heldout=8),
         }
     )
-    calib = build_calibration(tokenizer, tasks, SimpleNamespace(n_calibration=5), seed=0)
-    assert len(calib) == 5
+    settings = CalibrationSettings(n=5, length=6)
+    calib = Calibration.from_settings(tokenizer, tasks, settings, run_seed=0)
+    assert calib.input_ids.shape == (5, 6)  # n sequences cut to `length` tokens
     texts = tokenizer.batch_decode(calib.input_ids, skip_special_tokens=True)
     evaluated = {
         e.prompt
@@ -83,4 +83,3 @@ def test_calibration_comes_from_training_examples(tokenizer):
     }
     assert not any(any(text.startswith(p) for p in evaluated) for text in texts)
     assert any("rev:" in t for t in texts) and any("+" in t for t in texts)  # both tasks
-    assert build_calibration(tokenizer, tasks, None, seed=0) is None

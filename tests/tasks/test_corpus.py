@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparse_merge.tasks.corpus import Corpus, chunk_text
-from sparse_merge.tasks.perplexity import perplexity
+from sparse_merge.tasks.perplexity import perplexity, token_nlls
 
 from .conftest import FIXTURES, favouring
 
@@ -41,7 +41,13 @@ def test_uniform_model_scores_one_over_the_vocabulary(tokenizer):
 def test_scores_are_inverse_perplexities(tiny_llama, tokenizer):
     task = Corpus(data_files=str(TEXT), chunk_chars=60, n_select=2, n_heldout=2, window=32).heldout
     scores = task.score(tiny_llama, tokenizer)
-    expected = [1 / perplexity(tiny_llama, tokenizer, t, window=32, stride=16) for t in task.texts]
+    expected = [
+        1
+        / perplexity(
+            [token_nlls(tiny_llama, tokenizer(t, return_tensors="pt")["input_ids"], 32, 16)]
+        )
+        for t in task.texts
+    ]
     assert scores.tolist() == pytest.approx(expected, rel=1e-5)
     assert all(0 < s < 1 for s in scores.tolist()) and math.isfinite(
         task.perplexity(tiny_llama, tokenizer)

@@ -52,11 +52,11 @@ OPTIONS = {
         "task.tasks.bfcl.n_heldout=2",
         "task.tasks.bfcl.max_new_tokens=4",
     ],
-    "perplexity": [
-        f"task.tasks.perplexity.data_files={FIXTURES}/corpus.txt",
-        "task.tasks.perplexity.chunk_chars=100",
-        "task.tasks.perplexity.n_select=3",
-        "task.tasks.perplexity.n_heldout=2",
+    "wikitext": [
+        f"task.tasks.wikitext.data_files={FIXTURES}/corpus.txt",
+        "task.tasks.wikitext.chunk_chars=100",
+        "task.tasks.wikitext.n_select=3",
+        "task.tasks.wikitext.n_heldout=2",
     ],
 }
 
@@ -76,7 +76,7 @@ def test_merge_pipeline_runs_with_the_task(option, tmp_path):
     assert metric == pytest.approx(headline["mean"]) == pytest.approx(results["accuracy"])
 
 
-@pytest.mark.parametrize("option", ["boolq", "gsm8k", "perplexity"])
+@pytest.mark.parametrize("option", ["boolq", "gsm8k", "wikitext"])
 def test_finetune_pipeline_runs_with_the_task(option, tmp_path):
     from omegaconf import open_dict
 
@@ -86,6 +86,7 @@ def test_finetune_pipeline_runs_with_the_task(option, tmp_path):
         f"task={option}",
         *OPTIONS[option],
         "finetune.max_length=512",
+        "calibration.n=4",  # the fixture files hold a handful of training rows
     ]
     cfg = compose_cfg([*overrides, "save_models=false", "hardware.num_threads=1"], tmp_path)
     with open_dict(cfg):  # the smoke experiment sizes the toy tasks, which are not in this suite
@@ -117,5 +118,5 @@ def test_evaluate_pipeline_keeps_per_datapoint_scores(tmp_path):
 
 def test_masks_pipeline_runs_with_the_task(tmp_path):
     overrides = ["experiment=masks", "task=boolq", *SMALL_MODEL, *OPTIONS["boolq"]]
-    cfg = compose_cfg([*overrides, "masks.n_calibration=8", "masks.plots=false"], tmp_path)
+    cfg = compose_cfg([*overrides, "calibration.n=4", "masks.plots=false"], tmp_path)
     assert math.isfinite(execute(cfg))

@@ -28,7 +28,6 @@ class FinetuneSettings:
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
     max_length: int = 128  # tokens per example (prompt + answer), longer ones are cut
     n_train: int = 0  # training examples per task (0: as many as the steps consume, no repeats)
-    n_calib: int = 64  # calibration examples for activation-aware pruners
     mixed_precision: str = "auto"  # auto (bf16 on a CUDA device that has it), no, bf16, fp16
     log_every: int = 10  # steps between logged training losses
     checkpoint_every: int = 100  # steps between checkpoints (0: none); a resumed run continues
@@ -36,7 +35,7 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "max_length", "log_every"):
             check_positive(f"finetune.{key}", getattr(self, key))
-        for key in ("n_train", "n_calib", "checkpoint_every", "max_grad_norm", "weight_decay"):
+        for key in ("n_train", "checkpoint_every", "max_grad_norm", "weight_decay"):
             check_positive(f"finetune.{key}", getattr(self, key), allow_zero=True)
         check_positive("finetune.lr", self.lr)
         check_fraction("finetune.warmup", self.warmup)

@@ -3,9 +3,10 @@ split and keep the per-datapoint scores.
 
 ``python run.py pipeline=evaluate model=hf model.base=/models/m task=gsm8k`` evaluates the base
 model (and the parents when two or more are given); with the toy source, its base and children.
-``results.json`` holds one row per model (held-out mean per task, the weighted mean, exact
-sparsity of the prunable weights); ``scores.json`` the score of every held-out datapoint, by
-model and task, in the tasks' fixed order.
+``results.json`` holds one row per model (held-out mean per task, the weighted mean, the corpus
+perplexity ``<task>/perplexity`` of each text-corpus task, exact sparsity of the prunable
+weights); ``scores.json`` the score of every held-out datapoint, by model and task, in the
+tasks' fixed order.
 """
 
 from __future__ import annotations
@@ -51,20 +52,18 @@ def run_evaluate(
     """Evaluate every model of ``source``; returns the first model's weighted held-out mean."""
     tokenizer = load_tokenizer(source.tokenizer())
     rows, scores = [], {}
-    total = sum(tasks.weights.values())
     for name, path in models_of(source).items():
         model = load_causal_lm(path, hardware.torch_device, hardware.torch_dtype)
-        per_task = {
-            n: t.heldout.score(model, tokenizer).float().cpu() for n, t in tasks.tasks.items()
-        }
-        acc = {n: s.mean().item() if s.numel() else float("nan") for n, s in per_task.items()}
-        acc["mean"] = sum(tasks.weights[n] * a for n, a in acc.items()) / total
-        rows.append({"model": name, **acc, "sparsity": measure_sparsity(model).overall})
+        per_task, perplexities = tasks.score_heldout(model, tokenizer)
+        means = {n: s.mean().item() if s.numel() else float("nan") for n, s in per_task.items()}
+        row = {**tasks.summarize(means), **perplexities}
+        rows.append({"model": name, **row, "sparsity": measure_sparsity(model).overall})
         scores[name] = {n: s.tolist() for n, s in per_task.items()}
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    print("\n" + format_table(rows, ["model", *tasks.names, "mean", "sparsity"]) + "\n")
+    columns = ["model", *tasks.names, "mean", *[k for k in rows[0] if k.endswith("/perplexity")]]
+    print("\n" + format_table(rows, [*columns, "sparsity"]) + "\n")
     write_json(run_dir / "results.json", {"models": rows})
     write_json(run_dir / "scores.json", scores)
     logger.summary({f"{r['model']}/{k}": v for r in rows for k, v in r.items() if k != "model"})

@@ -24,8 +24,9 @@ from sparse_merge.hardware import Hardware
 from sparse_merge.models.hf import load_causal_lm, load_tokenizer, save_causal_lm
 from sparse_merge.models.source import ModelSource
 from sparse_merge.pipelines.masks import describe
-from sparse_merge.pruning.base import Calibration, Masks, Pruner
+from sparse_merge.pruning.base import Calibration, Masks, Pruner, uses_calibration
 from sparse_merge.pruning.mask_io import MASKS_FILE, apply_masks, load_masks, model_hash, save_masks
+from sparse_merge.pruning.settings import CalibrationSettings
 from sparse_merge.pruning.sparsity import measure_sparsity
 from sparse_merge.pruning.validate import validate_masks, write_report
 from sparse_merge.tasks.suite import TaskSuite
@@ -78,6 +79,7 @@ def run_finetune(
     run_dir: Path,
     save_models: bool = True,
     resume: bool = False,
+    calibration: CalibrationSettings | None = None,
 ) -> float | None:
     """Fine-tune the source's ``settings.start`` model with ``adapter`` on ``tasks``' training
     split; returns the mean held-out score of the merged model (None on non-main processes)."""
@@ -87,12 +89,14 @@ def run_finetune(
     masks, mask_meta = _masks_from_file(adapter.mask_path)
     path = _start_model(source, settings.start)
     tokenizer = load_tokenizer(source.tokenizer())
-    model = load_causal_lm(path, hardware.torch_device, hardware.torch_dtype)
-
     calib: Calibration | None = None
     uses_calib = getattr(adapter, "uses_calibration", False)  # lora=row_sparse scores rows on it
-    if (pruner is not None or uses_calib) and settings.n_calib:
-        calib = Calibration.from_tasks(tokenizer, tasks, settings.n_calib, seed + 7919)
+    if (masks is None and uses_calibration(pruner)) or uses_calib:  # before the model loads
+        calib = Calibration.from_settings(
+            tokenizer, tasks, calibration or CalibrationSettings(), seed
+        )
+    model = load_causal_lm(path, hardware.torch_device, hardware.torch_dtype)
+
     if masks is not None:
         apply_masks(model, masks)
     elif pruner is not None:
@@ -127,12 +131,16 @@ def run_finetune(
             {"model": "pruned", **before, "sparsity": pruned_sparsity},
             {"model": f"tuned ({adapter.name})", **after, "sparsity": achieved},
         ]
-        print("\n" + format_table(rows, ["model", *tasks.names, "mean", "sparsity"]) + "\n")
+        perplexities = [k for k in after if k.endswith("/perplexity")]
+        columns = ["model", *tasks.names, "mean", *perplexities, "sparsity"]
+        print("\n" + format_table(rows, columns) + "\n")
         metrics = {
             "accuracy": after["mean"],
             "accuracy_before": before["mean"],
-            **{f"accuracy/{k}": v for k, v in after.items() if k != "mean"},
-            **{f"accuracy_before/{k}": v for k, v in before.items() if k != "mean"},
+            **{f"accuracy/{k}": after[k] for k in tasks.names},
+            **{f"accuracy_before/{k}": before[k] for k in tasks.names},
+            **{k: after[k] for k in perplexities},
+            **{f"{k}_before": before[k] for k in perplexities},
             "loss": result.final_loss,
             "throughput": result.samples_per_s,
             "tokens_per_s": result.tokens_per_s,
@@ -174,4 +182,5 @@ def run(cfg, parts: dict, run_dir: Path) -> float | None:
         run_dir=run_dir,
         save_models=cfg.save_models,
         resume=cfg.resume,
+        calibration=CalibrationSettings(**OmegaConf.to_container(cfg.calibration, resolve=True)),
     )

@@ -1,38 +1,38 @@
 """Masks pipeline: prune the configured model, save, validate and plot its masks, and measure
 perplexity before and after (``python run.py experiment=masks pruner=wanda sparsity=0.5``).
 
-Calibration sequences come from the task suite's training examples. Perplexity is measured on
-the suite's held-out examples (the ``answer + eos`` tokens given each prompt, the tokens the
-models were trained on) or on ``masks.text_file`` (``tasks.perplexity``: sliding window, every
-token).
+Calibration sequences come from the task suite's training examples (the ``calibration``
+settings). Perplexity is measured on the suite's held-out split by ``tasks.perplexity``: every
+token of a text corpus's passages (``task=python_docs``, ``task=wikitext``), or the
+``answer + eos`` tokens of prompt/answer tasks (the toy tasks: prompts are random and never
+learned). The dense model's perplexity is cached by the hash of its weights and of the held-out
+data, so a grid of masks runs measures it once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from sparse_merge.errors import ConfigError
-from sparse_merge.finetune.data import IGNORE_INDEX, encode_examples
 from sparse_merge.hardware import Hardware
 from sparse_merge.models.hf import load_causal_lm, load_tokenizer
 from sparse_merge.models.source import ModelSource
-from sparse_merge.pruning.base import Calibration, Pruner
+from sparse_merge.pruning.base import Calibration, Pruner, uses_calibration
 from sparse_merge.pruning.mask_io import mask_dir, model_hash, save_masks
-from sparse_merge.pruning.settings import MasksSettings
+from sparse_merge.pruning.settings import CalibrationSettings, MasksSettings
 from sparse_merge.pruning.sparsity import measure_sparsity
 from sparse_merge.pruning.stats import mask_stats, overall_sparsity, plot_mask_stats
 from sparse_merge.pruning.validate import validate_masks, write_report
-from sparse_merge.tasks.base import Example
-from sparse_merge.tasks.perplexity import perplexity_of_file
+from sparse_merge.tasks.perplexity import perplexity, task_nlls
 from sparse_merge.tasks.suite import TaskSuite
 from sparse_merge.tracking.io import write_json
 from sparse_merge.tracking.logger import RunLogger
@@ -41,41 +41,51 @@ from sparse_merge.tracking.report import format_table
 log = logging.getLogger("sparse_merge")
 
 
-def heldout_examples(tasks: TaskSuite, per_task: int) -> list[Example]:
-    """The held-out examples of every task (the first ``per_task`` of each; 0 = all)."""
-    out = []
+def heldout_perplexity(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: TaskSuite
+) -> float:
+    """Perplexity over every scored held-out token of every task (``tasks.perplexity``)."""
+    nlls = []
+    for task in tasks.tasks.values():
+        nlls += task_nlls(task.heldout, model, tokenizer)
+    return perplexity(nlls)
+
+
+def heldout_key(tasks: TaskSuite, model: nn.Module) -> str:
+    """What a held-out perplexity depends on besides the weights: the held-out datapoints (text
+    and examples), the corpus windowing, the model's dtype."""
+    h = hashlib.sha256()
     for name, task in tasks.tasks.items():
-        examples = getattr(task.heldout, "examples", None)
-        if examples is None:
-            raise ConfigError(
-                "masks.text_file", None, f"a text file: task {name} has no held-out examples"
-            )
-        out.extend(examples[:per_task] if per_task else examples)
-    return out
+        held = task.heldout
+        windowing = held.windowing(model) if hasattr(held, "windowing") else None
+        data = getattr(held, "texts", None) or [
+            (e.prompt, e.answer) for e in getattr(held, "examples", ())
+        ]
+        h.update(json.dumps([name, windowing, data], default=str).encode())
+    h.update(str(next(model.parameters()).dtype).encode())
+    return h.hexdigest()[:16]
 
 
-@torch.inference_mode()
-def answer_perplexity(
+def dense_perplexity(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    examples: list[Example],
-    batch_size: int = 64,
+    tasks: TaskSuite,
+    cache: Path | None,
+    weights_hash: str,
 ) -> float:
-    """exp(mean NLL) of the ``answer + eos`` tokens given their prompt, over all examples (the
-    tokens the models learn; prompts are random and never trained on), in padded batches."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = encode_examples(tokenizer, examples[i : i + batch_size])
-        ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        labels = batch["labels"][:, 1:].to(device)  # [b, T-1]: token t+1 predicted at t
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [b, T-1, V]
-        nll = nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        total += nll.item()
-        count += int((labels != IGNORE_INDEX).sum())
-    return math.exp(total / max(count, 1))
+    """The dense model's held-out perplexity, from ``cache`` when it holds one for the same
+    weights and data (written after measuring)."""
+    path = None
+    if cache is not None:
+        path = cache / f"{weights_hash}-{heldout_key(tasks, model)}.json"
+        if path.is_file():
+            value = json.loads(path.read_text())["perplexity"]
+            log.info("dense perplexity %.4g reused from %s", value, path)
+            return value
+    value = heldout_perplexity(model, tokenizer, tasks)
+    if path is not None:
+        write_json(path, {"perplexity": value})
+    return value
 
 
 def describe(pruner: Pruner) -> dict[str, str]:
@@ -102,35 +112,30 @@ def run_masks(
     seed: int,
     sparsity: float,
     run_dir: Path,
+    calibration: CalibrationSettings | None = None,
 ) -> float:
     """Prune the source's base model; returns the pruned model's perplexity."""
     if pruner is None:
         raise ConfigError("pruner", None, "a pruner (pruner=magnitude, wanda, sparsegpt, ...)")
+    began = time.perf_counter()
     tokenizer = load_tokenizer(source.tokenizer())
+    calib = None
+    if uses_calibration(pruner):  # built (and checked) before the model loads
+        calib = Calibration.from_settings(
+            tokenizer, tasks, calibration or CalibrationSettings(), seed
+        )
+    for task in tasks.tasks.values():  # held-out data: drawn (and checked) before the model loads
+        len(task.heldout)
     model = load_causal_lm(source.base(), hardware.torch_device, hardware.torch_dtype)
-
-    def ppl() -> float:
-        if settings.text_file is not None:
-            window = settings.window or getattr(model.config, "max_position_embeddings", 256)
-            stride = settings.stride or window // 2
-            return perplexity_of_file(model, tokenizer, settings.text_file, window, stride)
-        return answer_perplexity(model, tokenizer, heldout)
-
-    heldout = [] if settings.text_file else heldout_examples(tasks, settings.heldout_examples)
-    dense_ppl = ppl()
     source_hash = model_hash(model)
-    calib = Calibration.from_tasks(
-        tokenizer,
-        tasks,
-        settings.n_calibration,
-        seed,
-        settings.calibration_length,
-        answers_only=settings.answer_loss,
-    )
+    dense_sparsity = measure_sparsity(model).overall
+    cache = Path(settings.dense_cache).expanduser() if settings.dense_cache else None
+    dense_ppl = dense_perplexity(model, tokenizer, tasks, cache, source_hash)
+
     start = time.perf_counter()
     masks = pruner.prune(model, calib, sparsity)
     seconds = time.perf_counter() - start
-    pruned_ppl = ppl()
+    pruned_ppl = heldout_perplexity(model, tokenizer, tasks)
 
     info = describe(pruner)
     out = mask_dir(settings.root, settings.model_name, sparsity, method_label(info))
@@ -142,7 +147,8 @@ def run_masks(
         "source": str(source.base()),
         "source_hash": source_hash,
         "seed": seed,
-        "n_calibration": len(calib),
+        "n_calibration": len(calib) if calib is not None else 0,
+        "calibration_length": calib.input_ids.shape[1] if calib is not None else 0,
     }
     save_masks(out, masks, metadata)
     report = validate_masks(model, masks, sparsity, settings.tolerance)
@@ -162,7 +168,9 @@ def run_masks(
         "target_sparsity": sparsity,
         "perplexity": pruned_ppl,
         "dense_perplexity": dense_ppl,
+        "dense_sparsity": dense_sparsity,
         "prune_seconds": seconds,
+        "wall_seconds": time.perf_counter() - began,
         "masks_dir": str(out),
         "valid": report["ok"],
     }
@@ -170,7 +178,7 @@ def run_masks(
     logger.summary(summary)
     write_json(run_dir / "results.json", {**summary, **metadata})
     rows = [
-        {"model": "dense", "sparsity": 0.0, "perplexity": dense_ppl},
+        {"model": "dense", "sparsity": dense_sparsity, "perplexity": dense_ppl},
         {"model": method_label(info), "sparsity": achieved, "perplexity": pruned_ppl},
     ]
     print("\n" + format_table(rows, ["model", "sparsity", "perplexity"]) + "\n")
@@ -191,4 +199,5 @@ def run(cfg, parts: dict, run_dir: Path) -> float:
         seed=cfg.seed,
         sparsity=cfg.sparsity,
         run_dir=run_dir,
+        calibration=CalibrationSettings(**OmegaConf.to_container(cfg.calibration, resolve=True)),
     )

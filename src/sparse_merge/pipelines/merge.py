@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from omegaconf import OmegaConf
 
 from sparse_merge.errors import ConfigError
 from sparse_merge.evolution.baselines import Baselines
@@ -31,7 +31,8 @@ from sparse_merge.hardware import Hardware
 from sparse_merge.models.hf import load_causal_lm, load_genome, load_tokenizer, save_causal_lm
 from sparse_merge.models.paramspace import ParamSpace
 from sparse_merge.models.source import ModelSource
-from sparse_merge.pruning.base import Calibration, Pruner
+from sparse_merge.pruning.base import Calibration, Pruner, uses_calibration
+from sparse_merge.pruning.settings import CalibrationSettings
 from sparse_merge.tasks.suite import TaskSuite
 from sparse_merge.tracking.io import write_csv, write_json
 from sparse_merge.tracking.logger import RunLogger
@@ -39,19 +40,7 @@ from sparse_merge.tracking.report import format_table
 
 log = logging.getLogger("sparse_merge")
 
-DEFAULT_CALIBRATION = 64  # sequences when the pruner does not say (``n_calibration``)
 ARCHIVE_CSV = "archive.csv"
-
-
-def build_calibration(
-    tokenizer: PreTrainedTokenizerBase, tasks: TaskSuite, pruner: Pruner | None, seed: int
-) -> Calibration | None:
-    """Calibration sequences for the pruner from the tasks' training examples (never from the
-    selection or held-out splits): ``pruner.n_calibration`` of them, interleaved over tasks."""
-    if pruner is None:
-        return None
-    n = int(getattr(pruner, "n_calibration", DEFAULT_CALIBRATION))
-    return Calibration.from_tasks(tokenizer, tasks, n, seed)
 
 
 def _row(problem: LLMProblem, name: str, weights: torch.Tensor, **extra: Any) -> dict[str, Any]:
@@ -127,6 +116,7 @@ def run_merge(
     resume: bool = False,
     search=None,
     baselines: Baselines | None = None,
+    calibration: CalibrationSettings | None = None,
 ) -> float:
     """Merge the source's parents with ``evolver``; returns the held-out mean of its headline
     pick (what a sweeper optimises)."""
@@ -140,6 +130,13 @@ def run_merge(
     if required is not None:
         source.base()  # a missing base fails here, before any model is loaded
     tokenizer = load_tokenizer(source.tokenizer())
+    # the pruner's calibration set, from the tasks' training examples: built (and checked)
+    # before any model is loaded
+    calib = None
+    if uses_calibration(pruner):
+        calib = Calibration.from_settings(
+            tokenizer, tasks, calibration or CalibrationSettings(), seed
+        )
     paths = source.parents()
     first = next(iter(paths.values()))
     device = hardware.torch_device
@@ -161,7 +158,7 @@ def run_merge(
         parents,
         tasks,
         pruner,
-        build_calibration(tokenizer, tasks, pruner, seed),
+        calib,
         sharded,
         heldout,
         base=base,
@@ -275,4 +272,5 @@ def run(cfg, parts: dict, run_dir: Path) -> float:
         resume=bool(cfg.get("resume", False)),
         search=parts.get("search"),
         baselines=parts.get("baselines"),
+        calibration=CalibrationSettings(**OmegaConf.to_container(cfg.calibration, resolve=True)),
     )

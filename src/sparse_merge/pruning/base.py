@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from sparse_merge.errors import ConfigError
 from sparse_merge.tasks.base import Example
 
 # Masks: weight parameter name -> bool tensor in the weight's own layout, True = kept.
@@ -80,10 +81,32 @@ class Calibration:
         answers_only: bool = False,
     ) -> Calibration:
         """``n`` training examples of a task suite (``names``, ``train_examples``), interleaved
-        over its tasks — never from the selection or held-out splits."""
+        over its tasks — never from the selection or held-out splits. A dataset task with fewer
+        training rows than its share raises ``ConfigError`` (rows are never repeated)."""
         per_task = -(-n // len(tasks.names))
+        for name, task in tasks.tasks.items():
+            pool = getattr(task, "pool", None)  # dataset tasks: the never-evaluated rows
+            available = len(pool()) if pool is not None else per_task
+            if available < per_task:
+                raise ConfigError(
+                    "calibration.n",
+                    n,
+                    f"at most {available * len(tasks.names)}: task {name} has "
+                    f"{available} training rows outside its held-out and selection subsets "
+                    f"and {per_task} are needed (more data, or smaller n_select/n_heldout)",
+                )
         examples = tasks.train_examples(per_task, seed)[:n]
         return cls.from_examples(tokenizer, examples, max_length, answers_only)
+
+    @classmethod
+    def from_settings(
+        cls, tokenizer: PreTrainedTokenizerBase, tasks, settings, run_seed: int
+    ) -> Calibration:
+        """The calibration set a ``CalibrationSettings`` describes."""
+        seed = run_seed if settings.seed is None else settings.seed
+        return cls.from_tasks(
+            tokenizer, tasks, settings.n, seed, settings.length, settings.answer_loss
+        )
 
     def batches(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(input_ids [b, T], attention_mask [b, T]) chunks."""
@@ -100,6 +123,12 @@ class Pruner(Protocol):
     def prune(self, model: nn.Module, calib: Calibration | None, sparsity: float) -> Masks:
         """Prune ``model`` to ``sparsity`` (fraction of prunable weights set to exactly zero)."""
         ...
+
+
+def uses_calibration(pruner: Pruner | None) -> bool:
+    """Whether ``pruner`` needs calibration data (a pruner says so with ``uses_calibration``;
+    one that does not say is given them)."""
+    return pruner is not None and bool(getattr(pruner, "uses_calibration", True))
 
 
 def keep_smallest_out(scores: torch.Tensor, n_prune: int) -> torch.Tensor:

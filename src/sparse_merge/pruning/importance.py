@@ -49,6 +49,7 @@ class MagnitudeImportance:
     """``|W|`` (no data needed)."""
 
     name = "magnitude"
+    uses_calibration = False
 
     @torch.no_grad()
     def compute(self, model: nn.Module, calib: Calibration | None = None) -> Scores:
@@ -61,6 +62,7 @@ class RandomImportance:
     scores (and masks) for the same layer shapes, on any device."""
 
     name = "random"
+    uses_calibration = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = int(check_positive("seed", seed, allow_zero=True))

@@ -1,10 +1,21 @@
 """Mask files: save, load and apply keep-masks, with the metadata that says where they came from.
 
-A mask directory holds ``masks.safetensors`` (one bool tensor per weight parameter, in the
-parameter's own layout, True = kept) whose header also carries the metadata as JSON, and a
-readable copy of the metadata in ``metadata.json``. The usual layout is
-``<root>/<model>/sparsity50_<method>/`` (``mask_dir``). A directory is written to a temporary
-sibling and renamed into place, so a crash never leaves half a mask set behind.
+A mask directory holds ``masks.safetensors`` and a readable copy of the metadata in
+``metadata.json``. The usual layout is ``<root>/<model>/sparsity50_<method>/`` (``mask_dir``).
+A directory is written to a temporary sibling and renamed into place, so a crash never leaves
+half a mask set behind.
+
+``masks.safetensors`` stores one bit per weight (format ``packbits-v1``):
+
+- one 1-D uint8 tensor per weight parameter, named after it: the mask (True = kept) flattened
+  in row-major order of its logical shape and packed by ``numpy.packbits`` (most significant
+  bit first, last byte padded with zero bits), ``ceil(numel / 8)`` bytes;
+- header metadata (safetensors' string-to-string map):
+  ``"mask_format": "packbits-v1"``, ``"mask_shapes"``: JSON ``{name: [dim, ...]}`` with each
+  mask's shape, and ``"sparse_merge"``: the JSON metadata (``METADATA_FIELDS`` and more).
+
+Files written before packing (no ``mask_format`` key) hold one bool tensor per weight, in the
+weight's own shape; ``load_masks`` reads both and returns the same bool masks.
 """
 
 from __future__ import annotations
@@ -12,10 +23,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -27,6 +40,9 @@ from sparse_merge.tracking.io import write_atomic_dir
 MASKS_FILE = "masks.safetensors"
 METADATA_FILE = "metadata.json"
 METADATA_KEY = "sparse_merge"  # key of the JSON metadata in the safetensors header
+FORMAT_KEY = "mask_format"  # header key of the file format; absent in bool files (the old one)
+SHAPES_KEY = "mask_shapes"  # header key of the JSON {name: shape} of packed masks
+PACKED_FORMAT = "packbits-v1"
 METADATA_FIELDS = (
     "method",
     "importance",
@@ -55,39 +71,98 @@ def model_hash(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask (any shape) as its flattened bits, 8 to a byte: uint8 ``[ceil(numel / 8)]``."""
+    # numpy's packbits is vectorised C and shares memory with torch both ways: ~25 ms for 135M
+    # weights on one thread, no hand-written bit twiddling to get wrong.
+    flat = mask.detach().cpu().contiguous().reshape(-1).numpy()  # [numel] bool, row-major
+    return torch.from_numpy(np.packbits(flat))
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The bool mask of ``shape`` that ``pack_mask`` turned into ``packed``."""
+    bits = np.unpackbits(packed.cpu().numpy(), count=math.prod(shape))  # [numel] uint8 0/1
+    return torch.from_numpy(bits).view(torch.bool).reshape(shape)
+
+
 def save_masks(directory: str | Path, masks: Masks, metadata: Mapping[str, Any]) -> Path:
     """Write ``masks`` (bool, by weight parameter name) and ``metadata`` to ``directory``.
 
     ``metadata`` should hold ``METADATA_FIELDS`` (method, importance, sparsity, granularity,
     model, source_hash; ``date`` is filled in with the current UTC time when absent); any other
-    JSON-ready keys are kept too.
+    JSON-ready keys are kept too. Masks are stored one bit per weight (see the module docstring).
     """
     out = Path(directory)
     meta = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **dict(metadata)}
-    text = json.dumps(meta, sort_keys=True)
-    tensors = {}
+    tensors, shapes = {}, {}
     for name, mask in masks.items():
         if mask.dtype != torch.bool:
             raise TypeError(f"mask {name} has dtype {mask.dtype}; masks are bool (True = kept)")
-        tensors[name] = mask.detach().cpu().contiguous()
+        tensors[name] = pack_mask(mask)
+        shapes[name] = list(mask.shape)
+    header = {
+        FORMAT_KEY: PACKED_FORMAT,
+        SHAPES_KEY: json.dumps(shapes),
+        METADATA_KEY: json.dumps(meta, sort_keys=True),
+    }
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / MASKS_FILE), metadata={METADATA_KEY: text})
+        save_file(tensors, str(tmp / MASKS_FILE), metadata=header)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     return write_atomic_dir(out, write)
 
 
+def _read_packed(path: Path, name: str, packed: torch.Tensor, shape: Any) -> torch.Tensor:
+    """The bool mask ``name`` of ``path``, after checking its recorded shape fits its bytes."""
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise ValueError(
+            f"mask {name!r} in {path}: recorded shape {shape!r} is not a list of sizes"
+        )
+    shape = tuple(shape)
+    expected = math.ceil(math.prod(shape) / 8)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
+        raise ValueError(
+            f"mask {name!r} in {path}: recorded shape {shape} needs a uint8 tensor of "
+            f"{expected} bytes, the file holds {packed.dtype} of shape {tuple(packed.shape)}"
+        )
+    return unpack_mask(packed, shape)
+
+
 def load_masks(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Masks, dict]:
-    """(masks by weight parameter name, metadata) of a directory written by ``save_masks``."""
+    """(masks by weight parameter name, metadata) of a directory written by ``save_masks``,
+    packed or in the older one-bool-per-weight format."""
     path = Path(directory) / MASKS_FILE
     if not path.exists():
         raise FileNotFoundError(f"no {MASKS_FILE} in {directory}")
     masks: Masks = {}
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
         header = f.metadata() or {}
-        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-            masks[key] = f.get_tensor(key)
+        fmt = header.get(FORMAT_KEY)
+        if fmt not in (None, PACKED_FORMAT):
+            raise ValueError(
+                f"{path}: {FORMAT_KEY} {fmt!r} is unknown; this version reads "
+                f"{PACKED_FORMAT!r} and unversioned bool files"
+            )
+        try:
+            shapes = json.loads(header.get(SHAPES_KEY, "{}")) if fmt else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: {SHAPES_KEY} is not JSON ({e})") from e
+        missing = sorted(set(f.keys()) - set(shapes)) if fmt else []
+        if missing:
+            raise ValueError(f"{path}: {SHAPES_KEY} records no shape for masks {missing}")
+        for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            stored = f.get_tensor(name)
+            if fmt:
+                mask = _read_packed(path, name, stored, shapes[name])
+            elif stored.dtype == torch.bool:
+                mask = stored
+            else:
+                raise ValueError(
+                    f"mask {name!r} in {path} is {stored.dtype}; an unversioned "
+                    "mask file holds bool tensors"
+                )
+            masks[name] = mask.to(device)
     return masks, json.loads(header.get(METADATA_KEY, "{}"))
 
 

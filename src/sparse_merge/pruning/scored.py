@@ -39,6 +39,11 @@ class ScorePruner:
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         self.nm = parse_nm("nm", nm)
 
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether the importance reads calibration data (magnitude and random do not)."""
+        return getattr(self.importance, "uses_calibration", True)
+
     def describe(self) -> dict[str, str]:
         """Method, importance and granularity (metadata of saved masks)."""
         pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm else self.granularity

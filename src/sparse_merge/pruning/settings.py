@@ -1,44 +1,51 @@
-"""Settings of the masks pipeline (the ``masks`` config key).
+"""Settings of calibration (the ``calibration`` config key, shared by the merge, masks and
+fine-tuning pipelines) and of the masks pipeline (the ``masks`` key).
 
-A plain dataclass with no heavy imports: ``config.Config`` uses it as the schema of the
-``masks`` key (a mistyped key fails at compose time) and the pipeline builds it from the
-composed values, which runs the checks below before any model is loaded.
+Plain dataclasses with no heavy imports: ``config.Config`` uses them as the schemas of those
+keys (a mistyped key fails at compose time) and the pipelines build them from the composed
+values, which runs the checks below before any model is loaded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from sparse_merge.errors import ConfigError, check_positive
+from sparse_merge.errors import check_positive
+
+
+@dataclass
+class CalibrationSettings:
+    """The calibration sequences of activation- and gradient-aware pruners (Wanda, SparseGPT,
+    gradient, Taylor) and of row selection: ``n`` training examples of the run's tasks (never
+    selection or held-out data), interleaved over tasks, each cut to ``length`` tokens, drawn
+    with ``seed`` (null: the run's seed). A task with fewer distinct training rows than its
+    share is an error, not a silent repeat."""
+
+    n: int = 128  # sequences
+    length: int = 128  # max tokens per sequence (prompt + answer, or a corpus passage)
+    seed: int | None = None  # null: the run's seed
+    answer_loss: bool = False  # gradient scores: loss on the answer tokens only (else all)
+
+    def __post_init__(self) -> None:
+        check_positive("calibration.n", self.n)
+        check_positive("calibration.length", self.length)
+        if self.seed is not None:
+            check_positive("calibration.seed", self.seed, allow_zero=True)
 
 
 @dataclass
 class MasksSettings:
-    """Settings of the masks pipeline (the ``masks:`` node of ``conf/experiment/masks.yaml``)."""
+    """Settings of the masks pipeline (the ``masks:`` node of ``conf/experiment/masks.yaml``).
+
+    Perplexity is measured on the tasks' held-out split (``tasks.perplexity.task_nlls``): every
+    token of a text corpus's passages (``task=python_docs``, ``task=wikitext``; window and
+    stride are the corpus task's settings), or the answers of prompt/answer tasks."""
 
     root: str = "masks"  # mask directories go under <root>/<model>/sparsity50_<method>/
     model_name: str = "model"  # <model> in that layout and in the metadata
-    n_calibration: int = 128  # calibration sequences from the tasks' training examples
-    calibration_length: int = 64  # max tokens per calibration sequence
-    answer_loss: bool = False  # gradient scores: loss on the answer tokens only (else all)
-    heldout_examples: int = 256  # held-out examples per task for perplexity (0 = all)
-    text_file: str | None = None  # perplexity on this UTF-8 text instead (sliding window)
-    window: int | None = None  # text_file: tokens per window (default: the model's max positions)
-    stride: int | None = None  # text_file: new tokens per window (default: window // 2)
     tolerance: float = 0.01  # |achieved - target| overall sparsity beyond this is reported
     plots: bool = True  # per-layer sparsity histogram and bar chart (PNG)
+    dense_cache: str | None = None  # cache of dense perplexities (by weights and data); null: off
 
     def __post_init__(self) -> None:
-        check_positive("masks.n_calibration", self.n_calibration)
-        check_positive("masks.calibration_length", self.calibration_length)
-        check_positive("masks.heldout_examples", self.heldout_examples, allow_zero=True)
         check_positive("masks.tolerance", self.tolerance, allow_zero=True)
-        if self.text_file is not None and not Path(self.text_file).is_file():
-            raise ConfigError("masks.text_file", self.text_file, "an existing UTF-8 text file")
-        if (
-            self.window is not None
-            and self.stride is not None
-            and not 0 < self.stride < self.window
-        ):
-            raise ConfigError("masks.stride", self.stride, f"in (0, window={self.window})")

@@ -78,16 +78,30 @@ class TaskSuite:
             columns.append(scores)
         return torch.cat(columns)
 
+    def score_heldout(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Per task, its held-out scores [N]; and, for each text-corpus task, the corpus
+        perplexity over every held-out token (``<task>/perplexity``), from the same pass."""
+        scores, perplexities = {}, {}
+        for name, task in self.tasks.items():
+            held = task.heldout
+            if hasattr(held, "score_with_perplexity"):
+                scores[name], perplexities[f"{name}/perplexity"] = held.score_with_perplexity(
+                    model, tokenizer
+                )
+            else:
+                scores[name] = held.score(model, tokenizer)
+        return {n: s.float().cpu().reshape(-1) for n, s in scores.items()}, perplexities
+
     def evaluate_heldout(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase
     ) -> dict[str, float]:
-        """Mean held-out score per task, plus ``mean`` (weighted over tasks)."""
-        return self.summarize(
-            {
-                n: t.heldout.score(model, tokenizer).float().mean().item()
-                for n, t in self.tasks.items()
-            }
-        )
+        """Mean held-out score per task, ``mean`` (weighted over tasks), and the corpus
+        perplexity of each text-corpus task (``<task>/perplexity``)."""
+        scores, perplexities = self.score_heldout(model, tokenizer)
+        means = {n: s.mean().item() if s.numel() else float("nan") for n, s in scores.items()}
+        return {**self.summarize(means), **perplexities}
 
     def summarize(self, per_task: dict[str, float]) -> dict[str, float]:
         """``per_task`` mean scores plus ``mean``, their weighted mean over tasks."""

@@ -1,0 +1,104 @@
+"""``python -m sparse_merge.analysis.masks_table <dir> [--out DIR]``: the pruning table of a
+masks sweep -- held-out perplexity by sparsity pattern (rows) and pruning method (columns),
+each cell with the sparsity the masks actually reached, plus the dense model, the pruning time
+and the run's wall time. Writes ``masks_table.md`` and ``masks_table.csv`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from sparse_merge.analysis.collect import find_runs, load_run
+from sparse_merge.tracking.io import write_atomic, write_csv
+
+
+def pattern(result: dict[str, Any]) -> str:
+    """``50 % row``, ``2:4``...: what the masks' sparsity pattern is."""
+    granularity = str(result["granularity"])
+    if ":" in granularity:
+        return granularity
+    return f"{round(100 * result['target_sparsity'])} % {granularity}"
+
+
+def gather(root: str | Path) -> list[dict[str, Any]]:
+    """One row per finished masks run under ``root`` (its ``results.json``)."""
+    root = Path(root)
+    rows = []
+    for run_dir in find_runs(root):
+        results = run_dir / "results.json"
+        if load_run(run_dir, root).get("status") != "finished" or not results.exists():
+            continue
+        r = json.loads(results.read_text())
+        if "dense_perplexity" not in r:  # not a masks run
+            continue
+        rows.append(
+            {
+                "pattern": pattern(r),
+                "method": r["method"],
+                "perplexity": r["perplexity"],
+                "sparsity": r["sparsity"],
+                "dense_perplexity": r["dense_perplexity"],
+                "dense_sparsity": r.get("dense_sparsity"),
+                "prune_seconds": r["prune_seconds"],
+                "wall_seconds": r.get("wall_seconds"),
+                "calibration": f"{r['n_calibration']} x {r.get('calibration_length', '?')}",
+            }
+        )
+    if not rows:
+        raise FileNotFoundError(f"no finished masks runs with results.json under {root}")
+    return sorted(rows, key=lambda r: (r["pattern"], r["method"]))
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """Perplexity (measured sparsity) by pattern and method, the dense model first."""
+    methods = sorted({r["method"] for r in rows})
+    cells: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        cells[r["pattern"]][r["method"]] = r
+    dense = rows[0]
+    lines = [
+        "| pattern | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+        f"| dense | {dense['dense_perplexity']:.2f} (sparsity {dense['dense_sparsity']:.4f})"
+        + " |" * len(methods),
+    ]
+    for name, by_method in cells.items():
+        row = [
+            f"{by_method[m]['perplexity']:,.1f} ({by_method[m]['sparsity']:.3f})"
+            if m in by_method
+            else "–"
+            for m in methods
+        ]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    seconds = {m: [r["prune_seconds"] for r in rows if r["method"] == m] for m in methods}
+    lines.append(
+        "| seconds to prune | "
+        + " | ".join(f"{min(s):.0f}–{max(s):.0f}" for s in seconds.values())
+        + " |"
+    )
+    walls = [r["wall_seconds"] for r in rows if r["wall_seconds"] is not None]
+    note = f"\n{len(rows)} runs, calibration {dense['calibration']} tokens"
+    if walls:
+        note += f", {sum(walls) / 60:.0f} min in all ({min(walls):.0f}–{max(walls):.0f} s a run)"
+    return "\n".join(lines) + note + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("root", help="a masks sweep directory (searched recursively)")
+    parser.add_argument("--out", default=None, help="where to write (default: the root)")
+    args = parser.parse_args()
+    rows = gather(args.root)
+    out = Path(args.out or args.root)
+    table = markdown(rows)
+    write_atomic(out / "masks_table.md", lambda tmp: tmp.write_text(table))
+    write_csv(out / "masks_table.csv", rows)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
