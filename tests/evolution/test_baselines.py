@@ -65,3 +65,13 @@ def test_the_grid_point_of_a_parent_gives_that_parent_pruned(problem):
     best_parent = max(problem.evaluate(g).mean() for g in problem.parents.values())
     assert result.pick.selection_mean >= float(best_parent) - 1e-9
     assert result.pick.sparsity == 0.0  # prune=False
+
+
+def test_baselines_simple_drops_the_methods_it_sets_to_null(tmp_path):
+    from hydra.utils import instantiate
+
+    from ..conftest import compose_cfg
+
+    cfg = compose_cfg(["baselines=simple"], tmp_path)
+    baselines = instantiate(cfg.baselines, _convert_="all")
+    assert list(baselines.methods) == ["task_arithmetic", "ties", "dare_ties"]

@@ -74,7 +74,8 @@ class Baselines:
     Args:
         methods: name -> ``{method: <merge method factory>, grid: {setting: [values]}}``; the
             factory is called with each grid point's settings (``weight`` is per parent and
-            goes to the merge call instead).
+            goes to the merge call instead). A method set to ``None`` is left out (a config
+            that extends another drops methods that way).
         budget: selection evaluations per method (``None``: the evolution's own count).
         prune: prune every candidate to the run's target sparsity with the run's pruner.
     """
@@ -85,6 +86,7 @@ class Baselines:
         budget: int | None = None,
         prune: bool = True,
     ) -> None:
+        methods = {k: v for k, v in methods.items() if v is not None}  # null: left out
         if not methods:
             raise ConfigError("methods", dict(methods), "at least one baseline method")
         self.methods: dict[str, tuple[MethodFactory, dict[str, list[Any]]]] = {}
