@@ -89,3 +89,12 @@ smollm2-masks: $(STAMP) ## Prune SmolLM2-135M offline: magnitude, Wanda, SparseG
 	$(PY) run.py -m experiment=smollm2_masks pruner=magnitude,wanda,sparsegpt sparsity=0.5,0.7 hydra.sweep.dir=$(SMOLLM2_MASKS_DIR)/row
 	$(PY) run.py -m experiment=smollm2_masks pruner=magnitude,wanda,sparsegpt "pruner.nm='2:4','4:8'" hydra.sweep.dir=$(SMOLLM2_MASKS_DIR)/nm
 	$(PY) -m sparse_merge.analysis.masks_table $(SMOLLM2_MASKS_DIR)
+
+SMOLLM2_FINETUNE_DIR ?= multirun/smollm2_finetune
+
+.PHONY: smollm2-finetune
+smollm2-finetune: $(STAMP) ## Recover a 50 % Wanda SmolLM2 with masked LoRA (both modes) and row-sparse updates at equal parameters (docs/finetune.md; ~45 min)
+	rm -rf $(SMOLLM2_FINETUNE_DIR)
+	$(PY) run.py -m experiment=smollm2_finetune lora=masked,row_sparse hydra.sweep.dir=$(SMOLLM2_FINETUNE_DIR)/a
+	$(PY) run.py -m experiment=smollm2_finetune lora=masked lora.mode=sparse_to_sparse hydra.sweep.dir=$(SMOLLM2_FINETUNE_DIR)/b
+	$(PY) -m sparse_merge.analysis.finetune_table $(SMOLLM2_FINETUNE_DIR)

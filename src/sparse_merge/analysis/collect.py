@@ -24,6 +24,18 @@ def find_runs(sweep_dir: str | Path) -> list[Path]:
     return sorted(p.parent.parent for p in Path(sweep_dir).rglob(".hydra/config.yaml"))
 
 
+def finished_results(root: str | Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(run row, results.json)`` of every finished run under ``root`` that wrote results."""
+    root = Path(root)
+    out = []
+    for run_dir in find_runs(root):
+        results = run_dir / "results.json"
+        info = load_run(run_dir, root)
+        if info.get("status") == "finished" and results.exists():
+            out.append((info, json.loads(results.read_text())))
+    return out
+
+
 def _scalar(v: Any) -> Any:
     return v if isinstance(v, str | int | float | bool) or v is None else json.dumps(v)
 

@@ -7,12 +7,11 @@ and the run's wall time. Writes ``masks_table.md`` and ``masks_table.csv`` and p
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from sparse_merge.analysis.collect import find_runs, load_run
+from sparse_merge.analysis.collect import finished_results
 from sparse_merge.tracking.io import write_atomic, write_csv
 
 
@@ -26,13 +25,8 @@ def pattern(result: dict[str, Any]) -> str:
 
 def gather(root: str | Path) -> list[dict[str, Any]]:
     """One row per finished masks run under ``root`` (its ``results.json``)."""
-    root = Path(root)
     rows = []
-    for run_dir in find_runs(root):
-        results = run_dir / "results.json"
-        if load_run(run_dir, root).get("status") != "finished" or not results.exists():
-            continue
-        r = json.loads(results.read_text())
+    for _, r in finished_results(root):
         if "dense_perplexity" not in r:  # not a masks run
             continue
         rows.append(

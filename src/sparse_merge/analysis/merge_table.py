@@ -10,13 +10,12 @@ seeds and one other setting gives one table per setting.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from sparse_merge.analysis.collect import find_runs, load_run
+from sparse_merge.analysis.collect import finished_results
 from sparse_merge.tracking.io import write_atomic, write_csv
 
 
@@ -45,14 +44,9 @@ def setting(run: dict[str, Any]) -> str:
 
 def gather(root: str | Path) -> dict[str, list[dict[str, Any]]]:
     """Finished merge runs under ``root`` by setting: each run's ``results.json`` and seed."""
-    root = Path(root)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for run_dir in find_runs(root):
-        results = run_dir / "results.json"
-        info = load_run(run_dir, root)
-        if info.get("status") != "finished" or not results.exists():
-            continue
-        groups[setting(info)].append(json.loads(results.read_text()))
+    for info, results in finished_results(root):
+        groups[setting(info)].append(results)
     if not groups:
         raise FileNotFoundError(f"no finished merge runs with results.json under {root}")
     return dict(groups)
