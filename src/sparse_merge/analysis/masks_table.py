@@ -44,7 +44,7 @@ def gather(root: str | Path) -> list[dict[str, Any]]:
         )
     if not rows:
         raise FileNotFoundError(f"no finished masks runs with results.json under {root}")
-    return sorted(rows, key=lambda r: (r["pattern"], r["method"]))
+    return sorted(rows, key=lambda r: (":" in r["pattern"], r["pattern"], r["method"]))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -75,7 +75,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         + " |"
     )
     walls = [r["wall_seconds"] for r in rows if r["wall_seconds"] is not None]
-    note = f"\n{len(rows)} runs, calibration {dense['calibration']} tokens"
+    calibrations = sorted({r["calibration"] for r in rows if not r["calibration"].startswith("0 ")})
+    note = f"\n{len(rows)} runs, calibration {' / '.join(calibrations) or 'none'} tokens"
     if walls:
         note += f", {sum(walls) / 60:.0f} min in all ({min(walls):.0f}–{max(walls):.0f} s a run)"
     return "\n".join(lines) + note + "\n"
