@@ -98,3 +98,22 @@ smollm2-finetune: $(STAMP) ## Recover a 50 % Wanda SmolLM2 with masked LoRA (bot
 	$(PY) run.py -m experiment=smollm2_finetune lora=masked,row_sparse hydra.sweep.dir=$(SMOLLM2_FINETUNE_DIR)/a
 	$(PY) run.py -m experiment=smollm2_finetune lora=masked lora.mode=sparse_to_sparse hydra.sweep.dir=$(SMOLLM2_FINETUNE_DIR)/b
 	$(PY) -m sparse_merge.analysis.finetune_table $(SMOLLM2_FINETUNE_DIR)
+
+SKILLS := word_problems python_functions
+
+.PHONY: smollm2-experts
+smollm2-experts: $(STAMP) ## Retrain the two LoRA experts of experiment=smollm2_merge into experts/smollm2/ (~25 min)
+	for t in $(SKILLS); do \
+	  $(PY) run.py experiment=smollm2_expert task=$$t hydra.run.dir=outputs/experts/$$t && \
+	  mkdir -p experts/smollm2/$$t && \
+	  cp outputs/experts/$$t/adapter/adapter_config.json outputs/experts/$$t/adapter/adapter_model.safetensors experts/smollm2/$$t/ ; \
+	done
+
+SMOLLM2_MERGE_DIR ?= multirun/smollm2_merge
+SEEDS ?= 0
+
+.PHONY: smollm2-merge
+smollm2-merge: $(STAMP) ## The real sparse merge: evolution vs base, experts, TA/TIES/DARE on SmolLM2 at 50 % (SEEDS="0,1,2"; ~35 min a seed)
+	rm -rf $(SMOLLM2_MERGE_DIR)
+	$(PY) run.py -m experiment=smollm2_merge seed=$(SEEDS) hydra.sweep.dir=$(SMOLLM2_MERGE_DIR) $(ARGS)
+	$(PY) -m sparse_merge.analysis.merge_table $(SMOLLM2_MERGE_DIR)
