@@ -8,7 +8,9 @@ error. Metrics are the flat keys of ``summary.json``.
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,28 @@ def finished_results(root: str | Path) -> list[tuple[dict[str, Any], dict[str, A
         if info.get("status") == "finished" and results.exists():
             out.append((info, json.loads(results.read_text())))
     return out
+
+
+def table_cli(
+    doc: str,
+    stem: str,
+    gather: Callable[[Path], list[dict[str, Any]]],
+    markdown: Callable[[list[dict[str, Any]]], str],
+) -> None:
+    """``python -m ... <root> [--out DIR]``: gather the rows of the runs under ``root``, write
+    ``<stem>.md`` and ``<stem>.csv`` (default: in ``root``) and print the Markdown."""
+    from sparse_merge.tracking.io import write_atomic, write_csv
+
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("root", help="a sweep directory (searched recursively)")
+    parser.add_argument("--out", default=None, help="where to write (default: the root)")
+    args = parser.parse_args()
+    rows = gather(Path(args.root))
+    out = Path(args.out or args.root)
+    text = markdown(rows)
+    write_atomic(out / f"{stem}.md", lambda tmp: tmp.write_text(text))
+    write_csv(out / f"{stem}.csv", rows)
+    print(text)
 
 
 def _scalar(v: Any) -> Any:

@@ -7,13 +7,10 @@ the number of masked weights that are not zero. Writes ``finetune_table.md`` and
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
-from sparse_merge.analysis.collect import finished_results
-from sparse_merge.tracking.io import write_atomic, write_csv
-from sparse_merge.tracking.report import format_table
+from sparse_merge.analysis.collect import finished_results, table_cli
 
 
 def gather(root: str | Path) -> list[dict[str, Any]]:
@@ -65,16 +62,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("root", help="a fine-tuning sweep directory (searched recursively)")
-    parser.add_argument("--out", default=None, help="where to write (default: the root)")
-    args = parser.parse_args()
-    rows = gather(args.root)
-    out = Path(args.out or args.root)
-    text = markdown(rows)
-    write_atomic(out / "finetune_table.md", lambda tmp: tmp.write_text(text))
-    write_csv(out / "finetune_table.csv", rows)
-    print(format_table(rows, list(rows[0])))
+    table_cli(__doc__, "finetune_table", gather, markdown)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,11 @@ and the run's wall time. Writes ``masks_table.md`` and ``masks_table.csv`` and p
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from sparse_merge.analysis.collect import finished_results
-from sparse_merge.tracking.io import write_atomic, write_csv
+from sparse_merge.analysis.collect import finished_results, table_cli
 
 
 def pattern(result: dict[str, Any]) -> str:
@@ -83,16 +81,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("root", help="a masks sweep directory (searched recursively)")
-    parser.add_argument("--out", default=None, help="where to write (default: the root)")
-    args = parser.parse_args()
-    rows = gather(args.root)
-    out = Path(args.out or args.root)
-    table = markdown(rows)
-    write_atomic(out / "masks_table.md", lambda tmp: tmp.write_text(table))
-    write_csv(out / "masks_table.csv", rows)
-    print(table)
+    table_cli(__doc__, "masks_table", gather, markdown)
 
 
 if __name__ == "__main__":

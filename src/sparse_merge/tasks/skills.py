@@ -117,18 +117,11 @@ class WordProblems(ToyTask):
     name = "word_problems"
     max_new_tokens = 48
 
-    def __init__(
-        self,
-        n_select: int = 32,
-        n_heldout: int = 128,
-        data_seed: int = 0,
-        selection_seed: int = 0,
-        batch_size: int = 32,
-    ) -> None:
-        super().__init__(n_select, n_heldout, data_seed, selection_seed, batch_size)
-        for split in ("heldout", "selection"):
-            task = getattr(self, split)
-            task.match = final_answer_match
+    def make_task(self, name: str, examples: list[Example]) -> ExactMatchTask:
+        """Exact match of the final number."""
+        return ExactMatchTask(
+            name, examples, self.max_new_tokens, self.batch_size, match=final_answer_match
+        )
 
     def _params(self) -> dict[str, object]:
         return {}
@@ -244,16 +237,13 @@ class PythonFunctions(ToyTask):
         self.sandbox = Sandbox(timeout_s=timeout_s, memory_mb=256)
         self._tests: dict[str, list[str]] = {}
         super().__init__(n_select, n_heldout, data_seed, selection_seed, batch_size)
-        for split in ("heldout", "selection"):
-            task = getattr(self, split)
-            tests = [self._tests[e.prompt] for e in task.examples]
-            setattr(
-                self,
-                split,
-                FunctionTask(
-                    task.name, task.examples, tests, self.sandbox, self.max_new_tokens, batch_size
-                ),
-            )
+
+    def make_task(self, name: str, examples: list[Example]) -> FunctionTask:
+        """Completions run against each prompt's asserts."""
+        tests = [self._tests[e.prompt] for e in examples]
+        return FunctionTask(
+            name, examples, tests, self.sandbox, self.max_new_tokens, self.batch_size
+        )
 
     def _params(self) -> dict[str, object]:
         return {}

@@ -46,12 +46,8 @@ class ToyTask:
         heldout = self._unique(rng, n_heldout, exclude=set())
         rng = random.Random(f"{self.name}:{data_seed}:{selection_seed}")
         selection = self._unique(rng, n_select, exclude={e.prompt for e in heldout})
-        self.heldout = ExactMatchTask(
-            f"{self.name}/heldout", heldout, self.max_new_tokens, batch_size
-        )
-        self.selection = ExactMatchTask(
-            f"{self.name}/selection", selection, self.max_new_tokens, batch_size
-        )
+        self.heldout = self.make_task(f"{self.name}/heldout", heldout)
+        self.selection = self.make_task(f"{self.name}/selection", selection)
 
     # subclasses define these
     max_new_tokens: int
@@ -59,6 +55,10 @@ class ToyTask:
     def sample(self, rng: random.Random) -> Example:
         """One random example."""
         raise NotImplementedError
+
+    def make_task(self, name: str, examples: list[Example]) -> ExactMatchTask:
+        """The scored task over ``examples`` (exact match of the greedy completion)."""
+        return ExactMatchTask(name, examples, self.max_new_tokens, self.batch_size)
 
     def _unique(self, rng: random.Random, n: int, exclude: set[str]) -> list[Example]:
         seen, out = set(exclude), []
