@@ -60,3 +60,27 @@ def test_masked_lora_keeps_every_pruned_weight_zero_on_smollm2(tmp_path):
     assert results["masked_nonzeros"] == 0
     assert results["sparsity"] == pytest.approx(0.5, abs=1e-6)
     assert results["python_docs/perplexity"] > 1.0
+
+
+def test_merge_pipeline_merges_the_shipped_experts(tmp_path):
+    """experiment=smollm2_merge on a few prompts and steps: the experts load from their
+    adapters, every row of the table reaches the target sparsity, the picks are reported."""
+    results = run(
+        [
+            "experiment=smollm2_merge",
+            "model.source=gguf",
+            "task.tasks.word_problems.n_select=2",
+            "task.tasks.word_problems.n_heldout=2",
+            "task.tasks.python_functions.n_select=2",
+            "task.tasks.python_functions.n_heldout=2",
+            "evolver.iterations=2",
+            "baselines.budget=1",
+            "calibration.n=4",
+        ],
+        tmp_path,
+    )
+    rows = {r["model"]: r for r in results["models"]}
+    assert {"base", "word_problems", "python_functions", "task_arithmetic", "ties"} <= set(rows)
+    pruned = [r for name, r in rows.items() if name not in ("word_problems", "python_functions")]
+    assert all(r["sparsity"] == pytest.approx(0.5, abs=1e-3) for r in pruned if r["sparsity"])
+    assert results["picked"]

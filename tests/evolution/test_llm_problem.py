@@ -83,3 +83,20 @@ def test_calibration_comes_from_training_examples(tokenizer):
     }
     assert not any(any(text.startswith(p) for p in evaluated) for text in texts)
     assert any("rev:" in t for t in texts) and any("+" in t for t in texts)  # both tasks
+
+
+def test_a_model_reported_twice_is_evaluated_once(tiny_llama, tokenizer):
+    space = ParamSpace(tiny_llama)
+    a = space.genome()
+    b = a * 0.5
+    calls = []
+
+    def heldout(model, tok):
+        calls.append(1)
+        return {"addition": float(len(calls)), "mean": float(len(calls))}
+
+    tasks = TaskSuite({"addition": AdditionTask(1, 1, n_select=2, n_heldout=2)})
+    problem = LLMProblem(space, tokenizer, {"a": a, "b": b}, tasks, evaluate_heldout=heldout)
+    first = problem.heldout(a)
+    assert problem.heldout(a.clone()) == first and len(calls) == 1  # same bytes, same report
+    assert problem.heldout(b)["mean"] == 2.0 and len(calls) == 2

@@ -5,6 +5,7 @@ task vectors need it, and it can join the initial archive."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -66,6 +67,7 @@ class LLMProblem:
         self.pruner, self.calibration = pruner, calibration
         self._score = score_selection or tasks.score_selection
         self._heldout = evaluate_heldout or tasks.evaluate_heldout
+        self._heldout_memo: dict[str, dict[str, float]] = {}
         self.numel = space.numel
         self.n_datapoints = tasks.n_selection
         self.task_names = tasks.names
@@ -126,8 +128,14 @@ class LLMProblem:
         return self._score(self._load(genome), self.tokenizer).float().cpu()
 
     def heldout(self, genome: torch.Tensor) -> dict[str, float]:
-        """Held-out score per task and their weighted ``mean``."""
-        return self._heldout(self._load(genome), self.tokenizer)
+        """Held-out score per task and their weighted ``mean``; remembered by the genome's
+        bytes, so a model reported twice (a pick that is also an archive member) is evaluated
+        once (hashing costs well under a second even at 135M parameters; an evaluation of a
+        real model costs a minute)."""
+        key = hashlib.sha1(genome.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
+        if key not in self._heldout_memo:
+            self._heldout_memo[key] = dict(self._heldout(self._load(genome), self.tokenizer))
+        return dict(self._heldout_memo[key])
 
     @torch.no_grad()
     def sparsity(self, genome: torch.Tensor) -> float:
