@@ -120,3 +120,17 @@ def test_masks_pipeline_runs_with_the_task(tmp_path):
     overrides = ["experiment=masks", "task=boolq", *SMALL_MODEL, *OPTIONS["boolq"]]
     cfg = compose_cfg([*overrides, "calibration.n=4", "masks.plots=false"], tmp_path)
     assert math.isfinite(execute(cfg))
+
+
+@pytest.mark.parametrize("pipeline", ["merge", "finetune", "evaluate"])
+def test_too_little_data_fails_before_any_model_loads(pipeline, tmp_path, monkeypatch):
+    from sparse_merge.errors import ConfigError
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(f"sparse_merge.pipelines.{pipeline}.load_causal_lm", never)
+    overrides = [*OPTIONS["wikitext"][:-1], "task.tasks.wikitext.n_heldout=500"]
+    cfg = compose_cfg([f"pipeline={pipeline}", "task=wikitext", *SMALL_MODEL, *overrides], tmp_path)
+    with pytest.raises(ConfigError, match="wikitext.n_heldout=500"):
+        execute(cfg)

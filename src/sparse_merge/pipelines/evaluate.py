@@ -51,6 +51,7 @@ def run_evaluate(
 ) -> float:
     """Evaluate every model of ``source``; returns the first model's weighted held-out mean."""
     tokenizer = load_tokenizer(source.tokenizer())
+    tasks.prepare()  # data drawn (and checked) before any model loads
     rows, scores = [], {}
     for name, path in models_of(source).items():
         model = load_causal_lm(path, hardware.torch_device, hardware.torch_dtype)

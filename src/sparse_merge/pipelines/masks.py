@@ -124,8 +124,7 @@ def run_masks(
         calib = Calibration.from_settings(
             tokenizer, tasks, calibration or CalibrationSettings(), seed
         )
-    for task in tasks.tasks.values():  # held-out data: drawn (and checked) before the model loads
-        len(task.heldout)
+    tasks.prepare()  # data drawn (and checked) before the model loads
     model = load_causal_lm(source.base(), hardware.torch_device, hardware.torch_dtype)
     source_hash = model_hash(model)
     dense_sparsity = measure_sparsity(model).overall

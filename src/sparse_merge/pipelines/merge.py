@@ -130,6 +130,7 @@ def run_merge(
     if required is not None:
         source.base()  # a missing base fails here, before any model is loaded
     tokenizer = load_tokenizer(source.tokenizer())
+    tasks.prepare()  # data drawn (and checked) before any model loads
     # the pruner's calibration set, from the tasks' training examples: built (and checked)
     # before any model is loaded
     calib = None

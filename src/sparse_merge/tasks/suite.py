@@ -38,6 +38,12 @@ class TaskSuite:
         if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
             raise ConfigError("weights", self.weights, "non-negative weights with a positive sum")
 
+    def prepare(self) -> None:
+        """Draw every task's selection and held-out datapoints (loading their data), so that
+        missing or too-small data fails here, before a pipeline loads any model."""
+        for task in self.tasks.values():
+            len(task.selection), len(task.heldout)
+
     @property
     def names(self) -> list[str]:
         """Task names in column order."""
