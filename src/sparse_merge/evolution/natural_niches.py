@@ -22,7 +22,6 @@ uninterrupted run ends with.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -365,9 +364,8 @@ class NaturalNiches:
             "noise_rng": noise_gen.get_state(),
             "settings": self.settings(),
         }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        write_atomic(path, lambda tmp: tmp.write_bytes(buf.getvalue()))
+        # serialised straight into the temporary file (no in-memory copy of the archive first)
+        write_atomic(path, lambda tmp: torch.save(state, tmp))
 
     def _load(
         self,
