@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sparse_merge.errors import check_positive
 from sparse_merge.tasks.base import Example
-from sparse_merge.tasks.generation import ExactMatchTask
+from sparse_merge.tasks.generation import ExactMatchTask, GenerationTask
 from sparse_merge.tasks.sandbox import Sandbox, SandboxResult
 from sparse_merge.tasks.toy import ToyTask
 
@@ -157,8 +157,9 @@ STR_INPUTS = ("abc", "Hello", "xyZ9", "merge")
 SUFFIXES = ("!", "ab", "-x", "ok")
 
 
-def _function(rng: random.Random) -> tuple[str, str, list[str]]:
-    """(description, body expression, asserts) of a random two- or three-step function."""
+def _function(rng: random.Random) -> tuple[str, str, str, list[str]]:
+    """(argument name, description, body expression, asserts) of a random two- or three-step
+    function."""
     strings = rng.random() < 0.5
     steps, inputs = (STR_STEPS, STR_INPUTS) if strings else (INT_STEPS, INT_INPUTS)
     what = "a string s" if strings else "an integer x"
@@ -177,7 +178,7 @@ def _function(rng: random.Random) -> tuple[str, str, list[str]]:
     exec(f"def f({var}):\n    return {expr}\n", env)  # noqa: S102 - our own generated code
     fn = env["f"]
     asserts = [f"assert f({v!r}) == {fn(v)!r}" for v in inputs]  # type: ignore[operator]
-    return description, expr, asserts
+    return var, description, expr, asserts
 
 
 def extract_function(completion: str) -> str:
@@ -214,8 +215,8 @@ class FunctionTask(ExactMatchTask):
         return [float(r.passed) for r in self.last_results]
 
     def score(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-        """[N] float: 1 where every assert passed."""
-        return torch.tensor(self.judge(self.predict(model, tokenizer)), dtype=torch.float32)
+        """[N] float: 1 where every assert passed (not ``ExactMatchTask``'s bool)."""
+        return GenerationTask.score(self, model, tokenizer)
 
 
 class PythonFunctions(ToyTask):
@@ -251,8 +252,7 @@ class PythonFunctions(ToyTask):
     def sample(self, rng: random.Random) -> Example:
         """One random function: the prompt ends with ``def f(x):`` and ``return``, the answer
         is the returned expression."""
-        description, expr, asserts = _function(rng)
-        var = "s" if description.startswith("Write a Python function f(s)") else "x"
+        var, description, expr, asserts = _function(rng)
         prompt = f"# {description}\ndef f({var}):\n    return"
         self._tests.setdefault(prompt, asserts)
         return Example(prompt, f" {expr}")
