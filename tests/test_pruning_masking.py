@@ -5,7 +5,7 @@ import torch
 
 from sparse_merge.errors import ConfigError
 from sparse_merge.models.blocks import head_dim, prunable_layers
-from sparse_merge.pruning.base import Calibration
+from sparse_merge.pruning.base import Calibration, keep_smallest_out
 from sparse_merge.pruning.importance import (
     GradientImportance,
     MagnitudeImportance,
@@ -192,3 +192,24 @@ def test_answer_only_labels_change_the_gradient(tiny_llama, tokenizer):
     key = prunable_layers(tiny_llama)[0].param_name
     assert not torch.allclose(a[key], b[key])
     assert torch.allclose(b[key], ref[key].abs(), atol=1e-7)
+
+
+def _stable_sort_keep(scores, n_prune):
+    """The reference: the ``n_prune`` first entries of a stable ascending argsort go."""
+    order = torch.argsort(scores, dim=-1, stable=True)
+    return torch.ones_like(scores, dtype=torch.bool).scatter_(-1, order[..., :n_prune], False)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "few_values", "constant"])
+def test_selection_masks_equal_a_stable_sort_bit_for_bit(kind):
+    g = torch.Generator().manual_seed(0)
+    for shape in [(7, 13), (5, 3, 8), (100,), (64, 4)]:
+        scores = {
+            "continuous": torch.randn(shape, generator=g),
+            "few_values": torch.randint(0, 3, shape, generator=g).float(),  # many ties
+            "constant": torch.zeros(shape),
+        }[kind]
+        for dtype in (torch.float32, torch.bfloat16):
+            s = scores.to(dtype)
+            for n in range(shape[-1] + 1):
+                assert torch.equal(keep_smallest_out(s, n), _stable_sort_keep(s, n)), (shape, n)

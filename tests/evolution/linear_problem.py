@@ -14,6 +14,8 @@ class LinearProblem:
     scrambled, so each parent solves different datapoints (distinct niches).
     """
 
+    prune_is_mask = True  # magnitude pruning only zeroes weights
+
     def __init__(self, n_in: int = 8, n_classes: int = 4, n: int = 48, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
         self.shape = (n_classes, n_in)
@@ -33,6 +35,7 @@ class LinearProblem:
         self._ws = torch.zeros(self.numel)
         self.evaluations = 0
         self.heldout_calls = 0
+        self.prunes = 0
 
     @property
     def workspace(self) -> torch.Tensor:
@@ -54,5 +57,6 @@ class LinearProblem:
         return float((genome == 0).double().mean())
 
     def prune_(self, genome: torch.Tensor, target: float) -> None:
+        self.prunes += 1
         keep = keep_smallest_out(genome.abs(), round(target * self.numel))
         genome.masked_fill_(~keep, 0.0)

@@ -157,25 +157,63 @@ class CrashingProblem(LinearProblem):
         return super().evaluate(genome)
 
 
-@pytest.mark.parametrize("prune_target", ["parents", "child"])
-def test_resume_gives_the_same_archive_as_an_uninterrupted_run(tmp_path, prune_target):
+def same_archive(a, b):
+    """Whether two archives hold the same individuals, genomes and scores, slot by slot."""
+    for key in ("scores", "sparsity", "valid", "ids"):
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    for slot in range(a.pop_size):
+        assert torch.equal(a.genomes[slot], b.genomes[slot]), slot
+    return True
+
+
+@pytest.mark.parametrize(
+    "prune_target,archive",
+    [("parents", "device"), ("child", "device"), ("parents", "cpu"), ("parents", "disk")],
+)
+def test_resume_gives_the_same_archive_as_an_uninterrupted_run(tmp_path, prune_target, archive):
     kw = dict(
         target=0.4,
         prune_target=prune_target,
         mutation_std=0.05,
         schedule=CyclicSchedule(0.0, None, period=4),
         scorer=SparsityAwareScorer(alpha=1.0, beta=0.5),
+        archive=archive,
     )
     full = evolve(tmp_path / "full", **kw)
     with pytest.raises(Crash):  # 2 initial evaluations + 13 children: dies in step 13
         evolve(tmp_path / "cut", problem=CrashingProblem(fail_at=16), **kw)
-    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 10
     resumed = evolve(tmp_path / "cut", resume=True, **kw)
-    for key in ("genomes", "scores", "sparsity", "valid", "ids"):
-        assert torch.equal(getattr(resumed.archive, key), getattr(full.archive, key)), key
+    assert same_archive(resumed.archive, full.archive)
     assert resumed.lineage == full.lineage
     assert [r["step"] for r in records(tmp_path / "cut")][-15:] == list(range(10, 25))
+
+
+def test_disk_archive_keeps_one_file_per_member_and_small_checkpoints(tmp_path):
+    kw = dict(target=0.4, scorer=SparsityAwareScorer(alpha=1.0, beta=0.5))
+    disk = evolve(tmp_path / "disk", archive="disk", **kw)
+    files = sorted(p.name for p in (tmp_path / "disk" / "archive").iterdir())
+    assert files == [f"{i:08d}.safetensors" for i in sorted(disk.archive.ids.tolist())]
+    ckpt = torch.load(tmp_path / "disk" / "checkpoint.pt", weights_only=True)
+    assert "genomes" not in ckpt["archive"] and len(ckpt["archive"]["files"]) == 6
+    host = evolve(tmp_path / "cpu", archive="cpu", **kw)
+    assert same_archive(disk.archive, host.archive)  # where the genomes live changes nothing
+
+
+def test_pruned_parents_come_from_the_mask_cache_with_the_same_result(tmp_path):
+    kw = dict(
+        target=0.5,
+        schedule=CyclicSchedule(0.0, None, period=4),
+        scorer=SparsityAwareScorer(alpha=1.0, beta=0.5),
+    )
+    cached, uncached = LinearProblem(), LinearProblem()
+    a = evolve(tmp_path / "a", problem=cached, **kw)
+    b = evolve(tmp_path / "b", problem=uncached, prune_cache_mb=0, **kw)
+    assert same_archive(a.archive, b.archive) and a.lineage == b.lineage
+    hits = sum(r["prune_hits"] for r in records(tmp_path / "a"))
+    assert hits > 0 and sum(r["prune_hits"] for r in records(tmp_path / "b")) == 0
+    assert cached.prunes <= uncached.prunes - hits  # (the final pruning may hit too)
 
 
 def test_resume_refuses_other_settings(tmp_path):

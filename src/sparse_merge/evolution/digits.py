@@ -108,6 +108,8 @@ class DigitsProblem:
         zeros = sum(int((genome[s.offset : s.stop] == 0).sum()) for s in self._weights)
         return zeros / self._n_weights
 
+    prune_is_mask = True  # magnitude pruning only zeroes weights (mask caching is exact)
+
     @torch.no_grad()
     def prune_(self, genome: torch.Tensor, target: float) -> None:
         """Magnitude pruning: exactly ``round(target * n)`` smallest weights of each weight

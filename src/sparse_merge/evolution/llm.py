@@ -84,6 +84,12 @@ class LLMProblem:
         return self.space.flat
 
     @property
+    def prune_is_mask(self) -> bool:
+        """Whether pruning only zeroes weights, deterministically (then the engine may cache
+        the keep-masks of pruned parents); SparseGPT also updates the kept weights."""
+        return self.pruner is not None and not getattr(self.pruner, "updates_weights", False)
+
+    @property
     def model(self) -> nn.Module:
         """The live model (its parameters are views into the workspace)."""
         return self.space.model

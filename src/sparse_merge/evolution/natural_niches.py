@@ -18,6 +18,13 @@ parents, operator parameters, pruning sparsity, the child's sparsity and scores,
 entered. A checkpoint (archive, scores, RNG states, schedule phase, lineage) is written
 atomically every ``checkpoint_every`` steps; resuming from it gives exactly the archive an
 uninterrupted run ends with.
+
+Scale: the archive lives on the model's device, in host memory or on disk (``archive``; see
+``evolution.archive``); with host or disk storage the two parents are staged into the
+workspace and one scratch buffer, so the device holds two genomes whatever the population.
+Pruning the parents is cached: the keep-mask of a member at a sparsity is remembered (one bit
+per weight, ``prune_cache_mb``) and applied when the same pair comes back, which gives exactly
+what pruning again gives (``evolution.prune_cache``).
 """
 
 from __future__ import annotations
@@ -32,10 +39,11 @@ import torch
 from tqdm.auto import tqdm
 
 from sparse_merge.errors import ConfigError, check_choice, check_positive
-from sparse_merge.evolution.archive import Archive, replacement_slot
+from sparse_merge.evolution.archive import ARCHIVE_STORAGE, Archive, replacement_slot
 from sparse_merge.evolution.crossover import Crossover
 from sparse_merge.evolution.mutation import mutate_
 from sparse_merge.evolution.problem import EvolutionResult, Pick, Problem
+from sparse_merge.evolution.prune_cache import MaskCache
 from sparse_merge.evolution.schedules import ConstantSchedule, Schedule
 from sparse_merge.evolution.scoring import SparsityAwareScorer
 from sparse_merge.evolution.selection import select_parents
@@ -46,6 +54,7 @@ log = logging.getLogger("sparse_merge")
 
 PRUNE_TARGETS = ("parents", "child", "none")
 CHECKPOINT = "checkpoint.pt"
+ARCHIVE_DIR = "archive"  # genome files of a disk archive, under the run folder
 
 
 @dataclass
@@ -70,6 +79,9 @@ class StepRecord:
     eval_s: float  # the child's evaluation (its forward passes)
     prune_s: float  # pruning (includes a pruner's own calibration passes, e.g. Wanda's)
     crossover_s: float
+    stage_s: float  # copying (reading) the parents into the device buffers
+    store_s: float  # storing the child in the archive (a file write on disk)
+    prune_hits: int  # parents pruned from the mask cache this step
     step_s: float  # the whole step
 
 
@@ -100,6 +112,10 @@ class NaturalNiches:
         enter_on_tie: a child whose total ties the lowest enters (the first lowest archive
             member leaves, as in the M2N2 reference code: neutral moves are accepted); by
             default it does not (a newcomer must beat someone).
+        archive: where the archive's genomes live: ``device`` (the model's), ``cpu`` (host
+            memory) or ``disk`` (one safetensors file per individual under
+            ``<run_dir>/archive``; checkpoints then cost O(one child)).
+        prune_cache_mb: host memory for cached keep-masks of pruned parents (0: off).
     """
 
     def __init__(
@@ -115,6 +131,8 @@ class NaturalNiches:
         tolerance: float = 0.01,
         enter_on_tie: bool = False,
         final_prune: bool = True,
+        archive: str = "device",
+        prune_cache_mb: float = 1024,
     ) -> None:
         if int(pop_size) < 2:
             raise ConfigError("pop_size", pop_size, "an integer >= 2")
@@ -137,6 +155,8 @@ class NaturalNiches:
         self.tolerance = float(check_positive("tolerance", tolerance, allow_zero=True))
         self.enter_on_tie = bool(enter_on_tie)
         self.final_prune = bool(final_prune)
+        self.archive = check_choice("archive", archive, ARCHIVE_STORAGE)
+        self.prune_cache_mb = float(check_positive("prune_cache_mb", prune_cache_mb, allow_zero=True))
 
     # ---- the engine ----------------------------------------------------------------------
 
@@ -174,9 +194,12 @@ class NaturalNiches:
         ws = problem.workspace
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + 17)
         noise_gen = torch.Generator(device=ws.device).manual_seed(int(seed) * 1_000_003 + 29)
-        archive = Archive(self.pop_size, problem.numel, problem.n_datapoints, ws.dtype, ws.device)
+        archive = self._archive(problem, run_dir, write)
         lineage: dict[int, dict[str, Any]] = {}
         ckpt = run_dir / CHECKPOINT if run_dir is not None else None
+        cache = None
+        if getattr(problem, "prune_is_mask", False) and self.prune_cache_mb > 0:
+            cache = MaskCache(int(self.prune_cache_mb * 2**20))
 
         if resume and ckpt is not None and ckpt.exists():
             start, next_id = self._load(ckpt, archive, lineage, gen, noise_gen)
@@ -184,9 +207,14 @@ class NaturalNiches:
         else:
             if resume:
                 log.warning("resume requested but no checkpoint in %s: starting fresh", run_dir)
+            if write:
+                archive.clear_files()
             start, next_id = 0, self._seed_archive(problem, archive, lineage, logger)
 
-        scratch = torch.empty_like(ws) if pruning and self.prune_target == "parents" else None
+        staged = archive.storage != "device"
+        scratch = None
+        if staged or (pruning and self.prune_target == "parents"):
+            scratch = torch.empty_like(ws)
         bar = tqdm(
             range(start, self.iterations),
             desc="evolution",
@@ -207,6 +235,7 @@ class NaturalNiches:
                 scratch,
                 gen,
                 noise_gen,
+                cache,
             )
             next_id += 1
             # vars, not asdict: asdict deep-copies the D child scores every step (ms per step)
@@ -221,9 +250,28 @@ class NaturalNiches:
                 self._save(ckpt, done, next_id, archive, lineage, gen, noise_gen)
         if write and ckpt is not None:
             self._save(ckpt, max(start, self.iterations), next_id, archive, lineage, gen, noise_gen)
+        if cache is not None:
+            log.info(
+                "pruning cache: %d hits, %d misses, %.1f MB", cache.hits, cache.misses, cache.nbytes / 2**20
+            )
         evaluations = len(problem.initial()) + self.iterations
         return self._finish(
-            problem, scorer, archive, lineage, run_dir if write else None, target, evaluations
+            problem, scorer, archive, lineage, run_dir if write else None, target, evaluations, cache
+        )
+
+    def _archive(self, problem: Problem, run_dir: Path | None, write: bool) -> Archive:
+        """An empty archive with the configured storage. A disk archive lives in
+        ``<run_dir>/archive``; processes that do not write (the other ranks of a multi-process
+        run) keep theirs in host memory instead."""
+        ws = problem.workspace
+        storage = self.archive
+        if storage == "disk" and not write:
+            storage = "cpu"
+        if storage == "disk" and run_dir is None:
+            raise ConfigError("evolver.archive", "disk", "device or cpu when a run has no folder")
+        root = run_dir / ARCHIVE_DIR if storage == "disk" else None
+        return Archive(
+            self.pop_size, problem.numel, problem.n_datapoints, ws.dtype, ws.device, storage, root
         )
 
     def _seed_archive(
@@ -268,6 +316,7 @@ class NaturalNiches:
         scratch: torch.Tensor | None,
         gen: torch.Generator,
         noise_gen: torch.Generator,
+        cache: MaskCache | None = None,
     ) -> StepRecord:
         t0 = time.perf_counter()
         ws = problem.workspace
@@ -282,16 +331,23 @@ class NaturalNiches:
             alpha=scorer.alpha,
         )
         parent_ids = [int(archive.ids[p1]), int(archive.ids[p2])]  # before the child enters
-        a, b = archive.genomes[p1], archive.genomes[p2]
-        prune_s = 0.0
-        if pruning and self.prune_target == "parents" and sparsity > 0:
-            t = time.perf_counter()
-            scratch.copy_(a)
-            problem.prune_(scratch, sparsity)  # may use the workspace as scratch: done first
-            ws.copy_(b)
-            problem.prune_(ws, sparsity)
-            prune_s += time.perf_counter() - t
+        prune_parents = pruning and self.prune_target == "parents" and sparsity > 0
+        prune_s = stage_s = 0.0
+        hits = 0
+        if scratch is not None and (prune_parents or archive.storage != "device"):
+            # the parents go to the device buffers: the first to scratch, pruned first (pruning
+            # may use the workspace as scratch), then the second to the workspace
+            for slot, buf in ((p1, scratch), (p2, ws)):
+                t = time.perf_counter()
+                archive.read_into(slot, buf)
+                stage_s += time.perf_counter() - t
+                if prune_parents:
+                    t = time.perf_counter()
+                    hits += self._prune(problem, buf, int(archive.ids[slot]), sparsity, cache)
+                    prune_s += time.perf_counter() - t
             a, b = scratch, ws
+        else:
+            a, b = archive.genomes[p1], archive.genomes[p2]
         t = time.perf_counter()
         op = self.crossover(
             ws, a, b, gen, getattr(problem, "base", None), getattr(problem, "segments", None)
@@ -308,8 +364,13 @@ class NaturalNiches:
         eval_s = time.perf_counter() - t_eval
         slot = replacement_slot(scorer, archive, scores, child_sparsity, self.enter_on_tie)
         replaced = int(archive.ids[slot]) if slot is not None and archive.valid[slot] else None
+        store_s = 0.0
         if slot is not None:
+            t = time.perf_counter()
             archive.put(slot, ws, scores, child_sparsity, child_id)
+            store_s = time.perf_counter() - t
+            if replaced is not None and cache is not None:
+                cache.forget(replaced)
         lineage[child_id] = {
             "parents": parent_ids,
             "step": step,
@@ -340,8 +401,22 @@ class NaturalNiches:
             eval_s=eval_s,
             prune_s=prune_s,
             crossover_s=crossover_s,
+            stage_s=stage_s,
+            store_s=store_s,
+            prune_hits=hits,
             step_s=time.perf_counter() - t0,
         )
+
+    @staticmethod
+    def _prune(
+        problem: Problem, genome: torch.Tensor, ident: int, sparsity: float, cache: MaskCache | None
+    ) -> bool:
+        """Prune archive member ``ident`` (its copy in ``genome``) to ``sparsity``, through the
+        mask cache when there is one; returns whether the cache had it."""
+        if cache is None:
+            problem.prune_(genome, sparsity)
+            return False
+        return cache.prune_(genome, ident, sparsity, problem.prune_)
 
     # ---- checkpoints -----------------------------------------------------------------------
 
@@ -364,8 +439,10 @@ class NaturalNiches:
             "noise_rng": noise_gen.get_state(),
             "settings": self.settings(),
         }
-        # serialised straight into the temporary file (no in-memory copy of the archive first)
+        # serialised straight into the temporary file (no in-memory copy of the archive first);
+        # a disk archive's state names its files, so this costs O(one child) there
         write_atomic(path, lambda tmp: torch.save(state, tmp))
+        archive.checkpointed()  # files only older checkpoints needed can go now
 
     def _load(
         self,
@@ -375,14 +452,15 @@ class NaturalNiches:
         gen: torch.Generator,
         noise_gen: torch.Generator,
     ) -> tuple[int, int]:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         if state["settings"] != self.settings():
             raise ConfigError(
                 "resume",
                 True,
                 f"the same evolver settings as the checkpoint ({state['settings']}), got {self.settings()}",
             )
-        archive.load_state_dict(state["archive"])
+        root = path.parent / ARCHIVE_DIR if "files" in state["archive"] else None
+        archive.load_state_dict(state["archive"], root)
         lineage.clear()
         lineage.update(state["lineage"])
         gen.set_state(state["rng"])
@@ -400,6 +478,7 @@ class NaturalNiches:
         run_dir: Path | None,
         target: float,
         evaluations: int,
+        cache: MaskCache | None = None,
     ) -> EvolutionResult:
         """Picks ``best`` (highest selection mean) and ``sparse`` (the sparsest member within
         ``tolerance`` of it), on the selection split only; members below ``target`` are first
@@ -410,7 +489,7 @@ class NaturalNiches:
             sparsity, pruned = float(archive.sparsity[slot]), False
             if self.final_prune and target > 0 and sparsity < target:
                 genome = genome.clone()
-                problem.prune_(genome, target)
+                self._prune(problem, genome, int(archive.ids[slot]), target, cache)
                 scores, sparsity, pruned = problem.evaluate(genome), problem.sparsity(genome), True
                 evaluations += 1
             candidates.append(

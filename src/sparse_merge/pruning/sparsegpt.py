@@ -116,6 +116,8 @@ class SparseGPTPruner(CalibratedPruner):
     blocks: exactly ``round(sparsity * n)`` zeros per layer (``granularity='layer'``, as in the
     paper) or per output row (``'row'``), or an N:M pattern (``nm='2:4'``)."""
 
+    updates_weights = True  # the kept weights change too: pruning is not just a mask
+
     def __init__(
         self,
         n_calibration: int = 128,

@@ -12,15 +12,27 @@ from pathlib import Path
 from typing import Any
 
 
+def _fsync(path: str | Path) -> None:
+    """Flush a file's (or a directory's) data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it over ``path``."""
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it over ``path``;
+    the file and the rename are flushed to the disk (``fsync``) before it returns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        _fsync(tmp)  # the data is on disk before the name points at it
         os.replace(tmp, path)
+        _fsync(path.parent)  # and the rename itself survives a power loss
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
