@@ -123,3 +123,36 @@ def test_wanda_uses_only_n_calibration_sequences(tiny_llama, tokenizer):
         other, Calibration(calib.input_ids[:3], calib.attention_mask[:3]), 0.5
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reference_wanda_uses_norms_pooled_over_the_reference_models(uneven_llama, tokenizer):
+    import copy
+
+    from sparse_merge.pruning.importance import WandaImportance
+    from sparse_merge.pruning.scored import ScorePruner
+
+    calib = make_calib(len(tokenizer))
+    pruner = WandaPruner(n_calibration=8, batch_size=4)
+    # norms of the model itself: the one-pass (dense) Wanda score, exactly
+    reference = pruner.reference([uneven_llama], calib)
+    one_pass = copy.deepcopy(uneven_llama)
+    expected = ScorePruner(WandaImportance(8, 4), "row").prune(one_pass, calib, 0.5)
+    pruned = copy.deepcopy(uneven_llama)
+    masks = reference.prune(pruned, None, 0.5)  # no calibration pass: none needed
+    assert all(torch.equal(masks[k], expected[k]) for k in expected)
+    for layer in prunable_layers(pruned):
+        assert ((layer.weight == 0).sum(1) == layer.weight.shape[1] // 2).all()
+    # two reference models: the squared norms add up over both models' tokens
+    other = copy.deepcopy(uneven_llama)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    both = pruner.reference([uneven_llama, other], calib)
+    name = "model.layers.1.mlp.down_proj"
+    one, two = reference.norms[name], pruner.reference([other], calib).norms[name]
+    assert torch.allclose(both.norms[name], (one**2 + two**2).sqrt(), rtol=1e-5)
+
+
+def test_in_loop_setting_is_checked():
+    with pytest.raises(ConfigError, match="in_loop"):
+        WandaPruner(in_loop="sometimes")

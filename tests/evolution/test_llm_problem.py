@@ -100,3 +100,27 @@ def test_a_model_reported_twice_is_evaluated_once(tiny_llama, tokenizer):
     first = problem.heldout(a)
     assert problem.heldout(a.clone()) == first and len(calls) == 1  # same bytes, same report
     assert problem.heldout(b)["mean"] == 2.0 and len(calls) == 2
+
+
+def test_in_loop_wanda_prunes_with_reference_norms_and_leaves_the_workspace_alone(problem):
+    from sparse_merge.pruning.base import Calibration
+    from sparse_merge.pruning.wanda import WandaPruner
+
+    ids = torch.randint(3, 20, (4, 10), generator=torch.Generator().manual_seed(1))
+    problem.calibration = Calibration(ids, torch.ones_like(ids))
+    problem.pruner = WandaPruner(n_calibration=4, batch_size=2, in_loop="reference")
+    ws = problem.workspace
+    ws.copy_(problem.parents["b"])
+    expected = problem.parents["b"].clone()
+    norms = problem.pruner.reference(
+        (problem._load(g.clone()) for g in problem.initial().values()), problem.calibration
+    )
+    problem._load(expected)
+    norms.prune(problem.model, None, 0.5)
+    expected = problem.workspace.clone()
+    ws.copy_(problem.parents["b"])
+    problem.prune_in_loop_(ws, 0.5)  # first use: norms measured on a and b, then b pruned
+    assert torch.equal(ws, expected)
+    exact = problem.parents["b"].clone()
+    problem.prune_(exact, 0.5)  # full Wanda for reported models
+    assert problem.sparsity(exact) == problem.sparsity(ws) == 0.5

@@ -65,6 +65,7 @@ class LLMProblem:
         self.base, self.include_base = base, bool(include_base)
         self.writes = 0  # counts writes into the workspace (lets a caller keep a build cached)
         self.pruner, self.calibration = pruner, calibration
+        self._in_loop: Pruner | None = None  # the pruner's in-loop form, built on first use
         self._score = score_selection or tasks.score_selection
         self._heldout = evaluate_heldout or tasks.evaluate_heldout
         self._heldout_memo: dict[str, dict[str, float]] = {}
@@ -149,12 +150,28 @@ class LLMProblem:
         zeros = sum(int((genome[a:b] == 0).sum()) for a, b in self._prunable)
         return zeros / max(self._prunable_total, 1)
 
-    def prune_(self, genome: torch.Tensor, target: float) -> None:
+    def prune_(self, genome: torch.Tensor, target: float, pruner: Pruner | None = None) -> None:
         """Prune ``genome`` in place with the run's pruner (no-op without one or at 0)."""
-        if self.pruner is None or target <= 0:
+        pruner = pruner or self.pruner
+        if pruner is None or target <= 0:
             return
         model = self._load(genome)
-        self.pruner.prune(model, self.calibration, target)
+        pruner.prune(model, self.calibration, target)
         self.writes += 1
         if not is_workspace(self, genome):
             genome.copy_(self.space.flat)
+
+    def prune_in_loop_(self, genome: torch.Tensor, target: float) -> None:
+        """Pruning as a mutation inside the search: the run's pruner, or its cheaper in-loop
+        form when it has one (Wanda with ``in_loop='reference'``: input norms measured once,
+        on the initial genomes; built on first use)."""
+        if self.pruner is None or target <= 0:
+            return
+        if getattr(self.pruner, "in_loop", None) == "reference" and self._in_loop is None:
+            keep = self.space.flat.clone() if is_workspace(self, genome) else None
+            # one dense pass per initial genome, each loaded into the live model in turn
+            models = (self._load(g) for g in self.initial().values())
+            self._in_loop = self.pruner.reference(models, self.calibration)
+            if keep is not None:
+                self.space.flat.copy_(keep)
+        self.prune_(genome, target, self._in_loop)

@@ -24,7 +24,9 @@ Scale: the archive lives on the model's device, in host memory or on disk (``arc
 workspace and one scratch buffer, so the device holds two genomes whatever the population.
 Pruning the parents is cached: the keep-mask of a member at a sparsity is remembered (one bit
 per weight, ``prune_cache_mb``) and applied when the same pair comes back, which gives exactly
-what pruning again gives (``evolution.prune_cache``).
+what pruning again gives (``evolution.prune_cache``). Pruning in the loop uses the problem's
+``prune_in_loop_`` when it has one (Wanda's reference norms; ``pruning.wanda``); the final
+pruning of the picks uses ``prune_``, the run's pruner itself.
 """
 
 from __future__ import annotations
@@ -256,7 +258,7 @@ class NaturalNiches:
             )
         evaluations = len(problem.initial()) + self.iterations
         return self._finish(
-            problem, scorer, archive, lineage, run_dir if write else None, target, evaluations, cache
+            problem, scorer, archive, lineage, run_dir if write else None, target, evaluations
         )
 
     def _archive(self, problem: Problem, run_dir: Path | None, write: bool) -> Archive:
@@ -413,10 +415,11 @@ class NaturalNiches:
     ) -> bool:
         """Prune archive member ``ident`` (its copy in ``genome``) to ``sparsity``, through the
         mask cache when there is one; returns whether the cache had it."""
+        prune = getattr(problem, "prune_in_loop_", problem.prune_)
         if cache is None:
-            problem.prune_(genome, sparsity)
+            prune(genome, sparsity)
             return False
-        return cache.prune_(genome, ident, sparsity, problem.prune_)
+        return cache.prune_(genome, ident, sparsity, prune)
 
     # ---- checkpoints -----------------------------------------------------------------------
 
@@ -478,7 +481,6 @@ class NaturalNiches:
         run_dir: Path | None,
         target: float,
         evaluations: int,
-        cache: MaskCache | None = None,
     ) -> EvolutionResult:
         """Picks ``best`` (highest selection mean) and ``sparse`` (the sparsest member within
         ``tolerance`` of it), on the selection split only; members below ``target`` are first
@@ -489,7 +491,7 @@ class NaturalNiches:
             sparsity, pruned = float(archive.sparsity[slot]), False
             if self.final_prune and target > 0 and sparsity < target:
                 genome = genome.clone()
-                self._prune(problem, genome, int(archive.ids[slot]), target, cache)
+                problem.prune_(genome, target)  # the run's pruner itself, not its in-loop form
                 scores, sparsity, pruned = problem.evaluate(genome), problem.sparsity(genome), True
                 evaluations += 1
             candidates.append(

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from sparse_merge.errors import check_positive
 from sparse_merge.models.blocks import prunable_layers
 from sparse_merge.pruning.base import Calibration
-from sparse_merge.pruning.layerwise import record_inputs, require_calibration, take
-from sparse_merge.pruning.wanda import ColumnNorms, wanda_scores
+from sparse_merge.pruning.layerwise import require_calibration, take
+from sparse_merge.pruning.wanda import dense_input_norms, wanda_scores
 
 # layer parameter name (``PrunableLayer.param_name``) -> scores [out, in]
 Scores = dict[str, torch.Tensor]
@@ -182,21 +182,8 @@ class WandaImportance:
     def compute(self, model: nn.Module, calib: Calibration | None) -> Scores:
         """``|W| * ||X_j||`` per prunable layer."""
         calib = take(require_calibration(calib, "wanda importance"), self.n_calibration)
-        layers = prunable_layers(model)
-        stats = {
-            layer.name: ColumnNorms(layer.weight.shape[1], layer.weight.device) for layer in layers
-        }
-        mask: list[torch.Tensor] = []
-        handles = record_inputs(layers, stats, mask)
-        device = next(model.parameters()).device
-        try:
-            for ids, attn in calib.batches(self.batch_size):
-                mask[:] = [attn.bool().to(device)]
-                model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        stats = dense_input_norms(model, calib, self.batch_size)
         return {
             layer.param_name: wanda_scores(layer.weight, stats[layer.name].norms())
-            for layer in layers
+            for layer in prunable_layers(model)
         }
