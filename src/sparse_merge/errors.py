@@ -17,6 +17,17 @@ class ConfigError(ValueError):
         return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.value, self.allowed)
 
 
+class DataError(ValueError):
+    """A data file (or dataset) holds something a task cannot use; ``str()`` is one line:
+    where (``path:line``, or ``path row N`` for CSV, parquet and JSON arrays), what is wrong,
+    and the config key that named the file."""
+
+    def __init__(self, where: str, problem: str, key: str | None = None) -> None:
+        self.where, self.problem, self.key = where, problem, key
+        message = f"{where}: {problem}" + (f" (file from {key})" if key else "")
+        super().__init__(" ".join(message.splitlines()))
+
+
 def check_fraction(key: str, value: float, *, upper_open: bool = True) -> float:
     """Return ``value`` if it lies in [0, 1) (or [0, 1] with ``upper_open=False``)."""
     ok = 0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0

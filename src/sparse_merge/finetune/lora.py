@@ -211,7 +211,9 @@ def _lora_layers(model: nn.Module) -> list[MaskedLoraLinear]:
 class LoraAdapter:
     """LoRA adapters (PEFT) on every ``target_modules`` linear layer; ``mode`` picks dense,
     sparse-to-dense or sparse-to-sparse (see the module docstring). ``A`` is initialised from
-    ``init_seed`` (``B`` starts at zero, so the wrapped model starts equal to the base)."""
+    ``init_seed`` (``B`` starts at zero, so the wrapped model starts equal to the base).
+    ``mask_path``: a saved mask directory used instead of the pipeline's pruner;
+    ``mask_check=False`` applies its masks even when their ``source_hash`` is another model's."""
 
     def __init__(
         self,
@@ -222,6 +224,7 @@ class LoraAdapter:
         target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
         mask_path: str | None = None,
         init_seed: int = 0,
+        mask_check: bool = True,
     ) -> None:
         self.mode = check_choice("mode", mode, MODES)
         self.r = int(check_positive("r", r))
@@ -231,6 +234,7 @@ class LoraAdapter:
             raise ConfigError("target_modules", target_modules, "one or more module names")
         self.target_modules = list(target_modules)
         self.mask_path = mask_path
+        self.mask_check = bool(mask_check)
         self.init_seed = init_seed
         self.name = mode
 

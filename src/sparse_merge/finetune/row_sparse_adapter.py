@@ -90,7 +90,9 @@ def calibration_loss(
 
 
 class RowSparseAdapter:
-    """Row-sparse fine-tuning of the targeted linear layers (see the module docstring)."""
+    """Row-sparse fine-tuning of the targeted linear layers (see the module docstring).
+    ``mask_path``: a saved mask directory used instead of the pipeline's pruner;
+    ``mask_check=False`` applies its masks even when their ``source_hash`` is another model's."""
 
     uses_calibration = True  # the pipeline passes ``calib`` to ``wrap``
 
@@ -111,6 +113,7 @@ class RowSparseAdapter:
         batch_size: int = 8,
         mask_path: str | None = None,
         seed: int = 0,
+        mask_check: bool = True,
     ) -> None:
         self.importance = check_choice("importance", importance, IMPORTANCES)
         if rank is None and lora_rank is None:
@@ -134,6 +137,7 @@ class RowSparseAdapter:
         self.n_batches = int(check_positive("n_batches", n_batches))
         self.batch_size = int(check_positive("batch_size", batch_size))
         self.mask_path = mask_path
+        self.mask_check = bool(mask_check)
         self.seed = int(check_positive("seed", seed, allow_zero=True))
         self.name = f"row_sparse_{self.importance}"
 

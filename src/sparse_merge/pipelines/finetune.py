@@ -25,7 +25,15 @@ from sparse_merge.models.hf import load_causal_lm, load_tokenizer, save_causal_l
 from sparse_merge.models.source import ModelSource
 from sparse_merge.pipelines.masks import describe
 from sparse_merge.pruning.base import Calibration, Masks, Pruner, uses_calibration
-from sparse_merge.pruning.mask_io import MASKS_FILE, apply_masks, load_masks, model_hash, save_masks
+from sparse_merge.pruning.mask_io import (
+    MASKS_FILE,
+    apply_masks,
+    check_mask_source,
+    check_mask_sparsity,
+    load_masks,
+    model_hash,
+    save_masks,
+)
 from sparse_merge.pruning.settings import CalibrationSettings
 from sparse_merge.pruning.sparsity import measure_sparsity
 from sparse_merge.pruning.validate import validate_masks, write_report
@@ -37,13 +45,17 @@ from sparse_merge.tracking.report import format_table
 log = logging.getLogger("sparse_merge")
 
 
-def _masks_from_file(path: str | None) -> tuple[Masks | None, dict]:
-    """Masks and metadata saved by ``save_masks`` (``lora.mask_path``), or (None, {})."""
+def _masks_from_file(path: str | None, sparsity: float) -> tuple[Masks | None, dict]:
+    """Masks and metadata saved by ``save_masks`` (``lora.mask_path``), or (None, {}); masks
+    whose sparsity is not the run's ``sparsity`` are refused (results would report a target
+    the masks do not have)."""
     if not path:
         return None, {}
     if not (Path(path) / MASKS_FILE).exists():
         raise ConfigError("lora.mask_path", path, f"a directory holding {MASKS_FILE}")
-    return load_masks(path)
+    masks, meta = load_masks(path)
+    check_mask_sparsity(masks, meta, sparsity, f"lora.mask_path={path!r}")
+    return masks, meta
 
 
 def _mask_metadata(pruner: Pruner, model: nn.Module, source, start: str, sparsity: float) -> dict:
@@ -86,7 +98,7 @@ def run_finetune(
     began = time.perf_counter()
     trainer = Trainer(settings, hardware, logger, seed, checkpoint_dir=run_dir / "checkpoints")
     main = trainer.is_main_process
-    masks, mask_meta = _masks_from_file(adapter.mask_path)
+    masks, mask_meta = _masks_from_file(adapter.mask_path, sparsity)
     path = _start_model(source, settings.start)
     tokenizer = load_tokenizer(source.tokenizer())
     tasks.prepare()  # data drawn (and checked) before the model loads
@@ -99,6 +111,11 @@ def run_finetune(
     model = load_causal_lm(path, hardware.torch_device, hardware.torch_dtype)
 
     if masks is not None:
+        if adapter.mask_check:  # masks of another model of the same shape pass every other check
+            hint = ", or set lora.mask_check=false to apply them anyway"
+            check_mask_source(
+                mask_meta, model_hash(model), "lora.mask_path", adapter.mask_path, hint
+            )
         apply_masks(model, masks)
     elif pruner is not None:
         mask_meta = _mask_metadata(pruner, model, source, settings.start, sparsity)

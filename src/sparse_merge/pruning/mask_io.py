@@ -16,6 +16,10 @@ half a mask set behind.
 
 Files written before packing (no ``mask_format`` key) hold one bool tensor per weight, in the
 weight's own shape; ``load_masks`` reads both and returns the same bool masks.
+
+Before masks from a file are used, ``check_mask_sparsity`` and ``check_mask_source`` compare
+them with the run: their overall sparsity with the run's ``sparsity``, their metadata
+``source_hash`` with the ``model_hash`` of the model they are applied to.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from sparse_merge.errors import ConfigError
 from sparse_merge.pruning.base import Masks
+from sparse_merge.pruning.stats import overall_sparsity
 from sparse_merge.tracking.io import write_atomic_dir
 
 MASKS_FILE = "masks.safetensors"
@@ -178,3 +184,44 @@ def apply_masks(model: nn.Module, masks: Masks) -> None:
         if tuple(keep.shape) != tuple(p.shape):
             raise ValueError(f"mask {name} has shape {tuple(keep.shape)}, weight {tuple(p.shape)}")
         p.masked_fill_(~keep.to(device=p.device, dtype=torch.bool), 0.0)
+
+
+def check_mask_sparsity(
+    masks: Masks, metadata: Mapping[str, Any], sparsity: float, source: str, tolerance: float = 0.01
+) -> None:
+    """Raise ``ConfigError`` (key ``sparsity``) unless the masks' overall sparsity is within
+    ``tolerance`` of ``sparsity``: results would report a target the masks do not have.
+    ``source`` says where the masks came from (``lora.mask_path=...``)."""
+    measured = overall_sparsity(masks)
+    if abs(measured - sparsity) <= tolerance:
+        return
+    saved = metadata.get("sparsity")
+    matches = isinstance(saved, int | float) and abs(saved - measured) <= tolerance
+    suggest = saved if matches else round(measured, 4)
+    raise ConfigError(
+        "sparsity",
+        sparsity,
+        f"{source} holds masks of sparsity {measured:.4f}"
+        + (f" (saved with sparsity={saved})" if saved is not None else "")
+        + f"; set sparsity={suggest} to use them, or give masks of sparsity {sparsity}",
+    )
+
+
+def check_mask_source(
+    metadata: Mapping[str, Any], loaded_hash: str, key: str, path: Any, hint: str = ""
+) -> None:
+    """Raise ``ConfigError`` (``key``, ``path``) when the masks' metadata ``source_hash`` is not
+    ``loaded_hash`` (``model_hash`` of the model they are about to mask): masks of another model
+    of the same shape would pass every shape check. Masks without a ``source_hash`` pass.
+    ``hint`` is appended to the message (how to override)."""
+    recorded = metadata.get("source_hash")
+    if recorded is None or recorded == loaded_hash:
+        return
+    origin = f" of {metadata['model']!r}" if metadata.get("model") else ""
+    raise ConfigError(
+        key,
+        path,
+        f"masks{origin} computed from weights with source_hash {recorded!r}, but the loaded "
+        f"model has hash {loaded_hash!r} (the hash covers weights and dtype); use masks "
+        f"computed from this model{hint}",
+    )

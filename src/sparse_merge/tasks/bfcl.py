@@ -26,9 +26,15 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from sparse_merge.errors import ConfigError, check_choice, check_positive
+from sparse_merge.errors import ConfigError, DataError, check_choice, check_positive
 from sparse_merge.tasks.base import Example
-from sparse_merge.tasks.data import DatasetBenchmark, Row, check_data_files, load_split
+from sparse_merge.tasks.data import (
+    DatasetBenchmark,
+    Row,
+    check_data_files,
+    load_split,
+    require_fields,
+)
 from sparse_merge.tasks.generation import (
     CHAT_MODES,
     GenerationTask,
@@ -50,6 +56,8 @@ SYSTEM = (
     "{functions}\n"
 )
 Call = tuple[str, dict[str, Any]]
+QUESTION_FIELDS = ("id", "question", "function")
+ANSWER_FIELDS = ("id", "ground_truth")
 
 
 def messages(row: Row) -> list[dict[str, str]]:
@@ -259,17 +267,31 @@ class BFCL(DatasetBenchmark):
             batch_size,
         )
 
+    def check_question(self, row: Row) -> None:
+        """A question row: ``id``, the user turn(s) and the function schemas."""
+        require_fields(row, QUESTION_FIELDS, "each bfcl question")
+        messages(row)
+        functions(row)
+
+    def check_answer(self, row: Row) -> None:
+        """A possible-answer row: ``id`` and ``ground_truth``."""
+        require_fields(row, ANSWER_FIELDS, "each bfcl possible answer")
+
     def rows(self, split: str) -> list[Row]:
         """Questions joined with their possible answers by ``id`` (one pool for every split)."""
         if "all" not in self._rows:
-            questions = load_split("all", self.files[0], key="bfcl.questions")
-            answers = {
-                a["id"]: a["ground_truth"]
-                for a in load_split("all", self.files[1], key="bfcl.answers")
-            }
+            questions = load_split(
+                "all", self.files[0], key="bfcl.questions", check=self.check_question
+            )
+            answer_rows = load_split(
+                "all", self.files[1], key="bfcl.answers", check=self.check_answer
+            )
+            answers = {a["id"]: a["ground_truth"] for a in answer_rows}
             missing = [q["id"] for q in questions if q["id"] not in answers]
             if missing:
-                raise ValueError(f"bfcl: no possible answer for {missing[:5]} in {self.files[1]}")
+                raise DataError(
+                    str(self.files[1]), f"no possible answer for ids {missing[:5]}", "bfcl.answers"
+                )
             gt = lambda g: [g] if isinstance(g, dict) else list(g)  # noqa: E731 - v1 single dict
             self._rows["all"] = [{**q, "ground_truth": gt(answers[q["id"]])} for q in questions]
         return self._rows["all"]

@@ -32,6 +32,7 @@ class BoolQ(ChoiceBenchmark):
     name = "boolq"
     hub_path = "google/boolq"
     hub_name = None
+    fields = ("question", "passage", "answer|label")
     default_length_norm = "none"
 
     def key(self, row: Row) -> str:

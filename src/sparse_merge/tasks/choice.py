@@ -169,6 +169,16 @@ class ChoiceBenchmark(DatasetBenchmark):
         """The context, the options and the index of the right one."""
         raise NotImplementedError
 
+    def check_row(self, row: Row) -> None:
+        """The row makes a ``Choice`` whose label is one of its options."""
+        super().check_row(row)
+        item = self.choice(row)
+        if not 0 <= item.label < len(item.options):
+            raise ValueError(
+                f"field 'label' gives option {item.label}, the row has options "
+                f"0..{len(item.options) - 1}"
+            )
+
     def make_task(self, name: str, rows: list[Row]) -> MultipleChoiceTask:
         """One ``Choice`` per row, scored by log-likelihood."""
         return MultipleChoiceTask(

@@ -13,6 +13,11 @@ Local files are read directly (``.json`` holding a list of rows, a ``{"data": [.
 or JSON lines; ``.jsonl``; ``.parquet``; ``.csv``; ``.txt`` as one ``{"text": ...}`` row). ``hf://`` and ``http(s)://`` paths go
 through ``datasets.load_dataset``.
 
+Every row is checked when it loads (``DatasetBenchmark.check_row``: the fields the benchmark
+needs, and their values), so a bad file fails before any model loads, with a ``DataError`` of
+one line naming the file, the line (``path:line`` in JSON lines; ``path row N`` in CSV, parquet
+and JSON arrays), what is wrong and the config key that named the file.
+
 Subsets: the held-out rows are drawn first from ``data_seed`` alone (the same across runs, so
 reported numbers compare), the selection rows next from ``(data_seed, selection_seed)`` among
 the rows not held out; training and few-shot rows come from what is left. Rows are told apart by
@@ -27,10 +32,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sparse_merge.errors import ConfigError, check_positive
+from sparse_merge.errors import ConfigError, DataError, check_positive
 from sparse_merge.tasks.base import Example, Task
 
 Row = dict[str, Any]
+Located = list[tuple[str, Row]]  # (where, row): where is "path:line" or "path row N"
 DataFiles = str | Sequence[str] | Mapping[str, str | Sequence[str]] | None
 SUFFIXES = {
     ".json": "json",
@@ -61,29 +67,116 @@ def check_data_files(key: str, data_files: DataFiles) -> None:
                 raise ConfigError(key, str(f), "an existing file")
 
 
-def read_rows(path: str | Path) -> list[Row]:
-    """Rows of one local file (format from its suffix)."""
+def _object(where: str, value: Any) -> Row:
+    if not isinstance(value, dict):
+        raise DataError(where, f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _json_error(where: str, exc: json.JSONDecodeError) -> DataError:
+    return DataError(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
+
+
+def _json_lines(path: Path, text: str) -> Located:
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):  # JSON lines end at "\n" only
+        if line.strip():
+            where = f"{path}:{n}"
+            try:
+                rows.append((where, _object(where, json.loads(line))))
+            except json.JSONDecodeError as exc:
+                raise _json_error(where, exc) from None
+    return rows
+
+
+def read_located(path: str | Path) -> Located:
+    """Rows of one local file (format from its suffix), each with where it is in the file."""
     path = Path(path).expanduser()
-    if path.suffix == ".parquet":
+    if path.suffix in (".parquet", ".csv"):
         import pandas as pd
 
-        return pd.read_parquet(path).to_dict(orient="records")
-    if path.suffix == ".csv":
-        import pandas as pd
-
-        return pd.read_csv(path).to_dict(orient="records")
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        records = frame.to_dict(orient="records")
+        return [(f"{path} row {i}", row) for i, row in enumerate(records, 1)]
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".txt":  # the whole file as one row
-        return [{"text": text}]
+        return [(str(path), {"text": text})]
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:  # JSON lines (also what BFCL ships as ``.json``)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        first = next((line for line in text.split("\n") if line.strip()), "")
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:
+            if path.suffix == ".json":  # one document over several lines: its own error line
+                raise _json_error(f"{path}:{exc.lineno}", exc) from None
+        return _json_lines(path, text)  # JSON lines (also what BFCL ships as ``.json``)
     if isinstance(data, dict) and isinstance(data.get("data"), list):
-        return data["data"]
-    if isinstance(data, dict):  # a single row
-        return [data]
-    return list(data)
+        data = data["data"]
+    elif isinstance(data, dict):  # a single row
+        return [(str(path), data)]
+    if not isinstance(data, list):
+        raise DataError(
+            str(path),
+            f'expected a JSON object, a list of objects or {{"data": [...]}}, got '
+            f"{type(data).__name__}",
+        )
+    return [(f"{path} row {i}", _object(f"{path} row {i}", r)) for i, r in enumerate(data, 1)]
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    """Rows of one local file (format from its suffix)."""
+    return [row for _, row in read_located(path)]
+
+
+def missing_field(name: str, row: Row, expected: Sequence[str] = (), what: str = "each row") -> str:
+    """What to say about a row without field ``name`` (``"a|b"``: either)."""
+    names = " or ".join(repr(n) for n in name.split("|"))
+    needs = f"; {what} needs {', '.join(expected)}" if expected else ""
+    return f"no field {names}{needs} (it has {', '.join(map(str, row)) or 'no fields'})"
+
+
+def require_fields(row: Row, fields: Sequence[str], what: str = "each row") -> None:
+    """Raise ``ValueError`` naming the first of ``fields`` (``"a|b"``: either) ``row`` lacks."""
+    for field in fields:
+        if not any(name in row for name in field.split("|")):
+            raise ValueError(missing_field(field, row, fields, what))
+
+
+def require_string(row: Row, field: str) -> str:
+    """``row[field]`` if it is a string, else ``ValueError`` naming the field and its type."""
+    value = row[field]
+    if not isinstance(value, str):
+        raise ValueError(f"field {field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def require_strings(row: Row, field: str) -> list[str]:
+    """``row[field]`` as a list of strings (a JSON list, or the array parquet gives); a lone
+    string is refused, not split into characters."""
+    value = row[field]
+    if isinstance(value, str | bytes | Mapping) or not hasattr(value, "__iter__"):
+        raise ValueError(f"field {field!r} must be a list of strings, got {type(value).__name__}")
+    items = list(value)
+    bad = [type(x).__name__ for x in items if not isinstance(x, str)]
+    if bad:
+        raise ValueError(f"field {field!r} must be a list of strings, it holds a {bad[0]}")
+    return items
+
+
+def _checked(located: Located, check: Callable[[Row], None] | None, key: str) -> list[Row]:
+    """The rows, after ``check`` passed on each; the first failure as a ``DataError``."""
+    if check is not None:
+        for where, row in located:
+            try:
+                check(row)
+            except KeyError as exc:
+                raise DataError(where, missing_field(str(exc.args[0]), row), key) from exc
+            except ValueError as exc:
+                raise DataError(where, str(exc), key) from exc
+            except (TypeError, AttributeError, IndexError) as exc:
+                raise DataError(where, f"{type(exc).__name__}: {exc}", key) from exc
+    return [row for _, row in located]
 
 
 def _load_remote(files: list[str]) -> list[Row]:
@@ -99,20 +192,25 @@ def load_split(
     hub_path: str | None = None,
     hub_name: str | None = None,
     key: str = "data_files",
+    check: Callable[[Row], None] | None = None,
 ) -> list[Row]:
-    """The rows of ``split``: from ``data_files`` when given, else from the hub."""
+    """The rows of ``split``: from ``data_files`` when given, else from the hub. ``check`` is
+    called on every row; what it raises (``ValueError``, or ``KeyError`` for a missing field)
+    comes out as a ``DataError`` naming the row's file and line."""
     if data_files is None:
         if hub_path is None:
             raise ConfigError(key, None, "local files: this benchmark has no hub dataset")
         from datasets import load_dataset
 
         try:
-            return list(load_dataset(hub_path, hub_name, split=split))
+            rows = list(load_dataset(hub_path, hub_name, split=split))
         except Exception as exc:  # offline, unknown split, gated dataset...
             raise RuntimeError(
                 f"could not load split {split!r} of {hub_path!r} ({hub_name}) from the hub: "
                 f"{type(exc).__name__}: {exc}. Without a network, set {key} to local files."
             ) from exc
+        where = f"{hub_path} ({hub_name}) split {split!r}"
+        return _checked([(f"{where} row {i}", r) for i, r in enumerate(rows, 1)], check, key)
     if isinstance(data_files, Mapping):
         if split not in data_files:
             raise ConfigError(key, dict(data_files), f"a file for split {split!r}")
@@ -120,8 +218,14 @@ def load_split(
     else:
         files = _as_list(data_files)
     if any(f.startswith(REMOTE) for f in files):
-        return _load_remote(files)
-    return [row for f in files for row in read_rows(f)]
+        where = " + ".join(files)
+        located = [(f"{where} row {i}", r) for i, r in enumerate(_load_remote(files), 1)]
+        return _checked(located, check, key)
+    try:
+        located = [item for f in files for item in read_located(f)]
+    except DataError as exc:
+        raise DataError(exc.where, exc.problem, key) from None
+    return _checked(located, check, key)
 
 
 def choose(
@@ -156,6 +260,7 @@ class DatasetBenchmark:
     name = "dataset"
     hub_path: str | None = None
     hub_name: str | None = None
+    fields: tuple[str, ...] = ()  # what every row needs ("a|b": either), checked on load
 
     def __init__(
         self,
@@ -185,6 +290,11 @@ class DatasetBenchmark:
         self._subsets: dict[str, list[Row]] | None = None
         self._tasks: dict[str, Task] = {}
 
+    def check_row(self, row: Row) -> None:
+        """Raise ``ValueError`` (``KeyError`` for a missing field) when ``row`` cannot be used;
+        runs on every row as it loads. Subclasses check values after ``super().check_row``."""
+        require_fields(row, self.fields, f"each {self.name} row")
+
     # subclasses define these
     def key(self, row: Row) -> str:
         """What makes two rows the same datapoint (the question text)."""
@@ -202,7 +312,12 @@ class DatasetBenchmark:
         """All rows of ``split`` (loaded once)."""
         if split not in self._rows:
             self._rows[split] = load_split(
-                split, self.data_files, self.hub_path, self.hub_name, key=f"{self.name}.data_files"
+                split,
+                self.data_files,
+                self.hub_path,
+                self.hub_name,
+                key=f"{self.name}.data_files",
+                check=self.check_row,
             )
         return self._rows[split]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from sparse_merge.errors import check_choice, check_positive
 from sparse_merge.tasks.base import Example
-from sparse_merge.tasks.data import DatasetBenchmark, Row
+from sparse_merge.tasks.data import DatasetBenchmark, Row, require_string
 from sparse_merge.tasks.generation import (
     CHAT_MODES,
     FewShotTask,
@@ -46,10 +46,17 @@ def extract_answer(completion: str) -> Decimal | None:
 
 
 def gold_answer(row: Row) -> Decimal:
-    """The reference number of a row (after ``####``)."""
-    value = extract_answer("#### " + row["answer"].split("####")[-1].strip())
+    """The reference number of a row (after ``####``); ``ValueError`` when there is none (the
+    last number of the solution is not taken instead)."""
+    answer = row["answer"]
+    start = answer.rfind("####")
+    final = FINAL.match(answer, start) if start >= 0 else None
+    value = normalize_number(final.group(1)) if final else None
     if value is None:
-        raise ValueError(f"GSM8K row without a final '#### <number>': {row['answer'][-80:]!r}")
+        raise ValueError(
+            f"field 'answer' has no final '#### <number>' (it ends {answer[-60:]!r}); "
+            "a GSM8K answer is a worked solution ending in '#### <number>'"
+        )
     return value
 
 
@@ -101,6 +108,7 @@ class GSM8K(DatasetBenchmark):
     name = "gsm8k"
     hub_path = "openai/gsm8k"
     hub_name = "main"
+    fields = ("question", "answer")
 
     def __init__(
         self,
@@ -117,6 +125,13 @@ class GSM8K(DatasetBenchmark):
         super().__init__(**split_options)
         self.num_fewshot, self.chat_template = num_fewshot, chat_template
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def check_row(self, row: Row) -> None:
+        """``question`` and ``answer`` strings, the answer ending in ``#### <number>``."""
+        super().check_row(row)
+        require_string(row, "question")
+        require_string(row, "answer")
+        gold_answer(row)
 
     def key(self, row: Row) -> str:
         """The question text."""

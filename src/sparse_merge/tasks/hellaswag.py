@@ -38,6 +38,7 @@ class HellaSwag(ChoiceBenchmark):
     name = "hellaswag"
     hub_path = "Rowan/hellaswag"
     hub_name = None
+    fields = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
     default_length_norm = "char"
 
     def key(self, row: Row) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 from sparse_merge.errors import check_choice, check_positive
 from sparse_merge.tasks.base import Example
-from sparse_merge.tasks.data import DatasetBenchmark, Row
+from sparse_merge.tasks.data import DatasetBenchmark, Row, require_string, require_strings
 from sparse_merge.tasks.generation import (
     CHAT_MODES,
     FewShotTask,
@@ -115,6 +115,7 @@ class MBPP(DatasetBenchmark):
     name = "mbpp"
     hub_path = "google-research-datasets/mbpp"
     hub_name = "full"
+    fields = ("text|prompt", "code", "test_list")
 
     def __init__(
         self,
@@ -143,6 +144,15 @@ class MBPP(DatasetBenchmark):
         self.sandbox = Sandbox(
             timeout_s=timeout_s, memory_mb=memory_mb, workers=workers, isolation=isolation
         )
+
+    def check_row(self, row: Row) -> None:
+        """A description, ``code`` as a string, ``test_list`` (and ``test_imports`` when given)
+        as lists of strings: a string there would become one assert per character."""
+        super().check_row(row)
+        require_string(row, "code")
+        require_strings(row, "test_list")
+        if row.get("test_imports") is not None:
+            require_strings(row, "test_imports")
 
     def key(self, row: Row) -> str:
         """The task description and its asserts."""
