@@ -472,6 +472,14 @@ class NaturalNiches:
 
     # ---- the end ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _final_genome(problem: Problem, archive: Archive, slot: int, target: float) -> torch.Tensor:
+        """A copy of member ``slot`` pruned to ``target`` with the run's pruner itself (not its
+        in-loop form)."""
+        genome = archive.genomes[slot].clone()
+        problem.prune_(genome, target)
+        return genome
+
     def _finish(
         self,
         problem: Problem,
@@ -484,26 +492,37 @@ class NaturalNiches:
     ) -> EvolutionResult:
         """Picks ``best`` (highest selection mean) and ``sparse`` (the sparsest member within
         ``tolerance`` of it), on the selection split only; members below ``target`` are first
-        pruned to it and re-scored when ``final_prune``. Writes ``lineage.json``."""
-        candidates = []
+        pruned to it and re-scored when ``final_prune``. Writes ``lineage.json``.
+
+        Members are pruned and scored one at a time and only their scores are kept; the two
+        picks are pruned again at the end (pruning is deterministic), so the memory this
+        takes is two genomes whatever the population."""
+        candidates = []  # (slot, scores, sparsity, pruned)
         for slot in archive.occupied():
-            genome, scores = archive.genomes[slot], archive.scores[slot]
-            sparsity, pruned = float(archive.sparsity[slot]), False
+            scores, sparsity, pruned = archive.scores[slot], float(archive.sparsity[slot]), False
             if self.final_prune and target > 0 and sparsity < target:
-                genome = genome.clone()
-                problem.prune_(genome, target)  # the run's pruner itself, not its in-loop form
+                genome = self._final_genome(problem, archive, slot, target)
                 scores, sparsity, pruned = problem.evaluate(genome), problem.sparsity(genome), True
                 evaluations += 1
-            candidates.append(
-                (slot, Pick(genome, scores, sparsity, int(archive.ids[slot]), pruned))
-            )
+                del genome
+            candidates.append((slot, scores, sparsity, pruned))
+
+        def mean(c) -> float:
+            return float(c[1].double().mean())
+
         # highest selection mean; ties go to the sparser, then to the lower slot
-        best_slot, best = max(candidates, key=lambda c: (c[1].selection_mean, c[1].sparsity, -c[0]))
-        close = [
-            c for c in candidates if c[1].selection_mean >= best.selection_mean - self.tolerance
-        ]
-        _, sparse = max(close, key=lambda c: (c[1].sparsity, c[1].selection_mean, -c[0]))
+        best = max(candidates, key=lambda c: (mean(c), c[2], -c[0]))
+        close = [c for c in candidates if mean(c) >= mean(best) - self.tolerance]
+        sparse = max(close, key=lambda c: (c[2], mean(c), -c[0]))
         if run_dir is not None:
             write_json(run_dir / "lineage.json", {str(k): v for k, v in sorted(lineage.items())})
-        picks = {"best": best.detached(), "sparse": sparse.detached()}
+        picks = {}
+        for name, (slot, scores, sparsity, pruned) in (("best", best), ("sparse", sparse)):
+            if picks and slot == best[0]:
+                genome = picks["best"].genome.clone()
+            elif pruned:
+                genome = self._final_genome(problem, archive, slot, target)
+            else:
+                genome = archive.genomes[slot].clone()
+            picks[name] = Pick(genome, scores.clone(), sparsity, int(archive.ids[slot]), pruned)
         return EvolutionResult(picks, evaluations, archive, lineage)

@@ -24,6 +24,7 @@ from sparse_merge.errors import ConfigError
 from sparse_merge.evolution.baselines import Baselines
 from sparse_merge.evolution.distributed import ShardedScorer
 from sparse_merge.evolution.llm import LLMProblem
+from sparse_merge.evolution.memory import plan_merge
 from sparse_merge.evolution.problem import EvolutionResult
 from sparse_merge.evolution.scoring import SparsityAwareScorer
 from sparse_merge.evolution.search import WeightSearch
@@ -89,6 +90,15 @@ def archive_rows(problem, result: EvolutionResult, scorer: SparsityAwareScorer) 
     return rows
 
 
+def _has_base(source: ModelSource) -> bool:
+    """Whether the source names a base model (``_load_base`` then loads it)."""
+    try:
+        source.base()
+    except ConfigError:
+        return False
+    return True
+
+
 def _load_base(source: ModelSource, space: ParamSpace, required: str | None) -> torch.Tensor | None:
     """The base genome, or None when the source has none and nothing requires it."""
     try:
@@ -148,6 +158,26 @@ def run_merge(
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     main = sharded is None or sharded.is_main
+    # what each device will hold, from the config alone: refuse what cannot fit, before loading
+    plan = plan_merge(
+        first,
+        evolver,
+        pruner,
+        tasks,
+        tokenizer,
+        device=device,
+        dtype=hardware.torch_dtype,
+        n_parents=len(paths),
+        base=_has_base(source),
+        target=sparsity if pruner is not None else 0.0,
+        calibration=calibration or CalibrationSettings(),
+        run_dir=run_dir,
+        write=main,
+        weights=isinstance(search, WeightSearch),
+        save_models=save_models,
+    )
+    log.info("%s", plan.format())
+    plan.check()
     model = load_causal_lm(first, device, hardware.torch_dtype)
     space = ParamSpace(model)
     parents = {name: load_genome(space, path).to(space.flat.device) for name, path in paths.items()}

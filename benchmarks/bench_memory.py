@@ -1,0 +1,191 @@
+"""Memory plan against measurement: predicted host peak (``evolution.memory.plan_evolution``)
+vs the peak RSS of a real Natural Niches run, per model, population and archive storage.
+
+Each configuration runs in a fresh subprocess, so its peak RSS (``ru_maxrss``) is its own: the
+subprocess imports torch and transformers, measures its idle RSS (the baseline), then builds
+the model from its config with random bfloat16 weights on the CPU, two random parents, and runs
+2 steps of Natural Niches (magnitude pruning of the parents at 50 %, each child scored by one
+forward pass of 2 sequences of 16 tokens through the real model, the archive where the row
+says, a checkpoint at the end). ``measured`` is peak RSS minus the baseline; ``error`` is
+(predicted - measured) / measured. A configuration the plan says does not fit in this
+machine's free memory is not run: it is listed as skipped by the plan (which is the feature).
+
+``python benchmarks/run.py memory``; one configuration: ``python benchmarks/bench_memory.py
+--one smollm2-135m 8 disk``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ARCHIVES = ("device", "cpu", "disk")
+# every population and storage on SmolLM2-135M; on Qwen2-0.5B (1 to 2 min a run on 2 cores)
+# fewer, up to the largest population, where only the disk archive fits a 24 GB machine
+CONFIGS = [
+    *(("smollm2-135m", pop, archive) for pop in (4, 8, 16) for archive in ARCHIVES),
+    ("qwen2-0.5b", 4, "device"),
+    ("qwen2-0.5b", 4, "disk"),
+    ("qwen2-0.5b", 8, "device"),
+    *(("qwen2-0.5b", 16, archive) for archive in ARCHIVES),
+]
+STEPS = 2
+BATCH, LENGTH = 2, 16  # sequences and tokens of the one forward pass that scores a child
+TARGET = 0.5
+TIMEOUT_S = 480
+
+
+def _plan(name: str, pop: int, archive: str, run_dir: str):
+    import torch
+
+    from sparse_merge.evolution.memory import ModelShape, plan_evolution
+    from sparse_merge.models.configs import load_config
+    from sparse_merge.pruning.magnitude import MagnitudePruner
+
+    return plan_evolution(
+        ModelShape.from_config(load_config(name)),
+        dtype=torch.bfloat16,
+        device="cpu",
+        pop_size=pop,
+        archive=archive,
+        n_initial=2,
+        pruner=MagnitudePruner(),
+        target=TARGET,
+        prune_target="parents",
+        final_prune=True,
+        iterations=STEPS,
+        eval_batch=BATCH,
+        eval_length=LENGTH,
+        full_logits=True,
+        prune_cache_mb=1024,  # the evolver's default
+        prune_sparsities=1,  # a constant schedule
+        checkpoint_every=10,
+        run_dir=run_dir,
+    )
+
+
+def _rss() -> int:
+    """Resident bytes of this process now."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def measure(name: str, pop: int, archive: str, run_dir: str) -> dict:
+    """Run one configuration in this process; returns baseline and peak RSS (bytes)."""
+    import gc
+    import resource
+
+    import torch
+    import transformers  # noqa: F401  (part of the idle baseline)
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM  # noqa: F401
+
+    from sparse_merge.evolution.llm import LLMProblem
+    from sparse_merge.evolution.natural_niches import NaturalNiches
+    from sparse_merge.evolution.schedules import ConstantSchedule
+    from sparse_merge.evolution.scoring import SparsityAwareScorer
+    from sparse_merge.models.configs import load_config
+    from sparse_merge.models.paramspace import ParamSpace
+    from sparse_merge.models.tokenizer import char_tokenizer
+    from sparse_merge.pruning.magnitude import MagnitudePruner
+    from sparse_merge.tasks.suite import TaskSuite
+    from sparse_merge.tasks.toy import AdditionTask
+
+    torch.set_num_threads(2)
+    config = load_config(name)
+    tokenizer = char_tokenizer()
+    tasks = TaskSuite({"addition": AdditionTask(1, 1, n_select=BATCH, n_heldout=0)})
+    gc.collect()
+    baseline = _rss()
+    start = time.perf_counter()
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    space = ParamSpace(model)
+    g = torch.Generator().manual_seed(1)
+    other = torch.empty_like(space.flat)  # [P] a second random model, drawn in chunks
+    for s in range(0, other.numel(), 1 << 24):
+        other[s : s + (1 << 24)].normal_(0.0, 0.02, generator=g)
+    parents = {"a": space.genome(), "b": other}
+    ids = torch.randint(0, config.vocab_size, (BATCH, LENGTH), generator=g)
+
+    @torch.inference_mode()
+    def score(model, _tokenizer) -> torch.Tensor:  # [BATCH] mean log-prob of the next tokens
+        logits = model(input_ids=ids).logits  # [B, T, V]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].mean(-1)
+
+    problem = LLMProblem(space, tokenizer, parents, tasks, MagnitudePruner(), score_selection=score)
+    engine = NaturalNiches(
+        pop_size=pop,
+        iterations=STEPS,
+        schedule=ConstantSchedule(),
+        checkpoint_every=10,
+        archive=archive,
+    )
+    engine.evolve(problem, SparsityAwareScorer(), seed=0, target=TARGET, run_dir=run_dir)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"baseline": baseline, "peak": peak, "seconds": time.perf_counter() - start}
+
+
+def _run_one(name: str, pop: int, archive: str, run_dir: str) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, __file__, "--one", name, str(pop), archive, run_dir]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr else "failed")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run() -> list[dict]:
+    """Rows of the benchmark table: predicted vs measured host peak per configuration."""
+    from sparse_merge.errors import ConfigError
+    from sparse_merge.evolution.memory import host_available
+
+    gib = 2**30
+    rows = []
+    for name, pop, archive in CONFIGS:
+        row = {"model": name, "pop": pop, "archive": archive}
+        with tempfile.TemporaryDirectory() as tmp:
+            plan = _plan(name, pop, archive, tmp)
+            predicted, moment = plan.peak("host")
+            row["predicted GiB"] = predicted / gib
+            row["peak at"] = moment
+            try:
+                plan.check({"host": host_available()})
+            except ConfigError as exc:
+                row["note"] = "skipped by the plan: " + exc.allowed.split(",")[0]
+                rows.append(row)
+                continue
+            try:
+                got = _run_one(name, pop, archive, tmp)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                row["note"] = f"failed: {str(exc)[:100]}"
+                rows.append(row)
+                continue
+        measured = got["peak"] - got["baseline"]
+        row["measured GiB"] = measured / gib
+        row["error %"] = 100.0 * (predicted - measured) / measured
+        row["baseline GiB"] = got["baseline"] / gib
+        row["seconds"] = got["seconds"]
+        rows.append(row)
+        print(row, flush=True)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return [{c: r.get(c, "") for c in columns} for r in rows]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "--one":
+        name, pop, archive = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = measure(name, pop, archive, sys.argv[5] if len(sys.argv) == 6 else tmp)
+        out["predicted"] = _plan(name, pop, archive, tmp).peak("host")[0]
+        print(json.dumps(out))
+    else:
+        sys.exit(__doc__)
