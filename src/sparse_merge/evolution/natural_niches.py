@@ -337,15 +337,22 @@ class NaturalNiches:
         prune_s = stage_s = 0.0
         hits = 0
         if scratch is not None and (prune_parents or archive.storage != "device"):
-            # the parents go to the device buffers: the first to scratch, pruned first (pruning
-            # may use the workspace as scratch), then the second to the workspace
+            # the parents go to the device buffers, the first to scratch and the second to the
+            # workspace; a parent is pruned where the model sees it (the workspace), so the
+            # first is pruned there and then copied to scratch (one copy, not two), unless the
+            # mask cache has it
             for slot, buf in ((p1, scratch), (p2, ws)):
+                ident = int(archive.ids[slot])
+                cached = cache is not None and cache.has(ident, sparsity)
+                into = ws if prune_parents and not cached else buf
                 t = time.perf_counter()
-                archive.read_into(slot, buf)
+                archive.read_into(slot, into)
                 stage_s += time.perf_counter() - t
                 if prune_parents:
                     t = time.perf_counter()
-                    hits += self._prune(problem, buf, int(archive.ids[slot]), sparsity, cache)
+                    hits += self._prune(problem, into, ident, sparsity, cache)
+                    if into is not buf:
+                        buf.copy_(into)
                     prune_s += time.perf_counter() - t
             a, b = scratch, ws
         else:

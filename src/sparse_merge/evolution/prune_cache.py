@@ -59,6 +59,10 @@ class MaskCache:
     def __len__(self) -> int:
         return len(self._masks)
 
+    def has(self, ident: int, sparsity: float) -> bool:
+        """Whether the mask of ``ident`` at ``sparsity`` is held."""
+        return (int(ident), float(sparsity)) in self._masks
+
     def prune_(self, genome: torch.Tensor, ident: int, sparsity: float, prune) -> bool:
         """Prune ``genome`` (archive member ``ident``) to ``sparsity``: from the cache when
         it holds that mask, else with ``prune(genome, sparsity)``, remembering the result.
