@@ -128,6 +128,7 @@ class MBPP(DatasetBenchmark):
         memory_mb: int = 1024,
         workers: int = 4,
         isolation: str = "auto",
+        kernel_guards: bool = True,
         **split_options: Any,
     ) -> None:
         check_positive("num_fewshot", num_fewshot, allow_zero=True)
@@ -142,7 +143,11 @@ class MBPP(DatasetBenchmark):
             batch_size,
         )
         self.sandbox = Sandbox(
-            timeout_s=timeout_s, memory_mb=memory_mb, workers=workers, isolation=isolation
+            timeout_s=timeout_s,
+            memory_mb=memory_mb,
+            workers=workers,
+            isolation=isolation,
+            kernel_guards=kernel_guards,
         )
 
     def check_row(self, row: Row) -> None:
