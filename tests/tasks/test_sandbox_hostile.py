@@ -371,6 +371,11 @@ def test_hostile_program_is_contained(sandboxes, scene, config, name):
     box = sandboxes(config)
     if box is None:
         pytest.skip(f"{config}: this machine does not allow unprivileged namespaces")
+    unconfined = config.split("-")[0] + "-unconfined"
+    if (unconfined, name) in ESCAPES and config not in SLOW_CONFIGS:
+        guards = set(evaluate(box, [NORMAL])[0].guards)
+        if not {"landlock", "seccomp"} <= guards:  # a kernel without them: documented escape
+            pytest.skip(f"{config}: this kernel gives only {sorted(guards)}; {ESCAPES[unconfined, name]}")
     start = time.perf_counter()
     hostile, normal = evaluate(box, [hostile_program(name, scene), NORMAL])
     assert time.perf_counter() - start < 15
