@@ -30,7 +30,6 @@ from omegaconf import OmegaConf
 from sparse_merge.evolution.archive import Archive
 from sparse_merge.evolution.llm import LLMProblem
 from sparse_merge.evolution.natural_niches import NaturalNiches
-from sparse_merge.evolution.scoring import SparsityAwareScorer
 from sparse_merge.models.hf import load_causal_lm, load_genome, load_tokenizer
 from sparse_merge.models.paramspace import ParamSpace
 from sparse_merge.pruning.base import Calibration, uses_calibration
@@ -55,7 +54,9 @@ def _problem(model_cfg, task_cfg, pruner_cfg, calibration: CalibrationSettings) 
     space = ParamSpace(load_causal_lm(next(iter(paths.values()))))
     parents = {n: load_genome(space, p) for n, p in paths.items()}
     pruner = instantiate(pruner_cfg)
-    calib = Calibration.from_settings(tok, tasks, calibration, 0) if uses_calibration(pruner) else None
+    calib = (
+        Calibration.from_settings(tok, tasks, calibration, 0) if uses_calibration(pruner) else None
+    )
     return LLMProblem(space, tok, parents, tasks, pruner, calib)
 
 
@@ -115,6 +116,7 @@ def _agreement(problem: LLMProblem, archive: Archive, sparsity: float) -> dict:
     """How often in-loop Wanda (reference norms) and magnitude pruning make the same keep/prune
     decision as full Wanda, over the prunable weights of up to two final archive members
     pruned to ``sparsity``."""
+
     def zeros(genome, prune) -> torch.Tensor:
         g = genome.clone()
         prune(g, sparsity)

@@ -1,17 +1,13 @@
-"""Evolution engine costs: crossover throughput against a plain copy, the per-step overhead
-(everything but the child's forward passes) as a fraction of the step, and pruning time per
-step (magnitude and Wanda).
-
-The per-step rows run a few Natural Niches steps on the default toy parents (trained and
-cached on first use, like ``python run.py``), one thread, pruning the parents before
-crossover at 50 % sparsity.
+"""Crossover against the memory-bandwidth floor: every merge method the engine can use as its
+crossover, on two genomes of 16 M float32 elements, one thread; its floor is the bytes it must
+move (in genomes: e.g. 5 for SLERP, whose angle needs a pass over both parents before anything
+is written) at the speed of ``copy_`` measured just before it. The per-step costs of the engine
+are in ``bench_engine.py``.
 """
 
 from __future__ import annotations
 
-import json
-import statistics
-import tempfile
+import math
 import time
 from pathlib import Path
 
@@ -19,103 +15,107 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from sparse_merge.evolution.crossover import slerp_
-from sparse_merge.evolution.llm import LLMProblem
-from sparse_merge.evolution.natural_niches import NaturalNiches
-from sparse_merge.evolution.schedules import ConstantSchedule
-from sparse_merge.evolution.scoring import SparsityAwareScorer
-from sparse_merge.models.hf import load_causal_lm, load_genome, load_tokenizer
-from sparse_merge.models.paramspace import ParamSpace
-from sparse_merge.pipelines.merge import build_calibration
-from sparse_merge.tracking.logger import RunLogger
-
 CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF_MERGE = CONF / "merge"
 N_CROSSOVER = 1 << 24  # 16 M float32 = 64 MiB per genome
 STEPS = 6
 
 
-def _best_of(fn, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
+# (row, conf/merge file, overrides, split): every merge method the engine can use as crossover
+CROSSOVER_METHODS = (
+    ("slerp genome +split", "slerp", {"granularity": "genome"}, True),
+    ("slerp genome", "slerp", {"granularity": "genome"}, False),
+    ("slerp tensor +split", "slerp", {}, True),
+    ("linear +split", "linear", {}, True),
+    ("task_arithmetic +split", "task_arithmetic", {}, True),
+    ("ties +split", "ties", {}, True),
+    ("dare_linear +split", "dare_linear", {}, True),
+    ("dare_ties +split", "dare_ties", {}, True),
+    ("breadcrumbs +split", "breadcrumbs", {}, True),
+    ("della +split", "della", {}, True),
+)
+# one decoder layer of Qwen2.5-0.5B (hidden 896, 2 KV heads, MLP 4864): 14.9 M elements; the
+# rest of the 16 M-element genome is a gap, merged flat like an embedding
+LAYER_SHAPES = (
+    *((896, 896), (128, 896), (128, 896), (896, 896)),  # attention q, k, v, o
+    *((4864, 896), (4864, 896), (896, 4864)),  # MLP gate, up, down
+    *((896,), (896,)),  # norms
+)
+
+
+def _layer_segments(n: int) -> list[tuple[int, int, tuple[int, ...]]]:
+    """``LAYER_SHAPES`` laid out from 0 in a genome of ``n`` elements."""
+    segments, lo = [], 0
+    for shape in LAYER_SHAPES:
+        hi = lo + math.prod(shape)
+        if hi > n:
+            break
+        segments.append((lo, hi, shape))
+        lo = hi
+    return segments
+
+
+def _best_of(fn, repeats: int = 5, budget_s: float = 1.5) -> float:
+    """The fastest of up to ``repeats`` runs, stopping once ``budget_s`` seconds are spent."""
+    times, spent = [], 0.0
+    while len(times) < repeats and (not times or spent < budget_s):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
+        spent += times[-1]
     return min(times)
 
 
-def crossover_rows() -> list[dict]:
-    """GB/s of output written: SLERP with a split point vs ``copy_`` of the same size."""
+def crossover_rows(dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Every merge method the evolution engine can use as crossover, on 16 M-element genomes
+    (two parents, a base, the Qwen2.5-0.5B layer of ``LAYER_SHAPES``, a split point at a
+    third), against its traffic floor: the genome-sized reads and writes it cannot avoid
+    (``MergeMethod.traffic_floor``, in genomes) at the bandwidth ``copy_`` reaches (bytes read
+    + written per second) on the same buffers, measured right before each method so that both
+    see the same load. ``GB/s``: floor bytes per second; ``fraction of floor``: floor time /
+    measured time (1: as fast as memory allows)."""
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(N_CROSSOVER, generator=g), torch.randn(N_CROSSOVER, generator=g)
+    base, a, b = (torch.randn(N_CROSSOVER, generator=g).to(dtype) for _ in range(3))
     out = torch.empty_like(a)
-    gb = a.numel() * a.element_size() / 1e9
+    size = a.numel() * a.element_size()  # bytes per genome
+    segments = _layer_segments(N_CROSSOVER)
     copy_s = _best_of(lambda: out.copy_(a))
-    slerp_s = _best_of(lambda: slerp_(out, a, b, 0.3, N_CROSSOVER // 3))
-    return [
-        {"what": "copy_ (64 MiB)", "seconds": copy_s, "GB/s": gb / copy_s, "vs copy": 1.0},
-        {
-            "what": "slerp_ with split (64 MiB)",
-            "seconds": slerp_s,
-            "GB/s": gb / slerp_s,
-            "vs copy": copy_s / slerp_s,
-        },
-    ]
-
-
-def _toy_problem(pruner_cfg: str):
-    model_cfg = OmegaConf.load(CONF / "model" / "toy.yaml")
-    model_cfg.cache_dir = str(Path("~/.cache/sparse_merge").expanduser())
-    zoo = instantiate(model_cfg)
-    task_cfg = OmegaConf.load(CONF / "task" / "toy.yaml")
-    for t in task_cfg.tasks.values():
-        t.selection_seed = 0
-    tasks = instantiate(task_cfg)
-    tok = load_tokenizer(zoo.tokenizer())
-    paths = zoo.parents()
-    space = ParamSpace(load_causal_lm(next(iter(paths.values()))))
-    parents = {n: load_genome(space, p) for n, p in paths.items()}
-    pruner = instantiate(OmegaConf.load(CONF / "pruner" / f"{pruner_cfg}.yaml"))
-    calib = build_calibration(tok, tasks, pruner, seed=0)
-    return LLMProblem(space, tok, parents, tasks, pruner, calib)
-
-
-def step_rows() -> list[dict]:
-    """Per-step timings of the engine on the toy parents, one row per pruner."""
-    rows = []
-    for pruner in ("magnitude", "wanda"):
-        try:
-            problem = _toy_problem(pruner)
-        except Exception as exc:  # a pruner config missing on this branch
-            rows.append({"what": f"step ({pruner})", "error": str(exc)[:80]})
-            continue
-        engine = NaturalNiches(
-            pop_size=4, iterations=STEPS, checkpoint_every=0, schedule=ConstantSchedule(0.5)
+    rows = [_floor_row(f"copy_ ({size >> 20} MiB {str(dtype)[6:]})", copy_s, 2, size, copy_s)]
+    for label, name, overrides, split in CROSSOVER_METHODS:
+        method = instantiate(
+            OmegaConf.merge(OmegaConf.load(CONF_MERGE / f"{name}.yaml"), overrides)
         )
-        with tempfile.TemporaryDirectory() as tmp:
-            logger = RunLogger(console=False).start(tmp)
-            engine.evolve(problem, SparsityAwareScorer(beta=0.5), target=0.5, logger=logger)
-            logger.close()
-            recs = [
-                json.loads(x)
-                for x in (Path(tmp) / "log.jsonl").read_text().splitlines()
-                if '"event": "step"' in x
-            ]
-        step = statistics.mean(r["step_s"] for r in recs)
-        ev = statistics.mean(r["eval_s"] for r in recs)
-        prune = statistics.mean(r["prune_s"] for r in recs)
-        cross = statistics.mean(r["crossover_s"] for r in recs)
-        rows.append(
-            {
-                "what": f"step ({pruner} on parents, 50 %)",
-                "step s": step,
-                "eval s": ev,
-                "prune s": prune,
-                "crossover s": cross,
-                "overhead fraction": (step - ev) / step,
-                "overhead w/o pruning": (step - ev - prune) / step,
-            }
-        )
+        at = N_CROSSOVER // 3 if split else None
+
+        def merge(method=method, at=at) -> None:
+            method.merge_(
+                out,
+                base if method.needs_base else None,
+                [a, b],
+                [0.3, 0.7],
+                segments=segments,
+                split=at,
+                rng=torch.Generator().manual_seed(1),
+            )
+
+        copy_s = _best_of(lambda: out.copy_(a))
+        seconds = _best_of(merge)
+        rows.append(_floor_row(label, seconds, method.traffic_floor(2), size, copy_s))
     return rows
+
+
+def _floor_row(what: str, seconds: float, floor: int, size: int, copy_s: float) -> dict:
+    """One row of ``crossover_rows``: ``floor`` genomes of ``size`` bytes moved in
+    ``seconds``, against ``copy_`` moving two in ``copy_s``."""
+    floor_s = floor / 2 * copy_s
+    return {
+        "what": what,
+        "seconds": seconds,
+        "floor (genomes)": floor,
+        "GB/s": floor * size / seconds / 1e9,
+        "copy_ GB/s": 2 * size / copy_s / 1e9,
+        "fraction of floor": floor_s / seconds,
+    }
 
 
 def run() -> list[dict]:
@@ -123,7 +123,7 @@ def run() -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rows = crossover_rows() + step_rows()
+        rows = crossover_rows()
     finally:
         torch.set_num_threads(threads)
     columns = list(dict.fromkeys(k for r in rows for k in r))  # one table: every row, every column

@@ -19,7 +19,6 @@ from sparse_merge.evolution.archive import Archive, map_genome, read_genome_into
 from sparse_merge.evolution.natural_niches import NaturalNiches
 from sparse_merge.evolution.prune_cache import MaskCache, apply_packed_, pack_nonzero
 from sparse_merge.evolution.scoring import SparsityAwareScorer
-from sparse_merge.tracking.logger import RunLogger
 
 from .linear_problem import LinearProblem
 

@@ -375,7 +375,9 @@ def test_hostile_program_is_contained(sandboxes, scene, config, name):
     if (unconfined, name) in ESCAPES and config not in SLOW_CONFIGS:
         guards = set(evaluate(box, [NORMAL])[0].guards)
         if not {"landlock", "seccomp"} <= guards:  # a kernel without them: documented escape
-            pytest.skip(f"{config}: this kernel gives only {sorted(guards)}; {ESCAPES[unconfined, name]}")
+            pytest.skip(
+                f"{config}: this kernel gives only {sorted(guards)}; {ESCAPES[unconfined, name]}"
+            )
     start = time.perf_counter()
     hostile, normal = evaluate(box, [hostile_program(name, scene), NORMAL])
     assert time.perf_counter() - start < 15

@@ -114,7 +114,9 @@ def read_genome_into(path: Path, out: torch.Tensor) -> None:
             while got < len(view):
                 n = f.readinto(view[got:])
                 if not n:
-                    raise ValueError(f"{path}: file ends after {s * out.element_size() + got} bytes")
+                    raise ValueError(
+                        f"{path}: file ends after {s * out.element_size() + got} bytes"
+                    )
                 got += n
             if bounce is not None:
                 out[s:e].copy_(target)

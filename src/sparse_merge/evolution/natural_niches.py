@@ -158,7 +158,9 @@ class NaturalNiches:
         self.enter_on_tie = bool(enter_on_tie)
         self.final_prune = bool(final_prune)
         self.archive = check_choice("archive", archive, ARCHIVE_STORAGE)
-        self.prune_cache_mb = float(check_positive("prune_cache_mb", prune_cache_mb, allow_zero=True))
+        self.prune_cache_mb = float(
+            check_positive("prune_cache_mb", prune_cache_mb, allow_zero=True)
+        )
 
     # ---- the engine ----------------------------------------------------------------------
 
@@ -254,7 +256,10 @@ class NaturalNiches:
             self._save(ckpt, max(start, self.iterations), next_id, archive, lineage, gen, noise_gen)
         if cache is not None:
             log.info(
-                "pruning cache: %d hits, %d misses, %.1f MB", cache.hits, cache.misses, cache.nbytes / 2**20
+                "pruning cache: %d hits, %d misses, %.1f MB",
+                cache.hits,
+                cache.misses,
+                cache.nbytes / 2**20,
             )
         evaluations = len(problem.initial()) + self.iterations
         return self._finish(

@@ -65,7 +65,9 @@ def dense_input_norms(
     """The input norms of every prunable layer (by module name) over all of ``calib``'s
     non-padding tokens, from one forward pass of the model as it is."""
     layers = prunable_layers(model)
-    stats = {layer.name: ColumnNorms(layer.weight.shape[1], layer.weight.device) for layer in layers}
+    stats = {
+        layer.name: ColumnNorms(layer.weight.shape[1], layer.weight.device) for layer in layers
+    }
     mask: list[torch.Tensor] = []
     handles = record_inputs(layers, stats, mask)
     device = next(model.parameters()).device
