@@ -229,3 +229,20 @@ def test_bad_values_raise_config_errors():
         NaturalNiches(pop_size=1)
     with pytest.raises(ConfigError, match="crossover"):
         NaturalNiches(crossover="uniform")
+
+
+class _Payload:
+    """Runs code when unpickled (what a hostile checkpoint file carries)."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
+def test_a_checkpoint_that_carries_code_is_refused_not_run(tmp_path, monkeypatch):
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"step": 1, "evil": _Payload()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        evolve(tmp_path, resume=True)
+    assert not (tmp_path / "PWNED").exists()

@@ -109,3 +109,27 @@ def test_bad_settings_raise_config_error(kwargs, key):
     with pytest.raises(ConfigError) as err:
         FinetuneSettings(**kwargs)
     assert err.value.key == key
+
+
+class _Payload:
+    """Runs code when unpickled (what a hostile checkpoint file carries)."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
+def test_a_checkpoint_that_carries_code_is_refused_not_run(
+    tiny_llama, tokenizer, tmp_path, monkeypatch
+):
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    examples = ReversalTask(2, 3, n_select=0, n_heldout=0).train_examples(20, seed=0)
+    (tmp_path / "b").mkdir()
+    torch.save({"step": 1, "evil": _Payload()}, tmp_path / "b" / "trainer_state.pt")
+    _, model = _setup(tiny_llama)
+    with pytest.raises(pickle.UnpicklingError):
+        _trainer(tmp_path / "b", steps=2, batch_size=4).train(
+            model, tokenizer, examples, resume=True
+        )
+    assert not (tmp_path / "PWNED").exists()

@@ -285,7 +285,7 @@ class Trainer:
         path = None if self.checkpoint_dir is None else self.checkpoint_dir / CHECKPOINT
         if path is None or not path.exists():
             return 0, []
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         if state["world_size"] != self.accelerator.num_processes:
             raise ValueError(
                 f"checkpoint was written by {state['world_size']} processes, "
