@@ -133,3 +133,13 @@ def test_a_checkpoint_that_carries_code_is_refused_not_run(
             model, tokenizer, examples, resume=True
         )
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_resume_without_a_checkpoint_says_so(tiny_llama, tokenizer, tmp_path, caplog):
+    examples = ReversalTask(2, 3, n_select=0, n_heldout=0).train_examples(20, seed=0)
+    _, model = _setup(tiny_llama)
+    with caplog.at_level("WARNING", logger="sparse_merge"):
+        result = _trainer(tmp_path / "none", steps=1, batch_size=4).train(
+            model, tokenizer, examples, resume=True
+        )
+    assert result.resumed_from == 0 and "no checkpoint" in caplog.text

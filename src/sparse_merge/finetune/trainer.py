@@ -15,6 +15,7 @@ answer tokens), an approximation of the token-weighted mean when micro-batches d
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import time
@@ -36,6 +37,8 @@ from sparse_merge.hardware import Hardware
 from sparse_merge.tasks.base import Example
 from sparse_merge.tracking.io import write_atomic
 from sparse_merge.tracking.logger import RunLogger
+
+log = logging.getLogger("sparse_merge")
 
 CHECKPOINT = "trainer_state.pt"
 
@@ -284,6 +287,9 @@ class Trainer:
         """Restore the last checkpoint, if any; returns (step, losses so far)."""
         path = None if self.checkpoint_dir is None else self.checkpoint_dir / CHECKPOINT
         if path is None or not path.exists():
+            log.warning(
+                "resume requested but no checkpoint in %s: starting fresh", self.checkpoint_dir
+            )
             return 0, []
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state["world_size"] != self.accelerator.num_processes:
