@@ -246,3 +246,26 @@ def test_a_checkpoint_that_carries_code_is_refused_not_run(tmp_path, monkeypatch
     with pytest.raises(pickle.UnpicklingError):
         evolve(tmp_path, resume=True)
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize(
+    "change,key",
+    [
+        (dict(target=0.3), "sparsity=0.4"),
+        (dict(scorer=SparsityAwareScorer(alpha=1.0, beta=0.7)), "scorer.beta=0.5"),
+        (dict(mutation_std=0.1), "evolver.mutation_std"),
+        (dict(schedule=CyclicSchedule(0.0, None, period=5)), "evolver.schedule"),
+    ],
+)
+def test_resume_with_changed_settings_is_refused_naming_each_key(tmp_path, change, key):
+    kw = dict(target=0.4, scorer=SparsityAwareScorer(alpha=1.0, beta=0.5), iterations=5)
+    evolve(tmp_path, **kw)
+    with pytest.raises(ConfigError, match="resume") as info:
+        evolve(tmp_path, resume=True, **{**kw, **change})
+    assert key in str(info.value) and "now" in str(info.value)
+
+
+def test_resume_with_fewer_iterations_than_done_is_refused(tmp_path):
+    evolve(tmp_path, iterations=10)
+    with pytest.raises(ConfigError, match="evolver.iterations"):
+        evolve(tmp_path, iterations=5, resume=True)

@@ -174,6 +174,36 @@ class NaturalNiches:
             "prune_target": self.prune_target,
         }
 
+    def run_settings(
+        self, problem: Problem, scorer: SparsityAwareScorer, seed: int, target: float, schedule
+    ) -> dict[str, Any]:
+        """Every setting that shapes the result, by config key: a resumed run must share them
+        all with the run it continues (the values are plain, so a checkpoint holds them)."""
+        pruner = getattr(problem, "pruner", None)
+        described = None
+        if pruner is not None:
+            described = {
+                "type": type(pruner).__name__,
+                **(pruner.describe() if hasattr(pruner, "describe") else {}),
+                "in_loop": getattr(pruner, "in_loop", None),
+            }
+        out: dict[str, Any] = {f"evolver.{k}": repr(v) for k, v in self.settings().items()}
+        out.update(
+            {
+                "seed": int(seed),
+                "sparsity": float(target),
+                "evolver.schedule": repr({"type": type(schedule).__name__, **vars(schedule)}),
+                "evolver.enter_on_tie": self.enter_on_tie,
+                "evolver.final_prune": self.final_prune,
+                "pruner": repr(described),
+                **{
+                    f"scorer.{k}": getattr(scorer, k)
+                    for k in ("omega", "beta", "tau", "alpha", "kind")
+                },
+            }
+        )
+        return out
+
     def evolve(
         self,
         problem: Problem,
@@ -205,8 +235,9 @@ class NaturalNiches:
         if getattr(problem, "prune_is_mask", False) and self.prune_cache_mb > 0:
             cache = MaskCache(int(self.prune_cache_mb * 2**20))
 
+        run = self.run_settings(problem, scorer, seed, target, schedule)
         if resume and ckpt is not None and ckpt.exists():
-            start, next_id = self._load(ckpt, archive, lineage, gen, noise_gen)
+            start, next_id = self._load(ckpt, archive, lineage, gen, noise_gen, run)
             log.info("resumed from %s at step %d", ckpt, start)
         else:
             if resume:
@@ -251,9 +282,10 @@ class NaturalNiches:
             )
             done = step + 1
             if write and ckpt and self.checkpoint_every and done % self.checkpoint_every == 0:
-                self._save(ckpt, done, next_id, archive, lineage, gen, noise_gen)
+                self._save(ckpt, done, next_id, archive, lineage, gen, noise_gen, run)
         if write and ckpt is not None:
-            self._save(ckpt, max(start, self.iterations), next_id, archive, lineage, gen, noise_gen)
+            last = max(start, self.iterations)
+            self._save(ckpt, last, next_id, archive, lineage, gen, noise_gen, run)
         if cache is not None:
             log.info(
                 "pruning cache: %d hits, %d misses, %.1f MB",
@@ -444,6 +476,7 @@ class NaturalNiches:
         lineage: dict[int, dict[str, Any]],
         gen: torch.Generator,
         noise_gen: torch.Generator,
+        run: dict[str, Any] | None = None,
     ) -> None:
         state = {
             "step": step,  # the schedule phase is a pure function of the step
@@ -453,6 +486,7 @@ class NaturalNiches:
             "rng": gen.get_state(),
             "noise_rng": noise_gen.get_state(),
             "settings": self.settings(),
+            "run": run or {},
         }
         # serialised straight into the temporary file (no in-memory copy of the archive first);
         # a disk archive's state names its files, so this costs O(one child) there
@@ -466,13 +500,30 @@ class NaturalNiches:
         lineage: dict[int, dict[str, Any]],
         gen: torch.Generator,
         noise_gen: torch.Generator,
+        run: dict[str, Any] | None = None,
     ) -> tuple[int, int]:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["settings"] != self.settings():
+        saved, now = state.get("run") or {}, run or {}
+        changed = [
+            f"{key}={saved[key]!r} (now {now.get(key)!r})"
+            for key in saved
+            if saved[key] != now.get(key)
+        ]
+        if not saved and state["settings"] != self.settings():  # an older checkpoint
+            changed = [f"evolver settings {state['settings']} (now {self.settings()})"]
+        if changed:
             raise ConfigError(
                 "resume",
                 True,
-                f"the same evolver settings as the checkpoint ({state['settings']}), got {self.settings()}",
+                f"the settings the checkpoint in {path.parent} was made with: "
+                + ", ".join(changed)
+                + "; resume with them, or start a new run in another folder",
+            )
+        if self.iterations < int(state["step"]):
+            raise ConfigError(
+                "evolver.iterations",
+                self.iterations,
+                f">= {int(state['step'])}, the step of the checkpoint in {path.parent}",
             )
         root = path.parent / ARCHIVE_DIR if "files" in state["archive"] else None
         archive.load_state_dict(state["archive"], root)
