@@ -43,6 +43,21 @@ def check_positive(key: str, value: int | float, *, allow_zero: bool = False) ->
     return value
 
 
+def check_int(key: str, value: Any, *, minimum: int = 0) -> int:
+    """Return ``value`` if it is a whole number >= ``minimum`` (``2.5`` or ``"4"`` is refused,
+    never truncated)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(key, value, f"a whole number >= {minimum}")
+    return int(value)
+
+
+def check_bool(key: str, value: Any) -> bool:
+    """Return ``value`` if it is ``true`` or ``false`` (``"maybe"`` is refused, not truthy)."""
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "true or false")
+    return value
+
+
 def check_choice(key: str, value: Any, choices: tuple[Any, ...] | list[Any]) -> Any:
     """Return ``value`` if it is one of ``choices``."""
     if value not in choices:

@@ -32,6 +32,14 @@ class Hardware:
             raise ConfigError(
                 "device", self.device, "cpu here: MPS is not available on this machine"
             )
+        if isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int):
+            raise ConfigError(
+                "num_threads", self.num_threads, "a whole number >= 0 (0: torch's default)"
+            )
+        if self.num_threads < 0:
+            raise ConfigError(
+                "num_threads", self.num_threads, "a whole number >= 0 (0: torch's default)"
+            )
         if self.num_threads > 0:
             torch.set_num_threads(self.num_threads)
 

@@ -269,3 +269,25 @@ def test_resume_with_fewer_iterations_than_done_is_refused(tmp_path):
     evolve(tmp_path, iterations=10)
     with pytest.raises(ConfigError, match="evolver.iterations"):
         evolve(tmp_path, iterations=5, resume=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        (dict(pop_size=2.5), "pop_size"),
+        (dict(iterations=-1), "iterations"),
+        (dict(enter_on_tie="maybe"), "enter_on_tie"),
+        (dict(matchmaker="yes"), "matchmaker"),
+        (dict(checkpoint_every=1.5), "checkpoint_every"),
+    ],
+)
+def test_values_of_the_wrong_kind_are_refused_not_coerced(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        NaturalNiches(**kwargs)
+
+
+def test_a_negative_thread_count_is_refused():
+    from sparse_merge.hardware import Hardware
+
+    with pytest.raises(ConfigError, match="num_threads"):
+        Hardware(num_threads=-1)

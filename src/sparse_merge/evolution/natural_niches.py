@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sparse_merge.errors import ConfigError, check_choice, check_positive
+from sparse_merge.errors import ConfigError, check_bool, check_choice, check_int, check_positive
 from sparse_merge.evolution.archive import ARCHIVE_STORAGE, Archive, replacement_slot
 from sparse_merge.evolution.crossover import Crossover
 from sparse_merge.evolution.mutation import mutate_
@@ -136,27 +136,23 @@ class NaturalNiches:
         archive: str = "device",
         prune_cache_mb: float = 1024,
     ) -> None:
-        if int(pop_size) < 2:
-            raise ConfigError("pop_size", pop_size, "an integer >= 2")
-        self.pop_size = int(pop_size)
-        self.iterations = int(check_positive("iterations", iterations, allow_zero=True))
+        self.pop_size = check_int("pop_size", pop_size, minimum=2)
+        self.iterations = check_int("iterations", iterations)
         if isinstance(crossover, str):
             crossover = Crossover.named(crossover)
         if not isinstance(crossover, Crossover):
             raise ConfigError("crossover", crossover, "a Crossover or slerp_split, slerp, none")
         self.crossover = crossover
-        self.matchmaker = bool(matchmaker)
+        self.matchmaker = check_bool("matchmaker", matchmaker)
         self.mutation_std = float(check_positive("mutation_std", mutation_std, allow_zero=True))
         self.prune_target = check_choice("prune_target", prune_target, PRUNE_TARGETS)
         if schedule is not None and not isinstance(schedule, Schedule):
             raise ConfigError("schedule", schedule, "a schedule (ConstantSchedule, CyclicSchedule)")
         self.schedule = schedule if schedule is not None else ConstantSchedule()
-        self.checkpoint_every = int(
-            check_positive("checkpoint_every", checkpoint_every, allow_zero=True)
-        )
+        self.checkpoint_every = check_int("checkpoint_every", checkpoint_every)
         self.tolerance = float(check_positive("tolerance", tolerance, allow_zero=True))
-        self.enter_on_tie = bool(enter_on_tie)
-        self.final_prune = bool(final_prune)
+        self.enter_on_tie = check_bool("enter_on_tie", enter_on_tie)
+        self.final_prune = check_bool("final_prune", final_prune)
         self.archive = check_choice("archive", archive, ARCHIVE_STORAGE)
         self.prune_cache_mb = float(
             check_positive("prune_cache_mb", prune_cache_mb, allow_zero=True)
