@@ -291,3 +291,26 @@ def test_a_negative_thread_count_is_refused():
 
     with pytest.raises(ConfigError, match="num_threads"):
         Hardware(num_threads=-1)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "random bytes inside", "not a zip"])
+def test_a_damaged_checkpoint_is_refused_with_one_clear_line(tmp_path, damage):
+    evolve(tmp_path, iterations=5)
+    path = tmp_path / "checkpoint.pt"
+    raw = bytearray(path.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    elif damage == "empty":
+        raw = bytearray()
+    elif damage == "random bytes inside":
+        # the archive's scores are stored raw near the end of the file: 4 KiB of noise there
+        g = torch.Generator().manual_seed(0)
+        start = len(raw) // 3
+        noise = torch.randint(0, 256, (min(4096, len(raw) - start - 512),), generator=g)
+        raw[start : start + noise.numel()] = bytes(noise.tolist())
+    else:
+        raw = bytearray(b"hello" * 100)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checkpoint.pt is damaged") as info:
+        evolve(tmp_path, iterations=10, resume=True)
+    assert "\n" not in str(info.value)

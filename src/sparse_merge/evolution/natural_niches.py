@@ -49,7 +49,7 @@ from sparse_merge.evolution.prune_cache import MaskCache
 from sparse_merge.evolution.schedules import ConstantSchedule, Schedule
 from sparse_merge.evolution.scoring import SparsityAwareScorer
 from sparse_merge.evolution.selection import select_parents
-from sparse_merge.tracking.io import write_atomic, write_json
+from sparse_merge.tracking.io import load_checked, save_checked, write_json
 from sparse_merge.tracking.logger import RunLogger
 
 log = logging.getLogger("sparse_merge")
@@ -486,7 +486,7 @@ class NaturalNiches:
         }
         # serialised straight into the temporary file (no in-memory copy of the archive first);
         # a disk archive's state names its files, so this costs O(one child) there
-        write_atomic(path, lambda tmp: torch.save(state, tmp))
+        save_checked(path, state)  # with the SHA-256 of its content
         archive.checkpointed()  # files only older checkpoints needed can go now
 
     def _load(
@@ -498,7 +498,7 @@ class NaturalNiches:
         noise_gen: torch.Generator,
         run: dict[str, Any] | None = None,
     ) -> tuple[int, int]:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checked(path)  # weights_only; a damaged file is one clear error
         saved, now = state.get("run") or {}, run or {}
         changed = [
             f"{key}={saved[key]!r} (now {now.get(key)!r})"

@@ -35,7 +35,7 @@ from sparse_merge.finetune.data import encode_examples
 from sparse_merge.finetune.settings import FinetuneSettings
 from sparse_merge.hardware import Hardware
 from sparse_merge.tasks.base import Example
-from sparse_merge.tracking.io import write_atomic
+from sparse_merge.tracking.io import load_checked, save_checked
 from sparse_merge.tracking.logger import RunLogger
 
 log = logging.getLogger("sparse_merge")
@@ -280,7 +280,7 @@ class Trainer:
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "world_size": self.accelerator.num_processes,
             }
-            write_atomic(self.checkpoint_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+            save_checked(self.checkpoint_dir / CHECKPOINT, state)
         self.accelerator.wait_for_everyone()
 
     def _load(self, model, optimizer, schedule) -> tuple[int, list[float]]:
@@ -291,7 +291,7 @@ class Trainer:
                 "resume requested but no checkpoint in %s: starting fresh", self.checkpoint_dir
             )
             return 0, []
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checked(path)
         if state["world_size"] != self.accelerator.num_processes:
             raise ValueError(
                 f"checkpoint was written by {state['world_size']} processes, "
