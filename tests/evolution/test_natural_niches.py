@@ -314,3 +314,9 @@ def test_a_damaged_checkpoint_is_refused_with_one_clear_line(tmp_path, damage):
     with pytest.raises(ValueError, match="checkpoint.pt is damaged") as info:
         evolve(tmp_path, iterations=10, resume=True)
     assert "\n" not in str(info.value)
+
+
+def test_a_schedule_starting_above_the_target_is_refused():
+    with pytest.raises(ConfigError, match="evolver.schedule.low"):
+        CyclicSchedule(0.6, None).bind(0.5)
+    assert CyclicSchedule(0.2, None).bind(0.5).high == 0.5

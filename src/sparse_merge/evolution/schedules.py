@@ -60,6 +60,12 @@ class CyclicSchedule:
         """This schedule with ``high=None`` replaced by the run's target sparsity."""
         if self.high is not None:
             return self
+        if target > 0 and self.low > target:  # a ramp down was never meant: say so
+            raise ConfigError(
+                "evolver.schedule.low",
+                self.low,
+                f"<= the run's sparsity ({target}) when high is null",
+            )
         return CyclicSchedule(min(self.low, target), target, self.period, self.mult)
 
     def phase(self, step: int) -> tuple[int, int]:
