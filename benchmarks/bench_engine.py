@@ -167,10 +167,6 @@ def overhead_rows() -> list[dict]:
     return rows
 
 
-class _Stub:
-    """A problem shell for the checkpoint rows (only what the engine's checkpoint reads)."""
-
-
 def checkpoint_rows(pop: int = 8, numel: int = SMOLLM2_NUMEL) -> list[dict]:
     """Seconds and bytes of one checkpoint, and seconds to store one child, per storage mode,
     for an archive of ``pop`` bf16 genomes of ``numel`` parameters."""

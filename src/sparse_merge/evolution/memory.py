@@ -35,6 +35,8 @@ from typing import Any
 import torch
 
 from sparse_merge.errors import ConfigError
+from sparse_merge.evolution.archive import IO_CHUNK  # bytes a disk archive stages at a time
+from sparse_merge.evolution.prune_cache import CHUNK as PACK_CHUNK  # elements packed at a time
 from sparse_merge.models.blocks import prunable_layers
 
 MOMENTS = ("load", "prune", "evaluate", "checkpoint", "finish", "report")
@@ -42,11 +44,9 @@ EVOLVE = frozenset({"prune", "evaluate", "checkpoint", "finish"})  # inside ``ev
 AFTER = frozenset({"report"})  # what the pipeline does with the result
 ARCHIVES = ("device", "cpu", "disk")
 # bytes per element of the largest layer that mask selection allocates besides its float32
-# scores: ``kthvalue``'s copy and int64 indices (or a stable argsort's), the cumsum of ties
-# (int64) and a few bool masks
+# scores: ``np.partition``'s copy, the bool masks below and tied, their row sums and, where ties
+# need ordering, their int64 cumsum (``pruning.base.keep_smallest_out``)
 SELECT_BYTES = 16
-IO_CHUNK = 1 << 24  # bytes a disk archive stages per read or write (``archive.IO_CHUNK``)
-PACK_CHUNK = 1 << 24  # elements the pruning cache packs at a time (``prune_cache.CHUNK``)
 FILE_HEADER = 256  # bytes of a genome file's safetensors header (an upper bound)
 
 

@@ -50,11 +50,7 @@ class MaskCache:
         self.max_bytes = int(max_bytes)
         self._masks: OrderedDict[tuple[int, float], torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held."""
-        return sum(m.numel() for m in self._masks.values())
+        self.nbytes = 0  # bytes held
 
     def __len__(self) -> int:
         return len(self._masks)
@@ -77,12 +73,13 @@ class MaskCache:
         prune(genome, sparsity)
         self.misses += 1
         if self.max_bytes > 0:
-            self._masks[key] = pack_nonzero(genome)
+            self._masks[key] = packed = pack_nonzero(genome)
+            self.nbytes += packed.numel()
             while self.nbytes > self.max_bytes and self._masks:
-                self._masks.popitem(last=False)
+                self.nbytes -= self._masks.popitem(last=False)[1].numel()
         return False
 
     def forget(self, ident: int) -> None:
         """Drop every mask of ``ident`` (it left the archive)."""
         for key in [k for k in self._masks if k[0] == int(ident)]:
-            del self._masks[key]
+            self.nbytes -= self._masks.pop(key).numel()
