@@ -200,7 +200,7 @@ def _stable_sort_keep(scores, n_prune):
     return torch.ones_like(scores, dtype=torch.bool).scatter_(-1, order[..., :n_prune], False)
 
 
-@pytest.mark.parametrize("kind", ["continuous", "few_values", "constant"])
+@pytest.mark.parametrize("kind", ["continuous", "few_values", "constant", "mixed"])
 def test_selection_masks_equal_a_stable_sort_bit_for_bit(kind):
     g = torch.Generator().manual_seed(0)
     for shape in [(7, 13), (5, 3, 8), (100,), (64, 4)]:
@@ -208,6 +208,10 @@ def test_selection_masks_equal_a_stable_sort_bit_for_bit(kind):
             "continuous": torch.randn(shape, generator=g),
             "few_values": torch.randint(0, 3, shape, generator=g).float(),  # many ties
             "constant": torch.zeros(shape),
+            # rows with ties at the cut next to rows without (a pruned weight's zeros)
+            "mixed": torch.randn(shape, generator=g).abs()
+            * (torch.rand(shape[:-1] + (1,), generator=g) < 0.5)
+            * (torch.rand(shape, generator=g) < 0.6),
         }[kind]
         for dtype in (torch.float32, torch.bfloat16):
             s = scores.to(dtype)

@@ -124,3 +124,40 @@ def test_in_loop_wanda_prunes_with_reference_norms_and_leaves_the_workspace_alon
     exact = problem.parents["b"].clone()
     problem.prune_(exact, 0.5)  # full Wanda for reported models
     assert problem.sparsity(exact) == problem.sparsity(ws) == 0.5
+
+
+
+def test_wanda_reference_norms_are_measured_once_before_the_first_step(
+    problem, tmp_path, monkeypatch
+):
+    """The one-time norm pass is the search's setup (logged on its own, before the first step),
+    not part of a step; measuring it up front changes nothing: the archive equals the one of a
+    search that builds it on first use."""
+    import json
+
+    from sparse_merge.evolution.natural_niches import NaturalNiches
+    from sparse_merge.evolution.scoring import SparsityAwareScorer
+    from sparse_merge.pruning.base import Calibration
+    from sparse_merge.pruning.wanda import WandaPruner
+    from sparse_merge.tracking.logger import RunLogger
+
+    ids = torch.randint(3, 20, (4, 10), generator=torch.Generator().manual_seed(1))
+    problem.calibration = Calibration(ids, torch.ones_like(ids))
+
+    def run(out):
+        problem.pruner = WandaPruner(n_calibration=4, batch_size=2, in_loop="reference")
+        problem._in_loop = None
+        logger = RunLogger(console=False).start(out)
+        engine = NaturalNiches(pop_size=3, iterations=6, checkpoint_every=0, final_prune=False)
+        result = engine.evolve(problem, SparsityAwareScorer(), seed=0, target=0.5, logger=logger)
+        logger.close()
+        events = [json.loads(line)["event"] for line in (out / "log.jsonl").open()]
+        archive = result.archive
+        return torch.stack([archive.genomes[s].clone() for s in archive.occupied()]), events
+
+    genomes, events = run(tmp_path / "up_front")
+    assert events.count("setup") == 1 and events.index("setup") < events.index("step")
+    monkeypatch.delattr(LLMProblem, "prepare_in_loop")  # a search that never prepares
+    lazy, events = run(tmp_path / "on_first_use")
+    assert "setup" not in events
+    assert torch.equal(genomes, lazy)

@@ -161,17 +161,26 @@ class LLMProblem:
         if not is_workspace(self, genome):
             genome.copy_(self.space.flat)
 
+    def prepare_in_loop(self) -> None:
+        """Build the pruner's in-loop form once, before the search's first step (Wanda with
+        ``in_loop='reference'``: one dense pass of each initial genome measures the input norms;
+        the live model then holds the last of them). Nothing to do for other pruners."""
+        self._build_in_loop()
+
+    def _build_in_loop(self) -> None:
+        if getattr(self.pruner, "in_loop", None) == "reference" and self._in_loop is None:
+            models = (self._load(g) for g in self.initial().values())
+            self._in_loop = self.pruner.reference(models, self.calibration)
+
     def prune_in_loop_(self, genome: torch.Tensor, target: float) -> None:
         """Pruning as a mutation inside the search: the run's pruner, or its cheaper in-loop
-        form when it has one (Wanda with ``in_loop='reference'``: input norms measured once,
-        on the initial genomes; built on first use)."""
+        form when it has one (``prepare_in_loop``; built here on first use if the search did
+        not build it first)."""
         if self.pruner is None or target <= 0:
             return
         if getattr(self.pruner, "in_loop", None) == "reference" and self._in_loop is None:
             keep = self.space.flat.clone() if is_workspace(self, genome) else None
-            # one dense pass per initial genome, each loaded into the live model in turn
-            models = (self._load(g) for g in self.initial().values())
-            self._in_loop = self.pruner.reference(models, self.calibration)
+            self._build_in_loop()
             if keep is not None:
                 self.space.flat.copy_(keep)
         self.prune_(genome, target, self._in_loop)

@@ -246,6 +246,10 @@ class NaturalNiches:
         scratch = None
         if staged or (pruning and self.prune_target == "parents"):
             scratch = torch.empty_like(ws)
+        if pruning and start < self.iterations and hasattr(problem, "prepare_in_loop"):
+            t = time.perf_counter()  # a one-time cost (Wanda's reference norms), not a step's
+            problem.prepare_in_loop()
+            logger.log({"event": "setup", "prepare_in_loop_s": time.perf_counter() - t})
         bar = tqdm(
             range(start, self.iterations),
             desc="evolution",

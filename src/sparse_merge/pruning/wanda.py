@@ -71,10 +71,11 @@ def dense_input_norms(
     mask: list[torch.Tensor] = []
     handles = record_inputs(layers, stats, mask)
     device = next(model.parameters()).device
+    body = getattr(model, "base_model", model)  # the blocks without the LM head (not recorded)
     try:
         for ids, attn in calib.batches(batch_size):
             mask[:] = [attn.bool().to(device)]
-            model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
+            body(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
