@@ -382,7 +382,7 @@ class TaskArithmetic(MergeMethod):
     divides 0 by 0 there); ``density`` is one float for all models.
 
     Speed (``traffic_floor``; one core of a 2-core EPYC, float32, 16 M-element genomes,
-    ``benchmarks/bench_evolution.py``): task arithmetic ~0.4 of its floor (4 genomes): mergekit's
+    ``benchmarks/bench_merge.py``): task arithmetic ~0.4 of its floor (4 genomes): mergekit's
     six roundings per element take five torch ops per chunk, and the three that stay in cache
     cost about a genome pass each at this machine's ~40 GB/s. Below that, compute-bound: TIES
     and Model Breadcrumbs ~0.12 of 7 genomes (the exact per-tensor top-k: several compares and a
