@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, ListConfig
 
 from sparse_merge.errors import ConfigError, check_fraction, check_positive
 from sparse_merge.finetune.settings import FinetuneSettings
+from sparse_merge.finetune.throughput import ThroughputSettings
 from sparse_merge.pruning.settings import CalibrationSettings, MasksSettings
 
 GROUPS = (
@@ -48,6 +49,7 @@ class Config:
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)  # pruners
     masks: MasksSettings = field(default_factory=MasksSettings)  # pipeline=masks
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)  # pipeline=finetune
+    throughput: ThroughputSettings = field(default_factory=ThroughputSettings)  # throughput
     budget: int = 1000  # forward passes of a single-method digits run (pipeline: digits)
     model: Any = MISSING
     task: Any = MISSING

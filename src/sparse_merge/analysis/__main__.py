@@ -15,6 +15,7 @@ from sparse_merge.analysis.tables import (
     method_by_sparsity,
     sparsity_vs_performance,
 )
+from sparse_merge.analysis.throughput_table import write_throughput
 from sparse_merge.tracking.io import write_atomic
 
 ARCHIVE_FILE = (
@@ -67,6 +68,7 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None) -> dict[str, P
     ]
     if archives and (path := archive_scatter(pd.concat(archives), out / "archive_pareto.png")):
         written["archive_pareto"] = path
+    written.update(write_throughput(sweep_dir, out))  # experiment=sweep_throughput runs
     return written
 
 
