@@ -49,7 +49,13 @@ from sparse_merge.evolution.prune_cache import MaskCache
 from sparse_merge.evolution.schedules import ConstantSchedule, Schedule
 from sparse_merge.evolution.scoring import SparsityAwareScorer
 from sparse_merge.evolution.selection import select_parents
-from sparse_merge.tracking.io import load_checked, save_checked, write_json
+from sparse_merge.tracking.io import (
+    check_resume_settings,
+    load_checked,
+    remove_temp_files,
+    save_checked,
+    write_json,
+)
 from sparse_merge.tracking.logger import RunLogger
 
 log = logging.getLogger("sparse_merge")
@@ -212,7 +218,9 @@ class NaturalNiches:
         resume: bool = False,
         write: bool = True,
     ) -> EvolutionResult:
-        """Run ``iterations`` steps (continuing a checkpoint in ``run_dir`` when ``resume``).
+        """Run ``iterations`` steps (continuing a checkpoint in ``run_dir`` when ``resume``, after
+        removing the temporary files a killed run left there; a checkpoint made with other
+        ``run_settings`` is refused, naming each changed key).
 
         ``write=False`` (the other processes of a multi-process run) reads a checkpoint to
         resume but writes nothing and shows no progress bar.
@@ -232,6 +240,8 @@ class NaturalNiches:
             cache = MaskCache(int(self.prune_cache_mb * 2**20))
 
         run = self.run_settings(problem, scorer, seed, target, schedule)
+        if resume and write and run_dir is not None:
+            remove_temp_files(run_dir)  # what a killed run was writing when it stopped
         if resume and ckpt is not None and ckpt.exists():
             start, next_id = self._load(ckpt, archive, lineage, gen, noise_gen, run)
             log.info("resumed from %s at step %d", ckpt, start)
@@ -504,21 +514,9 @@ class NaturalNiches:
     ) -> tuple[int, int]:
         state = load_checked(path)  # weights_only; a damaged file is one clear error
         saved, now = state.get("run") or {}, run or {}
-        changed = [
-            f"{key}={saved[key]!r} (now {now.get(key)!r})"
-            for key in saved
-            if saved[key] != now.get(key)
-        ]
-        if not saved and state["settings"] != self.settings():  # an older checkpoint
-            changed = [f"evolver settings {state['settings']} (now {self.settings()})"]
-        if changed:
-            raise ConfigError(
-                "resume",
-                True,
-                f"the settings the checkpoint in {path.parent} was made with: "
-                + ", ".join(changed)
-                + "; resume with them, or start a new run in another folder",
-            )
+        if not saved:  # an older checkpoint: only the evolver's own settings
+            saved, now = {"evolver": state["settings"]}, {"evolver": self.settings()}
+        check_resume_settings(saved, now, path.parent)
         if self.iterations < int(state["step"]):
             raise ConfigError(
                 "evolver.iterations",

@@ -9,8 +9,14 @@ Batches are drawn deterministically from the step number: epoch ``e`` visits the
 the order of a permutation seeded by ``(seed, e)``, each optimiser step takes the next
 ``batch_size * grad_accum * world_size`` of them and process ``k`` takes its own slice. So the
 data a step sees depends on nothing but the seed and the step, which is what makes resuming
-exact. The loss of a step is the mean of its micro-batches' losses (each a mean over its
-answer tokens), an approximation of the token-weighted mean when micro-batches differ in size.
+exact. A checkpoint also stores every setting that shapes the result (``run_settings``: the
+seed, ``finetune.*`` but for logging and checkpoint intervals, and what the pipeline adds); a
+resume with any of them changed is refused with one line naming each (``check_resume``), so a
+resumed run is never a hybrid of two configurations. ``finetune.steps`` is one of them: the
+cosine schedule and the examples drawn depend on it, so a longer run is a new run.
+
+The loss of a step is the mean of its micro-batches' losses (each a mean over its answer
+tokens), an approximation of the token-weighted mean when micro-batches differ in size.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -35,12 +42,14 @@ from sparse_merge.finetune.data import encode_examples
 from sparse_merge.finetune.settings import FinetuneSettings
 from sparse_merge.hardware import Hardware
 from sparse_merge.tasks.base import Example
-from sparse_merge.tracking.io import load_checked, save_checked
+from sparse_merge.tracking.io import check_resume_settings, load_checked, save_checked
 from sparse_merge.tracking.logger import RunLogger
 
 log = logging.getLogger("sparse_merge")
 
 CHECKPOINT = "trainer_state.pt"
+# finetune.* settings that do not change what training computes: a resume may change them
+NOT_SHAPING = ("log_every", "checkpoint_every")
 
 
 @dataclass
@@ -109,7 +118,18 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Trainer:
-    """AdamW on a model's trainable parameters with Accelerate (see the module docstring)."""
+    """AdamW on a model's trainable parameters with Accelerate (see the module docstring).
+
+    Args:
+        settings: the ``finetune`` settings.
+        hardware: device and dtype.
+        logger: where training losses go (main process only).
+        seed: data order and dropout.
+        checkpoint_dir: where checkpoints are written and a resume reads them (None: none).
+        run_settings: the other settings that shape the result, by config key (the pipeline's
+            sparsity, adapter, pruner, model, tasks): stored in each checkpoint with the
+            trainer's own, and a resume must match them all.
+    """
 
     def __init__(
         self,
@@ -118,12 +138,19 @@ class Trainer:
         logger: RunLogger | None = None,
         seed: int = 0,
         checkpoint_dir: str | Path | None = None,
+        run_settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
         self.hardware = hardware
         self.logger = logger
         self.seed = seed
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.run_settings: dict[str, Any] = {
+            "seed": seed,
+            **{f"finetune.{k}": v for k, v in asdict(settings).items() if k not in NOT_SHAPING},
+            **(run_settings or {}),
+        }
+        self._resume_state: dict[str, Any] | None = None  # read by check_resume, not yet used
         # constant buffers (masks, rotary tables) need no broadcast every step
         ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
         self.accelerator = Accelerator(
@@ -279,27 +306,62 @@ class Trainer:
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "world_size": self.accelerator.num_processes,
+                "run": self.run_settings,
             }
             save_checked(self.checkpoint_dir / CHECKPOINT, state)
         self.accelerator.wait_for_everyone()
 
-    def _load(self, model, optimizer, schedule) -> tuple[int, list[float]]:
-        """Restore the last checkpoint, if any; returns (step, losses so far)."""
+    def check_resume(self) -> None:
+        """Read the checkpoint a resume continues, if there is one, and refuse it (one line) when
+        this run's settings or process count differ from those it was written with. Called
+        before the model loads, it refuses early; ``train(resume=True)`` then restores the
+        state read here without reading the file again."""
+        if self._resume_state is not None:
+            return
         path = None if self.checkpoint_dir is None else self.checkpoint_dir / CHECKPOINT
         if path is None or not path.exists():
             log.warning(
                 "resume requested but no checkpoint in %s: starting fresh", self.checkpoint_dir
             )
-            return 0, []
+            self._resume_state = {}
+            return
         state = load_checked(path)
+        if "run" in state:
+            check_resume_settings(state["run"], self.run_settings, path.parent)
+        else:
+            log.warning(
+                "the checkpoint in %s stores no settings (an older version wrote it): resuming "
+                "without checking that this run's settings are the ones it was made with",
+                path.parent,
+            )
         if state["world_size"] != self.accelerator.num_processes:
             raise ValueError(
                 f"checkpoint was written by {state['world_size']} processes, "
                 f"this run has {self.accelerator.num_processes}: data order would differ"
             )
-        params = dict(self.unwrap(model).named_parameters())
+        self._resume_state = state
+
+    def _load(self, model, optimizer, schedule) -> tuple[int, list[float]]:
+        """Restore the last checkpoint, if any; returns (step, losses so far)."""
+        self.check_resume()
+        state, self._resume_state = self._resume_state, None
+        if not state:
+            return 0, []
+        params = {n: p for n, p in self.unwrap(model).named_parameters() if p.requires_grad}
+        saved = state["trainable"]
+        wrong = sorted(params.keys() ^ saved.keys()) or [
+            n for n in saved if saved[n].shape != params[n].shape
+        ]
+        if wrong:
+            n = wrong[0]
+            shapes = [tuple(t[n].shape) if n in t else "absent" for t in (saved, params)]
+            raise ValueError(
+                f"{self.checkpoint_dir / CHECKPOINT} does not fit this model's trainable tensors "
+                f"({n}: {shapes[0]} in the checkpoint, {shapes[1]} now); resume with the "
+                "settings it was made with, or start a new run in another folder"
+            )
         with torch.no_grad():
-            for name, tensor in state["trainable"].items():
+            for name, tensor in saved.items():
                 params[name].copy_(tensor)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])

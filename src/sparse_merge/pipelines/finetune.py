@@ -3,7 +3,11 @@ merge, validate that the merged weights keep the mask (``mask_report.json``), ev
 save the merged model, the adapter and the masks.
 
 Runs on one process or data parallel under ``accelerate launch``; only the main process
-evaluates and writes files, the others train and wait.
+evaluates and writes files, the others train and wait. The main process holds the run
+directory's lock for the whole run (a second process in the same folder stops at once). A
+resume removes what a killed run was writing (temporary files of atomic writes) and refuses,
+before any model loads, a checkpoint made with other settings (``result_settings``: every
+config value that shapes the result, by key).
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 from torch import nn
@@ -38,7 +44,7 @@ from sparse_merge.pruning.settings import CalibrationSettings
 from sparse_merge.pruning.sparsity import measure_sparsity
 from sparse_merge.pruning.validate import validate_masks, write_report
 from sparse_merge.tasks.suite import TaskSuite
-from sparse_merge.tracking.io import write_json
+from sparse_merge.tracking.io import is_main_process, lock_run_dir, remove_temp_files, write_json
 from sparse_merge.tracking.logger import RunLogger
 from sparse_merge.tracking.report import format_table
 
@@ -68,6 +74,13 @@ def _mask_metadata(pruner: Pruner, model: nn.Module, source, start: str, sparsit
     }
 
 
+def _needs_calibration(pruner: Pruner | None, adapter: Adapter) -> bool:
+    """Whether the run builds a calibration set: for a pruner that uses one (unless
+    ``lora.mask_path`` supplies the masks) or for an adapter that scores on one."""
+    from_pruner = not adapter.mask_path and uses_calibration(pruner)
+    return from_pruner or getattr(adapter, "uses_calibration", False)
+
+
 def _start_model(source: ModelSource, start: str):
     if start == "base":
         return source.base()
@@ -92,19 +105,33 @@ def run_finetune(
     save_models: bool = True,
     resume: bool = False,
     calibration: CalibrationSettings | None = None,
+    run_settings: Mapping[str, Any] | None = None,
 ) -> float | None:
     """Fine-tune the source's ``settings.start`` model with ``adapter`` on ``tasks``' training
-    split; returns the mean held-out score of the merged model (None on non-main processes)."""
+    split; returns the mean held-out score of the merged model (None on non-main processes).
+    ``run_settings``: the config values that shape the result besides ``finetune.*``, ``seed``
+    and ``sparsity`` (``result_settings``), stored in the checkpoint; a resume must match them."""
     began = time.perf_counter()
-    trainer = Trainer(settings, hardware, logger, seed, checkpoint_dir=run_dir / "checkpoints")
+    trainer = Trainer(
+        settings,
+        hardware,
+        logger,
+        seed,
+        checkpoint_dir=run_dir / "checkpoints",
+        run_settings={"sparsity": sparsity, **(run_settings or {})},
+    )
     main = trainer.is_main_process
+    if resume:
+        if main:
+            remove_temp_files(run_dir)  # what a killed run was writing when it stopped
+        trainer.check_resume()  # a checkpoint of other settings is refused before the model loads
     masks, mask_meta = _masks_from_file(adapter.mask_path, sparsity)
     path = _start_model(source, settings.start)
     tokenizer = load_tokenizer(source.tokenizer())
     tasks.prepare()  # data drawn (and checked) before the model loads
     calib: Calibration | None = None
     uses_calib = getattr(adapter, "uses_calibration", False)  # lora=row_sparse scores rows on it
-    if (masks is None and uses_calibration(pruner)) or uses_calib:  # before the model loads
+    if _needs_calibration(pruner, adapter):  # before the model loads
         calib = Calibration.from_settings(
             tokenizer, tasks, calibration or CalibrationSettings(), seed
         )
@@ -184,21 +211,56 @@ def run_finetune(
     return metric
 
 
+# config keys that do not change the result: a resumed run may change them
+NOT_SHAPING = ("model.cache_dir", "lora.mask_check")
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and empty mappings stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def result_settings(cfg, parts: dict) -> dict[str, Any]:
+    """The config values, by key, that shape a fine-tuning result besides ``finetune.*``,
+    ``seed`` and ``sparsity`` (the trainer and ``run_finetune`` add those): the model, the
+    tasks, the adapter (``lora``), the pruner (unless ``lora.mask_path`` supplies the masks),
+    the calibration set (when the run builds one) and ``hardware.dtype``. Logging, threads, the
+    device, output paths, ``save_models`` and the model cache are left out: a resumed run may
+    change them."""
+    groups = ["model", "task", "lora"]
+    if not parts["lora"].mask_path:
+        groups.append("pruner")
+    if _needs_calibration(parts["pruner"], parts["lora"]):
+        groups.append("calibration")
+    tree = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in groups if cfg.get(g)}
+    tree["hardware"] = {"dtype": cfg.hardware.get("dtype")}
+    return {k: v for k, v in _flatten(tree).items() if k not in NOT_SHAPING}
+
+
 def run(cfg, parts: dict, run_dir: Path) -> float | None:
     """Pipeline entry (``pipeline: finetune``)."""
-    settings = FinetuneSettings(**OmegaConf.to_container(cfg.finetune, resolve=True))
-    return run_finetune(
-        parts["model"],
-        parts["task"],
-        parts["pruner"],
-        parts["lora"],
-        parts["hardware"],
-        parts["logger"],
-        settings,
-        seed=cfg.seed,
-        sparsity=cfg.sparsity,
-        run_dir=run_dir,
-        save_models=cfg.save_models,
-        resume=cfg.resume,
-        calibration=CalibrationSettings(**OmegaConf.to_container(cfg.calibration, resolve=True)),
-    )
+    with lock_run_dir(run_dir, main=is_main_process()):  # one process per run directory
+        settings = FinetuneSettings(**OmegaConf.to_container(cfg.finetune, resolve=True))
+        calibration = CalibrationSettings(**OmegaConf.to_container(cfg.calibration, resolve=True))
+        return run_finetune(
+            parts["model"],
+            parts["task"],
+            parts["pruner"],
+            parts["lora"],
+            parts["hardware"],
+            parts["logger"],
+            settings,
+            seed=cfg.seed,
+            sparsity=cfg.sparsity,
+            run_dir=run_dir,
+            save_models=cfg.save_models,
+            resume=cfg.resume,
+            calibration=calibration,
+            run_settings=result_settings(cfg, parts),
+        )

@@ -35,7 +35,7 @@ from sparse_merge.models.source import ModelSource
 from sparse_merge.pruning.base import Calibration, Pruner, uses_calibration
 from sparse_merge.pruning.settings import CalibrationSettings
 from sparse_merge.tasks.suite import TaskSuite
-from sparse_merge.tracking.io import write_csv, write_json
+from sparse_merge.tracking.io import is_main_process, lock_run_dir, write_csv, write_json
 from sparse_merge.tracking.logger import RunLogger
 from sparse_merge.tracking.report import format_table
 
@@ -287,21 +287,24 @@ def run_merge(
 
 
 def run(cfg, parts: dict, run_dir: Path) -> float:
-    """Pipeline entry (``pipeline: merge``): the built parts and the global knobs of ``cfg``."""
-    return run_merge(
-        parts["model"],
-        parts["task"],
-        parts["evolver"],
-        parts["pruner"],
-        parts["hardware"],
-        parts["logger"],
-        seed=cfg.seed,
-        sparsity=cfg.sparsity,
-        run_dir=run_dir,
-        save_models=cfg.save_models,
-        scorer=parts.get("scorer"),
-        resume=bool(cfg.get("resume", False)),
-        search=parts.get("search"),
-        baselines=parts.get("baselines"),
-        calibration=CalibrationSettings(**OmegaConf.to_container(cfg.calibration, resolve=True)),
-    )
+    """Pipeline entry (``pipeline: merge``): the built parts and the global knobs of ``cfg``;
+    the main process holds the run directory's lock for the whole run."""
+    with lock_run_dir(run_dir, main=is_main_process()):  # one process per run directory
+        calibration = CalibrationSettings(**OmegaConf.to_container(cfg.calibration, resolve=True))
+        return run_merge(
+            parts["model"],
+            parts["task"],
+            parts["evolver"],
+            parts["pruner"],
+            parts["hardware"],
+            parts["logger"],
+            seed=cfg.seed,
+            sparsity=cfg.sparsity,
+            run_dir=run_dir,
+            save_models=cfg.save_models,
+            scorer=parts.get("scorer"),
+            resume=bool(cfg.get("resume", False)),
+            search=parts.get("search"),
+            baselines=parts.get("baselines"),
+            calibration=calibration,
+        )

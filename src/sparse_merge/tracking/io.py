@@ -1,4 +1,7 @@
-"""Atomic file writes: a crash never leaves a half-written result or checkpoint."""
+"""Atomic file writes, checked checkpoints and the run directory's hygiene: a crash never leaves
+a half-written result or checkpoint; what a killed write left behind is recognised by its name
+and removed on resume; a resume whose settings differ from its checkpoint's is refused; one
+process at a time runs in a run directory."""
 
 from __future__ import annotations
 
@@ -7,9 +10,47 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from sparse_merge.errors import ConfigError
+
+# The name of a temporary file or folder of ``write_atomic`` / ``write_atomic_dir``:
+# ``.<target name>.<random>.tmp`` next to its target; ``is_temp_name`` recognises it.
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_affixes(path: str | Path) -> dict[str, Any]:
+    """``tempfile.mkstemp`` / ``mkdtemp`` arguments of the temporary sibling of ``path``."""
+    path = Path(path)
+    return {"prefix": f".{path.name}.", "suffix": TEMP_SUFFIX, "dir": path.parent}
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one ``temp_affixes`` gives (a write in progress, or one a killed
+    process left behind)."""
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX) and name != TEMP_SUFFIX
+
+
+def remove_temp_files(root: str | Path) -> list[Path]:
+    """Remove the temporary files and folders of atomic writes anywhere under ``root`` (what a
+    killed run left behind); returns what was removed. Call it only where no other process
+    writes (in a run folder: while holding ``lock_run_dir``), or a write in progress goes too."""
+    removed = []
+    for parent, dirs, files in os.walk(root):  # symlinked folders are not followed
+        for name in [*dirs, *files]:
+            if not is_temp_name(name):
+                continue
+            path = Path(parent) / name
+            if name in dirs and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+        dirs[:] = [d for d in dirs if not is_temp_name(d)]
+    return removed
 
 
 def _fsync(path: str | Path) -> None:
@@ -26,7 +67,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     the file and the rename are flushed to the disk (``fsync``) before it returns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(**temp_affixes(path))
     os.close(fd)
     try:
         write(Path(tmp))
@@ -63,7 +104,7 @@ def write_atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     into place (replacing an older ``path``), so a crash never leaves a half-written folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(**temp_affixes(path)))
     try:
         write(tmp)
         if path.exists():
@@ -155,3 +196,76 @@ def load_checked(path: str | Path) -> dict[str, Any]:
                 f"{path} is damaged (its content does not match its checksum); {advice}"
             )
     return state
+
+
+def check_resume_settings(
+    saved: Mapping[str, Any], now: Mapping[str, Any], where: str | Path
+) -> None:
+    """Refuse a resume whose settings differ from those its checkpoint (in ``where``) was made
+    with: one ``ConfigError`` line naming each changed key with both values. Keys the checkpoint
+    does not hold (settings added since it was written) are not compared."""
+    changed = [
+        f"{key}={saved[key]!r} (now {now.get(key)!r})"
+        for key in saved
+        if saved[key] != now.get(key)
+    ]
+    if changed:
+        raise ConfigError(
+            "resume",
+            True,
+            f"the settings the checkpoint in {where} was made with: "
+            + ", ".join(changed)
+            + "; resume with them, or start a new run in another folder",
+        )
+
+
+RUN_LOCK = ".run.lock"  # the lock file of a run directory (empty; hidden from listings)
+
+
+class RunDirBusy(ConfigError):
+    """Another process holds the lock of the run directory (``lock_run_dir``)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(
+            "output_dir",
+            str(run_dir),
+            f"another process is running in {run_dir} (it holds {run_dir / RUN_LOCK}); "
+            "wait for it to end, or run in another folder",
+        )
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's files: rank 0 of a launch (``torchrun``,
+    ``accelerate launch``, MPI; the rank Accelerate reads from the environment) or a process
+    started on its own."""
+    from accelerate.utils import get_cpu_distributed_information
+
+    return get_cpu_distributed_information().rank == 0
+
+
+@contextmanager
+def lock_run_dir(run_dir: str | Path, *, main: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` for the ``with`` block; while another process holds
+    it, ``RunDirBusy`` is raised at once (one line naming the folder), no waiting.
+
+    Only the process that writes (``main``) takes it: the other processes of a multi-process run
+    take nothing and never wait. Re-entrant in a process (the app and a pipeline may both hold
+    it). The lock is the kernel's (``flock`` on ``RUN_LOCK``), so a killed process frees it; the
+    empty lock file stays behind, which is harmless.
+    """
+    if not main:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / RUN_LOCK, blocking=False, is_singleton=True, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunDirBusy(run_dir) from None
+    try:
+        yield
+    finally:
+        lock.release()
