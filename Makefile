@@ -59,7 +59,17 @@ compare: $(STAMP) ## The merge comparison over seeds 0-2: evolution vs base, par
 	$(PY) run.py -m seed=0,1,2 baselines=classic save_models=false hardware.num_threads=1 hydra.sweep.dir=$(COMPARE_DIR) $(ARGS)
 	$(PY) -m sparse_merge.analysis.merge_table $(COMPARE_DIR)
 
-SWEEP ?= $(shell ls -d multirun/*/* 2>/dev/null | grep -v -e report -e compare | tail -n 1)
+N ?= 3
+REPEAT_DIR ?= multirun/repeat/$(or $(EXP),default)
+
+.PHONY: repeat
+repeat: EXP =
+repeat: $(STAMP) ## N seeds of a preset with the classic merges at equal budget: mean, sd, 95 % t-CI (make repeat EXP=balance N=3)
+	rm -rf $(REPEAT_DIR)
+	$(PY) run.py -m $(if $(EXP),experiment=$(EXP)) 'seed=range(0,$(N))' baselines=classic save_models=false hardware.num_threads=1 hydra.sweep.dir=$(REPEAT_DIR) $(ARGS)
+	$(PY) -m sparse_merge.analysis.merge_table $(REPEAT_DIR) --ci
+
+SWEEP ?= $(shell ls -d multirun/*/* 2>/dev/null | grep -v -e report -e compare -e repeat | tail -n 1)
 
 .PHONY: analyze
 analyze: $(STAMP) ## Tables (CSV) and plots (PNG) of a sweep: SWEEP=multirun/<date>/<time> (default: newest)

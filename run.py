@@ -3,10 +3,11 @@
 import hydra
 from omegaconf import DictConfig
 
-from sparse_merge.app import run
+from sparse_merge.app import register_resolvers, run
 from sparse_merge.config import register_configs
 
 register_configs()
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

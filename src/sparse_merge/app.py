@@ -2,15 +2,18 @@
 
 ``run(cfg)`` validates the composed config, builds every part with
 ``hydra.utils.instantiate`` (cheap constructors that check their values, so bad input fails
-before any model is loaded), runs the pipeline named by ``cfg.pipeline`` and always closes the
-loggers.
+before any model is loaded), checks that the run directory is writable and holds no other run's
+files (``tracking/run_identity.py``), runs the pipeline named by ``cfg.pipeline`` and always
+closes the loggers. A config error, a run directory of another run and a write the OS refuses
+(disk full, file-size limit, read-only folder) end in one line on stderr, not a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import logging
-import os
 import pkgutil
 import sys
 import time
@@ -19,28 +22,35 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import sparse_merge.pipelines
-from sparse_merge.config import GROUPS, validate
+from sparse_merge.config import GROUPS, check_parts, config_error_in, validate
 from sparse_merge.errors import ConfigError
-from sparse_merge.tracking.io import write_json
+from sparse_merge.tracking.io import (
+    WriteError,
+    check_writable,
+    is_main_process,
+    lock_run_dir,
+    write_json,
+)
+from sparse_merge.tracking.run_identity import RunIdentity, claim_run_dir
 
 log = logging.getLogger("sparse_merge")
 
 
 def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
-    """``instantiate`` with a ``ConfigError`` raised anywhere inside reported under ``key``."""
+    """``instantiate`` with a ``ConfigError`` raised anywhere inside reported under the full key
+    of the node that raised it (``evolver.schedule.low``)."""
     try:
         return instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as exc:
-        cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, ConfigError):
-            cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, ConfigError):
-            raise cause.under(key) from None
+        error = config_error_in(exc, key)  # keyed by the full path of the node that raised it
+        if error is not None:
+            raise error from None
         raise
 
 
@@ -68,6 +78,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     for group in GROUPS:  # cheap constructors: nothing heavy is loaded here
         node = cfg.get(group)
         parts[group] = None if node is None or "_target_" not in node else _instantiate(node, group)
+    check_parts(cfg, parts)  # values that clash only together (pruner x schedule, lora x model)
     return parts
 
 
@@ -82,6 +93,54 @@ def _pipeline(name: str):
     return importlib.import_module(f"sparse_merge.pipelines.{name}").run
 
 
+def _suffix(name: str | None) -> str:
+    """``_<name>``, or nothing for ``None``: ``${sm.suffix:...}`` in the run and sweep directory
+    names of ``conf/config.yaml`` (``outputs/<day>/<time>_<experiment>``)."""
+    return f"_{name}" if name not in (None, "") else ""
+
+
+def register_resolvers() -> None:
+    """The config's own interpolations (``run.py`` calls it before Hydra reads the config)."""
+    OmegaConf.register_new_resolver("sm.suffix", _suffix, replace=True)
+
+
+class WriteProbe(Callback):
+    """Hydra callback (``hydra.callbacks`` in ``conf/config.yaml``): before Hydra makes the job
+    folder and writes ``.hydra/`` and its log there, check the folder can be written, so a
+    read-only folder or a full disk ends in one line, not in Hydra's traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A single run: its ``hydra.run.dir``."""
+        _probe(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A sweep: its ``hydra.sweep.dir`` (the jobs' folders lie in it)."""
+        _probe(config.hydra.sweep.dir)
+
+
+def _probe(directory: str) -> None:
+    try:
+        check_writable(directory)
+    except WriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def identity(cfg: DictConfig) -> RunIdentity:
+    """The run ``cfg`` is: its pipeline, its experiment and its config as Hydra saved it in
+    ``.hydra/config.yaml`` (take it before ``build``, which names W&B runs)."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    config = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    return RunIdentity(str(cfg.pipeline), choices.get("experiment"), config)
+
+
+def continues(cfg: DictConfig) -> bool:
+    """Whether the run continues what its directory holds: ``resume=true``, or a pipeline that
+    reuses its own files by their recorded settings (``CONTINUES_IN_PLACE``: digits)."""
+    module = importlib.import_module(f"sparse_merge.pipelines.{cfg.pipeline}")
+    return bool(cfg.get("resume", False)) or getattr(module, "CONTINUES_IN_PLACE", False)
+
+
 def resolved(cfg: DictConfig) -> dict[str, Any]:
     """The run's config as a plain dict, interpolations resolved, Hydra's own node left out."""
     keys = [k for k in cfg if k != "hydra"]
@@ -89,15 +148,27 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
 
 
 def execute(cfg: DictConfig) -> float | None:
-    """Build the parts and run the pipeline; raises ``ConfigError`` on bad input."""
+    """Build the parts, claim the run directory and run the pipeline; raises ``ConfigError`` on
+    bad input or a directory holding another run's files, ``WriteError`` when it cannot be
+    written."""
+    this_run = identity(cfg)
     parts = build(cfg)
     run_dir = Path(cfg.output_dir)
+    # under `accelerate launch` only the main process (rank 0) writes the run's own files, so a
+    # late rank cannot overwrite the main process's metric; the other ranks check, not write
+    main = is_main_process()
+    if main:
+        check_writable(run_dir)  # a read-only folder or a full disk: refused before any model loads
+    with lock_run_dir(run_dir, main=main):  # one process per run directory, claim included
+        claim_run_dir(run_dir, this_run, continues=continues(cfg), write=main)
+        return _run_pipeline(cfg, parts, run_dir, main)
+
+
+def _run_pipeline(cfg: DictConfig, parts: dict[str, Any], run_dir: Path, main: bool) -> Any:
+    """Run the pipeline between the loggers' start and close; ``status.json`` lets sweep analysis
+    tell finished, failed and running runs apart."""
     logger = parts["logger"]
     logger.start(run_dir, resolved(cfg))
-    # status.json lets sweep analysis tell finished, failed and running runs apart; under
-    # `accelerate launch` only the main process (RANK 0) writes it, so a late rank cannot
-    # overwrite the main process's metric
-    main = int(os.environ.get("RANK", "0")) == 0
 
     def status(**fields: Any) -> None:
         if main:
@@ -107,7 +178,8 @@ def execute(cfg: DictConfig) -> float | None:
     try:
         metric = _pipeline(cfg.pipeline)(cfg, parts, run_dir)
     except BaseException as exc:
-        status(status="failed", error=f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(OSError):  # on a full disk the run's own error is the news
+            status(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         logger.close()
@@ -115,10 +187,43 @@ def execute(cfg: DictConfig) -> float | None:
     return metric
 
 
+# the OS's reasons that only a write gives: reported as one line even from a writer that is not
+# write_atomic (the JSONL log's appends)
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def _write_failure(exc: OSError, run_dir: str) -> str:
+    """One line for a write the OS refused: ``WriteError``'s own; for another writer (not
+    ``write_atomic``) the file or the function that was writing, the folder and the reason."""
+    if isinstance(exc, WriteError):
+        return str(exc)
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    what = exc.filename or (tb.tb_frame.f_code.co_qualname if tb is not None else "a writer")
+    error = WriteError(exc.filename or run_dir, exc)
+    return "; ".join(
+        x
+        for x in (
+            f"could not write in {run_dir} ({what}): {error.reason}",
+            error.advice,
+            "results and checkpoints written before are intact (each is replaced only by a "
+            "complete copy)",
+        )
+        if x
+    )
+
+
 def run(cfg: DictConfig) -> float | None:
-    """Entry point of ``run.py``: like ``execute`` but a bad value exits with one clear line."""
+    """Entry point of ``run.py``: like ``execute`` but a bad value or a run directory holding
+    another run's files exits (2), and a write the OS refused exits (1), with one clear line."""
     try:
         return execute(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as exc:
+        if not isinstance(exc, WriteError) and exc.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: {_write_failure(exc, cfg.output_dir)}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -4,20 +4,27 @@ The top-level schema types the global knobs (a mistyped or ill-typed key fails a
 time). Group nodes are checked against the signature of their ``_target_``: a key the target
 does not take is reported with the keys it does take, before anything is built. Value ranges
 are checked by the targets' own constructors (``ConfigError``), which ``app.build`` calls
-before any model is loaded.
+before any model is loaded; an error raised in a nested node's constructor names that node's
+full key (``config_error_in``: ``evolver.schedule.low``, ``task.tasks.addition.n_select``).
+Values that only clash in combination (a pruner's fixed sparsities against the run's target,
+schedule and search; the adapter's target modules against the model's layers) are checked on
+the built parts (``check_parts``), still before any model is loaded.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
 from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, ListConfig
 
 from sparse_merge.errors import ConfigError, check_fraction, check_positive
+from sparse_merge.evolution.schedules import schedule_values
 from sparse_merge.finetune.settings import FinetuneSettings
 from sparse_merge.finetune.throughput import ThroughputSettings
 from sparse_merge.pruning.settings import CalibrationSettings, MasksSettings
@@ -34,6 +41,17 @@ GROUPS = (
     "hardware",
     "logger",
 )
+
+# pipelines that prune with the `pruner` group to `sparsity` (the others never call it)
+PRUNING_PIPELINES = ("merge", "masks", "finetune", "throughput")
+# pipelines that wrap the model with the `lora` group's adapter
+ADAPTER_PIPELINES = ("finetune", "throughput")
+# the task splits a pipeline scores task by task (an empty one fails there, late)
+SCORED_SPLITS = {
+    "merge": ("n_select", "n_heldout"),  # every candidate on the selection split; the report
+    "finetune": ("n_heldout",),
+    "evaluate": ("n_heldout",),
+}
 
 
 @dataclass
@@ -121,6 +139,40 @@ def check_target_keys(node: Any, key: str) -> None:
             check_target_keys(node._get_node(k), f"{key}.{k}")
 
 
+def check_split_sizes(cfg: DictConfig) -> None:
+    """Every task's ``n_select``/``n_heldout`` that the pipeline scores task by task is a whole
+    number >= 1 (0 is for the pipelines that never score that split: a fine-tuning run needs no
+    selection data). ``null`` (every row) is left to the task."""
+    splits = SCORED_SPLITS.get(str(cfg.get("pipeline")), ())
+    node = cfg.get("task")
+    if not splits or node is None:
+        return
+
+    def walk(node: Any, key: str) -> None:
+        if not isinstance(node, DictConfig):
+            return
+        if "_target_" in node:
+            for split in splits:
+                value = node.get(split)
+                if (
+                    split in node
+                    and value is not None
+                    and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
+                ):
+                    raise ConfigError(
+                        f"{key}.{split}",
+                        value,
+                        f"a whole number >= 1: pipeline={cfg.pipeline} scores every task's "
+                        + ("selection" if split == "n_select" else "held-out")
+                        + " split",
+                    )
+        for k in node:
+            if not str(k).startswith("_"):
+                walk(node._get_node(k), f"{key}.{k}")
+
+    walk(node, "task")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the global knobs and the keys of every group; raises ``ConfigError``."""
     check_fraction("sparsity", cfg.sparsity)
@@ -129,3 +181,124 @@ def validate(cfg: DictConfig) -> None:
         node = cfg.get(group)
         if node is not None:
             check_target_keys(node, group)
+    check_split_sizes(cfg)
+
+
+def config_error_in(exc: BaseException, group: str) -> ConfigError | None:
+    """The ``ConfigError`` behind a failed ``instantiate`` of group ``group``, keyed by the full
+    path of the node whose constructor raised it (``evolver.schedule`` + ``low``; Hydra names
+    that node on the last line of its error, ``full_key: evolver.schedule``); ``None`` when
+    another error caused it. A key already under ``group`` is kept as it is."""
+    node_key, cause = group, exc
+    while cause is not None and not isinstance(cause, ConfigError):
+        if isinstance(cause, InstantiationException):  # the innermost one names the node
+            _, sep, found = str(cause).rpartition("\nfull_key: ")
+            found = found.strip()
+            if sep and found:
+                inside = found == group or found.startswith((f"{group}.", f"{group}["))
+                node_key = found if inside else f"{group}.{found}"
+        cause = cause.__cause__ or cause.__context__
+    return cause.under(node_key) if isinstance(cause, ConfigError) else None
+
+
+def check_parts(cfg: DictConfig, parts: dict[str, Any]) -> None:
+    """Checks of values that clash only in combination, on the parts ``app.build`` made
+    (nothing heavy is loaded yet): the pruner's sparsities against the run's target, schedule
+    and search, and the adapter's target modules against the model's layers."""
+    check_pruner_sparsities(cfg, parts)
+    check_adapter_targets(cfg, parts)
+
+
+def _pruner_words(cfg: DictConfig) -> str:
+    node = cfg.get("pruner")
+    nm = node.get("nm") if isinstance(node, DictConfig) else None
+    if nm is not None:
+        return f"pruner.nm={nm!r}"
+    return f"pruner {node.get('_target_')}" if isinstance(node, DictConfig) else "the pruner"
+
+
+def check_pruner_sparsities(cfg: DictConfig, parts: dict[str, Any]) -> None:
+    """A pruner that prunes to a fixed set of sparsities only (an N:M pattern: 0 and (M-N)/M)
+    must be asked for those only: the run's ``sparsity``, every step of the evolver's
+    ``schedule`` (over its iterations) and, in a merge, no search whose sparsity gene takes
+    any value (``search=task_vectors``). Refused, never snapped to the nearest allowed value."""
+    from sparse_merge.pruning.base import accepted_sparsities, sparsity_accepted
+
+    allowed = accepted_sparsities(parts.get("pruner"))
+    if allowed is None or cfg.pipeline not in PRUNING_PIPELINES:
+        return
+    lora = cfg.get("lora")
+    if cfg.pipeline in ADAPTER_PIPELINES and isinstance(lora, DictConfig) and lora.get("mask_path"):
+        return  # the masks come from the file, not the pruner
+    who, text = _pruner_words(cfg), " or ".join(f"{a:g}" for a in allowed)
+    target = float(cfg.sparsity)
+    if not sparsity_accepted(allowed, target):
+        raise ConfigError(
+            "sparsity", cfg.sparsity, f"{text}, the only sparsities {who} can prune to"
+        )
+    if cfg.pipeline != "merge" or target == 0:
+        return
+    evolver = parts.get("evolver")
+    prunes_in_loop = getattr(evolver, "prune_target", None) != "none"
+    if getattr(parts.get("search"), "name", None) == "task_vectors" and prunes_in_loop:
+        raise ConfigError(
+            "search",
+            "task_vectors",
+            f"search=weights with {who}: the task-vector search's sparsity gene takes any "
+            f"value in [0, search.max_sparsity] and {who} can prune to {text} only",
+        )
+    schedule = getattr(evolver, "schedule", None)
+    if schedule is None or not prunes_in_loop:
+        return
+    steps = int(getattr(evolver, "iterations", 0))
+    bad = [v for v in schedule_values(schedule, target, steps) if not sparsity_accepted(allowed, v)]
+    if bad:
+        shown = ", ".join(f"{v:.4g}" for v in bad[:4]) + (", ..." if len(bad) > 4 else "")
+        raise ConfigError(
+            "evolver.schedule",
+            schedule,
+            f"a schedule whose every sparsity is {text}, the only ones {who} can prune to; "
+            f"over evolver.iterations={steps} this one also gives {shown} "
+            f"(evolver.schedule.low={target:g} keeps it at sparsity={target:g}, "
+            "as does evolver.schedule=null)",
+        )
+
+
+def model_arch(source: Any) -> tuple[Any, str] | None:
+    """The transformers config of a model source's architecture when it is cheap to get (no
+    model trained, converted or downloaded), with where it came from; else ``None``. A source
+    with ``arch_config()`` (the toy zoo) builds it from ``model.arch``; a local model directory
+    (``model=hf``) has its ``config.json``."""
+    make = getattr(source, "arch_config", None)
+    if callable(make):
+        return make(), "model.arch"
+    from sparse_merge.models.source import PretrainedModels
+
+    if isinstance(source, PretrainedModels):
+        try:
+            path = Path(str(source.base())).expanduser()
+        except ConfigError:
+            return None
+        if (path / "config.json").is_file():
+            from transformers import AutoConfig
+
+            return AutoConfig.from_pretrained(str(path)), str(path / "config.json")
+    return None
+
+
+def check_adapter_targets(cfg: DictConfig, parts: dict[str, Any]) -> None:
+    """The adapter's ``target_modules`` (``lora.target_modules``) each name a module of the
+    model, checked on the model built on the ``meta`` device from its config (no weights)
+    where that config is cheap to get (``model_arch``); other models are checked as they load
+    (``LoraAdapter.wrap``)."""
+    targets = getattr(parts.get("lora"), "target_modules", None)
+    if cfg.pipeline not in ADAPTER_PIPELINES or not targets:
+        return
+    found = model_arch(parts.get("model"))
+    if found is None:
+        return
+    from sparse_merge.finetune.lora import check_target_modules, meta_model
+
+    config, source = found
+    where = f"checked on the meta device from {source}, before the model loads"
+    check_target_modules(targets, meta_model(config), where)

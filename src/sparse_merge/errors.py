@@ -13,8 +13,13 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={value!r} is not allowed: {allowed}")
 
     def under(self, prefix: str) -> ConfigError:
-        """The same error with its key placed under a config group (``pruner`` + ``sparsity``)."""
-        return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.value, self.allowed)
+        """The same error with its key placed under a config node (``pruner`` + ``sparsity``,
+        ``evolver.schedule`` + ``low``). A key that already starts with the prefix's group
+        (``model.source`` raised inside ``model``) is a full path and is kept as it is."""
+        group = prefix.split(".", 1)[0].split("[", 1)[0]
+        if not prefix or self.key == group or self.key.startswith((f"{group}.", f"{group}[")):
+            return ConfigError(self.key, self.value, self.allowed)
+        return ConfigError(f"{prefix}.{self.key}", self.value, self.allowed)
 
 
 class DataError(ValueError):

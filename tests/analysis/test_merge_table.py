@@ -1,10 +1,13 @@
 """The merge comparison table: rows of every run's results.json as mean ± sd over seeds."""
 
+import csv
 import json
+import math
 
+import pytest
 import yaml
 
-from sparse_merge.analysis.merge_table import report
+from sparse_merge.analysis.merge_table import confidence_interval, report, t_quantile
 
 
 def _run(root, seed, search, rows, status="finished"):
@@ -42,3 +45,46 @@ def test_one_table_per_setting_with_mean_and_sd_over_seeds(tmp_path):
     assert "| code | 0.900 ± 0.000 | 0.900 ± 0.000 | 0.000 ± 0.000 | – | 2 |" in weights
     for name in ("merge_table.md", "merge_table.csv", "merge_table.png"):
         assert (tmp_path / name).exists()
+
+
+def test_t_quantile_matches_the_t_distribution():
+    # closed forms: df=1 (Cauchy) tan(pi (q - 1/2)); df=2 (2q - 1) sqrt(2 / (4 q (1 - q)))
+    assert t_quantile(0.975, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-10)
+    assert t_quantile(0.975, 2) == pytest.approx(4.302652729749464, rel=1e-10)
+    assert t_quantile(0.975, 4) == pytest.approx(2.776445105, rel=1e-9)  # printed t tables
+    stats = pytest.importorskip("scipy.stats")
+    for df in [*range(1, 31), 60, 120, 1000]:
+        for q in (0.6, 0.9, 0.975, 0.995):
+            assert t_quantile(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-9, abs=1e-10)
+    with pytest.raises(ValueError, match="df=0"):
+        t_quantile(0.975, 0)
+
+
+def test_confidence_interval_on_known_numbers():
+    # mean 0.7, sd 0.1, n 3: half-width t_{0.975,2} * 0.1 / sqrt(3) = 0.248414...
+    lo, hi = confidence_interval([0.6, 0.7, 0.8])
+    half = 4.302652729749464 * 0.1 / math.sqrt(3)
+    assert (lo, hi) == pytest.approx((0.7 - half, 0.7 + half), abs=1e-12)
+    assert confidence_interval([0.5, 0.5]) == pytest.approx((0.5, 0.5))
+    assert confidence_interval([0.5]) is None  # no interval from one seed
+
+
+def test_ci_columns_follow_every_value_column(tmp_path):
+    for seed, best in ((0, 0.6), (1, 0.7), (2, 0.8)):
+        _run(tmp_path, seed, "weights", [("code", 0.9, 0.0, 0), ("best", best, 0.5, 70)])
+    _run(tmp_path, 0, "task_vectors", [("best", 0.1, 0.5, 66)])  # one seed: no interval
+    text = report(tmp_path, ci=True)
+    header = "| model | a | a 95% CI | mean | mean 95% CI | sparsity | sparsity 95% CI |"
+    assert header + " selection evals | seeds |" in text
+    assert "95% CI of the mean, Student t, n-1 dof" in text
+    assert (
+        "| best | 0.700 ± 0.100 | [0.452, 0.948] | **0.700 ± 0.100** | [0.452, 0.948] "
+        "| 0.500 ± 0.000 | [0.500, 0.500] | 70 | 3 |" in text
+    )
+    assert "| best | 0.100 | – | **0.100** | – | 0.500 | – | 66 | 1 |" in text
+    with open(tmp_path / "merge_table.csv") as f:
+        rows = {(r["setting"], r["model"]): r for r in csv.DictReader(f)}
+    assert rows["search=weights", "code"]["mean 95% CI"] == "[0.900, 0.900]"
+    assert rows["search=weights", "best"]["a 95% CI"] == "[0.452, 0.948]"
+    assert rows["search=task_vectors", "best"]["sparsity 95% CI"] == "–"
+    assert "95% CI" not in report(tmp_path)  # off unless asked for

@@ -126,7 +126,6 @@ def test_in_loop_wanda_prunes_with_reference_norms_and_leaves_the_workspace_alon
     assert problem.sparsity(exact) == problem.sparsity(ws) == 0.5
 
 
-
 def test_wanda_reference_norms_are_measured_once_before_the_first_step(
     problem, tmp_path, monkeypatch
 ):

@@ -1,4 +1,5 @@
-"""``python -m sparse_merge.analysis <sweep dir> [--out DIR]``: CSV tables and PNG plots."""
+"""``python -m sparse_merge.analysis <sweep or run dir> [--out DIR]``: CSV tables and PNG
+plots (and, for each run that logged it, the child's sparsity per layer and step)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ from pathlib import Path
 import pandas as pd
 
 from sparse_merge.analysis.collect import collect
-from sparse_merge.analysis.plots import archive_scatter, heatmap, metric_vs_sparsity
+from sparse_merge.analysis.plots import (
+    archive_scatter,
+    heatmap,
+    layer_sparsity_heatmap,
+    metric_vs_sparsity,
+)
 from sparse_merge.analysis.tables import (
     add_method,
     grouped_summary,
@@ -21,6 +27,7 @@ from sparse_merge.tracking.io import write_atomic
 ARCHIVE_FILE = (
     "archive.csv"  # evolution runs: one row per final-archive individual (accuracy, sparsity)
 )
+LOG_FILE = "log.jsonl"  # a run's records (with evolver.log_layer_sparsity: per-layer sparsity)
 
 
 def _csv(df: pd.DataFrame, path: Path) -> Path:
@@ -29,7 +36,9 @@ def _csv(df: pd.DataFrame, path: Path) -> Path:
 
 def analyze(sweep_dir: str | Path, out: str | Path | None = None) -> dict[str, Path]:
     """Write ``summary.csv``, ``grouped_summary.csv``, ``sparsity_vs_performance.csv``,
-    ``failed_runs.csv`` and the plots; returns what was written by name."""
+    ``failed_runs.csv`` and the plots; returns what was written by name. A run whose log holds
+    per-layer sparsity gets ``layer_sparsity.png`` (``sweep_dir`` is that run) or
+    ``layer_sparsity_<run>.png`` (a run of a sweep): layer x step."""
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out else sweep_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
@@ -68,13 +77,21 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None) -> dict[str, P
     ]
     if archives and (path := archive_scatter(pd.concat(archives), out / "archive_pareto.png")):
         written["archive_pareto"] = path
+    for run in runs["run"]:
+        log = sweep_dir / run / LOG_FILE
+        stem = "layer_sparsity" if run == "." else f"layer_sparsity_{run.replace('/', '_')}"
+        name = sweep_dir.resolve().name if run == "." else run
+        if log.exists() and (path := layer_sparsity_heatmap(log, out / f"{stem}.png", name)):
+            written[stem] = path
     written.update(write_throughput(sweep_dir, out))  # experiment=sweep_throughput runs
     return written
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("sweep_dir", help="a multirun directory (or any directory of runs)")
+    parser.add_argument(
+        "sweep_dir", help="a multirun directory, a run directory, or any directory of runs"
+    )
     parser.add_argument(
         "--out", default=None, help="where to write (default: <sweep_dir>/analysis)"
     )

@@ -4,12 +4,19 @@ A run is any directory holding ``.hydra/config.yaml`` (Hydra writes it for every
 the job starts). Its status comes from ``status.json`` (written by ``app.execute``): a run
 without one, or still marked ``running``, is ``unfinished``; a run marked ``failed`` keeps its
 error. Metrics are the flat keys of ``summary.json``.
+
+A directory whose files belong to two runs is left out, with a warning naming it: its
+``run_identity.json`` (written when its run started, next to the results) names another config
+than its ``.hydra/config.yaml`` (which Hydra rewrites for every job launched into the folder,
+even one that is then refused). A directory without an identity (a run from before identities
+were recorded) is read as it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,13 +24,44 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from sparse_merge.tracking.run_identity import IDENTITY_FILE, describe, disagreements, read_json
+
+log = logging.getLogger("sparse_merge")
+
 # Hydra's own groups and keys that say nothing about the experiment
 _SKIP_CHOICES = ("hydra/", "local")
 
 
 def find_runs(sweep_dir: str | Path) -> list[Path]:
-    """Every run directory under ``sweep_dir`` (sorted)."""
-    return sorted(p.parent.parent for p in Path(sweep_dir).rglob(".hydra/config.yaml"))
+    """Every run directory under ``sweep_dir`` (sorted) whose files are of one run; the others
+    are left out with a warning (``mixed_files``)."""
+    runs = []
+    for run_dir in sorted(p.parent.parent for p in Path(sweep_dir).rglob(".hydra/config.yaml")):
+        if (problem := mixed_files(run_dir)) is None:
+            runs.append(run_dir)
+        else:
+            log.warning("left out %s: %s", run_dir, problem)
+    return runs
+
+
+def mixed_files(run_dir: Path) -> str | None:
+    """Why the files of ``run_dir`` are of two runs, or ``None``: a value of
+    ``.hydra/config.yaml`` is not the one ``run_identity.json`` (the run whose results are
+    there) recorded."""
+    held = read_json(run_dir / IDENTITY_FILE)
+    if held is None:
+        return None
+    config = OmegaConf.to_container(
+        OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=False, enum_to_str=True
+    )
+    differ = disagreements(held.get("config") or {}, config)
+    if not differ:
+        return None
+    more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+    return (
+        f"its results are of a run of {describe(held)} ({IDENTITY_FILE}), but .hydra/ holds "
+        f"another run's config, launched into the folder later: {', '.join(differ[:3])}{more}"
+    )
 
 
 def finished_results(root: str | Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:

@@ -1,8 +1,10 @@
-"""PNG plots of a sweep: metrics against sparsity per method, a method x sparsity heatmap, and
-the accuracy-sparsity Pareto front of evolved archives."""
+"""PNG plots of a sweep: metrics against sparsity per method, a method x sparsity heatmap, the
+accuracy-sparsity Pareto front of evolved archives, and per run the child's sparsity per layer
+and step (``evolver.log_layer_sparsity``)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -91,6 +93,63 @@ def archive_scatter(archives: pd.DataFrame, out: Path) -> Path | None:
     ax.set_ylabel("held-out accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def layer_sparsity_table(log: Path) -> pd.DataFrame:
+    """Layers x steps: the child's exact sparsity per prunable layer from the ``step`` records
+    of a run's ``log.jsonl`` that hold ``layer_sparsity`` (layers in logged order, steps
+    sorted; a step logged twice, as after a resume, counts with its later record). Empty
+    when the run logged none."""
+    by_step: dict[int, dict[str, float]] = {}
+    with open(log) as f:
+        for line in f:
+            if '"layer_sparsity"' not in line:  # cheap filter: most records have none
+                continue
+            record = json.loads(line)
+            if record.get("event") == "step" and record.get("layer_sparsity"):
+                by_step[int(record["step"])] = record["layer_sparsity"]
+    if not by_step:
+        return pd.DataFrame()
+    names = list(dict.fromkeys(n for layers in by_step.values() for n in layers))
+    table = pd.DataFrame(
+        {step: [by_step[step].get(n, np.nan) for n in names] for step in sorted(by_step)},
+        index=names,
+    )
+    table.columns.name, table.index.name = "step", "layer"
+    return table
+
+
+def layer_sparsity_heatmap(log: Path, out: Path, title: str | None = None) -> Path | None:
+    """Heatmap of ``layer_sparsity_table(log)`` (layer x step, colour = exact sparsity in
+    [0, 1]; ``title`` names the run); None when the run logged no per-layer sparsity."""
+    table = layer_sparsity_table(log)
+    if table.empty:
+        return None
+    n_layers, n_steps = table.shape
+    fig, ax = plt.subplots(
+        figsize=(min(4.0 + 0.06 * n_steps, 16.0), min(2.0 + 0.16 * n_layers, 40.0))
+    )
+    im = ax.imshow(
+        table.to_numpy(dtype=float),
+        aspect="auto",
+        cmap="viridis",
+        vmin=0.0,
+        vmax=1.0,
+        interpolation="nearest",
+    )
+    every = max(1, n_layers // 60)  # at most about 60 labels
+    labels = [str(n).removesuffix(".weight") for n in table.index[::every]]
+    ax.set_yticks(range(0, n_layers, every), labels, fontsize=6)
+    steps = list(table.columns)
+    ticks = range(0, n_steps, max(1, n_steps // 12))
+    ax.set_xticks(list(ticks), [str(steps[i]) for i in ticks])
+    ax.set_xlabel("step")
+    ax.set_title("child sparsity per layer" + (f" ({title})" if title else ""), fontsize=9)
+    fig.colorbar(im, ax=ax, label="sparsity (exact zeros)")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from sparse_merge.errors import check_fraction
+from sparse_merge.evolution.problem import slots_layer_sparsity, slots_sparsity
 from sparse_merge.models.digits import DigitsParents
 from sparse_merge.pruning.base import keep_smallest_out
 from sparse_merge.tasks.digits import DigitsTask
@@ -43,7 +44,6 @@ class DigitsProblem:
         self._slices = [self.space.slot(n) for n in ("w1", "b1", "w2", "b2")]
         self._in_out = parents.layout == "in_out"
         self._weights = [self.space.slot(n) for n in WEIGHTS]
-        self._n_weights = sum(s.numel for s in self._weights)
         self._workspace = torch.zeros(self.numel)  # [P]
         self._initial: dict[str, torch.Tensor] | None = None
 
@@ -103,10 +103,14 @@ class DigitsProblem:
         acc = self.test_accuracy(genome)
         return {"digits": acc, "mean": acc}
 
-    def sparsity(self, genome: torch.Tensor) -> float:
-        """Exact fraction of zero entries of the two weight matrices (biases do not count)."""
-        zeros = sum(int((genome[s.offset : s.stop] == 0).sum()) for s in self._weights)
-        return zeros / self._n_weights
+    def sparsity(self, genome: torch.Tensor, epsilon: float = 0.0) -> float:
+        """Fraction of the two weight matrices' entries with ``|w| <= epsilon`` (biases do not
+        count); ``epsilon=0``: exact zeros."""
+        return slots_sparsity(genome, self._weights, epsilon)
+
+    def layer_sparsity(self, genome: torch.Tensor) -> dict[str, float]:
+        """Exact fraction of zeros of ``w1`` and ``w2``."""
+        return slots_layer_sparsity(genome, self._weights)
 
     prune_is_mask = True  # magnitude pruning only zeroes weights (mask caching is exact)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from sparse_merge.evolution.problem import is_workspace
+from sparse_merge.evolution.problem import is_workspace, slots_layer_sparsity, slots_sparsity
 from sparse_merge.merging.base import MergeMethod, Segment, tensor_segments
 from sparse_merge.models.blocks import prunable_layers
 from sparse_merge.models.paramspace import ParamSpace
@@ -72,12 +72,10 @@ class LLMProblem:
         self.numel = space.numel
         self.n_datapoints = tasks.n_selection
         self.task_names = tasks.names
-        # (offset, stop) of every prunable weight in the genome: sparsity without a model load
-        self._prunable = [
-            (s.offset, s.stop)
-            for s in (space.slot(layer.param_name) for layer in prunable_layers(space.model))
-        ]
-        self._prunable_total = sum(b - a for a, b in self._prunable)
+        # the slot of every prunable weight in the genome: sparsity without a model load
+        layers = prunable_layers(space.model)
+        self.prunable_slots = [space.slot(layer.param_name) for layer in layers]
+        self._layer_names = [layer.name for layer in layers]
 
     @property
     def workspace(self) -> torch.Tensor:
@@ -144,11 +142,16 @@ class LLMProblem:
             self._heldout_memo[key] = dict(self._heldout(self._load(genome), self.tokenizer))
         return dict(self._heldout_memo[key])
 
-    @torch.no_grad()
-    def sparsity(self, genome: torch.Tensor) -> float:
-        """Exact fraction of zeros over the prunable weights (decoder-block linears)."""
-        zeros = sum(int((genome[a:b] == 0).sum()) for a, b in self._prunable)
-        return zeros / max(self._prunable_total, 1)
+    def sparsity(self, genome: torch.Tensor, epsilon: float = 0.0) -> float:
+        """Fraction of the prunable weights (decoder-block linears) with ``|w| <= epsilon``;
+        ``epsilon=0``: the exact fraction of zeros."""
+        return slots_sparsity(genome, self.prunable_slots, epsilon)
+
+    def layer_sparsity(self, genome: torch.Tensor) -> dict[str, float]:
+        """Exact fraction of zeros of each prunable layer, by layer name as in
+        ``measure_sparsity`` (a 3-D fused expert weight: one ``<name>[<expert>]`` row per
+        expert); read from the genome's slices, one pass over the prunable weights, no copy."""
+        return slots_layer_sparsity(genome, self.prunable_slots, self._layer_names)
 
     def prune_(self, genome: torch.Tensor, target: float, pruner: Pruner | None = None) -> None:
         """Prune ``genome`` in place with the run's pruner (no-op without one or at 0)."""

@@ -14,10 +14,12 @@ held-out split is the pipeline's, for reports.
 
 The GA baseline is this engine with ``alpha = 0`` (no competition) and no matchmaker
 (``evolver=ga``). Every individual has a lineage id; every step is logged (JSONL) with its
-parents, operator parameters, pruning sparsity, the child's sparsity and scores, and whether it
-entered. A checkpoint (archive, scores, RNG states, schedule phase, lineage) is written
-atomically every ``checkpoint_every`` steps; resuming from it gives exactly the archive an
-uninterrupted run ends with.
+parents, operator parameters, pruning sparsity, the child's sparsity (exact zeros; with
+``log_layer_sparsity`` also per prunable layer) and scores, and whether it entered. The sparsity
+selection sees counts weights with ``|w| <= scorer.epsilon`` as zero (exact zeros at the default
+0); the picks and every report give the exact sparsity. A checkpoint (archive, scores, RNG
+states, schedule phase, lineage) is written atomically every ``checkpoint_every`` steps;
+resuming from it gives exactly the archive an uninterrupted run ends with.
 
 Scale: the archive lives on the model's device, in host memory or on disk (``archive``; see
 ``evolution.archive``); with host or disk storage the two parents are staged into the
@@ -31,6 +33,7 @@ pruning of the picks uses ``prune_``, the run's pruner itself.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -83,7 +86,7 @@ class StepRecord:
     replaced_id: int | None
     best_fitness: float  # highest competition fitness in the archive
     best_selection_mean: float  # highest mean selection score in the archive
-    archive_sparsity: float
+    archive_sparsity: float  # mean sparsity the scorer sees (exact zeros at scorer.epsilon 0)
     eval_s: float  # the child's evaluation (its forward passes)
     prune_s: float  # pruning (includes a pruner's own calibration passes, e.g. Wanda's)
     crossover_s: float
@@ -91,6 +94,30 @@ class StepRecord:
     store_s: float  # storing the child in the archive (a file write on disk)
     prune_hits: int  # parents pruned from the mask cache this step
     step_s: float  # the whole step
+    # in the record only when set (OPTIONAL_FIELDS), so a default run logs what it always did
+    child_sparsity_eps: float | None = None  # what selection saw: |w| <= scorer.epsilon (> 0)
+    layer_sparsity: dict[str, float] | None = None  # exact, per prunable weight (on request)
+    layer_sparsity_s: float | None = None  # measuring ``layer_sparsity``
+
+    def to_log(self) -> dict[str, Any]:
+        """The JSONL record: every field, the optional ones only when set (``vars``, not
+        ``asdict``: asdict deep-copies the D child scores every step, ms per step)."""
+        return {k: v for k, v in vars(self).items() if v is not None or k not in OPTIONAL_FIELDS}
+
+
+OPTIONAL_FIELDS = ("child_sparsity_eps", "layer_sparsity", "layer_sparsity_s")
+
+
+def selection_epsilon(scorer: SparsityAwareScorer) -> float:
+    """The scorer's near-zero threshold (0.0 for a scorer without one: exact zeros)."""
+    return float(getattr(scorer, "epsilon", 0.0))
+
+
+def _sparsities(problem: Problem, genome: torch.Tensor, epsilon: float) -> tuple[float, float]:
+    """(exact sparsity, the sparsity selection sees) of ``genome``: one measurement at
+    ``epsilon`` 0, where both are the exact zero fraction."""
+    exact = problem.sparsity(genome)
+    return exact, exact if epsilon == 0 else problem.sparsity(genome, epsilon=epsilon)
 
 
 def _null_logger() -> RunLogger:
@@ -124,6 +151,11 @@ class NaturalNiches:
             memory) or ``disk`` (one safetensors file per individual under
             ``<run_dir>/archive``; checkpoints then cost O(one child)).
         prune_cache_mb: host memory for cached keep-masks of pruned parents (0: off).
+        log_layer_sparsity: add the child's exact sparsity per prunable layer (name ->
+            fraction; a 3-D fused expert weight gives a row per expert, ``<param>[<expert>]``)
+            to every step record, ``layer_sparsity`` (W&B: ``layer_sparsity/<name>``). It is
+            read from the child's genome slices: one pass over the prunable weights, no copy;
+            the record's ``layer_sparsity_s`` says what it cost.
     """
 
     def __init__(
@@ -141,6 +173,7 @@ class NaturalNiches:
         final_prune: bool = True,
         archive: str = "device",
         prune_cache_mb: float = 1024,
+        log_layer_sparsity: bool = False,
     ) -> None:
         self.pop_size = check_int("pop_size", pop_size, minimum=2)
         self.iterations = check_int("iterations", iterations)
@@ -163,6 +196,7 @@ class NaturalNiches:
         self.prune_cache_mb = float(
             check_positive("prune_cache_mb", prune_cache_mb, allow_zero=True)
         )
+        self.log_layer_sparsity = check_bool("log_layer_sparsity", log_layer_sparsity)
 
     # ---- the engine ----------------------------------------------------------------------
 
@@ -202,6 +236,7 @@ class NaturalNiches:
                     f"scorer.{k}": getattr(scorer, k)
                     for k in ("omega", "beta", "tau", "alpha", "kind")
                 },
+                "scorer.epsilon": selection_epsilon(scorer),
             }
         )
         return out
@@ -226,6 +261,7 @@ class NaturalNiches:
         resume but writes nothing and shows no progress bar.
         """
         logger = logger or _null_logger()
+        self._check_sparsity_knobs(problem, scorer)
         run_dir = Path(run_dir) if run_dir is not None else None
         schedule = self.schedule.bind(target) if hasattr(self.schedule, "bind") else self.schedule
         pruning = self.prune_target != "none" and target > 0
@@ -250,7 +286,8 @@ class NaturalNiches:
                 log.warning("resume requested but no checkpoint in %s: starting fresh", run_dir)
             if write:
                 archive.clear_files()
-            start, next_id = 0, self._seed_archive(problem, archive, lineage, logger)
+            epsilon = selection_epsilon(scorer)
+            start, next_id = 0, self._seed_archive(problem, archive, lineage, logger, epsilon)
 
         staged = archive.storage != "device"
         scratch = None
@@ -283,8 +320,7 @@ class NaturalNiches:
                 cache,
             )
             next_id += 1
-            # vars, not asdict: asdict deep-copies the D child scores every step (ms per step)
-            logger.log({"event": "step", **vars(rec)}, step=step)
+            logger.log({"event": "step", **rec.to_log()}, step=step)
             bar.set_postfix(
                 best_fitness=f"{rec.best_fitness:.3f}",
                 best_acc=f"{rec.best_selection_mean:.3f}",
@@ -308,6 +344,23 @@ class NaturalNiches:
             problem, scorer, archive, lineage, run_dir if write else None, target, evaluations
         )
 
+    def _check_sparsity_knobs(self, problem: Problem, scorer: SparsityAwareScorer) -> None:
+        """Refuse ``scorer.epsilon > 0`` and ``evolver.log_layer_sparsity`` for a problem that
+        cannot measure them, before any evaluation."""
+        epsilon = selection_epsilon(scorer)
+        if epsilon > 0 and "epsilon" not in inspect.signature(problem.sparsity).parameters:
+            raise ConfigError(
+                "scorer.epsilon",
+                epsilon,
+                f"0.0 with {type(problem).__name__}, whose sparsity() counts exact zeros only",
+            )
+        if self.log_layer_sparsity and not hasattr(problem, "layer_sparsity"):
+            raise ConfigError(
+                "evolver.log_layer_sparsity",
+                True,
+                f"false with {type(problem).__name__}, which has no layer_sparsity()",
+            )
+
     def _archive(self, problem: Problem, run_dir: Path | None, write: bool) -> Archive:
         """An empty archive with the configured storage. A disk archive lives in
         ``<run_dir>/archive``; processes that do not write (the other ranks of a multi-process
@@ -329,15 +382,17 @@ class NaturalNiches:
         archive: Archive,
         lineage: dict[int, dict[str, Any]],
         logger: RunLogger,
+        epsilon: float = 0.0,
     ) -> int:
-        """Evaluate the initial genomes into the first slots; returns the next free id."""
+        """Evaluate the initial genomes into the first slots (with the sparsity selection sees,
+        ``|w| <= epsilon``); returns the next free id."""
         initial = problem.initial()
         if len(initial) > self.pop_size:
             raise ConfigError("pop_size", self.pop_size, f">= the {len(initial)} initial genomes")
         for i, (name, genome) in enumerate(initial.items()):
             scores = problem.evaluate(genome)
-            sparsity = problem.sparsity(genome)
-            archive.put(i, genome, scores, sparsity, i)
+            sparsity, seen = _sparsities(problem, genome, epsilon)
+            archive.put(i, genome, scores, seen, i)
             lineage[i] = {"name": name, "parents": [], "step": None}
             logger.log(
                 {
@@ -345,6 +400,7 @@ class NaturalNiches:
                     "id": i,
                     "name": name,
                     "sparsity": sparsity,
+                    **({"sparsity_eps": seen} if epsilon > 0 else {}),
                     "scores": scores,
                     "mean": float(scores.mean()),
                 }
@@ -414,16 +470,22 @@ class NaturalNiches:
             t = time.perf_counter()
             problem.prune_(ws, sparsity)
             prune_s += time.perf_counter() - t
-        child_sparsity = problem.sparsity(ws)
+        epsilon = selection_epsilon(scorer)
+        child_sparsity, seen = _sparsities(problem, ws, epsilon)  # exact; what selection sees
+        layers = layer_s = None
+        if self.log_layer_sparsity:
+            t = time.perf_counter()
+            layers = problem.layer_sparsity(ws)  # from the genome's slices, no copy
+            layer_s = time.perf_counter() - t
         t_eval = time.perf_counter()
         scores = problem.evaluate(ws)  # [D]
         eval_s = time.perf_counter() - t_eval
-        slot = replacement_slot(scorer, archive, scores, child_sparsity, self.enter_on_tie)
+        slot = replacement_slot(scorer, archive, scores, seen, self.enter_on_tie)
         replaced = int(archive.ids[slot]) if slot is not None and archive.valid[slot] else None
         store_s = 0.0
         if slot is not None:
             t = time.perf_counter()
-            archive.put(slot, ws, scores, child_sparsity, child_id)
+            archive.put(slot, ws, scores, seen, child_id)
             store_s = time.perf_counter() - t
             if replaced is not None and cache is not None:
                 cache.forget(replaced)
@@ -461,6 +523,9 @@ class NaturalNiches:
             store_s=store_s,
             prune_hits=hits,
             step_s=time.perf_counter() - t0,
+            child_sparsity_eps=seen if epsilon > 0 else None,
+            layer_sparsity=layers,
+            layer_sparsity_s=layer_s,
         )
 
     @staticmethod
@@ -559,8 +624,11 @@ class NaturalNiches:
         picks are pruned again at the end (pruning is deterministic), so the memory this
         takes is two genomes whatever the population."""
         candidates = []  # (slot, scores, sparsity, pruned)
+        epsilon = selection_epsilon(scorer)
         for slot in archive.occupied():
             scores, sparsity, pruned = archive.scores[slot], float(archive.sparsity[slot]), False
+            if epsilon > 0:  # the archive holds what selection saw; the picks use exact zeros
+                sparsity = problem.sparsity(archive.genomes[slot])
             if self.final_prune and target > 0 and sparsity < target:
                 genome = self._final_genome(problem, archive, slot, target)
                 scores, sparsity, pruned = problem.evaluate(genome), problem.sparsity(genome), True

@@ -12,15 +12,21 @@ The **workspace** is the live buffer the problem evaluates from (for a model in 
 (crossover with ``out=workspace``) and calls ``evaluate(workspace)``: no copy is made. Any
 other genome is first copied into the workspace, so ``evaluate``, ``heldout`` and ``prune_``
 on a genome other than the workspace overwrite the workspace's content.
+
+Sparsity is read straight from a genome's slices (``slots_sparsity``, ``slots_layer_sparsity``
+over the ``ParamSpace`` slots of the prunable weights): no copy and no model load.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+from sparse_merge.models.paramspace import Slot
 
 if TYPE_CHECKING:
     from sparse_merge.evolution.archive import Archive
@@ -30,7 +36,11 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class Problem(Protocol):
-    """Genomes [numel], scores [n_datapoints] on a fixed ordered selection set, held-out reports."""
+    """Genomes [numel], scores [n_datapoints] on a fixed ordered selection set, held-out reports.
+
+    Optional: ``layer_sparsity(genome) -> dict[str, float]``, the exact fraction of zeros per
+    prunable weight (``evolver.log_layer_sparsity`` needs it; see ``slots_layer_sparsity``).
+    """
 
     numel: int  # genome length P
     n_datapoints: int  # number of selection datapoints D (score columns)
@@ -53,13 +63,59 @@ class Problem(Protocol):
         """Held-out score per task plus ``mean`` (what reports and the final choice use)."""
         ...
 
-    def sparsity(self, genome: torch.Tensor) -> float:
-        """Exact fraction of zero prunable weights of ``genome`` (no evaluation needed)."""
+    def sparsity(self, genome: torch.Tensor, epsilon: float = 0.0) -> float:
+        """Fraction of prunable weights of ``genome`` with ``|w| <= epsilon`` (no evaluation
+        needed); ``epsilon=0``: the exact fraction of zeros. Selection may pass the scorer's
+        ``epsilon``; reports use exact zeros."""
         ...
 
     def prune_(self, genome: torch.Tensor, target: float) -> None:
         """Prune ``genome`` in place to ``target`` sparsity (may use the workspace as scratch)."""
         ...
+
+
+def _near_zero(w: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Boolean mask of the entries counted as zero: ``w == 0``, or ``|w| <= epsilon``."""
+    return w == 0 if epsilon == 0 else w.abs() <= epsilon
+
+
+@torch.no_grad()
+def slots_sparsity(genome: torch.Tensor, slots: Sequence[Slot], epsilon: float = 0.0) -> float:
+    """Fraction of the entries of ``slots`` in ``genome`` [P] counted as zero (``== 0``, or
+    ``|w| <= epsilon``), over all of them together: one pass over those slices, no copy."""
+    if not slots:
+        return 0.0
+    # one count per slot, summed on the genome's device: a single sync for the result
+    counts = torch.stack([_near_zero(genome[s.offset : s.stop], epsilon).sum() for s in slots])
+    return int(counts.sum()) / max(sum(s.numel for s in slots), 1)
+
+
+@torch.no_grad()
+def slots_layer_sparsity(
+    genome: torch.Tensor, slots: Sequence[Slot], names: Sequence[str] | None = None
+) -> dict[str, float]:
+    """Exact fraction of zeros of each slot in ``genome`` [P], in slot order, by ``names`` (one
+    per slot; default: the slot names). A 3-D slot [experts, out, in] (fused expert weights)
+    gives one row per expert, ``<name>[<expert>]``. One pass over the slices (no copy) and one
+    device sync."""
+    rows: list[str] = []
+    sizes: list[int] = []
+    counts: list[torch.Tensor] = []
+    for s, name in zip(slots, names if names is not None else [s.name for s in slots]):
+        w = genome[s.offset : s.stop]
+        if len(s.shape) == 3:  # fused experts: a fraction per expert
+            experts = int(s.shape[0])
+            counts.append((w.view(experts, -1) == 0).sum(1))  # [E]
+            rows += [f"{name}[{e}]" for e in range(experts)]
+            sizes += [s.numel // max(experts, 1)] * experts
+        else:
+            counts.append((w == 0).sum().view(1))  # [1]
+            rows.append(name)
+            sizes.append(s.numel)
+    if not counts:
+        return {}
+    zeros = torch.cat(counts).tolist()
+    return {row: z / max(size, 1) for row, z, size in zip(rows, zeros, sizes)}
 
 
 def is_workspace(problem: Problem, genome: torch.Tensor) -> bool:

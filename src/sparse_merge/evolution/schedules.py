@@ -10,7 +10,7 @@ of the step, so its phase is the step counter the evolver checkpoints.
 from __future__ import annotations
 
 import math
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from sparse_merge.errors import ConfigError, check_fraction
 
@@ -37,6 +37,13 @@ class ConstantSchedule:
     def bind(self, target: float) -> ConstantSchedule:
         """This schedule with ``None`` replaced by the run's target sparsity."""
         return self if self.value is not None else ConstantSchedule(target)
+
+    def values(self, steps: int) -> list[float]:
+        """The distinct sparsities of the first ``steps`` steps (``[value]``, or none)."""
+        return [self(0)] if steps > 0 else []
+
+    def __repr__(self) -> str:
+        return f"ConstantSchedule(value={self.value})"
 
 
 class CyclicSchedule:
@@ -82,7 +89,47 @@ class CyclicSchedule:
         """``low + (high - low) * (1 - cos(pi * t / (T - 1))) / 2`` at position t of a T-step cycle."""
         if self.high is None:
             raise ValueError("CyclicSchedule(high=None) must be bound to the run's target")
-        t, length = self.phase(step)
+        return self._at(*self.phase(step))
+
+    def _at(self, t: int, length: int) -> float:
+        """The sparsity at position ``t`` of a ``length``-step cycle (bound schedules only)."""
+        assert self.high is not None
         frac = 1.0 if length == 1 else t / (length - 1)
         value = self.low + (self.high - self.low) * (1.0 - math.cos(math.pi * frac)) / 2.0
         return min(max(value, self.low), self.high)
+
+    def values(self, steps: int) -> list[float]:
+        """The distinct sparsities of the first ``steps`` steps, in order of first appearance
+        (cycle by cycle, so a long run costs one pass over its cycles' positions)."""
+        if self.high is None:
+            raise ValueError("CyclicSchedule(high=None) must be bound to the run's target")
+        seen: dict[float, None] = {}
+        done: set[tuple[int, int]] = set()  # (cycle length, positions reached) already listed
+        start, cycle, length = 0, 0, self.period
+        while start < steps:
+            reached = min(length, steps - start)
+            if (length, reached) not in done:
+                done.add((length, reached))
+                for t in range(reached):
+                    seen.setdefault(self._at(t, length), None)
+            start += length
+            cycle += 1
+            length = max(1, round(self.period * self.mult**cycle))
+        return list(seen)
+
+    def __repr__(self) -> str:
+        return (
+            f"CyclicSchedule(low={self.low}, high={self.high}, period={self.period}, "
+            f"mult={self.mult})"
+        )
+
+
+def schedule_values(schedule: Any, target: float, steps: int, cap: int = 100_000) -> list[float]:
+    """The distinct sparsities ``schedule`` (bound to the run's ``target`` when it has
+    ``bind``) gives over ``steps`` steps, in order of first appearance. A schedule without
+    ``values`` is called step by step, up to ``cap`` steps."""
+    if hasattr(schedule, "bind"):
+        schedule = schedule.bind(target)
+    if hasattr(schedule, "values"):
+        return [float(v) for v in schedule.values(int(steps))]
+    return list(dict.fromkeys(float(schedule(step)) for step in range(min(int(steps), cap))))

@@ -12,15 +12,29 @@ scale and never negative, so they can be used directly as selection weights:
 * ``kind='rank'``: both terms are ranks scaled to [0, 1] (ties share their mean rank).
 
 Empty slots (``valid=False``) get weight 0 and never take part in the normalisations.
+
+The sparsity the scorer sees is measured by the problem with the scorer's ``epsilon``: a
+prunable weight counts as zero when ``|w| <= epsilon`` (0, the default: exact zeros only). The
+threshold only shapes selection; reported sparsity is always the exact zero count.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from sparse_merge.errors import ConfigError, check_choice, check_positive
 
 KINDS = ("softmax", "fraction", "rank")
+
+
+def check_epsilon(key: str, value: object) -> float:
+    """Return ``value`` as a float if it is a finite number >= 0 (a near-zero threshold)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < 0:
+        raise ConfigError(key, value, "a finite number >= 0 (0.0: only exact zeros count)")
+    return float(value)
 
 
 def competition_matrix(
@@ -59,7 +73,15 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 class SparsityAwareScorer:
     """Selection weights ``omega * fitness + beta * sparsity_score`` (see module docstring).
 
-    ``beta=0`` is the fitness-only scorer of plain Natural Niches.
+    Args:
+        omega: weight of the (normalised) competition fitness.
+        beta: weight of the sparsity score (0: the fitness-only scorer of plain Natural Niches).
+        tau: softmax temperature of the sparsity score (``kind='softmax'``).
+        alpha: competition exponent of the fitness (0: no competition, the GA).
+        kind: how both terms are put on one scale: ``softmax``, ``fraction`` or ``rank``.
+        epsilon: near-zero threshold of the sparsity the scorer sees: a prunable weight with
+            ``|w| <= epsilon`` counts as zero (compared in the genome's dtype). 0.0 (the
+            default): exact zeros. Reported sparsity stays the exact zero count.
     """
 
     def __init__(
@@ -69,6 +91,7 @@ class SparsityAwareScorer:
         tau: float = 0.1,
         alpha: float = 1.0,
         kind: str = "softmax",
+        epsilon: float = 0.0,
     ) -> None:
         check_positive("omega", omega, allow_zero=True)
         check_positive("beta", beta, allow_zero=True)
@@ -78,6 +101,7 @@ class SparsityAwareScorer:
         self.tau = float(check_positive("tau", tau))
         self.alpha = float(check_positive("alpha", alpha, allow_zero=True))
         self.kind = check_choice("kind", kind, KINDS)
+        self.epsilon = check_epsilon("epsilon", epsilon)
 
     def fitness(self, scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """[pop] competition fitness (raw, before normalisation)."""

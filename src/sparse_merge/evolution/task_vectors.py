@@ -151,9 +151,13 @@ class TaskVectorProblem:
         """Held-out scores of the model ``genome`` stands for."""
         return self.inner.heldout(self.materialize(genome))
 
-    def sparsity(self, genome: torch.Tensor) -> float:
-        """Exact sparsity of the final weights (after merging and pruning)."""
-        return self.inner.sparsity(self.materialize(genome))
+    def sparsity(self, genome: torch.Tensor, epsilon: float = 0.0) -> float:
+        """Sparsity of the final weights (after merging and pruning); exact at ``epsilon=0``."""
+        return self.inner.sparsity(self.materialize(genome), epsilon)
+
+    def layer_sparsity(self, genome: torch.Tensor) -> dict[str, float]:
+        """Exact per-layer sparsity of the final weights."""
+        return self.inner.layer_sparsity(self.materialize(genome))
 
     def prune_(self, genome: torch.Tensor, target: float) -> None:
         """Pruning as a mutation: set the genome's pruning sparsity to ``target``."""

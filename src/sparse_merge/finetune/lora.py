@@ -22,11 +22,24 @@ Each LoRA layer knows its keep-mask, so the merge needs no state outside the mod
 is exactly the zero pattern of the pruned weight (every kept weight non-zero, the usual case)
 is not stored: ``M = |sign(W)|`` is recomputed where needed (an elementwise pass, no memory
 held); otherwise it is a non-persistent bool buffer (one byte per weight).
+
+Mixture-of-experts models store their experts fused, as 3-D parameters of one module
+(``experts.gate_up_proj`` [E, 2*I, H], ``experts.down_proj`` [E, H, I]), which are not modules
+PEFT can wrap as linears. LoRA reaches them through ``target_parameters`` (PEFT's
+``ParamWrapper``: every expert gets its own rank-``r`` pair ``B_e @ A_e``), e.g.
+``lora.target_parameters=[experts.gate_up_proj, experts.down_proj]``; naming the experts
+module in ``target_modules`` is refused with that hint. In the masked modes the expert
+parameter's mask [E, out, in] is applied like a linear's: ``MaskedExpertLora`` computes
+``(W + s * B_e @ A_e) * M`` for every expert at once (one ``baddbmm``) in the sparse-to-sparse
+forward, and the merge writes exactly that weight (both modes), so pruned expert weights stay
+exactly zero. LoRA dropout is not available there (PEFT's restriction: the update is folded
+into the weight, so there is no input to drop).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 
 from sparse_merge.errors import ConfigError, check_choice, check_fraction, check_positive
@@ -41,6 +55,55 @@ from sparse_merge.pruning.base import Masks
 from sparse_merge.tracking.io import write_atomic_dir
 
 MODES = ("dense", "sparse_to_dense", "sparse_to_sparse")
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The names a target module can take in ``model``: the last name part of each linear
+    layer (``nn.Linear``, or GPT-2's ``Conv1D``), sorted."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear | Conv1D)
+        }
+    )
+
+
+def check_target_modules(
+    target_modules: Sequence[str], model: nn.Module, where: str, key: str = "lora.target_modules"
+) -> None:
+    """Every entry of ``target_modules`` names a module of ``model`` (PEFT's rule: the whole
+    name, or its last dot-separated parts); ``where`` says when the check ran (on the meta
+    device before the model loads, or on the loaded model)."""
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        raise ConfigError(
+            key,
+            list(target_modules),
+            f"names of the model's linear layers, {', '.join(linear_names(model))} "
+            f"({', '.join(missing)} names none; {where})",
+        )
+
+
+def check_adapter_targets(adapter: Any, model: nn.Module) -> None:
+    """An adapter's ``target_modules`` (when it has them) against a loaded ``model``: the
+    pipeline's check right after the model loads, before pruning, for models whose config
+    ``config.check_adapter_targets`` could not read before loading."""
+    targets = getattr(adapter, "target_modules", None)
+    if targets:
+        check_target_modules(targets, model, "checked on the loaded model, before pruning")
+
+
+def meta_model(config: Any) -> nn.Module:
+    """The causal LM of a transformers ``config`` on the ``meta`` device: its modules and
+    shapes, no weights (what ``check_target_modules`` needs before any model loads)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def effective_weight(
@@ -208,6 +271,182 @@ def _lora_layers(model: nn.Module) -> list[MaskedLoraLinear]:
     return [m for m in model.modules() if isinstance(m, MaskedLoraLinear)]
 
 
+def expert_factors(
+    layer: ParamWrapper, adapter: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)``, [E, out, r] and [E, r, in] in ``dtype``, of the LoRA update of a fused
+    [E, out, in] expert parameter: ``delta_e = s * B[e] @ A[e]`` (PEFT's ``ParamWrapper``
+    stores A as [E * r, in] and B as [out, r * E], expert-minor)."""
+    if not getattr(layer, "_did_swap_in_out_features", False):
+        raise NotImplementedError(
+            f"{layer.parameter_name}: only expert weights stored [E, out, in] are supported"
+        )
+    a = layer.lora_A[adapter].weight  # [E * r, in]
+    b = layer.lora_B[adapter].weight  # [out, r * E]
+    n = layer.num_experts
+    a = a.reshape(n, -1, a.shape[-1])  # [E, r, in]
+    b = b.reshape(b.shape[0], -1, n).permute(2, 0, 1)  # [E, out, r]
+    return b.to(dtype), a.to(dtype)
+
+
+def expert_effective_weight(
+    weight: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_a: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(W + s * B @ A) * M`` [E, out, in] in ``dtype`` for every expert at once (one
+    ``baddbmm``); ``mask`` None means ``M = (W != 0)`` (as in ``effective_weight``)."""
+    w = weight.to(dtype)
+    keep = _keep(w, mask)
+    return torch.baddbmm(w, lora_b.to(dtype), lora_a.to(dtype), alpha=scaling).mul_(keep)
+
+
+class _MaskedExpertProxy(nn.Module):
+    """Parametrization of a fused expert parameter: ``W -> (W + s * B @ A) * M``."""
+
+    def __init__(self, lora_b, lora_a, mask, scaling) -> None:
+        super().__init__()
+        self.lora_b, self.lora_a, self.mask, self.scaling = lora_b, lora_a, mask, scaling
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        # a parametrization may not change the dtype: computed in the weight's, no autocast
+        with torch.autocast(weight.device.type, enabled=False):
+            return expert_effective_weight(
+                weight, self.lora_b, self.lora_a, self.mask, self.scaling, weight.dtype
+            )
+
+
+class MaskedExpertLora(ParamWrapper):
+    """PEFT's LoRA on a fused 3-D expert parameter [E, out, in] (``target_parameters``) that
+    knows the parameter's keep-mask, like ``MaskedLoraLinear`` for a linear: the mask is
+    ``W != 0`` when that is exactly it (nothing stored), else a bool buffer. With
+    ``sparse_forward`` every forward uses ``(W + s * B_e @ A_e) * M`` (sparse-to-sparse);
+    otherwise PEFT's dense update (sparse-to-dense).
+
+    PEFT builds its own ``ParamWrapper`` (it nests them by class name to target two parameters
+    of one module, so a subclass cannot be dispatched); ``attach`` turns one into this class
+    after injection (methods and the mask only, no other state changes)."""
+
+    sparse_forward = False
+    mask_source: str | None = None  # None (no mask), "weight" (W != 0) or "buffer"
+
+    @classmethod
+    def attach(cls, layer: ParamWrapper) -> MaskedExpertLora:
+        """``layer``, now of this class, with no mask yet."""
+        layer.__class__ = cls
+        layer.register_buffer("keep_mask", None, persistent=False)  # [E, out, in] bool
+        return layer  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor | None, sparse_forward: bool) -> None:
+        """Attach the parameter's keep-mask [E, out, in]; the parameter must already be zero
+        where the mask is False."""
+        self.sparse_forward = sparse_forward
+        self.keep_mask, self.mask_source = None, None
+        if mask is None:
+            return
+        weight = self.get_param()
+        if mask.shape != weight.shape:
+            raise ValueError(f"mask {tuple(mask.shape)} != weight {tuple(weight.shape)}")
+        mask = mask.to(device=weight.device, dtype=torch.bool)
+        if bool((weight[~mask] != 0).any()):
+            raise ValueError("the base weight is not zero where the mask is False; prune first")
+        if torch.equal(weight != 0, mask):
+            self.mask_source = "weight"
+        else:
+            self.keep_mask, self.mask_source = mask, "buffer"
+
+    def keep(self) -> torch.Tensor | None:
+        """The keep-mask [E, out, in] (computed from the weight when it is not stored)."""
+        if self.mask_source is None:
+            return None
+        return self.keep_mask if self.keep_mask is not None else self.get_param() != 0
+
+    @contextmanager
+    def _activate_lora(self, active_adapters: list[str]):
+        adapters = [a for a in active_adapters if a in self.lora_A]
+        if not self.sparse_forward or self.mask_source is None or len(adapters) != 1:
+            with super()._activate_lora(active_adapters):
+                yield
+            return
+        name = adapters[0]
+        param = self.get_param()
+        lora_b, lora_a = expert_factors(self, name, param.dtype)
+        proxy = _MaskedExpertProxy(lora_b, lora_a, self.keep_mask, self.scaling[name])
+        base = self.get_base_layer()
+        requires_grad = param.requires_grad
+        nn.utils.parametrize.register_parametrization(base, self.parameter_name, proxy)
+        base.parametrizations[self.parameter_name].original.requires_grad_(requires_grad)
+        try:
+            with nn.utils.parametrize.cached():
+                yield
+        finally:
+            self._remove_parametrizations()
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``(W + s * B @ A) * M`` of the single active adapter, in the parameter's dtype
+        (computed in fp32, or fp64 for an fp64 parameter)."""
+        (name,) = self.active_adapters
+        param = self.get_param()
+        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        lora_b, lora_a = expert_factors(self, name, dtype)
+        merged = expert_effective_weight(
+            param, lora_b, lora_a, self.keep_mask, self.scaling[name], dtype
+        )
+        return merged.to(param.dtype)
+
+
+def _expert_layers(model: nn.Module) -> list[MaskedExpertLora]:
+    return [m for m in model.modules() if isinstance(m, MaskedExpertLora)]
+
+
+def _expert_param_names(model: nn.Module) -> list[str]:
+    """Full names (``module.attr``) of the fused 3-D expert parameters of ``model``."""
+    from sparse_merge.models.blocks import expert_params
+
+    return [f"{n}.{a}" for n, m in model.named_modules() for a in expert_params(m)]
+
+
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule: the whole name, or its last dot-separated parts."""
+    return name == target or name.endswith(f".{target}")
+
+
+def check_expert_targets(
+    target_modules: Sequence[str], target_parameters: Sequence[str], model: nn.Module
+) -> None:
+    """LoRA on fused MoE experts goes through ``target_parameters``: a ``target_modules`` entry
+    that names an experts module (PEFT cannot wrap it) and a ``target_parameters`` entry that
+    names no fused expert parameter are ``ConfigError``s saying what to write instead."""
+    from sparse_merge.models.blocks import is_experts
+
+    expert_modules = [n for n, m in model.named_modules() if n and is_experts(m)]
+    names = _expert_param_names(model)
+    short = sorted({n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in names})
+    hits = [t for t in target_modules if any(_matches(n, t) for n in expert_modules)]
+    if hits:
+        raise ConfigError(
+            "lora.target_modules",
+            list(target_modules),
+            f"linear layers only: {', '.join(hits)} names fused MoE expert modules, whose "
+            "3-D weights PEFT cannot wrap as linears; put LoRA on them with "
+            f"lora.target_parameters=[{', '.join(short)}]",
+        )
+    missing = [t for t in target_parameters if not any(_matches(n, t) for n in names)]
+    if missing:
+        hint = f"[{', '.join(short)}]" if short else "none: the model has no fused experts"
+        raise ConfigError(
+            "lora.target_parameters",
+            list(target_parameters),
+            f"fused MoE expert weights ({', '.join(missing)} names none; this model has "
+            f"{hint}); linear layers go in lora.target_modules",
+        )
+
+
 class LoraAdapter:
     """LoRA adapters (PEFT) on every ``target_modules`` linear layer; ``mode`` picks dense,
     sparse-to-dense or sparse-to-sparse (see the module docstring). ``A`` is initialised from
@@ -225,6 +464,7 @@ class LoraAdapter:
         mask_path: str | None = None,
         init_seed: int = 0,
         mask_check: bool = True,
+        target_parameters: Sequence[str] | None = None,
     ) -> None:
         self.mode = check_choice("mode", mode, MODES)
         self.r = int(check_positive("r", r))
@@ -233,6 +473,14 @@ class LoraAdapter:
         if not target_modules:
             raise ConfigError("target_modules", target_modules, "one or more module names")
         self.target_modules = list(target_modules)
+        self.target_parameters = list(target_parameters or [])
+        if self.target_parameters and self.lora_dropout:
+            raise ConfigError(
+                "lora_dropout",
+                lora_dropout,
+                "0 with lora.target_parameters (PEFT folds the expert update into the weight, "
+                "so there is no input to drop)",
+            )
         self.mask_path = mask_path
         self.mask_check = bool(mask_check)
         self.init_seed = init_seed
@@ -244,12 +492,14 @@ class LoraAdapter:
         return self.lora_alpha / self.r
 
     def peft_config(self) -> LoraConfig:
-        """The PEFT config (with the masked layer class for the masked modes)."""
+        """The PEFT config (with the masked layer class for the masked modes; fused expert
+        parameters get PEFT's ``ParamWrapper``, made a ``MaskedExpertLora`` by ``wrap``)."""
         config = LoraConfig(
             r=self.r,
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
             target_modules=self.target_modules,
+            target_parameters=self.target_parameters or None,
             task_type="CAUSAL_LM",
         )
         if self.mode != "dense":
@@ -260,13 +510,19 @@ class LoraAdapter:
         """A ``PeftModel`` over ``model``; the masked modes attach each layer's keep-mask."""
         if self.mode != "dense" and masks is None:
             raise ValueError(f"lora.mode={self.mode!r} needs masks (prune or give mask_path)")
+        check_target_modules(self.target_modules, model, "checked on the loaded model")
+        check_expert_targets(self.target_modules, self.target_parameters, model)
         by_module = {}
+        by_param = {}  # (id(experts module), attribute) -> mask of a fused expert parameter
         if masks:
             modules = dict(model.named_modules())
             for param_name, mask in masks.items():
                 module = modules.get(param_name.removesuffix(".weight"))
                 if module is not None:
                     by_module[id(module)] = mask
+                owner, _, attr = param_name.rpartition(".")
+                if mask.dim() == 3 and owner in modules:
+                    by_param[(id(modules[owner]), attr)] = mask
         with torch.random.fork_rng(devices=[]):  # PEFT draws A from the global RNG
             torch.manual_seed(self.init_seed)
             peft_model = get_peft_model(model, self.peft_config())
@@ -275,6 +531,11 @@ class LoraAdapter:
             for layer in layers:
                 mask = by_module.pop(id(layer.get_base_layer()), None)
                 layer.set_mask(mask, sparse_forward=self.mode == "sparse_to_sparse")
+            wrappers = [m for m in peft_model.modules() if type(m) is ParamWrapper]
+            for expert_layer in map(MaskedExpertLora.attach, wrappers):
+                key = (id(expert_layer.get_base_layer()), expert_layer.parameter_name)
+                mask = by_param.pop(key, None)
+                expert_layer.set_mask(mask, sparse_forward=self.mode == "sparse_to_sparse")
             adapted = {id(m) for n, m in model.named_modules() if n.endswith(".base_layer")}
             missed = [k for k in by_module if k in adapted]
             if missed:  # a targeted, masked layer that is not an nn.Linear (e.g. GPT-2 Conv1D)
@@ -292,6 +553,12 @@ class LoraAdapter:
             raise TypeError(f"expected the PeftModel returned by wrap, got {type(model).__name__}")
         if self.mode == "dense":
             return model.merge_and_unload()
+        for expert_layer in _expert_layers(model):
+            if expert_layer.mask_source is None:
+                expert_layer.merge()
+                continue
+            param = expert_layer.get_param()
+            param.data = expert_layer.merged_weight()
         for layer in _lora_layers(model):
             if layer.mask_source is None:
                 layer.merge()
@@ -319,5 +586,7 @@ class LoraAdapter:
     def __repr__(self) -> str:
         return (
             f"LoraAdapter(mode={self.mode}, r={self.r}, alpha={self.lora_alpha}, "
-            f"dropout={self.lora_dropout}, targets={self.target_modules})"
+            f"dropout={self.lora_dropout}, targets={self.target_modules}"
+            + (f", parameters={self.target_parameters}" if self.target_parameters else "")
+            + ")"
         )

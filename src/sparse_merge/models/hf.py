@@ -2,15 +2,54 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from sparse_merge.errors import ConfigError, check_int
+from sparse_merge.models.blocks import is_experts
 from sparse_merge.models.paramspace import ParamSpace
 from sparse_merge.tracking.io import write_atomic_dir
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check_attention_arch(arch: Mapping[str, Any], key: str = "arch") -> None:
+    """The attention shape of a decoder config (``hidden_size``, ``num_attention_heads``,
+    ``num_key_value_heads``; keys under ``key``) as one ``ConfigError`` instead of a
+    transformers traceback: whole numbers >= 1, the heads dividing the hidden size (each head
+    gets ``hidden_size / num_attention_heads`` dimensions) and the key/value heads dividing the
+    query heads (grouped-query attention shares each key/value head among a whole group)."""
+    hidden, heads = arch.get("hidden_size"), arch.get("num_attention_heads")
+    kv = arch.get("num_key_value_heads")
+    for name, value in (
+        ("hidden_size", hidden),
+        ("num_attention_heads", heads),
+        ("num_key_value_heads", kv),
+    ):
+        if value is not None:
+            check_int(f"{key}.{name}", value, minimum=1)
+    if hidden is not None and heads is not None and hidden % heads:
+        raise ConfigError(
+            f"{key}.num_attention_heads",
+            heads,
+            f"a divisor of hidden_size={hidden} ({_divisors(hidden)}): each head gets "
+            "hidden_size / num_attention_heads dimensions",
+        )
+    if heads is not None and kv is not None and heads % kv:
+        raise ConfigError(
+            f"{key}.num_key_value_heads",
+            kv,
+            f"a divisor of num_attention_heads={heads} ({_divisors(heads)}): each "
+            "key/value head serves num_attention_heads / num_key_value_heads query heads",
+        )
 
 
 def resolve(name_or_path: str | Path) -> Path:
@@ -64,7 +103,9 @@ def save_causal_lm(
 @torch.no_grad()
 def load_genome(space: ParamSpace, name_or_path: str | Path) -> torch.Tensor:
     """The genome [P] of a checkpoint with ``space``'s architecture, read tensor by tensor from
-    its safetensors files, so a second full model never sits in memory."""
+    its safetensors files, so a second full model never sits in memory. Fused MoE experts
+    (saved per expert by transformers) are the exception: the parameters not found under their
+    in-memory names come from a ``from_pretrained`` of the checkpoint (its key conversion)."""
     files = sorted(resolve(name_or_path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {name_or_path}")
@@ -76,6 +117,17 @@ def load_genome(space: ParamSpace, name_or_path: str | Path) -> torch.Tensor:
                 if key in missing:
                     space.view(genome, key).copy_(f.get_tensor(key))
                     missing.discard(key)
+    if missing and any(is_experts(m) for m in space.model.modules()):
+        # transformers 5 fuses MoE experts in memory (experts.gate_up_proj [E, 2*I, H]) but
+        # saves and reads them per expert (experts.0.gate_proj.weight, Mixtral's w1/w2/w3):
+        # its loader converts them, at the cost of one more model in memory while it does
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=space.flat.dtype)
+        params = dict(model.named_parameters(remove_duplicate=True))
+        for name in sorted(missing):
+            if name in params:
+                space.view(genome, name).copy_(params[name].detach())
+                missing.discard(name)
+        del model, params
     if missing:
         raise KeyError(f"{name_or_path} lacks parameters {sorted(missing)[:5]}")
     return genome

@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,33 +19,67 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from sparse_merge.errors import ConfigError, check_positive
 from sparse_merge.finetune.data import encode_examples
-from sparse_merge.models.hf import load_causal_lm, load_tokenizer, save_causal_lm
+from sparse_merge.models.hf import (
+    check_attention_arch,
+    load_causal_lm,
+    load_tokenizer,
+    save_causal_lm,
+)
 from sparse_merge.models.tokenizer import char_tokenizer
 from sparse_merge.tasks.toy import ToyTask
 
 CACHE_VERSION = 2  # bump when training code changes what a cached model would be
+# What a zoo trains under whatever the calling process set (``hardware.num_threads``, the
+# machine's core count): CPU kernels sum in an order that depends on the intra-op thread count
+# (MKL's matmuls split the 56-token vocabulary across threads, ATen's full reductions split
+# their input), so the same spec trained on 8 threads gave other models than on 1. One thread
+# gives, bit for bit, the caches the README's tables come from (so do 2, 3, 4 and 6 threads on
+# an AVX-512 machine; 5, 7, 8 and 16 do not). Interop threads are left alone: eager training
+# runs no inter-op work, and torch can set their number only before the first parallel work.
+DETERMINISM: dict[str, Any] = {"num_threads": 1, "deterministic_algorithms": True}
+# What the caches made before the training was pinned are bit for bit: the cache key includes
+# ``DETERMINISM`` only where it differs from this, so those caches stay valid while any other
+# pinning trains under a key of its own.
+UNPINNED_EQUIVALENT: dict[str, Any] = {"num_threads": 1, "deterministic_algorithms": True}
+# LlamaConfig fields of a toy model that ``arch`` (``model.arch``) does not set
+TOY_ARCH: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=True,
+)
 
 
 def toy_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **arch: Any) -> LlamaForCausalLM:
     """A tiny random Llama for ``tokenizer`` (``arch`` overrides ``LlamaConfig`` fields)."""
-    defaults = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        **{**defaults, **arch},
+        **{**TOY_ARCH, **arch},
     )
     torch.manual_seed(seed)  # HF initialises from the global RNG; seed it for reproducible models
     return LlamaForCausalLM(config).eval()
+
+
+@contextmanager
+def pinned_training(num_threads: int, deterministic_algorithms: bool = True) -> Iterator[None]:
+    """Train on ``num_threads`` intra-op threads (with torch's deterministic algorithms, warning
+    only where an op has none) whatever the caller set; the caller's settings come back after."""
+    threads = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(num_threads)
+    torch.use_deterministic_algorithms(deterministic_algorithms, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.set_num_threads(threads)
 
 
 def train_lm(
@@ -130,6 +165,7 @@ class ToyZoo:
         self.base_skills = dict(base_skills)
         self.children = dict(children)
         self.arch = dict(arch or {})
+        check_attention_arch({**TOY_ARCH, **self.arch}, "arch")  # not a transformers traceback
         self.steps = (base_steps, child_steps)
         self.batch_size, self.lrs, self.seed = batch_size, (lr, child_lr), seed
         self.child_replay = float(child_replay)
@@ -146,9 +182,23 @@ class ToyZoo:
             "child_replay": self.child_replay,
             "child_batch_size": self.child_batch_size,
         }
-        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        keyed = spec if DETERMINISM == UNPINNED_EQUIVALENT else {**spec, "pinned": DETERMINISM}
+        key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
         self.root = Path(cache_dir).expanduser() / f"{name}-{key}"
-        self._spec = spec
+        # spec.json records the pinning either way, and what else decides the bits unpinned
+        self._spec = {
+            **spec,
+            "pinned": DETERMINISM,
+            "trained_with": {
+                "torch": torch.__version__,
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            },
+        }
+
+    def arch_config(self) -> LlamaConfig:
+        """The zoo's architecture (the vocabulary aside) without building or training a model:
+        what config checks inspect on the ``meta`` device."""
+        return LlamaConfig(**{**TOY_ARCH, **self.arch})
 
     def _path(self, member: str) -> Path:
         return self.root / member
@@ -171,6 +221,10 @@ class ToyZoo:
         return self.root
 
     def _train(self) -> None:
+        with pinned_training(**DETERMINISM):
+            self._train_pinned()
+
+    def _train_pinned(self) -> None:
         tokenizer = char_tokenizer()
         base_path = self._path("base")
         if not (base_path / "config.json").exists():

@@ -23,6 +23,7 @@ from sparse_merge.tracking.io import write_json
 log = logging.getLogger("sparse_merge")
 
 REPORT = "m2n2_digits"  # file stem of the figure and the table
+CONTINUES_IN_PLACE = True  # a rerun in its run directory reuses the job files of its settings
 
 
 def as_comparison(

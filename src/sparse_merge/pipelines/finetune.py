@@ -24,6 +24,7 @@ from torch import nn
 
 from sparse_merge.errors import ConfigError
 from sparse_merge.finetune.adapter import Adapter, count_parameters
+from sparse_merge.finetune.lora import check_adapter_targets
 from sparse_merge.finetune.settings import FinetuneSettings
 from sparse_merge.finetune.trainer import Trainer
 from sparse_merge.hardware import Hardware
@@ -136,6 +137,7 @@ def run_finetune(
             tokenizer, tasks, calibration or CalibrationSettings(), seed
         )
     model = load_causal_lm(path, hardware.torch_device, hardware.torch_dtype)
+    check_adapter_targets(adapter, model)  # lora.target_modules: refused before any pruning
 
     if masks is not None:
         if adapter.mask_check:  # masks of another model of the same shape pass every other check

@@ -7,7 +7,9 @@ first: Natural Niches' ``best`` and ``sparse``, the one-shot merge's ``merged``)
 is used here, after the picks, for the report: one table with the base, each parent, each of
 them pruned to the target, each baseline and the picks -- held-out score per task, mean, exact
 sparsity, selection mean and the selection evaluations each row cost. ``accuracy`` and
-``sparsity`` in the summary are the headline pick's.
+``sparsity`` in the summary are the headline pick's. ``sparsity`` is always the exact zero
+count; ``sparsity_epsilon`` states the near-zero threshold selection used (``scorer.epsilon``),
+and when it is above 0 every row also gives ``sparsity_eps`` (``|w| <= epsilon``).
 """
 
 from __future__ import annotations
@@ -44,28 +46,37 @@ log = logging.getLogger("sparse_merge")
 ARCHIVE_CSV = "archive.csv"
 
 
-def _row(problem: LLMProblem, name: str, weights: torch.Tensor, **extra: Any) -> dict[str, Any]:
-    """A report row: held-out score per task, mean, exact sparsity of ``weights`` [P]."""
+def _row(
+    problem: LLMProblem, name: str, weights: torch.Tensor, epsilon: float = 0.0, **extra: Any
+) -> dict[str, Any]:
+    """A report row: held-out score per task, mean, exact sparsity of ``weights`` [P] (and,
+    for ``epsilon > 0``, ``sparsity_eps``: the fraction with ``|w| <= epsilon``)."""
     held = problem.heldout(weights)
     scores = {k: held[k] for k in [*problem.task_names, "mean"]}
-    return {"model": name, **scores, "sparsity": problem.sparsity(weights), **extra}
+    near = {"sparsity_eps": problem.sparsity(weights, epsilon)} if epsilon > 0 else {}
+    return {"model": name, **scores, "sparsity": problem.sparsity(weights), **near, **extra}
 
 
-def reference_rows(problem: LLMProblem, target: float) -> list[dict[str, Any]]:
+def reference_rows(
+    problem: LLMProblem, target: float, epsilon: float = 0.0
+) -> list[dict[str, Any]]:
     """The base and each parent, as they are and pruned to ``target`` with the run's pruner."""
     models = {**({"base": problem.base} if problem.base is not None else {}), **problem.parents}
-    rows = [_row(problem, name, g, selection=None, evals=0) for name, g in models.items()]
+    rows = [_row(problem, name, g, epsilon, selection=None, evals=0) for name, g in models.items()]
     if problem.pruner is not None and target > 0:
         for name, genome in models.items():
             pruned = genome.clone()
             problem.prune_(pruned, target)
-            rows.append(_row(problem, f"{name}@{target:g}", pruned, selection=None, evals=0))
+            rows.append(
+                _row(problem, f"{name}@{target:g}", pruned, epsilon, selection=None, evals=0)
+            )
     return rows
 
 
 def archive_rows(problem, result: EvolutionResult, scorer: SparsityAwareScorer) -> list[dict]:
     """Held-out report of every final archive member (for ``archive.csv`` and the Pareto plot;
-    the picks never look at these numbers)."""
+    the picks never look at these numbers). ``sparsity`` is exact; with ``scorer.epsilon > 0``
+    the archive holds what selection saw, given as ``sparsity_eps``."""
     archive = result.archive
     if archive is None:
         return []
@@ -75,6 +86,8 @@ def archive_rows(problem, result: EvolutionResult, scorer: SparsityAwareScorer) 
         genome = archive.genomes[slot]
         held = problem.heldout(genome)
         ident = int(archive.ids[slot])
+        seen = float(archive.sparsity[slot])  # what selection saw
+        exact = problem.sparsity(genome) if scorer.epsilon > 0 else seen
         rows.append(
             {
                 "id": ident,
@@ -82,7 +95,8 @@ def archive_rows(problem, result: EvolutionResult, scorer: SparsityAwareScorer) 
                 "name": result.lineage.get(ident, {}).get("name", f"child-{ident}"),
                 **held,
                 "accuracy": held["mean"],
-                "sparsity": float(archive.sparsity[slot]),
+                "sparsity": exact,
+                **({"sparsity_eps": seen} if scorer.epsilon > 0 else {}),
                 "selection_mean": float(archive.scores[slot].double().mean()),
                 "total": float(total[slot]),
             }
@@ -207,7 +221,8 @@ def run_merge(
         write=main,
     )
 
-    rows = reference_rows(llm, target)
+    epsilon = scorer.epsilon  # the near-zero threshold selection used; reports state it
+    rows = reference_rows(llm, target, epsilon)
     found = []
     if baselines is not None:
         found = baselines.run(llm, result.evaluations, target, seed)
@@ -218,6 +233,7 @@ def run_merge(
                     llm,
                     b.name,
                     pick.genome,
+                    epsilon,
                     selection=pick.selection_mean,
                     evals=b.evaluations,
                     settings=b.settings,
@@ -226,23 +242,36 @@ def run_merge(
     picks = {name: problem.weights(p.genome) for name, p in result.picks.items()}
     for name, pick in result.picks.items():
         rows.append(
-            _row(llm, name, picks[name], selection=pick.selection_mean, evals=result.evaluations)
+            _row(
+                llm,
+                name,
+                picks[name],
+                epsilon,
+                selection=pick.selection_mean,
+                evals=result.evaluations,
+            )
         )
     members = archive_rows(problem, result, scorer)
     if not main:  # the processes evaluated together; one reports and writes
         return float(next(r for r in rows if r["model"] == next(iter(picks)))["mean"])
 
     headline = next(iter(picks))
-    columns = ["model", *tasks.names, "mean", "sparsity", "selection", "evals"]
+    near = ["sparsity_eps"] if epsilon > 0 else []
+    columns = ["model", *tasks.names, "mean", "sparsity", *near, "selection", "evals"]
     print(f"\nheld-out scores; selection evaluations per row: {result.evaluations} (evolution)")
+    counted = f" (selection counted |w| <= {epsilon:g} as zero: sparsity_eps)" if near else ""
+    print(f"sparsity: exact zeros of the prunable weights; sparsity_epsilon: {epsilon:g}{counted}")
     print(format_table(rows, columns) + "\n")
     if members:
-        print(format_table(members, ["id", "name", *tasks.names, "mean", "sparsity"]) + "\n")
+        member_columns = ["id", "name", *tasks.names, "mean", "sparsity", *near]
+        print(format_table(members, member_columns) + "\n")
         write_csv(run_dir / ARCHIVE_CSV, members)
     top = next(r for r in rows if r["model"] == headline)
     metrics = {
         "accuracy": top["mean"],
         "sparsity": top["sparsity"],
+        **({"sparsity_eps": top["sparsity_eps"]} if near else {}),
+        "sparsity_epsilon": epsilon,
         "target_sparsity": sparsity,
         "evaluations": result.evaluations,
     }

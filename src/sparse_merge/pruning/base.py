@@ -119,11 +119,32 @@ class Calibration:
 
 @runtime_checkable
 class Pruner(Protocol):
-    """Zeroes weights of the prunable layers in place and returns the masks it applied."""
+    """Zeroes weights of the prunable layers in place and returns the masks it applied.
+
+    A pruner that can prune to a fixed set of sparsities only (an N:M pattern) says so with
+    ``accepted_sparsities() -> tuple[float, ...] | None`` (see ``accepted_sparsities``), so
+    that a run whose target or schedule asks for others is refused before any model loads.
+    """
 
     def prune(self, model: nn.Module, calib: Calibration | None, sparsity: float) -> Masks:
         """Prune ``model`` to ``sparsity`` (fraction of prunable weights set to exactly zero)."""
         ...
+
+
+SPARSITY_TOLERANCE = 1e-6  # how close a sparsity must be to one of a fixed set to be it
+
+
+def accepted_sparsities(pruner: Pruner | None) -> tuple[float, ...] | None:
+    """The sparsities ``pruner`` can prune to: a fixed set (an N:M pattern: 0 and (M-N)/M), or
+    ``None`` for any fraction in [0, 1). A pruner declares a fixed set with an
+    ``accepted_sparsities()`` method; one without it accepts any fraction."""
+    method = getattr(pruner, "accepted_sparsities", None)
+    return None if method is None else method()
+
+
+def sparsity_accepted(allowed: tuple[float, ...] | None, sparsity: float) -> bool:
+    """Whether ``sparsity`` is one of ``allowed`` (``None``: any fraction is)."""
+    return allowed is None or any(abs(sparsity - a) <= SPARSITY_TOLERANCE for a in allowed)
 
 
 def uses_calibration(pruner: Pruner | None) -> bool:

@@ -14,10 +14,18 @@ prunable weight, ``[out, in]`` per layer, higher meaning more important:
 
 A score that needs gradients and cannot get them (no calibration data, inference mode, a weight
 that cannot require grad, a layer the loss does not reach) raises; it never falls back to |W|.
+
+``compute`` scores the model's ``prunable_layers`` (or the ``layers`` it is given, e.g. with
+the MoE routers). A fused MoE expert parameter [E, out, in] is scored in its ``[E * out, in]``
+view (``PrunableLayer.weight``): its gradient is that of the fused parameter (an expert no
+calibration token reaches gets a zero gradient, so gradient and Taylor scores cannot rank its
+weights: ties go to the lower index), and Wanda norms are per expert, over the tokens routed to
+it (an expert no token reaches is scored ``|W|``).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -25,10 +33,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparse_merge.errors import check_positive
-from sparse_merge.models.blocks import prunable_layers
+from sparse_merge.models.blocks import PrunableLayer, prunable_layers
 from sparse_merge.pruning.base import Calibration
 from sparse_merge.pruning.layerwise import require_calibration, take
 from sparse_merge.pruning.wanda import dense_input_norms, wanda_scores
+
+log = logging.getLogger(__name__)
 
 # layer parameter name (``PrunableLayer.param_name``) -> scores [out, in]
 Scores = dict[str, torch.Tensor]
@@ -40,8 +50,13 @@ class Importance(Protocol):
 
     name: str
 
-    def compute(self, model: nn.Module, calib: Calibration | None) -> Scores:
-        """Scores of every prunable layer, by weight parameter name."""
+    def compute(
+        self,
+        model: nn.Module,
+        calib: Calibration | None,
+        layers: list[PrunableLayer] | None = None,
+    ) -> Scores:
+        """Scores of every prunable layer (or of ``layers``), by weight parameter name."""
         ...
 
 
@@ -52,9 +67,15 @@ class MagnitudeImportance:
     uses_calibration = False
 
     @torch.no_grad()
-    def compute(self, model: nn.Module, calib: Calibration | None = None) -> Scores:
+    def compute(
+        self,
+        model: nn.Module,
+        calib: Calibration | None = None,
+        layers: list[PrunableLayer] | None = None,
+    ) -> Scores:
         """``|W|`` per prunable layer."""
-        return {layer.param_name: layer.weight.abs().float() for layer in prunable_layers(model)}
+        layers = prunable_layers(model) if layers is None else layers
+        return {layer.param_name: layer.weight.abs().float() for layer in layers}
 
 
 class RandomImportance:
@@ -67,12 +88,18 @@ class RandomImportance:
     def __init__(self, seed: int = 0) -> None:
         self.seed = int(check_positive("seed", seed, allow_zero=True))
 
-    def compute(self, model: nn.Module, calib: Calibration | None = None) -> Scores:
+    def compute(
+        self,
+        model: nn.Module,
+        calib: Calibration | None = None,
+        layers: list[PrunableLayer] | None = None,
+    ) -> Scores:
         """Random scores per prunable layer, drawn in layer order."""
         g = torch.Generator().manual_seed(self.seed)
+        layers = prunable_layers(model) if layers is None else layers
         return {
             layer.param_name: torch.rand(layer.weight.shape, generator=g).to(layer.weight.device)
-            for layer in prunable_layers(model)
+            for layer in layers
         }
 
 
@@ -81,8 +108,27 @@ def lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
     return input_ids.masked_fill(attention_mask == 0, -100)
 
 
+def _warn_idle_experts(layer: PrunableLayer, grad: torch.Tensor, who: str) -> None:
+    """Log the experts of a fused parameter whose gradient [E, out, in] is all zero (no
+    calibration token was routed to them): their scores cannot rank their weights."""
+    idle = (grad.flatten(1) == 0).all(-1).nonzero().flatten().tolist()
+    if idle:
+        log.warning(
+            "%s: experts %s of %s got no gradient (no calibration token reached them); their "
+            "scores are all zero and the lowest indices are pruned",
+            who,
+            idle,
+            layer.name,
+        )
+
+
 def loss_gradients(
-    model: nn.Module, calib: Calibration | None, n_batches: int, batch_size: int, who: str
+    model: nn.Module,
+    calib: Calibration | None,
+    n_batches: int,
+    batch_size: int,
+    who: str,
+    layers: list[PrunableLayer] | None = None,
 ) -> Scores:
     """``dL/dW`` [out, in] of every prunable weight, ``L`` the mean LM loss over the first
     ``n_batches`` calibration batches (targets: ``calib.loss_labels()``, every non-padding token
@@ -91,12 +137,12 @@ def loss_gradients(
         raise ValueError(f"{who} needs calibration batches for gradients; none were passed")
     if torch.is_inference_mode_enabled():
         raise RuntimeError(f"{who} needs gradients but runs under torch.inference_mode()")
-    layers = prunable_layers(model)
+    layers = prunable_layers(model) if layers is None else layers
     for layer in layers:
-        if not (layer.module.weight.is_floating_point() or layer.module.weight.is_complex()):
+        if not (layer.parameter.is_floating_point() or layer.parameter.is_complex()):
             raise RuntimeError(
                 f"{who} needs gradients but {layer.param_name} has dtype "
-                f"{layer.module.weight.dtype}, which cannot require grad"
+                f"{layer.parameter.dtype}, which cannot require grad"
             )
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
@@ -112,7 +158,7 @@ def loss_gradients(
             p.requires_grad_(False)
             p.grad = None
         for layer in layers:
-            layer.module.weight.requires_grad_(True)
+            layer.parameter.requires_grad_(True)
         with torch.enable_grad():
             for ids, attn, lab in tqdm(batches, desc=f"{who}: gradients", leave=False):
                 ids, attn, lab = ids.to(device), attn.to(device), lab.to(device)
@@ -120,13 +166,14 @@ def loss_gradients(
                 (out.loss / len(batches)).backward()
         grads: Scores = {}
         for layer in layers:
-            g = layer.module.weight.grad
+            g = layer.parameter.grad
             if g is None:
                 raise RuntimeError(
                     f"{who}: the loss did not reach {layer.param_name} (no gradient)"
                 )
-            g = g.float()
-            grads[layer.param_name] = g if layer.weight is layer.module.weight else g.t()
+            if layer.is_experts:
+                _warn_idle_experts(layer, g, who)
+            grads[layer.param_name] = layer.matrix(g.float())  # [out, in]
         return grads
     finally:
         for p, flag, grad in zip(params, flags, grads_before):
@@ -143,9 +190,16 @@ class GradientImportance:
         self.n_batches = int(check_positive("n_batches", n_batches))
         self.batch_size = int(check_positive("batch_size", batch_size))
 
-    def compute(self, model: nn.Module, calib: Calibration | None) -> Scores:
+    def compute(
+        self,
+        model: nn.Module,
+        calib: Calibration | None,
+        layers: list[PrunableLayer] | None = None,
+    ) -> Scores:
         """``|dL/dW|`` per prunable layer."""
-        grads = loss_gradients(model, calib, self.n_batches, self.batch_size, "gradient importance")
+        grads = loss_gradients(
+            model, calib, self.n_batches, self.batch_size, "gradient importance", layers
+        )
         return {name: g.abs() for name, g in grads.items()}
 
 
@@ -158,13 +212,21 @@ class TaylorImportance:
         self.n_batches = int(check_positive("n_batches", n_batches))
         self.batch_size = int(check_positive("batch_size", batch_size))
 
-    def compute(self, model: nn.Module, calib: Calibration | None) -> Scores:
+    def compute(
+        self,
+        model: nn.Module,
+        calib: Calibration | None,
+        layers: list[PrunableLayer] | None = None,
+    ) -> Scores:
         """``|W * dL/dW|`` per prunable layer."""
-        grads = loss_gradients(model, calib, self.n_batches, self.batch_size, "taylor importance")
+        layers = prunable_layers(model) if layers is None else layers
+        grads = loss_gradients(
+            model, calib, self.n_batches, self.batch_size, "taylor importance", layers
+        )
         with torch.no_grad():
             return {
                 layer.param_name: (layer.weight.float() * grads[layer.param_name]).abs()
-                for layer in prunable_layers(model)
+                for layer in layers
             }
 
 
@@ -179,11 +241,18 @@ class WandaImportance:
         self.batch_size = int(check_positive("batch_size", batch_size))
 
     @torch.no_grad()
-    def compute(self, model: nn.Module, calib: Calibration | None) -> Scores:
-        """``|W| * ||X_j||`` per prunable layer."""
+    def compute(
+        self,
+        model: nn.Module,
+        calib: Calibration | None,
+        layers: list[PrunableLayer] | None = None,
+    ) -> Scores:
+        """``|W| * ||X_j||`` per prunable layer (per expert: norms of its routed tokens)."""
         calib = take(require_calibration(calib, "wanda importance"), self.n_calibration)
-        stats = dense_input_norms(model, calib, self.batch_size)
+        layers = prunable_layers(model) if layers is None else layers
+        routers = any(layer.router for layer in layers)
+        stats = dense_input_norms(model, calib, self.batch_size, routers)
         return {
             layer.param_name: wanda_scores(layer.weight, stats[layer.name].norms())
-            for layer in prunable_layers(model)
+            for layer in layers
         }

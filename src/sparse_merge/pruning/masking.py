@@ -41,6 +41,12 @@ def nm_sparsity(nm: tuple[int, int]) -> float:
     return (m - n) / m
 
 
+def nm_sparsities(nm: tuple[int, int] | None) -> tuple[float, ...] | None:
+    """The sparsities a pruner with pattern ``nm`` can prune to: 0 (nothing pruned) and
+    (M - N) / M; ``None`` without a pattern (any fraction in [0, 1))."""
+    return None if nm is None else (0.0, nm_sparsity(nm))
+
+
 def check_nm_sparsity(nm: tuple[int, int], sparsity: float) -> None:
     """An N:M pattern fixes the sparsity: ``sparsity`` must be 0 (no pruning) or (M - N) / M."""
     if sparsity != 0 and abs(sparsity - nm_sparsity(nm)) > 1e-6:
@@ -125,19 +131,41 @@ def mask_from_scores(
     raise ValueError(f"granularity {granularity!r} is not one of {GRANULARITIES} for one layer")
 
 
+def unit_masks(
+    layer: PrunableLayer,
+    scores: torch.Tensor,
+    sparsity: float,
+    granularity: str = "row",
+    nm: tuple[int, int] | None = None,
+    head_dim: int | None = None,
+) -> torch.Tensor:
+    """Keep-mask [rows, in] of one prunable layer from its scores in the ``layer.weight``
+    layout: ``mask_from_scores`` on each of the layer's units (the whole weight of a linear;
+    each expert's gate, up or down projection of a fused MoE parameter, so every expert gets
+    the exact count of a linear of its shape)."""
+    units = layer.units
+    if len(units) == 1:
+        return mask_from_scores(scores, sparsity, granularity, nm, head_dim)
+    keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    for unit in units:
+        keep[unit.rows] = mask_from_scores(scores[unit.rows], sparsity, granularity, nm, head_dim)
+    return keep
+
+
 @torch.no_grad()
 def apply_keep(layer: PrunableLayer, keep: torch.Tensor) -> torch.Tensor:
-    """Zero ``layer``'s weight where ``keep`` [out, in] is False; returns the mask in the weight
-    parameter's own layout (transposed for GPT-2's ``Conv1D``)."""
+    """Zero ``layer``'s weight where ``keep`` [out, in] (the ``layer.weight`` layout) is False;
+    returns the mask in the weight parameter's own layout (transposed for GPT-2's ``Conv1D``,
+    [E, out, in] for fused experts)."""
     w = layer.weight  # [out, in] view
     keep = keep.to(w.device)
     w.mul_(keep)  # exact zeros (signed like the weight); a tenth of masked_fill_'s time on CPU
-    return keep if w is layer.module.weight else keep.t()
+    return layer.param_layout(keep)
 
 
-def full_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_masks(model: nn.Module, prune_router: bool = False) -> dict[str, torch.Tensor]:
     """All-True keep-masks (nothing pruned) for every prunable weight, in its own layout."""
     return {
-        layer.param_name: torch.ones_like(layer.module.weight, dtype=torch.bool)
-        for layer in prunable_layers(model)
+        layer.param_name: torch.ones_like(layer.parameter, dtype=torch.bool)
+        for layer in prunable_layers(model, prune_router)
     }

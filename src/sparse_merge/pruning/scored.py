@@ -15,8 +15,9 @@ from sparse_merge.pruning.masking import (
     check_nm_sparsity,
     full_masks,
     global_masks,
-    mask_from_scores,
+    nm_sparsities,
     parse_nm,
+    unit_masks,
 )
 
 
@@ -28,21 +29,35 @@ class ScorePruner:
     channels of every layer, ranked by summed score), ``head`` (whole attention heads of the
     query/key/value projections, whole output channels elsewhere). ``nm='2:4'`` gives an N:M
     pattern instead (it fixes the sparsity at (M-N)/M).
+
+    Fused MoE experts: every granularity but ``global`` applies to each expert's gate, up and
+    down projection on its own (as to a linear of that shape; ``head`` prunes whole output
+    channels there); ``global`` ranks them with everything else. MoE routers stay dense unless
+    ``prune_router=True``.
     """
 
     def __init__(
-        self, importance: Importance, granularity: str = "row", nm: str | None = None
+        self,
+        importance: Importance,
+        granularity: str = "row",
+        nm: str | None = None,
+        prune_router: bool = False,
     ) -> None:
         if not isinstance(importance, Importance):
             raise TypeError(f"importance must implement Importance, got {type(importance)}")
         self.importance = importance
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         self.nm = parse_nm("nm", nm)
+        self.prune_router = bool(prune_router)
 
     @property
     def uses_calibration(self) -> bool:
         """Whether the importance reads calibration data (magnitude and random do not)."""
         return getattr(self.importance, "uses_calibration", True)
+
+    def accepted_sparsities(self) -> tuple[float, ...] | None:
+        """0 and (M-N)/M with an N:M pattern; ``None`` (any fraction) without one."""
+        return nm_sparsities(self.nm)
 
     def describe(self) -> dict[str, str]:
         """Method, importance and granularity (metadata of saved masks)."""
@@ -59,15 +74,16 @@ class ScorePruner:
         if self.nm is not None:
             check_nm_sparsity(self.nm, sparsity)
         if sparsity == 0:
-            return full_masks(model)
-        scores = self.importance.compute(model, calib)  # name -> [out, in]
-        layers = prunable_layers(model)
+            return full_masks(model, self.prune_router)
+        layers = prunable_layers(model, self.prune_router)
+        scores = self.importance.compute(model, calib, layers)  # name -> [out, in]
         if self.granularity == "global" and self.nm is None:
             keeps = global_masks(scores, sparsity)
         else:
             dim = head_dim(model) if self.granularity == "head" else None
             keeps = {
-                layer.param_name: mask_from_scores(
+                layer.param_name: unit_masks(
+                    layer,
                     scores[layer.param_name],
                     sparsity,
                     "channel"

@@ -10,6 +10,15 @@ Deviation from the reference code, on purpose: the number of weights pruned per 
 by cumulative rounding so the layer (or each row) ends with exactly ``round(sparsity * n)``
 zeros; and input features never seen in calibration (``H_jj = 0``) are not zeroed, so no
 weight beyond the mask becomes zero.
+
+Fused MoE experts: every expert has its own Hessian ``X_e^T X_e`` of the inputs it receives
+(the calibration tokens routed to it, ``layerwise``), and each expert's gate, up and down
+projection is pruned and reconstructed as a linear of that shape would be (gate and up share
+their expert's Hessian, as ``gate_proj`` and ``up_proj`` share theirs in a dense MLP). Memory:
+one ``[in, in]`` float32 Hessian per expert and expert parameter of the block being pruned. An
+expert that no calibration token reaches has ``H = 0``; with the dead-feature rule above its
+dampened Hessian is a multiple of the identity, which makes the selection ``|W|`` (magnitude)
+and the update a no-op (with a warning). The router stays dense unless ``prune_router=True``.
 """
 
 from __future__ import annotations
@@ -20,22 +29,33 @@ from torch import nn
 from sparse_merge.errors import check_choice, check_positive
 from sparse_merge.models.blocks import PrunableLayer
 from sparse_merge.pruning.base import Calibration, Masks, keep_smallest_out
-from sparse_merge.pruning.layerwise import CalibratedPruner, prune_layerwise
+from sparse_merge.pruning.layerwise import CalibratedPruner, prune_layerwise, warn_unrouted
 from sparse_merge.pruning.masking import full_masks, parse_nm
 
 
 class Hessian:
-    """Running ``sum_t x_t x_t^T`` [in, in] of a layer's inputs (float32)."""
+    """Running ``sum_t x_t x_t^T`` [in, in] of a layer's inputs (float32); with ``experts`` one
+    per expert ([E, in, in], each over the tokens routed to that expert)."""
 
-    def __init__(self, n_in: int, device: torch.device) -> None:
-        self.h = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)  # [in, in]
-        self.tokens = 0
+    def __init__(self, n_in: int, device: torch.device, experts: int | None = None) -> None:
+        shape = (n_in, n_in) if experts is None else (experts, n_in, n_in)
+        self.h = torch.zeros(shape, dtype=torch.float32, device=device)  # [in, in] / [E, in, in]
+        self.tokens: int | torch.Tensor = (
+            0 if experts is None else torch.zeros(experts, dtype=torch.long)
+        )
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add the inputs ``x`` [n, in]."""
+    def add(self, x: torch.Tensor, expert: int | None = None) -> None:
+        """Add the inputs ``x`` [n, in] (of the tokens routed to ``expert``)."""
         x = x.float()
-        self.h.addmm_(x.t(), x)
-        self.tokens += x.shape[0]
+        (self.h if expert is None else self.h[expert]).addmm_(x.t(), x)
+        if isinstance(self.tokens, torch.Tensor):
+            self.tokens[0 if expert is None else expert] += x.shape[0]
+        else:
+            self.tokens += x.shape[0]
+
+    def of(self, expert: int | None) -> torch.Tensor:
+        """The Hessian [in, in] of the layer, or of one expert."""
+        return self.h if expert is None else self.h[expert]
 
 
 def _cumulative_counts(total: int, n_cols: int, starts: range, block: int) -> list[int]:
@@ -126,6 +146,7 @@ class SparseGPTPruner(CalibratedPruner):
         nm: str | None = None,
         block_size: int = 128,
         dampening: float = 0.01,
+        prune_router: bool = False,
     ) -> None:
         self.n_calibration = int(check_positive("n_calibration", n_calibration))
         self.batch_size = int(check_positive("batch_size", batch_size))
@@ -135,6 +156,7 @@ class SparseGPTPruner(CalibratedPruner):
         if self.nm is not None and self.block_size % self.nm[1]:
             raise ValueError(f"block_size={block_size} must be a multiple of M={self.nm[1]}")
         self.dampening = float(check_positive("dampening", dampening))
+        self.prune_router = bool(prune_router)
 
     def describe(self) -> dict[str, str]:
         """Method, importance and granularity (metadata of saved masks)."""
@@ -145,23 +167,29 @@ class SparseGPTPruner(CalibratedPruner):
         """Prune and update the kept weights in place; returns keep-masks by weight name."""
         calib = self.calibration(calib, sparsity)
         if sparsity == 0:
-            return full_masks(model)
+            return full_masks(model, self.prune_router)
         masks: Masks = {}
 
         def new_stat(layer: PrunableLayer) -> Hessian:
-            return Hessian(layer.weight.shape[1], layer.weight.device)
+            return Hessian(layer.weight.shape[1], layer.weight.device, layer.num_experts)
 
         def prune_layer(layer: PrunableLayer, stat: Hessian) -> None:
-            keep = sparsegpt_prune_(
-                layer.weight,
-                stat.h,
-                sparsity,
-                granularity=self.granularity,
-                nm=self.nm,
-                block_size=self.block_size,
-                dampening=self.dampening,
-            )
-            masks[layer.param_name] = keep if layer.weight is layer.module.weight else keep.t()
+            warn_unrouted(layer, stat.tokens, "their weights are pruned by |W|, not updated")
+            w = layer.weight  # [rows, in] view
+            keep = torch.empty(w.shape, dtype=torch.bool, device=w.device)
+            for unit in layer.units:  # the whole weight, or each expert's projections
+                keep[unit.rows] = sparsegpt_prune_(
+                    w[unit.rows],
+                    stat.of(unit.expert),
+                    sparsity,
+                    granularity=self.granularity,
+                    nm=self.nm,
+                    block_size=self.block_size,
+                    dampening=self.dampening,
+                )
+            masks[layer.param_name] = layer.param_layout(keep)
 
-        prune_layerwise(model, calib, self.batch_size, new_stat, prune_layer, desc="sparsegpt")
+        prune_layerwise(
+            model, calib, self.batch_size, new_stat, prune_layer, "sparsegpt", self.prune_router
+        )
         return masks

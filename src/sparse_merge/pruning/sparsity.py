@@ -31,14 +31,21 @@ class SparsityReport:
 
 @torch.no_grad()
 def measure_sparsity(model: nn.Module) -> SparsityReport:
-    """Exact sparsity of the Linear layers inside the decoder blocks (embeddings, norms and the
-    LM head do not count)."""
+    """Exact sparsity of the prunable weights inside the decoder blocks (embeddings, norms, the
+    LM head and MoE routers do not count). A fused MoE expert parameter [E, out, in] gives one
+    entry per expert, ``model.layers.0.mlp.experts.gate_up_proj[3]``."""
     zeros = total = 0
     layers = {}
     for layer in prunable_layers(model):
-        w = layer.module.weight
-        z = int((w == 0).sum())
-        layers[layer.name] = z / w.numel()
+        w = layer.parameter
+        if layer.is_experts:
+            per = (w == 0).flatten(1).sum(1).tolist()  # [E]
+            for e, z in enumerate(per):
+                layers[layer.expert_name(e)] = z / w[e].numel()
+            z = int(sum(per))
+        else:
+            z = int((w == 0).sum())
+            layers[layer.name] = z / w.numel()
         zeros += z
         total += w.numel()
     return SparsityReport(zeros / max(total, 1), zeros, total, layers)

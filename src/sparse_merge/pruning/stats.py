@@ -15,24 +15,32 @@ from sparse_merge.pruning.base import Masks  # noqa: E402
 from sparse_merge.tracking.io import write_atomic  # noqa: E402
 
 
+def _row(layer: str, keep: torch.Tensor) -> dict[str, Any]:
+    pruned = (~keep.bool()).float()
+    per_row = pruned.reshape(keep.shape[0], -1).mean(1) if keep.dim() > 1 else pruned
+    return {
+        "layer": layer,
+        "numel": keep.numel(),
+        "kept": int(keep.sum()),
+        "sparsity": float(pruned.mean()),
+        "row_sparsity_min": float(per_row.min()),
+        "row_sparsity_max": float(per_row.max()),
+        "empty_rows": int((per_row == 1).sum()),
+    }
+
+
 def mask_stats(masks: Masks) -> list[dict[str, Any]]:
     """One row per mask: name, size, kept, sparsity, and the spread of sparsity over output rows
-    (``[out, in]`` for Linear, rows of the stored layout otherwise)."""
+    (``[out, in]`` for Linear, rows of the stored layout otherwise). A 3-D mask is a fused MoE
+    expert parameter [E, out, in]: one row per expert, named
+    ``model.layers.0.mlp.experts.gate_up_proj[3]``."""
     rows = []
     for name, keep in masks.items():
-        pruned = (~keep.bool()).float()
-        per_row = pruned.reshape(keep.shape[0], -1).mean(1) if keep.dim() > 1 else pruned
-        rows.append(
-            {
-                "layer": name.removesuffix(".weight"),
-                "numel": keep.numel(),
-                "kept": int(keep.sum()),
-                "sparsity": float(pruned.mean()),
-                "row_sparsity_min": float(per_row.min()),
-                "row_sparsity_max": float(per_row.max()),
-                "empty_rows": int((per_row == 1).sum()),
-            }
-        )
+        layer = name.removesuffix(".weight")
+        if keep.dim() == 3:
+            rows.extend(_row(f"{layer}[{e}]", keep[e]) for e in range(keep.shape[0]))
+        else:
+            rows.append(_row(layer, keep))
     return rows
 
 

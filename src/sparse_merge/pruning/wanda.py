@@ -14,6 +14,13 @@ models are merges of the initial genomes, whose activations are alike; the bench
 how often its masks agree with full Wanda's. Every model that is reported (the picks, the
 references, the baselines) is pruned with full Wanda. ``in_loop='layerwise'`` uses full Wanda
 in the loop too.
+
+Fused MoE experts: each expert's ``gate_up_proj[e]`` and ``down_proj[e]`` is scored with the
+norms of the inputs that expert receives, i.e. of the calibration tokens the router sends to
+it (``layerwise``), not of all tokens; the gate and up halves and every expert get the exact
+count of a linear of their shape. An expert that no calibration token reaches would score all
+zeros (no ranking at all); its weights are ranked by ``|W|`` instead (magnitude pruning, with
+a warning). The router stays dense unless ``prune_router=True``.
 """
 
 from __future__ import annotations
@@ -32,42 +39,59 @@ from sparse_merge.pruning.layerwise import (
     record_inputs,
     require_calibration,
     take,
+    warn_unrouted,
 )
 from sparse_merge.pruning.masking import (
     apply_keep,
     full_masks,
-    mask_from_scores,
+    nm_sparsities,
     parse_nm,
+    unit_masks,
 )
 
 
 class ColumnNorms:
-    """Running sum of squares of each input feature: ``||X_j||_2 = sqrt(sum_t x_tj^2)``."""
+    """Running sum of squares of each input feature: ``||X_j||_2 = sqrt(sum_t x_tj^2)``; with
+    ``experts`` one row per expert ([E, in], each over the tokens routed to that expert)."""
 
-    def __init__(self, n_in: int, device: torch.device) -> None:
-        self.sq = torch.zeros(n_in, dtype=torch.float32, device=device)  # [in]
-        self.tokens = 0
+    def __init__(self, n_in: int, device: torch.device, experts: int | None = None) -> None:
+        shape = (n_in,) if experts is None else (experts, n_in)
+        self.sq = torch.zeros(shape, dtype=torch.float32, device=device)  # [in] or [E, in]
+        self.tokens: int | torch.Tensor = (
+            0 if experts is None else torch.zeros(experts, dtype=torch.long)
+        )
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add the inputs ``x`` [n, in]."""
-        self.sq += x.float().pow(2).sum(0)
-        self.tokens += x.shape[0]
+    def add(self, x: torch.Tensor, expert: int | None = None) -> None:
+        """Add the inputs ``x`` [n, in] (of the tokens routed to ``expert``)."""
+        sq = x.float().pow(2).sum(0)
+        if expert is None:
+            self.sq += sq
+        else:
+            self.sq[expert] += sq
+        if isinstance(self.tokens, torch.Tensor):
+            self.tokens[0 if expert is None else expert] += x.shape[0]
+        else:
+            self.tokens += x.shape[0]
 
     def norms(self) -> torch.Tensor:
-        """[in] L2 norm of each input feature over all tokens seen."""
+        """[in] (or [E, in]) L2 norm of each input feature over all tokens seen."""
         return self.sq.sqrt()
+
+
+def new_norms(layer: PrunableLayer) -> ColumnNorms:
+    """The accumulator of ``layer``'s input norms (per expert for a fused expert parameter)."""
+    return ColumnNorms(layer.weight.shape[1], layer.weight.device, layer.num_experts)
 
 
 @torch.no_grad()
 def dense_input_norms(
-    model: nn.Module, calib: Calibration, batch_size: int
+    model: nn.Module, calib: Calibration, batch_size: int, prune_router: bool = False
 ) -> dict[str, ColumnNorms]:
-    """The input norms of every prunable layer (by module name) over all of ``calib``'s
-    non-padding tokens, from one forward pass of the model as it is."""
-    layers = prunable_layers(model)
-    stats = {
-        layer.name: ColumnNorms(layer.weight.shape[1], layer.weight.device) for layer in layers
-    }
+    """The input norms of every prunable layer (by layer name) over all of ``calib``'s
+    non-padding tokens (per expert: the tokens routed to it), from one forward pass of the
+    model as it is."""
+    layers = prunable_layers(model, prune_router)
+    stats = {layer.name: new_norms(layer) for layer in layers}
     mask: list[torch.Tensor] = []
     handles = record_inputs(layers, stats, mask)
     device = next(model.parameters()).device
@@ -83,8 +107,18 @@ def dense_input_norms(
 
 
 def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    """``|W| * ||X_j||`` [out, in] from the weight [out, in] and the input norms [in]."""
-    return weight.abs().float() * norms[None, :]
+    """``|W| * ||X_j||`` [out, in] from the weight [out, in] and the input norms [in]; for
+    fused experts the weight is [E * out, in] and the norms [E, in] (expert ``e``'s rows use
+    row ``e``). Rows whose inputs were never seen (norms all zero: an expert no calibration
+    token reached) would all score zero and are scored ``|W|`` instead."""
+    mag = weight.abs().float()
+    if norms.dim() == 1:
+        return mag * norms[None, :] if bool(norms.any()) else mag
+    n_experts = norms.shape[0]
+    per = mag.view(n_experts, -1, mag.shape[-1])  # [E, out, in]
+    seen = norms.any(-1)  # [E]
+    scale = torch.where(seen[:, None], norms, torch.ones_like(norms))  # unseen: |W|
+    return (per * scale[:, None, :]).view_as(mag)
 
 
 IN_LOOP = ("reference", "layerwise")
@@ -102,12 +136,14 @@ class WandaPruner(CalibratedPruner):
         granularity: str = "row",
         nm: str | None = None,
         in_loop: str = "reference",
+        prune_router: bool = False,
     ) -> None:
         self.n_calibration = int(check_positive("n_calibration", n_calibration))
         self.batch_size = int(check_positive("batch_size", batch_size))
         self.granularity = check_choice("granularity", granularity, ("row", "layer"))
         self.nm = parse_nm("nm", nm)
         self.in_loop = check_choice("in_loop", in_loop, IN_LOOP)
+        self.prune_router = bool(prune_router)
 
     def reference(self, models: Iterable[nn.Module], calib: Calibration | None) -> ReferenceWanda:
         """The in-loop pruner with input norms pooled over one dense pass of each of ``models``
@@ -115,14 +151,15 @@ class WandaPruner(CalibratedPruner):
         calib = take(require_calibration(calib, type(self).__name__), self.n_calibration)
         pooled: dict[str, ColumnNorms] = {}
         for model in models:
-            for name, stat in dense_input_norms(model, calib, self.batch_size).items():
+            norms = dense_input_norms(model, calib, self.batch_size, self.prune_router)
+            for name, stat in norms.items():
                 if name in pooled:
                     pooled[name].sq += stat.sq
                     pooled[name].tokens += stat.tokens
                 else:
                     pooled[name] = stat
         norms = {name: stat.norms() for name, stat in pooled.items()}
-        return ReferenceWanda(norms, self.granularity, self.nm)
+        return ReferenceWanda(norms, self.granularity, self.nm, self.prune_router)
 
     def describe(self) -> dict[str, str]:
         """Method, importance and granularity (metadata of saved masks)."""
@@ -133,18 +170,18 @@ class WandaPruner(CalibratedPruner):
         """Zero the lowest-scoring weights in place; returns keep-masks by weight parameter name."""
         calib = self.calibration(calib, sparsity)
         if sparsity == 0:
-            return full_masks(model)
+            return full_masks(model, self.prune_router)
         masks: Masks = {}
 
-        def new_stat(layer: PrunableLayer) -> ColumnNorms:
-            return ColumnNorms(layer.weight.shape[1], layer.weight.device)
-
         def prune_layer(layer: PrunableLayer, stat: ColumnNorms) -> None:
+            warn_unrouted(layer, stat.tokens, "their weights are ranked by |W|")
             scores = wanda_scores(layer.weight, stat.norms())
-            keep = mask_from_scores(scores, sparsity, self.granularity, self.nm)
+            keep = unit_masks(layer, scores, sparsity, self.granularity, self.nm)
             masks[layer.param_name] = apply_keep(layer, keep)
 
-        prune_layerwise(model, calib, self.batch_size, new_stat, prune_layer, desc="wanda")
+        prune_layerwise(
+            model, calib, self.batch_size, new_norms, prune_layer, "wanda", self.prune_router
+        )
         return masks
 
 
@@ -159,20 +196,26 @@ class ReferenceWanda:
         norms: dict[str, torch.Tensor],
         granularity: str = "row",
         nm: tuple[int, int] | None = None,
+        prune_router: bool = False,
     ) -> None:
         self.norms, self.granularity, self.nm = norms, granularity, nm
+        self.prune_router = prune_router
+
+    def accepted_sparsities(self) -> tuple[float, ...] | None:
+        """0 and (M-N)/M with an N:M pattern; ``None`` (any fraction) without one."""
+        return nm_sparsities(self.nm)
 
     @torch.no_grad()
     def prune(self, model: nn.Module, calib: Calibration | None, sparsity: float) -> Masks:
         """Zero the lowest-scoring weights in place; returns keep-masks by weight parameter name."""
         check_fraction("sparsity", sparsity)
         if sparsity == 0:
-            return full_masks(model)
+            return full_masks(model, self.prune_router)
         masks: Masks = {}
-        for layer in prunable_layers(model):
+        for layer in prunable_layers(model, self.prune_router):
             norms = self.norms[layer.name].to(layer.weight.device)
-            keep = mask_from_scores(
-                wanda_scores(layer.weight, norms), sparsity, self.granularity, self.nm
+            keep = unit_masks(
+                layer, wanda_scores(layer.weight, norms), sparsity, self.granularity, self.nm
             )
             masks[layer.param_name] = apply_keep(layer, keep)
         return masks

@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from sparse_merge.errors import ConfigError, DataError, check_choice, check_positive
+from sparse_merge.errors import ConfigError, DataError, check_choice, check_int
 from sparse_merge.tasks.base import Example
 from sparse_merge.tasks.data import (
     DatasetBenchmark,
@@ -249,8 +249,8 @@ class BFCL(DatasetBenchmark):
     ) -> None:
         check_choice("category", category, CATEGORIES)
         check_choice("chat_template", chat_template, CHAT_MODES)
-        check_positive("max_new_tokens", max_new_tokens)
-        check_positive("batch_size", batch_size)
+        check_int("max_new_tokens", max_new_tokens, minimum=1)
+        check_int("batch_size", batch_size, minimum=1)
         if (questions is None) != (answers is None):
             raise ConfigError("answers", answers, "set together with questions (or both null)")
         check_data_files("questions", questions)

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from sparse_merge.errors import check_choice, check_positive
+from sparse_merge.errors import check_choice, check_int
 from sparse_merge.tasks.data import DatasetBenchmark, Row
 from sparse_merge.tasks.generation import context_length
 
@@ -105,7 +105,7 @@ class MultipleChoiceTask:
         max_length: int | None = None,
     ) -> None:
         check_choice("length_norm", length_norm, LENGTH_NORMS)
-        check_positive("batch_size", batch_size)
+        check_int("batch_size", batch_size, minimum=1)
         self.name, self.items = name, list(items)
         self.length_norm, self.batch_size, self.max_length = length_norm, batch_size, max_length
 
@@ -159,7 +159,7 @@ class ChoiceBenchmark(DatasetBenchmark):
     ) -> None:
         length_norm = self.default_length_norm if length_norm is None else length_norm
         check_choice("length_norm", length_norm, LENGTH_NORMS)
-        check_positive("batch_size", batch_size)
+        check_int("batch_size", batch_size, minimum=1)
         super().__init__(
             **{"heldout_split": "validation", "n_select": 200, "n_heldout": 1000, **split_options}
         )

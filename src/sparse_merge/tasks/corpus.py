@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from sparse_merge.errors import ConfigError, check_positive
+from sparse_merge.errors import ConfigError, check_int
 from sparse_merge.tasks.base import Example
 from sparse_merge.tasks.data import DatasetBenchmark, Row
 from sparse_merge.tasks.generation import context_length
@@ -114,9 +114,9 @@ class Corpus(DatasetBenchmark):
         name: str = "corpus",
         **split_options: Any,
     ) -> None:
-        check_positive("chunk_chars", chunk_chars)
+        check_int("chunk_chars", chunk_chars, minimum=1)
         if window is not None:
-            check_positive("window", window)
+            check_int("window", window, minimum=1)
         if stride is not None and not 0 < stride < (window or MAX_WINDOW):
             raise ConfigError("stride", stride, f"in (0, window={window or MAX_WINDOW})")
         super().__init__(

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sparse_merge.errors import ConfigError, DataError, check_positive
+from sparse_merge.errors import ConfigError, DataError, check_int
 from sparse_merge.tasks.base import Example, Task
 
 Row = dict[str, Any]
@@ -278,7 +278,7 @@ class DatasetBenchmark:
         check_data_files("data_files", data_files)
         for k, v in (("n_select", n_select), ("n_heldout", n_heldout)):
             if v is not None:
-                check_positive(k, v, allow_zero=True)
+                check_int(k, v)
         self.data_files = data_files
         self.splits = {"selection": selection_split, "heldout": heldout_split}
         self.train_split = train_split

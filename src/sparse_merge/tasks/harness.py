@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from sparse_merge.errors import ConfigError, check_positive
+from sparse_merge.errors import ConfigError, check_int
 from sparse_merge.tasks.base import Example
 from sparse_merge.tasks.suite import TaskSuite
 
@@ -102,8 +102,8 @@ class LMEvalBenchmark:
             ("num_fewshot", num_fewshot),
         ):
             if v is not None:
-                check_positive(k, v, allow_zero=True)
-        check_positive("batch_size", batch_size)
+                check_int(k, v)
+        check_int("batch_size", batch_size, minimum=1)
         self.name, self.index = task, index or TaskIndex()
         self.sizes = {"heldout": n_heldout, "selection": n_select}
         self.num_fewshot, self.metric, self.batch_size = num_fewshot, metric, batch_size

@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from sparse_merge.errors import check_choice, check_positive
+from sparse_merge.errors import check_choice, check_int
 from sparse_merge.tasks.base import Example
 from sparse_merge.tasks.data import DatasetBenchmark, Row, require_string, require_strings
 from sparse_merge.tasks.generation import (
@@ -131,9 +131,9 @@ class MBPP(DatasetBenchmark):
         kernel_guards: bool = True,
         **split_options: Any,
     ) -> None:
-        check_positive("num_fewshot", num_fewshot, allow_zero=True)
-        check_positive("max_new_tokens", max_new_tokens)
-        check_positive("batch_size", batch_size)
+        check_int("num_fewshot", num_fewshot)
+        check_int("max_new_tokens", max_new_tokens, minimum=1)
+        check_int("batch_size", batch_size, minimum=1)
         check_choice("chat_template", chat_template, CHAT_MODES)
         super().__init__(**{"selection_split": "validation", "n_select": 64, **split_options})
         self.fewshot_split, self.num_fewshot = fewshot_split, num_fewshot

@@ -14,7 +14,7 @@ import random
 import string
 import zlib
 
-from sparse_merge.errors import ConfigError, check_positive
+from sparse_merge.errors import ConfigError, check_int
 from sparse_merge.tasks.base import Example
 from sparse_merge.tasks.generation import ExactMatchTask
 
@@ -39,13 +39,13 @@ class ToyTask:
         selection_seed: int = 0,
         batch_size: int = 128,
     ) -> None:
-        check_positive("n_select", n_select, allow_zero=True)
-        check_positive("n_heldout", n_heldout, allow_zero=True)
-        self.batch_size = batch_size
+        check_int("n_select", n_select)  # 0: a task used for training only (the toy zoo's)
+        check_int("n_heldout", n_heldout)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
         rng = random.Random(f"{self.name}:{data_seed}")
-        heldout = self._unique(rng, n_heldout, exclude=set())
+        heldout = self._unique(rng, n_heldout, exclude=set(), key="n_heldout")
         rng = random.Random(f"{self.name}:{data_seed}:{selection_seed}")
-        selection = self._unique(rng, n_select, exclude={e.prompt for e in heldout})
+        selection = self._unique(rng, n_select, exclude={e.prompt for e in heldout}, key="n_select")
         self.heldout = self.make_task(f"{self.name}/heldout", heldout)
         self.selection = self.make_task(f"{self.name}/selection", selection)
 
@@ -60,7 +60,9 @@ class ToyTask:
         """The scored task over ``examples`` (exact match of the greedy completion)."""
         return ExactMatchTask(name, examples, self.max_new_tokens, self.batch_size)
 
-    def _unique(self, rng: random.Random, n: int, exclude: set[str]) -> list[Example]:
+    def _unique(
+        self, rng: random.Random, n: int, exclude: set[str], key: str = "n_select"
+    ) -> list[Example]:
         seen, out = set(exclude), []
         if n == 0:
             return out
@@ -71,7 +73,9 @@ class ToyTask:
                 out.append(e)
                 if len(out) == n:
                     return out
-        raise ConfigError("n_select/n_heldout", n, f"fewer distinct {self.name} examples exist")
+        raise ConfigError(
+            key, n, f"at most {len(out)}: {self.name} has no more distinct evaluation prompts left"
+        )
 
     def describe(self) -> dict[str, object]:
         """The parameters that define the examples (used in cache keys)."""

@@ -6,8 +6,11 @@ process at a time runs in a run directory."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import re
+import resource
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -62,21 +65,120 @@ def _fsync(path: str | Path) -> None:
         os.close(fd)
 
 
+# What to do about a write the OS refused, by its reason
+_WRITE_ADVICE = {
+    errno.ENOSPC: "free some space on that disk",
+    errno.EDQUOT: "free some space or raise the disk quota",
+    errno.EFBIG: "raise the file-size limit (ulimit -f)",
+    errno.EROFS: "make the folder writable, or choose another folder",
+    errno.EACCES: "make the folder writable, or choose another folder",
+    errno.EPERM: "make the folder writable, or choose another folder",
+}
+PROBE_BYTES = 4096  # what check_writable writes: a full disk has less than one block left
+
+
+class WriteError(OSError):
+    """The OS refused a write (disk full, file-size limit, read-only folder). ``str()`` is one
+    line: the file, its folder, the OS's reason, what to do, and that nothing written before
+    was lost (``write_atomic`` replaces a file only by a complete copy, so the one already there
+    is unchanged). ``probe``: raised by ``check_writable``, before anything was written."""
+
+    def __init__(self, path: str | Path, cause: OSError, *, probe: bool = False) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause), str(path))
+        self.path, self.probe = Path(path), probe
+
+    @property
+    def reason(self) -> str:
+        """The OS's reason with its code: ``No space left on device (ENOSPC)``."""
+        code = errno.errorcode.get(self.errno or 0)
+        return f"{self.strerror} ({code})" if code else str(self.strerror)
+
+    @property
+    def advice(self) -> str | None:
+        """What to do about it, by the reason (``free some space on that disk``)."""
+        return _WRITE_ADVICE.get(self.errno)
+
+    def __str__(self) -> str:
+        if self.probe:
+            what, kept = f"cannot write in {self.path}", "nothing was written"
+        else:
+            what = f"could not write {self.path.name} in {self.path.parent}"
+            kept = (
+                f"nothing written before was lost ({self.path.name}, if it existed, is unchanged)"
+            )
+        return "; ".join(x for x in (f"{what}: {self.reason}", self.advice, kept) if x)
+
+
+def check_writable(directory: str | Path) -> Path:
+    """Make ``directory`` and write, flush and remove a small file in it, so a read-only folder,
+    a full disk or a tiny file-size limit is found before any work; ``WriteError`` if not."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(**temp_affixes(directory / ".write-probe"))
+        try:
+            data = memoryview(bytes(PROBE_BYTES))
+            while data:  # a write cut short by the file-size limit fails on the next call
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise WriteError(directory, exc, probe=True) from None
+    return directory
+
+
+def write_error(path: str | Path, exc: BaseException, tmp: Path | None = None) -> WriteError | None:
+    """``exc``, raised while writing ``path`` (into its temporary file or folder ``tmp``), as a
+    ``WriteError`` when the OS refused the write; ``None`` when it is something else (a bug) or
+    already a ``WriteError``. ``torch.save`` reports a full disk or the file-size limit only as
+    ``RuntimeError("... unexpected pos ...")`` and safetensors as ``"... (os error 28)"``: the
+    reason is then read from the text, or from the file-size limit ``tmp`` reached, or from a
+    probe write next to it (a disk still full refuses it)."""
+    if isinstance(exc, WriteError):
+        return None
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__
+    if cause is None and (found := re.search(r"\(os error (\d+)\)", str(exc))):
+        cause = OSError(int(found[1]), os.strerror(int(found[1])))  # Rust's std::io::Error
+    if cause is None and tmp is not None and tmp.exists():
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        files = [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]
+        if limit != resource.RLIM_INFINITY and any(p.stat().st_size >= limit for p in files):
+            cause = OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        else:
+            try:
+                check_writable(tmp.parent)
+            except WriteError as refused:
+                cause = refused
+    return None if cause is None else WriteError(path, cause)
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it over ``path``;
-    the file and the rename are flushed to the disk (``fsync``) before it returns."""
+    the file and the rename are flushed to the disk (``fsync``) before it returns. A write the
+    OS refuses raises ``WriteError`` and leaves an older ``path`` as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(**temp_affixes(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(**temp_affixes(path))
+    except OSError as exc:
+        raise WriteError(path, exc) from None
     os.close(fd)
     try:
         write(Path(tmp))
         _fsync(tmp)  # the data is on disk before the name points at it
         os.replace(tmp, path)
-        _fsync(path.parent)  # and the rename itself survives a power loss
+    except Exception as exc:
+        if (error := write_error(path, exc, Path(tmp))) is None:
+            raise
+        raise error from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _fsync(path.parent)  # and the rename itself survives a power loss
     return path
 
 
@@ -101,12 +203,21 @@ def to_jsonable(data: Any) -> Any:
 
 def write_atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_dir)`` on a fresh temporary directory next to ``path``, then move it
-    into place (replacing an older ``path``), so a crash never leaves a half-written folder."""
+    into place (replacing an older ``path``), so a crash never leaves a half-written folder. A
+    write the OS refuses raises ``WriteError`` and leaves an older ``path`` as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(**temp_affixes(path)))
     try:
-        write(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(**temp_affixes(path)))
+    except OSError as exc:
+        raise WriteError(path, exc) from None
+    try:
+        try:
+            write(tmp)
+        except Exception as exc:
+            if (error := write_error(path, exc, tmp)) is None:
+                raise
+            raise error from exc
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)

@@ -19,6 +19,22 @@ from sparse_merge.tracking.io import to_jsonable, write_json
 log = logging.getLogger("sparse_merge")
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float)
+
+
+def wandb_scalars(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The scalars of a JSONL record for W&B: its numbers (not ``time``), and the numbers of
+    any flat mapping of numbers under ``<key>/<name>``; lists and nested mappings stay local."""
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        if _number(v) and k != "time":
+            out[k] = v
+        elif isinstance(v, Mapping) and v and all(_number(x) for x in v.values()):
+            out.update({f"{k}/{name}": x for name, x in v.items()})
+    return out
+
+
 class WandbSink:
     """Forwards metrics to a W&B run (offline unless an API key or ``mode`` says otherwise)."""
 
@@ -104,7 +120,9 @@ class RunLogger:
     def log(
         self, metrics: Mapping[str, Any], step: int | None = None, console: bool = False
     ) -> None:
-        """One JSONL record (with ``step`` and wall time); scalars also go to W&B."""
+        """One JSONL record (with ``step`` and wall time); scalars also go to W&B, and so do the
+        numbers of a flat mapping of numbers, as ``<key>/<name>`` (the per-layer sparsity of a
+        step: ``layer_sparsity/<layer>``)."""
         record = {
             "time": time.time(),
             **({"step": step} if step is not None else {}),
@@ -115,10 +133,7 @@ class RunLogger:
         if self.console and console:
             log.info(" ".join(f"{k}={v}" for k, v in record.items() if k != "time"))
         if self.wandb is not None:
-            scalars = {
-                k: v for k, v in record.items() if isinstance(v, int | float) and k != "time"
-            }
-            self.wandb.log(scalars, step)
+            self.wandb.log(wandb_scalars(record), step)
 
     def summary(self, metrics: Mapping[str, Any]) -> None:
         """Final metrics: kept in ``summary.json`` and set as the W&B summary."""
