@@ -39,9 +39,13 @@ bench: $(STAMP) ## Run the benchmarks (JSON under benchmarks/results/; ARGS="nam
 
 EXP ?= sweep_masks
 
+NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
+SWEEP_DIR ?= multirun/$(EXP)/$(NOW)
+
 .PHONY: sweep
-sweep: $(STAMP) ## Run a sweep from conf/experiment/: make sweep EXP=sweep_finetune (ARGS adds overrides)
-	$(PY) run.py -m experiment=$(EXP) $(ARGS)
+sweep: $(STAMP) ## Run a sweep from conf/experiment/ into SWEEP_DIR, then its tables and plots: make sweep EXP=sweep_finetune (ARGS adds overrides)
+	$(PY) run.py -m experiment=$(EXP) hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
+	$(PY) -m sparse_merge.analysis $(SWEEP_DIR)
 
 REPORT_DIR := multirun/report
 
@@ -69,7 +73,7 @@ repeat: $(STAMP) ## N seeds of a preset with the classic merges at equal budget:
 	$(PY) run.py -m $(if $(EXP),experiment=$(EXP)) 'seed=range(0,$(N))' baselines=classic save_models=false hardware.num_threads=1 hydra.sweep.dir=$(REPEAT_DIR) $(ARGS)
 	$(PY) -m sparse_merge.analysis.merge_table $(REPEAT_DIR) --ci
 
-SWEEP ?= $(shell ls -d multirun/*/* 2>/dev/null | grep -v -e report -e compare -e repeat | tail -n 1)
+SWEEP ?= $(shell ls -dt multirun/*/* 2>/dev/null | grep -v -e report -e compare -e repeat | head -n 1)
 
 .PHONY: analyze
 analyze: $(STAMP) ## Tables (CSV) and plots (PNG) of a sweep: SWEEP=multirun/<date>/<time> (default: newest)

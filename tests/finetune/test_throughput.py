@@ -2,6 +2,8 @@
 tiny multirun (the same Hydra launch as ``make sweep EXP=sweep_throughput``, in-process)."""
 
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -152,3 +154,21 @@ def test_multirun_analysis_writes_csv_and_one_plot_per_mode(tmp_path):
         assert png.read_bytes()[:4] == b"\x89PNG"
     text = written["throughput_md"].read_text()
     assert "| sparse_to_sparse | 50% |" in text and "bs 2" in text
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_sweep_runs_the_sweep_then_its_analysis_in_one_folder(tmp_path):
+    """`make sweep EXP=sweep_throughput` launches the multirun into SWEEP_DIR and then writes
+    that folder's tables and plots (the analysis the test above checks)."""
+    sweep = tmp_path / "sweep"
+    dry = subprocess.run(
+        ["make", "-n", "sweep", "EXP=sweep_throughput", f"SWEEP_DIR={sweep}", "ARGS=seed=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    launch, analysis = dry[-2:]
+    assert " run.py -m experiment=sweep_throughput " in launch
+    assert f"hydra.sweep.dir={sweep}" in launch.split() and "seed=1" in launch.split()
+    assert analysis.split()[-3:] == ["-m", "sparse_merge.analysis", str(sweep)]
