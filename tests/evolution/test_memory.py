@@ -311,3 +311,17 @@ def test_run_merge_refuses_before_loading_a_model(tmp_path, tokenizer, monkeypat
         )
     assert info.value.key == "evolver.archive" and "evolver.pop_size" in str(info.value)
     assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize(
+    "arch, hessian",
+    [
+        ("llama", 6 * 32**2 + 64**2),  # q, k, v, o, gate, up read hidden 32; down reads 64
+        ("mixtral", 4 * 32**2 + 4 * 32**2 + 4 * 32**2),  # q, k, v, o; 4 experts x (gate_up, down)
+    ],
+)
+def test_sparsegpt_hessians_count_one_per_expert(arch, hessian):
+    """SparseGPT keeps a Hessian per expert of a fused expert parameter, not one per tensor."""
+    from tests.tiny_archs import ARCHS
+
+    assert ModelShape.from_config(ARCHS[arch][1]).block_hessian == hessian

@@ -67,7 +67,9 @@ class ModelShape:
 
     ``numel`` is P, the unique parameters (tied embeddings once, as in ``ParamSpace``);
     ``prunable`` the weights of the decoder blocks' linears (``prunable_layers``); ``largest``
-    the [out, in] of the largest of them; ``block`` the [out, in] of every linear of one block.
+    the [out, in] of the largest of them; ``block`` the [out, in] of every linear of one block
+    (a fused expert parameter as its [E * out, in] rows); ``block_hessian`` the entries of one
+    block's SparseGPT Hessians (in^2 per linear, one per expert for fused experts).
     """
 
     numel: int  # P
@@ -80,6 +82,7 @@ class ModelShape:
     num_layers: int
     num_heads: int
     kv_dim: int  # key (or value) features per token per layer: kv heads x head dim
+    block_hessian: int = 0  # sum of in^2 (x experts) over one block's linears
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> ModelShape:
@@ -105,6 +108,11 @@ class ModelShape:
             num_layers=int(config.num_hidden_layers),
             num_heads=heads,
             kv_dim=kv_heads * head_dim,
+            block_hessian=sum(
+                (layer.num_experts or 1) * s[1] ** 2
+                for layer, s in zip(layers, shapes)
+                if layer.block == 0
+            ),
         )
 
     @classmethod
@@ -418,8 +426,8 @@ def pruner_memory(
             parts += [
                 (
                     "Hessians of one block (float32)",
-                    sum(i * i for _, i in shape.block) * 4,
-                    "sum(in^2) over a block's linears x 4 B",
+                    shape.block_hessian * 4,
+                    "sum(in^2, one per expert) over a block's linears x 4 B",
                 ),
                 (
                     "OBS update of the largest layer",
