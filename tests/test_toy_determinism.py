@@ -39,7 +39,7 @@ def _zoo(cache):
             "num_key_value_heads": 2,
         },
         base_steps=4,
-        child_steps=2,
+        child_steps=3,
         batch_size=64,
         child_replay=0.5,
     )

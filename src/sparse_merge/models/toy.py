@@ -29,15 +29,18 @@ from sparse_merge.models.tokenizer import char_tokenizer
 from sparse_merge.tasks.toy import ToyTask
 
 CACHE_VERSION = 2  # bump when training code changes what a cached model would be
-# What a zoo trains under whatever the calling process set (``hardware.num_threads``, the
-# machine's core count): CPU kernels sum in an order that depends on the intra-op thread count
-# (MKL's matmuls split the 56-token vocabulary across threads, ATen's full reductions split
-# their input), so the same spec trained on 8 threads gave other models than on 1. One thread
-# gives, bit for bit, the caches the README's tables come from (so do 2, 3, 4 and 6 threads on
-# an AVX-512 machine; 5, 7, 8 and 16 do not). Interop threads are left alone: eager training
-# runs no inter-op work, and torch can set their number only before the first parallel work.
+# What a zoo trains under, whatever the calling process set (``hardware.num_threads``, the
+# machine's core count). Unpinned, the bits depended on the intra-op thread count: MKL's matmuls
+# split the 56-token vocabulary of the LM head across threads and sum the pieces differently
+# (8 threads gave other models than 1), and ATen's full reductions over more than 32768
+# elements split their input even at 2 threads. One thread reproduces the existing caches
+# (conf/model/toy, toy_easy and the smoke zoo, where the README's tables come from) bit for
+# bit; so do 2, 3, 4 and 6 on an AVX-512 machine, 5, 7, 8 and 16 do not. Interop threads are
+# left alone: eager training does no inter-op work, and torch can set their number only before
+# the first parallel work. Not pinned, and still machine-dependent: the CPU's vector width
+# (ATen's AVX2 kernels give other bits than AVX-512 ones, on one thread too) and torch's version.
 DETERMINISM: dict[str, Any] = {"num_threads": 1, "deterministic_algorithms": True}
-# What the caches made before the training was pinned are bit for bit: the cache key includes
+# The pinning that the caches made before it are, bit for bit: the cache key includes
 # ``DETERMINISM`` only where it differs from this, so those caches stay valid while any other
 # pinning trains under a key of its own.
 UNPINNED_EQUIVALENT: dict[str, Any] = {"num_threads": 1, "deterministic_algorithms": True}
@@ -104,10 +107,11 @@ def train_lm(
     )
     examples = [e for task, n in zip(skills, counts) if n for e in task.train_examples(n, seed)]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    # 10 % warm-up, but at least 2 steps: OneCycleLR divides by (warm-up steps - 1)
-    pct_start = max(0.1, 2.0 / steps) if steps > 2 else 0.5
+    # 10 % warm-up, but at least 2 steps: OneCycleLR divides by (warm-up steps - 1), so a run
+    # of 1 or 2 steps schedules 3 (it stops before the end of the cycle)
+    total_steps = max(steps, 3)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=max(steps, 2), pct_start=pct_start
+        opt, max_lr=lr, total_steps=total_steps, pct_start=max(0.1, 2.0 / total_steps)
     )
     model.train()
     losses = []
@@ -185,7 +189,7 @@ class ToyZoo:
         keyed = spec if DETERMINISM == UNPINNED_EQUIVALENT else {**spec, "pinned": DETERMINISM}
         key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
         self.root = Path(cache_dir).expanduser() / f"{name}-{key}"
-        # spec.json records the pinning either way, and what else decides the bits unpinned
+        # spec.json records the pinning either way, and (not keyed) what else decides the bits
         self._spec = {
             **spec,
             "pinned": DETERMINISM,
