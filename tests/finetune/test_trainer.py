@@ -143,3 +143,28 @@ def test_resume_without_a_checkpoint_says_so(tiny_llama, tokenizer, tmp_path, ca
             model, tokenizer, examples, resume=True
         )
     assert result.resumed_from == 0 and "no checkpoint" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes inside"])
+def test_a_damaged_checkpoint_is_refused_with_one_clear_line(
+    tiny_llama, tokenizer, tmp_path, damage
+):
+    examples = ReversalTask(2, 3, n_select=0, n_heldout=0).train_examples(20, seed=0)
+    _, model = _setup(tiny_llama)
+    _trainer(tmp_path / "run", steps=2, batch_size=4, checkpoint_every=1).train(
+        model, tokenizer, examples
+    )
+    (path,) = (tmp_path / "run").rglob("trainer_state.pt")
+    raw = bytearray(path.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:
+        start = len(raw) // 3
+        raw[start : start + 1024] = bytes(range(256)) * 4
+    path.write_bytes(bytes(raw))
+    _, model = _setup(tiny_llama)
+    with pytest.raises(ValueError, match="is damaged") as info:
+        _trainer(tmp_path / "run", steps=4, batch_size=4, checkpoint_every=1).train(
+            model, tokenizer, examples, resume=True
+        )
+    assert "\n" not in str(info.value)
