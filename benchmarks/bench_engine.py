@@ -128,7 +128,7 @@ def _agreement(problem: LLMProblem, archive: Archive, sparsity: float) -> dict:
     def zeros(genome, prune) -> torch.Tensor:
         g = genome.clone()
         prune(g, sparsity)
-        return torch.cat([g[a:b] == 0 for a, b in problem._prunable])
+        return torch.cat([g[s.offset : s.stop] == 0 for s in problem.prunable_slots])
 
     magnitude = ScorePruner(MagnitudeImportance(), problem.pruner.granularity)
     same = {"reference": [], "magnitude": []}
