@@ -56,3 +56,26 @@ def tiny_llama(tokenizer):
 def session_tmp(tmp_path_factory) -> Path:
     """A directory shared by the whole session (caches of tiny trained models)."""
     return tmp_path_factory.mktemp("session")
+
+
+def launch_run_py(argv: list[str]) -> None:
+    """``python run.py <argv>`` in this process: the same ``hydra.main`` over ``app.run``
+    (Hydra's basic launcher runs a multirun's jobs in turn)."""
+    import sys
+
+    import hydra
+
+    from sparse_merge.app import run
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+    def main(cfg):
+        return run(cfg)
+
+    saved = sys.argv
+    GlobalHydra.instance().clear()
+    try:
+        sys.argv = ["run.py", *argv]
+        main()
+    finally:
+        sys.argv = saved
+        GlobalHydra.instance().clear()

@@ -10,16 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hydra
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
 from sparse_merge.analysis import merge_table
-from sparse_merge.app import run
 from sparse_merge.evolution.scoring import SparsityAwareScorer
 
-from .conftest import compose_cfg
+from .conftest import compose_cfg, launch_run_py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,23 +61,6 @@ TINY = [
 ]
 
 
-def _launch(argv: list[str]) -> None:
-    """``python run.py <argv>`` in this process (Hydra's basic launcher runs the jobs in turn)."""
-
-    @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
-    def main(cfg):
-        return run(cfg)
-
-    saved = sys.argv
-    GlobalHydra.instance().clear()
-    try:
-        sys.argv = ["run.py", *argv]
-        main()
-    finally:
-        sys.argv = saved
-        GlobalHydra.instance().clear()
-
-
 def _after(line: str, marker: str) -> list[str]:
     words = shlex.split(line)
     return words[words.index(marker) + 1 :]
@@ -112,7 +92,7 @@ def test_repeat_target_tabulates_mean_sd_and_ci_over_n_seeds(tmp_path, capsys, m
     (analysis,) = [line for line in dry if "sparse_merge.analysis.merge_table" in line]
     argv = _after(launch, "run.py")
     assert {"experiment=balance", "seed=range(0,2)", "baselines=classic"} <= set(argv)
-    _launch(argv)
+    launch_run_py(argv)
     monkeypatch.setattr(sys, "argv", ["merge_table", *_after(analysis, "-m")[1:]])
     merge_table.main()
     printed = capsys.readouterr().out

@@ -4,22 +4,19 @@ tiny multirun (the same Hydra launch as ``make sweep EXP=sweep_throughput``, in-
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-import hydra
 import pandas as pd
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from sparse_merge.analysis.__main__ import analyze
-from sparse_merge.app import execute, run
+from sparse_merge.app import execute
 from sparse_merge.errors import ConfigError
 from sparse_merge.finetune.throughput import PeakRss, StepClock
 
-from ..conftest import compose_cfg
+from ..conftest import compose_cfg, launch_run_py
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [  # the toy base shrunk to a 2-layer width-32 model trained for 30 steps
@@ -106,27 +103,9 @@ def test_peak_rss_counts_only_the_block():
     assert inside.delta_mb >= 60 and outside.delta_mb < 16
 
 
-def _launch(argv: list[str]) -> None:
-    """``python run.py <argv>`` in this process: the same ``hydra.main`` over ``app.run``
-    (Hydra's basic launcher runs the jobs in turn)."""
-
-    @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
-    def main(cfg):
-        return run(cfg)
-
-    saved = sys.argv
-    GlobalHydra.instance().clear()
-    try:
-        sys.argv = ["run.py", *argv]
-        main()
-    finally:
-        sys.argv = saved
-        GlobalHydra.instance().clear()
-
-
 def test_multirun_analysis_writes_csv_and_one_plot_per_mode(tmp_path):
     sweep = tmp_path / "sweep"
-    _launch(
+    launch_run_py(
         [
             "-m",
             "experiment=sweep_throughput",
