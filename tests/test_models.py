@@ -35,3 +35,15 @@ def test_load_genome_reads_safetensors_tensor_by_tensor(tmp_path, tiny_llama, to
     space = ParamSpace(tiny_llama)
     genome = load_genome(space, tmp_path / "other")
     assert torch.equal(genome, ParamSpace(other).flat)
+
+
+def test_a_process_other_than_rank_0_still_saves_a_loadable_model(
+    tmp_path, tiny_llama, tokenizer, monkeypatch
+):
+    """A cache is written by whichever process of a launch holds its lock; transformers writes
+    nothing on a torch.distributed rank other than 0, so the weights go out regardless."""
+    monkeypatch.setattr(type(tiny_llama), "should_save_on_this_rank", lambda self, main: False)
+    out = save_causal_lm(tiny_llama, tmp_path / "m", tokenizer)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    for name, p in tiny_llama.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p), name

@@ -48,6 +48,10 @@ def test_job_directories_are_named_by_time_and_experiment():
     # the sweep job's folder: the experiment among its overrides, resume not (a resumed sweep
     # finds its jobs' folders)
     assert cfg.hydra.job.override_dirname == "experiment=smoke,seed=1"
+    other = compose_cfg(["experiment=finetune_smoke"])  # launched in the same second
+    assert (
+        other.hydra.run.dir.endswith("_finetune_smoke") and other.hydra.run.dir != cfg.hydra.run.dir
+    )
     plain = compose_cfg(["seed=1"])
     assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d", plain.hydra.run.dir)
     assert re.fullmatch(r"multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d", plain.hydra.sweep.dir)

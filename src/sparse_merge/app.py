@@ -129,9 +129,10 @@ def _probe(directory: str) -> None:
 def identity(cfg: DictConfig) -> RunIdentity:
     """The run ``cfg`` is: its pipeline, its experiment and its config as Hydra saved it in
     ``.hydra/config.yaml`` (take it before ``build``, which names W&B runs)."""
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    hydra = cfg.get("hydra") or (HydraConfig.get() if HydraConfig.initialized() else None)
+    experiment = OmegaConf.select(hydra, "runtime.choices.experiment") if hydra else None
     config = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
-    return RunIdentity(str(cfg.pipeline), choices.get("experiment"), config)
+    return RunIdentity(str(cfg.pipeline), experiment, config)
 
 
 def continues(cfg: DictConfig) -> bool:

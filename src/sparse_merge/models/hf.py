@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -94,6 +95,11 @@ def save_causal_lm(
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
+        if not (tmp / "config.json").exists():
+            # transformers writes only on torch.distributed rank 0, but a cache is written by
+            # whichever process of a launch holds its lock: then the weights go out as they are
+            model.config.save_pretrained(tmp)
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
