@@ -118,6 +118,7 @@ SKILLS := word_problems python_functions
 .PHONY: smollm2-experts
 smollm2-experts: $(STAMP) ## Retrain the two LoRA experts of experiment=smollm2_merge into experts/smollm2/ (~25 min)
 	for t in $(SKILLS); do \
+	  rm -rf outputs/experts/$$t && \
 	  $(PY) run.py experiment=smollm2_expert task=$$t hydra.run.dir=outputs/experts/$$t && \
 	  mkdir -p experts/smollm2/$$t && \
 	  cp outputs/experts/$$t/adapter/adapter_config.json outputs/experts/$$t/adapter/adapter_model.safetensors experts/smollm2/$$t/ ; \

@@ -6,7 +6,7 @@
 set -euo pipefail
 B="model.base_skills.addition.max_digits=1 model.base_skills.reversal.max_len=3 model.child_steps=800"
 C="experiment=finetune hardware.num_threads=1 save_models=false $B"
-sw() { name=$1; shift; python run.py -m $C "$@" hydra.sweep.dir=multirun/row_sparse/$name; }
+sw() { name=$1; shift; rm -rf "multirun/row_sparse/$name"; python run.py -m $C "$@" hydra.sweep.dir=multirun/row_sparse/$name; }
 S="seed=0,1,2 finetune.lr=1e-2"
 sw A  sparsity=0.0 lora=dense,row_sparse $S                                   # equal parameters (r=8)
 sw B  sparsity=0.0 lora=row_sparse lora.importance=random,magnitude,wanda,gradient $S
