@@ -183,8 +183,10 @@ def keep_smallest_out(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     # the cut equals it, exactly the entries <= threshold go: one comparison, no counting.
     torch.gt(exact, threshold, out=rows_keep)
     crossing = torch.from_numpy(part[:, n_prune:].min(axis=-1) == part[:, n_prune - 1])
-    if crossing.any():  # ties straddle the cut (e.g. the zeros of an already pruned weight)
-        rows = crossing.nonzero().squeeze(1)
+    n_crossing = int(crossing.sum())
+    if n_crossing:  # ties straddle the cut (e.g. the zeros of an already pruned weight)
+        # few such rows: count in those alone; most (quantized weights): in place, no gather
+        rows = crossing.nonzero().squeeze(1) if 2 * n_crossing < len(crossing) else slice(None)
         sub, thr = exact[rows], threshold[rows]
         below, tied = sub < thr, sub == thr
         room = n_prune - below.sum(-1, keepdim=True)  # how many tied entries still go, per row
