@@ -8,7 +8,8 @@ archive storage.
   SmolLM2 rows run ``experiment=smollm2_merge``'s evolver (pop 4, period 4, Wanda in both in-loop
   forms, and magnitude) for its 16 children on its skill tasks (set
   ``SPARSE_MERGE_BENCH_SMOLLM2=0`` to skip them: they take minutes). Overhead is per step;
-  ``setup s`` is the one-time work before the first step (Wanda's reference norms), and
+  ``setup s`` is the one-time work before the first step (Wanda's reference norms, the first
+  touch of the scratch genome), and
   ``overhead with setup`` shares it out over the run's children.
 * ``checkpoint`` rows: an archive of SmolLM2-sized genomes (134.5 M parameters, bf16) at pop 8,
   filled once; then per storage mode the seconds and bytes of one checkpoint and the seconds to
@@ -97,7 +98,7 @@ def _steps(cfg, iterations: int | None = None) -> dict:
         lines = (Path(tmp) / "log.jsonl").read_text().splitlines()
         records = list(map(json.loads, lines))
     recs = [r for r in records if r.get("event") == "step"]
-    setup = sum(r["prepare_in_loop_s"] for r in records if r.get("event") == "setup")
+    setup = sum(r["setup_s"] for r in records if r.get("event") == "setup")
     mean = {k: statistics.mean(r[k] for r in recs) for k in ("step_s", "eval_s", "prune_s")}
     spread = setup / len(recs)  # the one-time setup shared out over the run's children
     pruned = sum(r["prune_sparsity"] > 0 for r in recs) * 2

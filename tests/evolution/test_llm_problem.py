@@ -150,13 +150,17 @@ def test_wanda_reference_norms_are_measured_once_before_the_first_step(
         engine = NaturalNiches(pop_size=3, iterations=6, checkpoint_every=0, final_prune=False)
         result = engine.evolve(problem, SparsityAwareScorer(), seed=0, target=0.5, logger=logger)
         logger.close()
-        events = [json.loads(line)["event"] for line in (out / "log.jsonl").open()]
+        records = [json.loads(line) for line in (out / "log.jsonl").open()]
+        events = [r["event"] for r in records]
+        setup = [r for r in records if r["event"] == "setup"]
+        assert len(setup) == 1 and events.index("setup") < events.index("step")
         archive = result.archive
-        return torch.stack([archive.genomes[s].clone() for s in archive.occupied()]), events
+        genomes = torch.stack([archive.genomes[s].clone() for s in archive.occupied()])
+        return genomes, setup[0]["prepared_in_loop"]
 
-    genomes, events = run(tmp_path / "up_front")
-    assert events.count("setup") == 1 and events.index("setup") < events.index("step")
+    genomes, prepared = run(tmp_path / "up_front")
+    assert prepared and problem._in_loop is not None
     monkeypatch.delattr(LLMProblem, "prepare_in_loop")  # a search that never prepares
-    lazy, events = run(tmp_path / "on_first_use")
-    assert "setup" not in events
+    lazy, prepared = run(tmp_path / "on_first_use")
+    assert not prepared
     assert torch.equal(genomes, lazy)
