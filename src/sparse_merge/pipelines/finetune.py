@@ -45,7 +45,13 @@ from sparse_merge.pruning.settings import CalibrationSettings
 from sparse_merge.pruning.sparsity import measure_sparsity
 from sparse_merge.pruning.validate import validate_masks, write_report
 from sparse_merge.tasks.suite import TaskSuite
-from sparse_merge.tracking.io import is_main_process, lock_run_dir, remove_temp_files, write_json
+from sparse_merge.tracking.io import (
+    flat_keys,
+    is_main_process,
+    lock_run_dir,
+    remove_temp_files,
+    write_json,
+)
 from sparse_merge.tracking.logger import RunLogger
 from sparse_merge.tracking.report import format_table
 
@@ -217,17 +223,6 @@ def run_finetune(
 NOT_SHAPING = ("model.cache_dir", "lora.mask_check")
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and empty mappings stay values)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def result_settings(cfg, parts: dict) -> dict[str, Any]:
     """The config values, by key, that shape a fine-tuning result besides ``finetune.*``,
     ``seed`` and ``sparsity`` (the trainer and ``run_finetune`` add those): the model, the
@@ -242,7 +237,7 @@ def result_settings(cfg, parts: dict) -> dict[str, Any]:
         groups.append("calibration")
     tree = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in groups if cfg.get(g)}
     tree["hardware"] = {"dtype": cfg.hardware.get("dtype")}
-    return {k: v for k, v in _flatten(tree).items() if k not in NOT_SHAPING}
+    return {k: v for k, v in flat_keys(tree).items() if k not in NOT_SHAPING}
 
 
 def run(cfg, parts: dict, run_dir: Path) -> float | None:

@@ -309,6 +309,17 @@ def load_checked(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and empty mappings stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def check_resume_settings(
     saved: Mapping[str, Any], now: Mapping[str, Any], where: str | Path
 ) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_merge.errors import ConfigError
-from sparse_merge.tracking.io import write_json
+from sparse_merge.tracking.io import flat_keys, write_json
 
 IDENTITY_FILE = "run_identity.json"
 STATUS_FILE = "status.json"  # written by app.execute: running, failed or finished
@@ -52,24 +52,14 @@ def config_digest(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def disagreements(recorded: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
     """The keys whose value in ``config`` (``.hydra/config.yaml``) is not the one the identity
     ``recorded``, as ``key=<value in config> (results: <recorded value>)``; a key ``config``
     does not hold is not compared."""
-    saved = _flat(recorded)
+    saved = flat_keys(recorded)
     return [
         f"{key}={value!r} (results: {saved.get(key)!r})"
-        for key, value in _flat(identity_config(config)).items()
+        for key, value in flat_keys(identity_config(config)).items()
         if saved.get(key) != value
     ]
 
