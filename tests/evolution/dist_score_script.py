@@ -49,6 +49,9 @@ def main() -> None:
         out.update(heldout_sharded=heldout, heldout_single=tasks.evaluate_heldout(model, tok))
         with open(sys.argv[1], "w") as f:
             json.dump(out, f)
+    # leave the gloo group before exit: a rank whose gloo threads are still up when the
+    # interpreter ends can abort ("terminate called without an active exception")
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
