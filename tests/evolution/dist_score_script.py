@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from sparse_merge.evolution.distributed import ShardedScorer
+from sparse_merge.evolution.distributed import ShardedScorer, leave_process_group
 from sparse_merge.models.tokenizer import char_tokenizer
 from sparse_merge.models.toy import toy_llama
 from sparse_merge.tasks.base import Example
@@ -49,9 +49,7 @@ def main() -> None:
         out.update(heldout_sharded=heldout, heldout_single=tasks.evaluate_heldout(model, tok))
         with open(sys.argv[1], "w") as f:
             json.dump(out, f)
-    # leave the gloo group before exit: a rank whose gloo threads are still up when the
-    # interpreter ends can abort ("terminate called without an active exception")
-    torch.distributed.destroy_process_group()
+    leave_process_group()  # as run.py does at exit
 
 
 if __name__ == "__main__":

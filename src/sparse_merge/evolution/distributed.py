@@ -118,3 +118,12 @@ class ShardedScorer:
         return self.suite.summarize(
             {n: s.float().mean().item() for n, s in zip(self.suite.names, scores)}
         )
+
+
+def leave_process_group() -> None:
+    """Leave the process group this process joined (Accelerate's, under ``accelerate launch``),
+    if any. Called at interpreter exit (``run.py``): a rank whose gloo threads are still up when
+    the interpreter ends can abort ("terminate called without an active exception") after its
+    work is done, failing the launch."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
