@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
+from sparse_merge.merging.task_arithmetic import SAME_SIZE_INT
 from sparse_merge.models.paramspace import Slot
 
 if TYPE_CHECKING:
@@ -74,24 +76,70 @@ class Problem(Protocol):
         ...
 
 
+_COUNT_CHUNK = 1 << 17  # entries per pass of the host counter: its buffers stay in L2
+
+
 def _near_zeros(w: torch.Tensor, epsilon: float = 0.0, dim: int | None = None) -> torch.Tensor:
     """How many entries of ``w`` (along ``dim``) count as zero: ``w == 0``, or
     ``|w| <= epsilon``. Exact zeros by ``count_nonzero``: one pass without a boolean temporary,
-    ~15x faster than ``(w == 0).sum()`` on the CPU (a per-step cost on large genomes)."""
+    ~15x faster than ``(w == 0).sum()`` on the CPU."""
     if epsilon == 0:
         return (w.numel() if dim is None else w.shape[dim]) - torch.count_nonzero(w, dim=dim)
     return torch.count_nonzero(w.abs() <= epsilon, dim=dim)
 
 
+def count_zeros(w: torch.Tensor, epsilon: float = 0.0) -> int:
+    """How many entries of ``w`` count as zero: ``w == 0`` (``-0.0`` included), or
+    ``|w| <= epsilon`` (as torch compares: ``epsilon`` rounded to ``w``'s dtype).
+
+    On the CPU the float bits are counted in numpy, chunk by chunk: with the sign bit shifted
+    out, an entry is zero exactly when its bits are, and ``|w| <= epsilon`` exactly when its
+    magnitude bits are at most ``epsilon``'s (NaN's are above infinity's). numpy's SIMD
+    ``count_nonzero`` does that ~20x faster than torch's ``count_nonzero`` on bfloat16 slices
+    (0.47 s against 0.02 s for SmolLM2-135M's 106 M prunable weights, one thread), a per-step
+    cost of the evolution. Elsewhere (and for non-float dtypes) torch counts."""
+    if w.device.type != "cpu" or w.dtype not in SAME_SIZE_INT or w.numel() == 0:
+        return int(_near_zeros(w.reshape(-1), epsilon))
+    int_dtype = SAME_SIZE_INT[w.dtype]
+    bits = w.reshape(-1).view(int_dtype).numpy().view(f"u{w.element_size()}")
+    buf = np.empty(min(bits.size, _COUNT_CHUNK), dtype=bits.dtype)
+    # torch compares with epsilon rounded to w's dtype: its bits bound the magnitudes' bits
+    limit = (
+        None
+        if epsilon == 0
+        else int(torch.tensor(abs(epsilon), dtype=w.dtype).view(int_dtype)) << 1
+    )
+    zeros = 0
+    for s in range(0, bits.size, _COUNT_CHUNK):
+        part = buf[: min(_COUNT_CHUNK, bits.size - s)]
+        np.left_shift(bits[s : s + part.size], 1, out=part)  # the sign shifted out
+        if limit is None:
+            zeros += part.size - int(np.count_nonzero(part))
+        else:
+            zeros += int(np.count_nonzero(part <= limit))
+    return zeros
+
+
+def slot_runs(slots: Sequence[Slot]) -> list[tuple[int, int]]:
+    """``[lo, hi)`` of the runs of contiguous slots, in genome order: fewer, longer passes."""
+    runs: list[list[int]] = []
+    for s in sorted(slots, key=lambda s: s.offset):
+        if runs and runs[-1][1] == s.offset:
+            runs[-1][1] = s.stop
+        else:
+            runs.append([s.offset, s.stop])
+    return [(lo, hi) for lo, hi in runs]
+
+
 @torch.no_grad()
 def slots_sparsity(genome: torch.Tensor, slots: Sequence[Slot], epsilon: float = 0.0) -> float:
     """Fraction of the entries of ``slots`` in ``genome`` [P] counted as zero (``== 0``, or
-    ``|w| <= epsilon``), over all of them together: one pass over those slices, no copy."""
+    ``|w| <= epsilon``), over all of them together: one pass over each run of contiguous
+    slices (``count_zeros``), no copy."""
     if not slots:
         return 0.0
-    # one count per slot, summed on the genome's device: a single sync for the result
-    counts = torch.stack([_near_zeros(genome[s.offset : s.stop], epsilon) for s in slots])
-    return int(counts.sum()) / max(sum(s.numel for s in slots), 1)
+    zeros = sum(count_zeros(genome[lo:hi], epsilon) for lo, hi in slot_runs(slots))
+    return zeros / max(sum(s.numel for s in slots), 1)
 
 
 @torch.no_grad()
