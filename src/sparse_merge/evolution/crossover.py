@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sparse_merge.errors import check_choice
+from sparse_merge.merging import kernels
 from sparse_merge.merging.base import chunks
 
 if TYPE_CHECKING:
@@ -71,8 +72,15 @@ def slerp_(
         return ca, cb
 
     into_b = out.data_ptr() == b.data_ptr()  # then scale b in place first, never read it after
+    fused = kernels.usable(out, a, b) and a.dtype == b.dtype == out.dtype
     for lo, hi, t in ((0, split, w), (split, n, 1.0 - w)):
         ca, cb = coeffs(t)
+        if fused:  # the same two ops, fused into one pass
+            if into_b:
+                kernels.lerp_chain_(out[lo:hi], b[lo:hi], a[lo:hi], cb, ca)
+            else:
+                kernels.lerp_chain_(out[lo:hi], a[lo:hi], b[lo:hi], ca, cb)
+            continue
         for s, e in chunks(hi, lo):
             o = out[s:e]
             if into_b:

@@ -17,6 +17,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from sparse_merge.merging import kernels
+
 # One tensor inside a flat genome: elements [lo, hi) with its shape (None: merged flat).
 Segment = tuple[int, int, tuple[int, ...] | None]
 
@@ -54,6 +56,8 @@ def weighted_sum_(
     fused multiply-add). The sum builds up in ``out``'s chunk while it is in cache, or in a
     chunk-sized accumulator (``scratch``, [>= ``chunk_len(n)``], else allocated) when ``out``
     has another dtype or is one of the tensors still to be read."""
+    if len(tensors) == 2 and kernels.usable(out, *tensors):  # one fused pass
+        return kernels.weighted_sum2_(out, tensors, coeffs, divisor)
     first, n = tensors[0], out.numel()
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     in_place = out.dtype == dtype and all(t.data_ptr() != out.data_ptr() for t in tensors[1:])

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from sparse_merge.errors import ConfigError, check_choice, check_fraction
+from sparse_merge.merging import kernels
 from sparse_merge.merging.base import MergeMethod, chunk_len, chunks
 
 SPARSIFICATIONS = ("none", "magnitude", "random", "magnitude_outliers", "rank_magnitude")
@@ -490,13 +491,19 @@ class TaskArithmetic(MergeMethod):
         plans, bounds = self._plans(base, tensors, rng)
         w = torch.tensor([float(x) for x in weights], dtype=dtype, device=base.device)
         w_col = w.view(n_models, 1)  # [N, 1], rounded to the dtype as mergekit
+        fixed_divisor = w.sum()
+        if fixed_divisor.abs() < DIVISOR_EPS:
+            fixed_divisor = torch.ones_like(fixed_divisor)
+        plain = self.consensus == "none" and all(isinstance(p, _KeepAll) for p in plans)
+        one_dtype = len({out.dtype, dtype, *(x.dtype for x in tensors)}) == 1
+        if plain and one_dtype and n_models == 2 and kernels.usable(out, base, *tensors):
+            divisor = float(fixed_divisor) if self.normalize else None  # one fused pass
+            kernels.task_arithmetic2_(o, b, *xs, tuple(w.tolist()), divisor, self.lambda_)
+            return out
         size = chunk_len(n)
         d = self.scratch("deltas", (n_models, size), dtype, base.device)  # [N, C]
         a = self.scratch("abs", (n_models, size), dtype, base.device)  # [N, C] |d|, keep mask
         k, k2, votes, divisor = self.scratch("rows", (4, size), dtype, base.device)  # [C] each
-        fixed_divisor = w.sum()
-        if fixed_divisor.abs() < DIVISOR_EPS:
-            fixed_divisor = torch.ones_like(fixed_divisor)
         abs_needed = any(p.needs_abs for p in plans)
         for s, e in bounds:
             c = e - s

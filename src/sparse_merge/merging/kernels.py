@@ -1,0 +1,116 @@
+"""Fused CPU kernels for the memory-bound merges, compiled with numba: one pass that reads every
+input element once and writes the output once, with torch's arithmetic bit for bit.
+
+torch runs a merge as a chain of elementwise ops (multiply, fused multiply-add, divide...), and
+every op after the first re-reads its chunk from cache: on one core of a 2-core EPYC each such
+pass costs about as much as a pass over memory, so linear merging reached ~0.6 of its
+bandwidth floor and task arithmetic ~0.4. These loops do every op of an element in registers
+and reach the floor (``benchmarks/bench_merge.py``). We write them ourselves because no library
+fuses torch's exact rounding: each kernel performs the ops of its torch path in the same order,
+in the same precision, rounding where torch rounds:
+
+- float32 ops are IEEE float32 ops (numba keeps strict floating point: no reassociation, no
+  contraction into fused multiply-adds); ``add(x, y, alpha=c)`` is torch's vectorised
+  ``fmadd(y, c, x)``, one rounding, and is an explicit fused multiply-add here;
+- bfloat16 is loaded as its float32 (the upper 16 bits) and rounded back to nearest-even (NaN
+  to 0x7FC0) wherever torch stores a bfloat16 result: after every op of an op chain in
+  bfloat16, once at the end of a float32 accumulation.
+
+Every kernel is checked against its torch path, bit for bit, on random data with signed zeros,
+NaN, infinities and subnormals (``tests/merging/test_kernels.py``). Other dtypes, other devices,
+non-contiguous tensors, or numba missing: the torch path runs (``usable``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether the fused kernels take these tensors: contiguous float32 or bfloat16 on the
+    CPU, numba installed."""
+    return HAVE_NUMBA and all(
+        t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous() for t in tensors
+    )
+
+
+def _array(t: Tensor) -> np.ndarray:
+    """A numpy view of a flat float32 or bfloat16 (as uint16 bits) tensor."""
+    t = t.view(-1)
+    return (t.view(torch.int16).numpy().view(np.uint16)) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+@functools.cache
+def _ops():
+    """The compiled kernels (numba compiles each signature on first use and caches it on
+    disk)."""
+    from sparse_merge.merging import _fused
+
+    return _fused.weighted_sum2, _fused.lerp_chain, _fused.task_arithmetic2
+
+
+def weighted_sum2_(
+    out: Tensor, tensors: Sequence[Tensor], coeffs: Sequence[float], divisor: float | None
+) -> Tensor:
+    """``merging.base.weighted_sum_`` of two tensors in one pass (``usable`` tensors):
+    ``x_0 * c_0 + x_1 * c_1`` in float32 (``add`` with ``alpha``: a fused multiply-add), divided
+    by ``divisor``, rounded once into ``out``; ``out`` may be either input."""
+    kernel = _ops()[0]
+    x0, x1 = tensors
+    c0, c1 = np.float32(coeffs[0]), np.float32(coeffs[1])
+    d = np.float32(1.0 if divisor is None else divisor)
+    kernel(_array(out), _array(x0), _array(x1), c0, c1, d, divisor is not None)
+    return out
+
+
+def lerp_chain_(out: Tensor, x0: Tensor, x1: Tensor, c0: float, c1: float) -> Tensor:
+    """torch's ``torch.mul(x0, c0, out=out).add_(x1, alpha=c1)`` in one pass (all three of one
+    dtype), rounding to the dtype after each op; ``out`` may be ``x0``, or ``x1`` (each element
+    is read before it is written).
+
+    bfloat16: as torch's vectorised loops compute it, ``alpha`` rounded to bfloat16 and the
+    (exact) product added in float32 before rounding. torch's scalar loop, which handles the
+    last ``len % 32`` elements of every call (and of every thread's share of a call), rounds
+    the product to bfloat16 first, so torch's own bfloat16 result depends on how the op is cut
+    into calls and threads; here every element is computed alike."""
+    if out.dtype == torch.bfloat16:
+        c1 = float(torch.tensor(c1, dtype=torch.bfloat16))
+    _ops()[1](_array(out), _array(x0), _array(x1), np.float32(c0), np.float32(c1))
+    return out
+
+
+def task_arithmetic2_(
+    out: Tensor,
+    base: Tensor,
+    x0: Tensor,
+    x1: Tensor,
+    weights: tuple[float, float],
+    divisor: float | None,
+    lambda_: float,
+) -> Tensor:
+    """Task arithmetic of two models (no sparsification, no sign consensus) in one pass, with
+    the arithmetic of ``TaskArithmetic.merge_into_``: the weights and ``divisor`` already
+    rounded to the dtype, ``lambda_`` a float32 scalar as torch multiplies by it."""
+    _ops()[2](
+        _array(out),
+        _array(base),
+        _array(x0),
+        _array(x1),
+        np.float32(weights[0]),
+        np.float32(weights[1]),
+        np.float32(1.0 if divisor is None else divisor),
+        divisor is not None,
+        np.float32(lambda_),
+        lambda_ != 1,
+    )
+    return out
