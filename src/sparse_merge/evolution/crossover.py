@@ -29,10 +29,13 @@ def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     BLAS on smaller chunks is a third faster here but moves the SLERP coefficients in their
     last bits, and with them every published table."""
     ab = aa = bb = 0.0
+    upcast = a.dtype not in (torch.float32, torch.float64)
+    if upcast:  # two float32 buffers for all chunks (a fresh pair per chunk page-faults)
+        bufs = torch.empty((2, min(a.numel(), DOT_CHUNK)), dtype=torch.float32, device=a.device)
     for s in range(0, a.numel(), DOT_CHUNK):
         x, y = a[s : s + DOT_CHUNK], b[s : s + DOT_CHUNK]
-        if x.dtype not in (torch.float32, torch.float64):
-            x, y = x.float(), y.float()
+        if upcast:
+            x, y = bufs[0, : x.numel()].copy_(x), bufs[1, : y.numel()].copy_(y)
         ab += float(torch.dot(x, y))
         aa += float(torch.dot(x, x))
         bb += float(torch.dot(y, y))

@@ -69,7 +69,7 @@ def weighted_sum2_(
     x0, x1 = tensors
     c0, c1 = np.float32(coeffs[0]), np.float32(coeffs[1])
     d = np.float32(1.0 if divisor is None else divisor)
-    kernel(_array(out), _array(x0), _array(x1), c0, c1, d, divisor is not None)
+    kernel(_array(out), _array(x0), _array(x1), c0, c1, d)
     return out
 
 
@@ -109,8 +109,6 @@ def task_arithmetic2_(
         np.float32(weights[0]),
         np.float32(weights[1]),
         np.float32(1.0 if divisor is None else divisor),
-        divisor is not None,
         np.float32(lambda_),
-        lambda_ != 1,
     )
     return out
