@@ -1,6 +1,6 @@
 """Merge methods against the memory-bandwidth floor: every ``conf/merge`` variant (and SLERP's
-one-angle-per-genome form, M2N2's crossover) merging two genomes of 16 M float32 elements with
-their base, as the evolution's crossover does: weights [0.3, 0.7], a split point at a third,
+one-angle-per-genome form, M2N2's crossover) merging two genomes of 16 M elements (float32,
+then bfloat16) with their base, as the evolution's crossover does: weights [0.3, 0.7], a split point at a third,
 one thread. A method's floor is the bytes it must move (``MergeMethod.traffic_floor``, in
 genomes: e.g. 5 for SLERP, whose angle needs a pass over both parents before anything is
 written) at the speed of ``copy_`` measured right before it, so both see the same load.
@@ -70,6 +70,7 @@ def merge_rows(dtype: torch.dtype = torch.float32) -> list[dict]:
     copy_s = _best_of(lambda: out.copy_(a))
     rows = [_row(f"copy_ ({size >> 20} MiB {str(dtype)[6:]})", copy_s, 2, size, copy_s)]
     for label, name, overrides, split in METHODS:
+        label = label if dtype == torch.float32 else f"{label}, {str(dtype)[6:]}"
         method = instantiate(
             OmegaConf.merge(OmegaConf.load(CONF_MERGE / f"{name}.yaml"), overrides)
         )
@@ -112,7 +113,7 @@ def run() -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return merge_rows()
+        return merge_rows() + merge_rows(torch.bfloat16)
     finally:
         torch.set_num_threads(threads)
 

@@ -56,7 +56,8 @@ def slerp_(
     Traffic floor: 5 genomes. The angle needs ``a.b``, ``|a|^2`` and ``|b|^2`` before anything
     is written: one pass reading ``a`` and ``b`` (``_dots``); then one pass reading both and
     writing ``out``, in cache-sized chunks (``CHUNK``) so that ``out`` is written to memory
-    once.
+    once; on the CPU in float32 or bfloat16, one fused kernel with the same two ops
+    (``merging.kernels.lerp_chain_``).
     """
     n = a.numel()
     split = n if split is None else int(split)

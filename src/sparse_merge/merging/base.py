@@ -53,7 +53,8 @@ def weighted_sum_(
     ... .div_(divisor)`` on whole tensors: bit-identical to it.
 
     Traffic: one pass reading every tensor and writing ``out`` (``add`` with ``alpha`` is one
-    fused multiply-add). The sum builds up in ``out``'s chunk while it is in cache, or in a
+    fused multiply-add). Two float32 or bfloat16 tensors on the CPU take one fused kernel with
+    the same arithmetic (``merging.kernels``); otherwise the sum builds up in ``out``'s chunk while it is in cache, or in a
     chunk-sized accumulator (``scratch``, [>= ``chunk_len(n)``], else allocated) when ``out``
     has another dtype or is one of the tensors still to be read."""
     if len(tensors) == 2 and kernels.usable(out, *tensors):  # one fused pass

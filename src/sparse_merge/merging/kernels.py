@@ -1,24 +1,27 @@
 """Fused CPU kernels for the memory-bound merges, compiled with numba: one pass that reads every
-input element once and writes the output once, with torch's arithmetic bit for bit.
+input element once and writes the output once, with torch's arithmetic.
 
 torch runs a merge as a chain of elementwise ops (multiply, fused multiply-add, divide...), and
 every op after the first re-reads its chunk from cache: on one core of a 2-core EPYC each such
 pass costs about as much as a pass over memory, so linear merging reached ~0.6 of its
 bandwidth floor and task arithmetic ~0.4. These loops do every op of an element in registers
-and reach the floor (``benchmarks/bench_merge.py``). We write them ourselves because no library
-fuses torch's exact rounding: each kernel performs the ops of its torch path in the same order,
-in the same precision, rounding where torch rounds:
+and reach ~0.9 (``make bench``). We write them ourselves because no library fuses torch's
+exact rounding: each kernel performs the ops of its torch path in the same order, in the same
+precision, rounding where torch rounds:
 
 - float32 ops are IEEE float32 ops (numba keeps strict floating point: no reassociation, no
   contraction into fused multiply-adds); ``add(x, y, alpha=c)`` is torch's vectorised
   ``fmadd(y, c, x)``, one rounding, and is an explicit fused multiply-add here;
-- bfloat16 is loaded as its float32 (the upper 16 bits) and rounded back to nearest-even (NaN
-  to 0x7FC0) wherever torch stores a bfloat16 result: after every op of an op chain in
-  bfloat16, once at the end of a float32 accumulation.
+- bfloat16 is loaded as its float32 (the upper 16 bits) and rounded back to nearest-even
+  wherever torch stores a bfloat16 result: after every op of an op chain in bfloat16, once at
+  the end of a float32 accumulation.
 
-Every kernel is checked against its torch path, bit for bit, on random data with signed zeros,
-NaN, infinities and subnormals (``tests/merging/test_kernels.py``). Other dtypes, other devices,
-non-contiguous tensors, or numba missing: the torch path runs (``usable``).
+Every kernel is checked against its torch path on random data with signed zeros, NaN,
+infinities and subnormals (``tests/merging/test_kernels.py``): the same bits everywhere, except
+NaN payloads (torch's own vectorised and scalar loops store different ones) and, for the
+bfloat16 interpolation of ``lerp_chain_``, torch's scalar tails (see there). Other dtypes,
+other devices, non-contiguous tensors, or numba missing: the torch path runs (``usable``).
+Single-threaded: one core already reaches the memory bandwidth the merge needs.
 """
 
 from __future__ import annotations

@@ -383,16 +383,18 @@ class TaskArithmetic(MergeMethod):
     divides 0 by 0 there); ``density`` is one float for all models.
 
     Speed (``traffic_floor``; one core of a 2-core EPYC, float32, 16 M-element genomes,
-    ``benchmarks/bench_merge.py``): task arithmetic ~0.4 of its floor (4 genomes): mergekit's
-    six roundings per element take five torch ops per chunk, and the three that stay in cache
-    cost about a genome pass each at this machine's ~40 GB/s. Below that, compute-bound: TIES
+    ``benchmarks/bench_merge.py``): task arithmetic of two models ~0.9 of its floor (4
+    genomes) in float32 and ~0.35 in bfloat16, one fused pass with mergekit's six roundings
+    per element (``merging.kernels``); with more models, or off the CPU, five torch ops per
+    chunk, ~0.4 in float32 (the three that stay in cache cost about a genome pass each at this
+    machine's ~40 GB/s). Below that, compute-bound: TIES
     and Model Breadcrumbs ~0.12 of 7 genomes (the exact per-tensor top-k: several compares and a
     gather per entry and task vector, ``_Select``, then ~20 ops per chunk for the masks and
     the sign election), DARE ~0.1 (torch's serial Mersenne twister draws one uniform per entry
     and task vector, ~2.5 ns each), DELLA ~0.02 (a sort of every row of ``|d|`` and those
     draws; a 1-D tensor, or one cut by the split point, is one row, sorted whole). bfloat16
-    runs at about the same seconds, so half these fractions: torch converts every operand to
-    float32 and back in every op.
+    runs these at about the same seconds, so half these fractions: torch converts every
+    operand to float32 and back in every op.
     """
 
     needs_base = True
