@@ -98,6 +98,36 @@ def test_a_refused_folder_write_keeps_the_previous_folder(tmp_path):
     assert _no_temp_files(tmp_path)
 
 
+def test_a_replaced_folder_is_never_missing(tmp_path, monkeypatch):
+    """The old folder is swapped out in one step: a process killed at any point afterwards
+    (here: the removal of the old version fails) leaves a whole version at the path."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    if not io._exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("this file system cannot exchange two folders atomically")
+    (tmp_path / "a").rmdir(), (tmp_path / "b").rmdir()
+    model = write_atomic_dir(tmp_path / "best", lambda tmp: (tmp / "w").write_text("1"))
+    seen = []
+
+    def removal_killed(path, *args, **kwargs):
+        seen.append((model / "w").read_text())  # the path holds the new version already
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io.shutil, "rmtree", removal_killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic_dir(model, lambda tmp: (tmp / "w").write_text("2"))
+    monkeypatch.undo()
+    assert seen == ["2"] and (model / "w").read_text() == "2"
+    io.remove_temp_files(tmp_path)  # what a resume does with the old version left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+
+
+def test_without_an_atomic_exchange_the_folder_is_still_replaced(tmp_path, monkeypatch):
+    model = write_atomic_dir(tmp_path / "best", lambda tmp: (tmp / "w").write_text("1"))
+    monkeypatch.setattr(io, "_renameat2", lambda: None)
+    write_atomic_dir(model, lambda tmp: (tmp / "w").write_text("2"))
+    assert (model / "w").read_text() == "2" and _no_temp_files(tmp_path)
+
+
 def test_a_bug_in_a_writer_stays_itself(tmp_path):
     path = write_json(tmp_path / "results.json", {"metric": 0.5})
     with pytest.raises(TypeError, match="not JSON serialisable"):

@@ -6,7 +6,9 @@ process at a time runs in a run directory."""
 from __future__ import annotations
 
 import csv
+import ctypes
 import errno
+import functools
 import json
 import os
 import re
@@ -203,8 +205,11 @@ def to_jsonable(data: Any) -> Any:
 
 def write_atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_dir)`` on a fresh temporary directory next to ``path``, then move it
-    into place (replacing an older ``path``), so a crash never leaves a half-written folder. A
-    write the OS refuses raises ``WriteError`` and leaves an older ``path`` as it was."""
+    into place, so a crash never leaves a half-written folder. An older ``path`` is swapped
+    with the new folder in one step (Linux's ``renameat2(RENAME_EXCHANGE)``) and then removed,
+    so ``path`` always holds one whole version; where the OS cannot swap folders, the old one
+    is removed just before the new one is renamed in. A write the OS refuses raises
+    ``WriteError`` and leaves an older ``path`` as it was."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,13 +223,49 @@ def write_atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
             if (error := write_error(path, exc, tmp)) is None:
                 raise
             raise error from exc
-        if path.exists():
+        if not path.exists():
+            tmp.rename(path)
+        elif _exchange(tmp, path):  # the old folder is now at tmp, removed below
+            _fsync(path.parent)
+        else:  # no atomic exchange: a crash between these two lines loses the old folder
             shutil.rmtree(path)
-        tmp.rename(path)
+            tmp.rename(path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+_RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h)
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """libc's ``renameat2``, or None where the C library has none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` atomically; False where the OS or the file system cannot
+    (nothing moved then)."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    flags = (_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if fn(*flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
+        return False  # not supported here
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
