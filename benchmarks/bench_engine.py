@@ -30,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from sparse_merge.config import settings_of
 from sparse_merge.evolution.archive import Archive
 from sparse_merge.evolution.llm import LLMProblem
 from sparse_merge.evolution.natural_niches import NaturalNiches
@@ -80,7 +81,7 @@ def _steps(cfg, iterations: int | None = None) -> dict:
     """Mean per-step timings of ``cfg``'s evolver and pruner (one run, no checkpoints)."""
     cfg.model.cache_dir = str(Path(CACHE).expanduser())
     pruner_cfg = OmegaConf.to_container(cfg.pruner, resolve=True)
-    calibration = CalibrationSettings(**OmegaConf.to_container(cfg.calibration, resolve=True))
+    calibration = settings_of(cfg, "calibration", CalibrationSettings)
     problem = _problem(cfg.model, cfg.task, pruner_cfg, calibration)
     evolver_cfg = OmegaConf.to_container(cfg.evolver, resolve=True)
     evolver_cfg["checkpoint_every"] = 0

@@ -16,18 +16,20 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import get_object
-from omegaconf import MISSING, DictConfig, ListConfig
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from sparse_merge.errors import ConfigError, check_fraction, check_positive
 from sparse_merge.evolution.schedules import schedule_values
 from sparse_merge.finetune.settings import FinetuneSettings
 from sparse_merge.finetune.throughput import ThroughputSettings
 from sparse_merge.pruning.settings import CalibrationSettings, MasksSettings
+
+T = TypeVar("T")
 
 GROUPS = (
     "model",
@@ -79,6 +81,12 @@ class Config:
     lora: Any = MISSING
     hardware: Any = MISSING
     logger: Any = MISSING
+
+
+def settings_of(cfg: DictConfig, key: str, cls: type[T]) -> T:
+    """The settings dataclass ``cls`` of the config node ``cfg.<key>`` (interpolations
+    resolved): what every pipeline's ``run`` builds from its config."""
+    return cls(**OmegaConf.to_container(cfg[key], resolve=True))
 
 
 def register_configs() -> None:

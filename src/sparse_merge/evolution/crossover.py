@@ -148,6 +148,18 @@ class Crossover:
         return {"method": method, "split": self.split}
 
     @torch.no_grad()
+    def warm_up(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Run the method once on tiny genomes of ``dtype``, so that what it compiles on first
+        use (``merging.kernels``: ~0.5 s) is done before the first step; no RNG of the run is
+        drawn."""
+        if self.method is None:
+            return
+        a, b, base = (torch.full((64,), v, dtype=dtype, device=device) for v in (1.0, 2.0, 0.5))
+        rng = torch.Generator(device).manual_seed(0)
+        split = 32 if self.split else None
+        self.method.merge_(a, base, [a, b], [0.5, 0.5], split=split, rng=rng)
+
+    @torch.no_grad()
     def __call__(
         self,
         out: torch.Tensor,

@@ -297,6 +297,7 @@ class NaturalNiches:
             # written now: a fresh buffer's first touch (page faults: ~1.5 s for 135 M float32
             # on a small VM) would otherwise land in the first step that uses it
             scratch = torch.zeros_like(ws)
+        self.crossover.warm_up(ws.dtype, ws.device)  # compiled kernels, before the first step
         prepare = pruning and start < self.iterations and hasattr(problem, "prepare_in_loop")
         if prepare:
             problem.prepare_in_loop()  # Wanda's reference norms

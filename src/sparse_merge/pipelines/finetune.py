@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch import nn
 
+from sparse_merge.config import settings_of
 from sparse_merge.errors import ConfigError
 from sparse_merge.finetune.adapter import Adapter, count_parameters
 from sparse_merge.finetune.lora import check_adapter_targets
@@ -139,9 +140,7 @@ def run_finetune(
     calib: Calibration | None = None
     uses_calib = getattr(adapter, "uses_calibration", False)  # lora=row_sparse scores rows on it
     if _needs_calibration(pruner, adapter):  # before the model loads
-        calib = Calibration.from_settings(
-            tokenizer, tasks, calibration or CalibrationSettings(), seed
-        )
+        calib = Calibration.from_settings(tokenizer, tasks, calibration, seed)
     model = load_causal_lm(path, hardware.torch_device, hardware.torch_dtype)
     check_adapter_targets(adapter, model)  # lora.target_modules: refused before any pruning
 
@@ -243,8 +242,8 @@ def result_settings(cfg, parts: dict) -> dict[str, Any]:
 def run(cfg, parts: dict, run_dir: Path) -> float | None:
     """Pipeline entry (``pipeline: finetune``)."""
     with lock_run_dir(run_dir, main=is_main_process()):  # one process per run directory
-        settings = FinetuneSettings(**OmegaConf.to_container(cfg.finetune, resolve=True))
-        calibration = CalibrationSettings(**OmegaConf.to_container(cfg.calibration, resolve=True))
+        settings = settings_of(cfg, "finetune", FinetuneSettings)
+        calibration = settings_of(cfg, "calibration", CalibrationSettings)
         return run_finetune(
             parts["model"],
             parts["task"],

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from sparse_merge.config import settings_of
 from sparse_merge.errors import ConfigError
 from sparse_merge.hardware import Hardware
 from sparse_merge.models.hf import load_causal_lm, load_tokenizer
@@ -121,9 +121,7 @@ def run_masks(
     tokenizer = load_tokenizer(source.tokenizer())
     calib = None
     if uses_calibration(pruner):  # built (and checked) before the model loads
-        calib = Calibration.from_settings(
-            tokenizer, tasks, calibration or CalibrationSettings(), seed
-        )
+        calib = Calibration.from_settings(tokenizer, tasks, calibration, seed)
     tasks.prepare()  # data drawn (and checked) before the model loads
     model = load_causal_lm(source.base(), hardware.torch_device, hardware.torch_dtype)
     source_hash = model_hash(model)
@@ -187,7 +185,7 @@ def run_masks(
 
 def run(cfg, parts: dict, run_dir: Path) -> float:
     """Pipeline entry (``pipeline: masks``)."""
-    settings = MasksSettings(**OmegaConf.to_container(cfg.masks, resolve=True))
+    settings = settings_of(cfg, "masks", MasksSettings)
     return run_masks(
         parts["model"],
         parts["task"],
@@ -198,5 +196,5 @@ def run(cfg, parts: dict, run_dir: Path) -> float:
         seed=cfg.seed,
         sparsity=cfg.sparsity,
         run_dir=run_dir,
-        calibration=CalibrationSettings(**OmegaConf.to_container(cfg.calibration, resolve=True)),
+        calibration=settings_of(cfg, "calibration", CalibrationSettings),
     )

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
+from sparse_merge.config import settings_of
 from sparse_merge.errors import ConfigError
 from sparse_merge.evolution.baselines import Baselines
 from sparse_merge.evolution.distributed import ShardedScorer
@@ -159,9 +159,7 @@ def run_merge(
     # before any model is loaded
     calib = None
     if uses_calibration(pruner):
-        calib = Calibration.from_settings(
-            tokenizer, tasks, calibration or CalibrationSettings(), seed
-        )
+        calib = Calibration.from_settings(tokenizer, tasks, calibration, seed)
     paths = source.parents()
     first = next(iter(paths.values()))
     device = hardware.torch_device
@@ -319,7 +317,7 @@ def run(cfg, parts: dict, run_dir: Path) -> float:
     """Pipeline entry (``pipeline: merge``): the built parts and the global knobs of ``cfg``;
     the main process holds the run directory's lock for the whole run."""
     with lock_run_dir(run_dir, main=is_main_process()):  # one process per run directory
-        calibration = CalibrationSettings(**OmegaConf.to_container(cfg.calibration, resolve=True))
+        calibration = settings_of(cfg, "calibration", CalibrationSettings)
         return run_merge(
             parts["model"],
             parts["task"],

@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from sparse_merge.config import settings_of
 from sparse_merge.errors import ConfigError
 from sparse_merge.finetune.adapter import Adapter, count_parameters
 from sparse_merge.finetune.data import encode_examples
@@ -133,9 +133,7 @@ def run_throughput(
     uses_calib = getattr(adapter, "uses_calibration", False)  # lora=row_sparse scores rows on it
     calib: Calibration | None = None
     if uses_calibration(pruner) or uses_calib:
-        calib = Calibration.from_settings(
-            tokenizer, tasks, calibration or CalibrationSettings(), seed
-        )
+        calib = Calibration.from_settings(tokenizer, tasks, calibration, seed)
     model = load_causal_lm(source.base(), hardware.torch_device, hardware.torch_dtype)
     masks = pruner.prune(model, calib, sparsity) if pruner is not None else None
     pruned = measure_sparsity(model).overall
@@ -168,8 +166,8 @@ def run_throughput(
 
 def run(cfg, parts: dict, run_dir: Path) -> float | None:
     """Pipeline entry (``pipeline: throughput``)."""
-    settings = ThroughputSettings(**OmegaConf.to_container(cfg.throughput, resolve=True))
-    finetune = FinetuneSettings(**OmegaConf.to_container(cfg.finetune, resolve=True))
+    settings = settings_of(cfg, "throughput", ThroughputSettings)
+    finetune = settings_of(cfg, "finetune", FinetuneSettings)
     return run_throughput(
         parts["model"],
         parts["task"],
@@ -182,5 +180,5 @@ def run(cfg, parts: dict, run_dir: Path) -> float | None:
         seed=cfg.seed,
         sparsity=cfg.sparsity,
         run_dir=run_dir,
-        calibration=CalibrationSettings(**OmegaConf.to_container(cfg.calibration, resolve=True)),
+        calibration=settings_of(cfg, "calibration", CalibrationSettings),
     )

@@ -103,7 +103,11 @@ class Calibration:
     def from_settings(
         cls, tokenizer: PreTrainedTokenizerBase, tasks, settings, run_seed: int
     ) -> Calibration:
-        """The calibration set a ``CalibrationSettings`` describes."""
+        """The calibration set a ``CalibrationSettings`` describes (None: the defaults)."""
+        if settings is None:
+            from sparse_merge.pruning.settings import CalibrationSettings
+
+            settings = CalibrationSettings()
         seed = run_seed if settings.seed is None else settings.seed
         return cls.from_tasks(
             tokenizer, tasks, settings.n, seed, settings.length, settings.answer_loss
