@@ -101,7 +101,7 @@ def count_zeros(w: torch.Tensor, epsilon: float = 0.0) -> int:
     if w.device.type != "cpu" or w.dtype not in SAME_SIZE_INT or w.numel() == 0:
         return int(_near_zeros(w.reshape(-1), epsilon))
     int_dtype = SAME_SIZE_INT[w.dtype]
-    bits = w.reshape(-1).view(int_dtype).numpy().view(f"u{w.element_size()}")
+    bits = w.detach().reshape(-1).view(int_dtype).numpy().view(f"u{w.element_size()}")
     buf = np.empty(min(bits.size, _COUNT_CHUNK), dtype=bits.dtype)
     # torch compares with epsilon rounded to w's dtype: its bits bound the magnitudes' bits
     limit = (

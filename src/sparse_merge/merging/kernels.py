@@ -49,7 +49,7 @@ def usable(*tensors: Tensor) -> bool:
 
 def _array(t: Tensor) -> np.ndarray:
     """A numpy view of a flat float32 or bfloat16 (as uint16 bits) tensor."""
-    t = t.view(-1)
+    t = t.detach().view(-1)
     return (t.view(torch.int16).numpy().view(np.uint16)) if t.dtype == torch.bfloat16 else t.numpy()
 
 
