@@ -20,7 +20,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: one thread is fastest, and steady on shared cores
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = str(ROOT / "conf")
 register_configs()
 
 
@@ -56,6 +57,42 @@ def tiny_llama(tokenizer):
 def session_tmp(tmp_path_factory) -> Path:
     """A directory shared by the whole session (caches of tiny trained models)."""
     return tmp_path_factory.mktemp("session")
+
+
+def small_zoo(cache: Path, name: str, base_addition: tuple[int, int] = (1, 1), **kwargs):
+    """A ``ToyZoo`` of the real zoo's skills at small sizes, cached under ``cache``: the base
+    learns addition of ``base_addition`` digits and short reversals, the children longer ones
+    (``kwargs``: arch, steps, batch size...)."""
+    from sparse_merge.models.toy import ToyZoo
+    from sparse_merge.tasks.toy import AdditionTask, ReversalTask
+
+    return ToyZoo(
+        name,
+        str(cache),
+        base_skills={
+            "a": AdditionTask(*base_addition, n_select=0, n_heldout=0),
+            "r": ReversalTask(1, 3, n_select=0, n_heldout=0),
+        },
+        children={
+            "math": AdditionTask(2, 2, n_select=0, n_heldout=0),
+            "code": ReversalTask(4, 6, n_select=0, n_heldout=0),
+        },
+        **kwargs,
+    )
+
+
+def make_dry_run(*args: str) -> tuple[str, str]:
+    """``(launch, analysis)``: the ``run.py -m`` line and the analysis line that ``make -n
+    <args>`` prints in the project root. Found by content: under ``make test`` the inner make
+    adds lines of its own."""
+    import subprocess
+
+    dry = subprocess.run(
+        ["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    (launch,) = [line for line in dry if " run.py -m " in line]
+    (analysis,) = [line for line in dry if "sparse_merge.analysis" in line]
+    return launch, analysis
 
 
 def launch_run_py(argv: list[str]) -> None:

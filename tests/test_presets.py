@@ -6,7 +6,6 @@ import json
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from hydra.utils import instantiate
 from sparse_merge.analysis import merge_table
 from sparse_merge.evolution.scoring import SparsityAwareScorer
 
-from .conftest import compose_cfg, launch_run_py
+from .conftest import compose_cfg, launch_run_py, make_dry_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,23 +72,14 @@ def test_repeat_target_tabulates_mean_sd_and_ci_over_n_seeds(tmp_path, capsys, m
     sweep = tmp_path / "sweep"
     args = [*TINY, f"model.cache_dir={tmp_path.parent / 'model_cache'}"]
     # make expands `$`: `$$` passes `${hydra.job.num}` through to Hydra
-    dry = subprocess.run(
-        [
-            "make",
-            "-n",
-            "repeat",
-            "EXP=balance",
-            "N=2",
-            f"REPEAT_DIR={sweep}",
-            "ARGS=" + shlex.join(args).replace("$", "$$"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    (launch,) = [line for line in dry if " run.py -m " in line]
-    (analysis,) = [line for line in dry if "sparse_merge.analysis.merge_table" in line]
+    launch, analysis = make_dry_run(
+        "repeat",
+        "EXP=balance",
+        "N=2",
+        f"REPEAT_DIR={sweep}",
+        "ARGS=" + shlex.join(args).replace("$", "$$"),
+    )
+    assert "sparse_merge.analysis.merge_table" in analysis
     argv = _after(launch, "run.py")
     assert {"experiment=balance", "seed=range(0,2)", "baselines=classic"} <= set(argv)
     launch_run_py(argv)

@@ -12,25 +12,17 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from sparse_merge.models.toy import ToyZoo
-from sparse_merge.tasks.toy import AdditionTask, ReversalTask
+from .conftest import small_zoo
 
 THREADS = (1, 2, 8)  # 8: more than most test machines have, which only makes it slower
 MEMBERS = ("base", "math", "code")
 
 
 def _zoo(cache):
-    return ToyZoo(
+    return small_zoo(
+        cache,
         "det",
-        str(cache),
-        base_skills={
-            "a": AdditionTask(1, 2, n_select=0, n_heldout=0),
-            "r": ReversalTask(1, 3, n_select=0, n_heldout=0),
-        },
-        children={
-            "math": AdditionTask(2, 2, n_select=0, n_heldout=0),
-            "code": ReversalTask(4, 6, n_select=0, n_heldout=0),
-        },
+        base_addition=(1, 2),
         arch={
             "hidden_size": 128,
             "intermediate_size": 256,

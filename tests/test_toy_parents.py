@@ -8,19 +8,13 @@ from sparse_merge.models.hf import load_causal_lm, load_tokenizer
 from sparse_merge.models.toy import ToyZoo
 from sparse_merge.tasks.toy import AdditionTask, ReversalTask
 
+from .conftest import small_zoo
+
 
 def _zoo(cache, steps=(20, 10), arch=None):
-    return ToyZoo(
+    return small_zoo(
+        cache,
         "t",
-        str(cache),
-        base_skills={
-            "a": AdditionTask(1, 1, n_select=0, n_heldout=0),
-            "r": ReversalTask(1, 3, n_select=0, n_heldout=0),
-        },
-        children={
-            "math": AdditionTask(2, 2, n_select=0, n_heldout=0),
-            "code": ReversalTask(4, 6, n_select=0, n_heldout=0),
-        },
         arch=arch or {"hidden_size": 32, "intermediate_size": 64},
         base_steps=steps[0],
         child_steps=steps[1],

@@ -3,7 +3,6 @@ tiny multirun (the same Hydra launch as ``make sweep EXP=sweep_throughput``, in-
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +15,7 @@ from sparse_merge.app import execute
 from sparse_merge.errors import ConfigError
 from sparse_merge.finetune.throughput import PeakRss, StepClock
 
-from ..conftest import compose_cfg, launch_run_py
+from ..conftest import compose_cfg, launch_run_py, make_dry_run
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [  # the toy base shrunk to a 2-layer width-32 model trained for 30 steps
@@ -140,16 +139,9 @@ def test_make_sweep_runs_the_sweep_then_its_analysis_in_one_folder(tmp_path):
     """`make sweep EXP=sweep_throughput` launches the multirun into SWEEP_DIR and then writes
     that folder's tables and plots (the analysis the test above checks)."""
     sweep = tmp_path / "sweep"
-    dry = subprocess.run(
-        ["make", "-n", "sweep", "EXP=sweep_throughput", f"SWEEP_DIR={sweep}", "ARGS=seed=1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    # found by content: under `make test` the inner make adds lines of its own
-    (launch,) = [line for line in dry if " run.py -m " in line]
-    (analysis,) = [line for line in dry if "sparse_merge.analysis" in line]
+    launch, analysis = make_dry_run(
+        "sweep", "EXP=sweep_throughput", f"SWEEP_DIR={sweep}", "ARGS=seed=1"
+    )
     assert " run.py -m experiment=sweep_throughput " in launch
     assert f"hydra.sweep.dir={sweep}" in launch.split() and "seed=1" in launch.split()
     assert analysis.split()[-3:] == ["-m", "sparse_merge.analysis", str(sweep)]

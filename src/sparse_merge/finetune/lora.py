@@ -196,6 +196,20 @@ def masked_lora_linear(
     return _MaskedLoraLinear.apply(x, weight, lora_a, lora_b, mask, scaling, with_base)
 
 
+def _checked_mask(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """``(keep_mask, mask_source)`` of a layer whose ``weight`` must already be zero where
+    ``mask`` (its shape) is False: ``(None, "weight")`` when the weight's nonzeros are the mask,
+    else the mask itself as a bool buffer (some kept weights are exactly zero)."""
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} != weight {tuple(weight.shape)}")
+    mask = mask.to(device=weight.device, dtype=torch.bool)
+    if bool((weight[~mask] != 0).any()):
+        raise ValueError("the base weight is not zero where the mask is False; prune first")
+    if torch.equal(weight != 0, mask):
+        return None, "weight"
+    return mask, "buffer"
+
+
 class MaskedLoraLinear(PeftLoraLinear):
     """PEFT's LoRA linear layer that knows the keep-mask of its base weight.
 
@@ -222,16 +236,7 @@ class MaskedLoraLinear(PeftLoraLinear):
         self.keep_mask, self.mask_source = None, None
         if mask is None:
             return
-        weight = self.get_base_layer().weight
-        if mask.shape != weight.shape:
-            raise ValueError(f"mask {tuple(mask.shape)} != weight {tuple(weight.shape)}")
-        mask = mask.to(device=weight.device, dtype=torch.bool)
-        if bool((weight[~mask] != 0).any()):
-            raise ValueError("the base weight is not zero where the mask is False; prune first")
-        if torch.equal(weight != 0, mask):
-            self.mask_source = "weight"
-        else:  # some kept weights are exactly zero: keep the mask itself
-            self.keep_mask, self.mask_source = mask, "buffer"
+        self.keep_mask, self.mask_source = _checked_mask(self.get_base_layer().weight, mask)
 
     def keep(self) -> torch.Tensor | None:
         """The keep-mask [out, in] (computed from the weight when it is not stored)."""
@@ -348,16 +353,7 @@ class MaskedExpertLora(ParamWrapper):
         self.keep_mask, self.mask_source = None, None
         if mask is None:
             return
-        weight = self.get_param()
-        if mask.shape != weight.shape:
-            raise ValueError(f"mask {tuple(mask.shape)} != weight {tuple(weight.shape)}")
-        mask = mask.to(device=weight.device, dtype=torch.bool)
-        if bool((weight[~mask] != 0).any()):
-            raise ValueError("the base weight is not zero where the mask is False; prune first")
-        if torch.equal(weight != 0, mask):
-            self.mask_source = "weight"
-        else:
-            self.keep_mask, self.mask_source = mask, "buffer"
+        self.keep_mask, self.mask_source = _checked_mask(self.get_param(), mask)
 
     def keep(self) -> torch.Tensor | None:
         """The keep-mask [E, out, in] (computed from the weight when it is not stored)."""

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from sparse_merge.errors import ConfigError
+from sparse_merge.pruning.settings import CalibrationSettings
 from sparse_merge.tasks.base import Example
 
 # Masks: weight parameter name -> bool tensor in the weight's own layout, True = kept.
@@ -104,10 +105,7 @@ class Calibration:
         cls, tokenizer: PreTrainedTokenizerBase, tasks, settings, run_seed: int
     ) -> Calibration:
         """The calibration set a ``CalibrationSettings`` describes (None: the defaults)."""
-        if settings is None:
-            from sparse_merge.pruning.settings import CalibrationSettings
-
-            settings = CalibrationSettings()
+        settings = CalibrationSettings() if settings is None else settings
         seed = run_seed if settings.seed is None else settings.seed
         return cls.from_tasks(
             tokenizer, tasks, settings.n, seed, settings.length, settings.answer_loss
