@@ -55,11 +55,11 @@ def _array(t: Tensor) -> np.ndarray:
 
 @functools.cache
 def _ops():
-    """The compiled kernels (numba compiles each signature on first use and caches it on
-    disk)."""
+    """The module of compiled kernels (numba compiles each signature on first use and caches
+    it on disk)."""
     from sparse_merge.merging import _fused
 
-    return _fused.weighted_sum2, _fused.lerp_chain, _fused.task_arithmetic2
+    return _fused
 
 
 def weighted_sum2_(
@@ -68,7 +68,7 @@ def weighted_sum2_(
     """``merging.base.weighted_sum_`` of two tensors in one pass (``usable`` tensors):
     ``x_0 * c_0 + x_1 * c_1`` in float32 (``add`` with ``alpha``: a fused multiply-add), divided
     by ``divisor``, rounded once into ``out``; ``out`` may be either input."""
-    kernel = _ops()[0]
+    kernel = _ops().weighted_sum2
     x0, x1 = tensors
     c0, c1 = np.float32(coeffs[0]), np.float32(coeffs[1])
     d = np.float32(1.0 if divisor is None else divisor)
@@ -88,7 +88,7 @@ def lerp_chain_(out: Tensor, x0: Tensor, x1: Tensor, c0: float, c1: float) -> Te
     into calls and threads; here every element is computed alike."""
     if out.dtype == torch.bfloat16:
         c1 = float(torch.tensor(c1, dtype=torch.bfloat16))
-    _ops()[1](_array(out), _array(x0), _array(x1), np.float32(c0), np.float32(c1))
+    _ops().lerp_chain(_array(out), _array(x0), _array(x1), np.float32(c0), np.float32(c1))
     return out
 
 
@@ -104,13 +104,92 @@ def task_arithmetic2_(
     """Task arithmetic of two models (no sparsification, no sign consensus) in one pass, with
     the arithmetic of ``TaskArithmetic.merge_into_``: the weights and ``divisor`` already
     rounded to the dtype, ``lambda_`` a float32 scalar as torch multiplies by it."""
-    _ops()[2](
+    _ops().task_arithmetic2(
         _array(out),
         _array(base),
         _array(x0),
         _array(x1),
         np.float32(weights[0]),
         np.float32(weights[1]),
+        np.float32(1.0 if divisor is None else divisor),
+        np.float32(lambda_),
+    )
+    return out
+
+
+def magnitude_bands(
+    base: Tensor, x0: Tensor, x1: Tensor, selections: Sequence[tuple[int, int, int]], cap: int
+) -> list[tuple[int, np.ndarray] | None]:
+    """One pass over ``base`` and two models for top-k thresholds of ``|x_i - base|`` (keys:
+    the bits of the magnitudes as int32, ``_fused.magnitude_key``). ``selections``: (model,
+    lo, hi) brackets; for each, the count of keys below ``lo`` and the keys in ``[lo, hi]``
+    in index order (a view of a buffer reused by the next call), or None when more than
+    ``cap`` fall inside."""
+    ops = _ops()
+    model, lo, hi = (np.array(column, dtype=np.int64) for column in zip(*selections))
+    bands = _band_buffer(len(selections), cap + ops.BLOCK)
+    below, kept = np.zeros(len(model), np.int64), np.zeros(len(model), np.int64)
+    ops.magnitude_bands(_array(base), _array(x0), _array(x1), model, lo, hi, below, bands, kept)
+    return [
+        None if m < 0 else (int(c), bands[s, :m]) for s, (c, m) in enumerate(zip(below, kept))
+    ]
+
+
+_bands: dict[str, np.ndarray] = {}
+
+
+def _band_buffer(rows: int, cols: int) -> np.ndarray:
+    """An int32 buffer [rows, cols] kept between calls: allocating (and page-faulting) a few
+    MiB afresh per tensor costs about a genome pass per merge of a many-tensor genome."""
+    buf = _bands.get("bands")
+    if buf is None or buf.size < rows * cols:
+        buf = _bands["bands"] = np.empty(rows * cols, np.int32)
+    return buf[: rows * cols].reshape(rows, cols)
+
+
+def tie_end(base: Tensor, x: Tensor, value: float, budget: int) -> int:
+    """One past the index of the ``budget``-th entry whose ``|x - base|`` is ``value``."""
+    return int(_ops().tie_end(_array(base), _array(x), np.float32(value), budget))
+
+
+def magnitude_merge2_(
+    out: Tensor,
+    base: Tensor,
+    x0: Tensor,
+    x1: Tensor,
+    bands: Sequence[tuple],
+    weights: tuple[float, float],
+    scales: tuple[float, float],
+    consensus: int,
+    divisor: float | None,
+    lambda_: float,
+) -> Tensor:
+    """TIES / Model Breadcrumbs of two models in one pass (``_fused.magnitude_merge2``).
+    ``bands``: per model ``(lo, hi, lo_ties, hi_ties)``, the entries kept those with ``lo <
+    |x - base| < hi`` or equal to an end with their index in that end's ``(start, stop)``;
+    weights, scales and ``divisor`` already rounded to the dtype; ``divisor`` None: no
+    normalisation; ``consensus``: 0 none, 1 sum, 2 count."""
+    n = base.numel()
+    ranges = [tie for band in bands for tie in band[2:]]  # [(start, stop)] x 4
+    bounds = np.array(sorted({0, n, *(i for r in ranges for i in r)} - {-1}), dtype=np.int64)
+    bounds = bounds[(bounds >= 0) & (bounds <= n)]
+    ties = np.array(  # [R, 2, 2]: whether range r keeps model m's ties at its lo / hi end
+        [[start <= s < stop for start, stop in ranges] for s in bounds[:-1]], dtype=np.bool_
+    ).reshape(-1, 2, 2)
+    _ops().magnitude_merge2(
+        _array(out),
+        _array(base),
+        _array(x0),
+        _array(x1),
+        np.array([band[:2] for band in bands], dtype=np.float32),
+        ties,
+        bounds,
+        np.float32(weights[0]),
+        np.float32(weights[1]),
+        np.float32(scales[0]),
+        np.float32(scales[1]),
+        consensus,
+        divisor is not None,
         np.float32(1.0 if divisor is None else divisor),
         np.float32(lambda_),
     )

@@ -38,6 +38,8 @@ MAGNITUDE_SPARSIFICATIONS = ("magnitude", "magnitude_outliers")
 RESCALE_EPS = 1e-7  # mergekit: no rescaling when either L1 norm is below it
 DIVISOR_EPS = 1e-8  # mergekit: a weight sum below it (no consensus) divides by 1 instead
 SELECT_SAMPLE = 1 << 14  # sample size that brackets a top-k threshold
+FUSED_SAMPLE = 1 << 16  # the same for the fused selection pass (whose band costs more)
+INT32_MAX = (1 << 31) - 1
 SAME_SIZE_INT = MappingProxyType(
     {
         torch.float64: torch.int64,
@@ -92,10 +94,25 @@ def _value(key: int, dtype: torch.dtype, signed: bool = False) -> float:
     return torch.tensor(key, dtype=int_dtype).view(dtype).item()
 
 
-def _sample(keys: Callable[[int], np.ndarray], n: int) -> np.ndarray | None:
-    """The sorted strided sample (``keys(step)``: every ``step``-th key) that brackets the
-    quantiles of ``n`` keys; None when they are few enough to select from directly."""
-    return np.sort(keys(n // SELECT_SAMPLE)) if n > 4 * SELECT_SAMPLE else None
+def _sample(
+    keys: Callable[[int], np.ndarray], n: int, size: int | None = None
+) -> np.ndarray | None:
+    """The sorted strided sample of about ``size`` keys (``keys(step)``: every ``step``-th
+    key; default ``SELECT_SAMPLE``) that brackets the quantiles of ``n`` keys; None when they
+    are few enough to select from directly."""
+    size = SELECT_SAMPLE if size is None else size
+    return np.sort(keys(n // size)) if n > 4 * size else None
+
+
+def _settle(r: int, below: int, band: np.ndarray) -> tuple[int, int, int] | None:
+    """The ``r``-th smallest key (1-based) of a set of which ``below`` keys lie below the
+    ``band`` of keys around it, as (key, keys below it, keys equal to it); None when it is
+    not in the band."""
+    r -= below
+    if not 0 < r <= band.size:
+        return None
+    key = np.partition(band, r - 1)[r - 1]
+    return int(key), below + int(np.count_nonzero(band < key)), int(np.count_nonzero(band == key))
 
 
 class _Select:
@@ -152,12 +169,7 @@ class _Select:
             found = self.below < self.r <= self.below + self.equal
             return (self.lo, self.below, self.equal) if found else None
         band = np.concatenate(self.band) if len(self.band) != 1 else self.band[0]  # [b]
-        r = self.r - self.below
-        if not 0 < r <= band.size:
-            return None
-        key = np.partition(band, r - 1)[r - 1]
-        below = self.below + int(np.count_nonzero(band < key))
-        return int(key), below, int(np.count_nonzero(band == key))
+        return _settle(self.r, self.below, band)
 
 
 def _select(
@@ -234,6 +246,40 @@ def first_k_mask(v: Tensor, k: int, largest: bool) -> Tensor:
     return out.bool()
 
 
+def _band(plan: _KeepAll | _KeepCuts, base: Tensor, x: Tensor) -> tuple:
+    """A plan's keep rule as a band of magnitudes, as ``kernels.magnitude_merge2_`` takes it:
+    ``(lo, hi, lo_ties, hi_ties)``, an entry kept when ``lo < |d| < hi``, or equal to an end
+    with its index in that end's range ``[start, stop)``. TIES keeps above its cut; Model
+    Breadcrumbs keeps what its first cut keeps and its second does not (the entries tied at
+    the second cut's value beyond the ones it takes). The index of the last tie kept is found
+    by a scan when only some are kept."""
+    n = base.numel()
+    everything = (-math.inf, math.inf, (0, n), (0, n))
+    if isinstance(plan, _KeepAll):
+        return everything
+
+    def ties_taken(cut: _Cut) -> int:  # the tied entries cut takes lie before this index
+        if cut.budget == cut.ties:
+            return n
+        return kernels.tie_end(base, x, cut.value, cut.budget)
+
+    nothing = (math.inf, math.inf, (0, 0), (0, 0))
+    first = plan.cuts[0]
+    if first.k <= 0:
+        return nothing
+    if first.largest:  # TIES: the k largest
+        if first.k >= n:
+            return everything
+        return (first.value, math.inf, (0, ties_taken(first)), (0, n))
+    hi, hi_ties = (math.inf, (0, n)) if first.k >= n else (first.value, (0, ties_taken(first)))
+    second = plan.cuts[1]
+    if second.k >= n:
+        return nothing
+    if second.k <= 0:
+        return (-math.inf, hi, (0, n), hi_ties)
+    return (second.value, hi, (ties_taken(second), n), hi_ties)
+
+
 def _pack(mask: Tensor) -> Tensor:
     """A 0/1 mask [c] (bool or float) as bits, uint8 [ceil(c / 8)] on the CPU
     (``numpy.packbits``, little bit order): one eighth of a byte per entry."""
@@ -287,6 +333,7 @@ class _KeepAll:
     """A task vector merged whole (no sparsification)."""
 
     needs_abs = False
+    scale = None
 
     def apply_(self, d: Tensor, a: Tensor, start: int, k: Tensor, k2: Tensor) -> None:
         """Leave the chunk ``d`` as it is."""
@@ -502,6 +549,20 @@ class TaskArithmetic(MergeMethod):
             divisor = float(fixed_divisor) if self.normalize else None  # one fused pass
             kernels.task_arithmetic2_(o, b, *xs, tuple(w.tolist()), divisor, self.lambda_)
             return out
+        cut_plans = all(isinstance(p, (_KeepAll, _KeepCuts)) for p in plans)
+        if cut_plans and one_dtype and n_models == 2 and kernels.usable(out, base, *tensors):
+            kernels.magnitude_merge2_(
+                o,
+                b,
+                *xs,
+                [_band(p, b, x) for p, x in zip(plans, xs)],
+                tuple(w.tolist()),
+                tuple(1.0 if p.scale is None else float(p.scale) for p in plans),
+                CONSENSUS.index(self.consensus),
+                float(fixed_divisor) if self.normalize else None,
+                self.lambda_,
+            )
+            return out
         size = chunk_len(n)
         d = self.scratch("deltas", (n_models, size), dtype, base.device)  # [N, C]
         a = self.scratch("abs", (n_models, size), dtype, base.device)  # [N, C] |d|, keep mask
@@ -574,6 +635,8 @@ class TaskArithmetic(MergeMethod):
             target, top = int(self.density * n), int(self.gamma * n)
             bottom = max(0, n - target - top)
             wanted = [(bottom + target, False), (bottom, False)]
+        if not self.rescale and len(xs) == 2 and _one_dtype(b, *xs) and kernels.usable(b, *xs):
+            return self._fused_magnitude_plans(b, xs, wanted)
         samples = [_sample(lambda step, x=x: _keys((x[::step] - b[::step]).abs_()), n) for x in xs]
         selects = [  # per model: a _Select per cut inside (0, n), else None
             [_Select(n, _rank(k, n, big), sample) if 0 < k < n else None for k, big in wanted]
@@ -616,6 +679,48 @@ class TaskArithmetic(MergeMethod):
                     after[i] += _sum(ac[i].mul_(plan.keep(ac[i], s, k[: e - s], k2[: e - s])))
             for plan, bf, af in zip(plans, before, after):
                 plan.scale = _rescale(bf, af, b.dtype)
+        return plans
+
+    def _fused_magnitude_plans(
+        self, b: Tensor, xs: list[Tensor], wanted: list[tuple[int, bool]]
+    ) -> list[_KeepCuts]:
+        """``_magnitude_plans`` for two models on the CPU: one fused pass reading ``b`` and
+        both models feeds every selection (``kernels.magnitude_bands``: vector compares and
+        compress-stores, memory-bound at ~0.3 ns per entry where the numpy path costs ~1.5 ns
+        per entry and task vector), from a 4x larger sample (a 2x narrower bracket). The
+        same thresholds: each is the exact order statistic of the same keys."""
+        n = b.numel()
+        samples = [
+            _sample(lambda step, x=x: _keys((x[::step] - b[::step]).abs_()), n, FUSED_SAMPLE)
+            for x in xs
+        ]
+        brackets = []  # (model, cut, _Select)
+        for i, sample in enumerate(samples):
+            for c, (k, big) in enumerate(wanted):
+                if 0 < k < n:
+                    brackets.append((i, c, _Select(n, _rank(k, n, big), sample)))
+        cap = max([n // 8, 4 * FUSED_SAMPLE] + [n for *_, sel in brackets if sel.lo == sel.hi])
+        found: dict[tuple[int, int], tuple[int, int, int] | None] = {}
+        if brackets:
+            selections = [
+                (i, 0 if sel.lo is None else sel.lo, INT32_MAX if sel.hi is None else sel.hi)
+                for i, _, sel in brackets
+            ]
+            bands = kernels.magnitude_bands(b, *xs, selections, min(cap, n))
+            for (i, c, sel), band in zip(brackets, bands):
+                found[i, c] = None if band is None else _settle(sel.r, *band)
+        plans = []
+        for i, x in enumerate(xs):
+            cuts = []
+            for c, (k, big) in enumerate(wanted):
+                at = None
+                if 0 < k < n:
+                    key = found[i, c] or _select(
+                        lambda s, e, x=x: _keys((x[s:e] - b[s:e]).abs_()), n, _rank(k, n, big), None
+                    )
+                    at = (_value(key[0], b.dtype), *key[1:])
+                cuts.append(_Cut(k, n, big, at))
+            plans.append(_KeepCuts(cuts))
         return plans
 
     def _random_plans(self, b: Tensor, xs: list[Tensor], rng: torch.Generator) -> list[_KeepBits]:
@@ -726,6 +831,11 @@ def _stable_order(mag: Tensor) -> Tensor:
     unique.sort(axis=1)
     unique &= (1 << bits) - 1
     return torch.from_numpy(unique).to(mag.device)
+
+
+def _one_dtype(*tensors: Tensor) -> bool:
+    """Whether the tensors share one dtype."""
+    return len({t.dtype for t in tensors}) == 1
 
 
 def _sum_rows(rows: Tensor, out: Tensor) -> Tensor:
