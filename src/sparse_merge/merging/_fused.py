@@ -166,12 +166,13 @@ def compress_band(typingctx, keys, j, lo, hi, out, m):
         )
         at = builder.gep(dst.data, [args[5]])
         mask_t = ir.VectorType(ir.IntType(1), LANES)
-        store = cgutils.get_or_insert_function(
+        compress = cgutils.get_or_insert_function(
             builder.module,
-            ir.FunctionType(ir.VoidType(), [vec, at.type, mask_t]),
-            f"llvm.masked.compressstore.v{LANES}i32",
+            ir.FunctionType(vec, [vec, mask_t, vec]),
+            f"llvm.experimental.vector.compress.v{LANES}i32",
         )
-        builder.call(store, [values, at, inside])
+        packed = builder.call(compress, [values, inside, ir.Constant(vec, ir.Undefined)])
+        builder.store(packed, builder.bitcast(at, vec.as_pointer()), align=4)
         bits = builder.bitcast(inside, ir.IntType(LANES))
         popcount = cgutils.get_or_insert_function(
             builder.module,
@@ -203,46 +204,74 @@ def _key_shift(x):
 
 
 @jit
-def magnitude_bands(b, x0, x1, model, lo, hi, below, bands, kept):
-    """One pass over ``b``, ``x0``, ``x1`` for the top-k thresholds of ``|x_i - b|``: for
-    every selection ``s`` (on model ``model[s]``), the count of keys below ``lo[s]`` into
-    ``below[s]`` and the keys in ``[lo[s], hi[s]]``, in index order, into ``bands[s]`` (their
-    count in ``kept[s]``; -1 once they would not fit, the bracket given up)."""
-    n, selections = b.size, model.size
+def magnitude_sample(b, x0, x1, step, out):
+    """The keys (``magnitude_key``) of every ``step``-th entry of both models, into ``out``
+    [2, ceil(n / step)]: one strided pass that reads ``b`` once for both."""
+    for j in range(out.shape[1]):
+        i = np.uint64(j) * np.uint64(step)
+        out[0, j] = magnitude_key(b, x0, i)
+        out[1, j] = magnitude_key(b, x1, i)
+
+
+@inline
+def block_keys(b, x0, x1, at, k0, k1, lo00, lo01, lo10, lo11, below, two_cuts):
+    """The keys of both models for the block at ``at`` into ``k0``, ``k1``, adding the counts
+    below each ``lo`` to ``below`` (those of the second cuts only when ``two_cuts``)."""
+    c00 = c01 = c10 = c11 = 0
+    for j in range(k0.size):
+        key0 = magnitude_key(b, x0, at + np.uint64(j))
+        key1 = magnitude_key(b, x1, at + np.uint64(j))
+        k0[j], k1[j] = key0, key1
+        c00 += key0 < lo00
+        c10 += key1 < lo10
+        if two_cuts:
+            c01 += key0 < lo01
+            c11 += key1 < lo11
+    below[0] += c00
+    below[1] += c01
+    below[2] += c10
+    below[3] += c11
+
+
+@jit
+def magnitude_bands(b, x0, x1, lo, hi, below, bands, kept):
+    """One pass over ``b``, ``x0``, ``x1`` for the top-k thresholds of ``|x_i - b|``: up to
+    two selections per model, selection ``s`` on model ``s // 2``. For each, the count of keys
+    below ``lo[s]`` into ``below[s]`` and the keys in ``[lo[s], hi[s]]``, in index order,
+    into ``bands[s]`` (their count in ``kept[s]``; -1 once they would not fit, the bracket
+    given up). A selection with ``hi[s] < 0`` is unused (keys are not negative)."""
+    n = b.size
     cap = bands.shape[1] - BLOCK
     k0 = np.empty(BLOCK, np.int32)
     k1 = np.empty(BLOCK, np.int32)
-    for s in range(selections):
+    lo00, lo01, lo10, lo11 = lo[0], lo[1], lo[2], lo[3]
+    two_cuts = (hi[1] >= 0) | (hi[3] >= 0)
+    for s in range(4):
         below[s] = 0
-        kept[s] = 0
+        kept[s] = 0 if hi[s] >= 0 else -1
     whole = n - n % BLOCK
     for start in range(0, whole, BLOCK):
         at = np.uint64(start)  # unsigned: numba skips its wrap-around of negative indices
-        for j in range(BLOCK):
-            k0[j] = magnitude_key(b, x0, at + np.uint64(j))
-            k1[j] = magnitude_key(b, x1, at + np.uint64(j))
-        for s in range(selections):
-            keys = k0 if model[s] == 0 else k1
-            low, high = lo[s], hi[s]
-            count = 0
-            for j in range(BLOCK):
-                count += keys[j] < low
-            below[s] += count
+        if two_cuts:  # the same loop, with a constant: two compares per key less for TIES
+            block_keys(b, x0, x1, at, k0, k1, lo00, lo01, lo10, lo11, below, True)
+        else:
+            block_keys(b, x0, x1, at, k0, k1, lo00, lo01, lo10, lo11, below, False)
+        for s in range(4):
             m = kept[s]
             if m < 0:
                 continue
             if m > cap:
                 kept[s] = -1
                 continue
-            band = bands[s]
+            keys, band, low, high = k0 if s < 2 else k1, bands[s], lo[s], hi[s]
             for j in range(0, BLOCK, LANES):
                 m += compress_band(keys, j, low, high, band, m)
             kept[s] = m
     for i in range(whole, n):
         key0 = magnitude_key(b, x0, i)
         key1 = magnitude_key(b, x1, i)
-        for s in range(selections):
-            key = key0 if model[s] == 0 else key1
+        for s in range(4):
+            key = key0 if s < 2 else key1
             if key < lo[s]:
                 below[s] += 1
             elif key <= hi[s] and kept[s] >= 0:
@@ -298,6 +327,7 @@ def magnitude_merge2(
     vectorises."""
     lo0, hi0, lo1, hi1 = bands[0, 0], bands[0, 1], bands[1, 0], bands[1, 1]
     unscaled = (s0 == 1) & (s1 == 1) & (lam == 1) & (hi0 == np.inf) & (hi1 == np.inf)
+    none = np.uint64(0)  # the counter draws' arguments, unused
     for r in range(bounds.size - 1):
         start, stop = bounds[r], bounds[r + 1]
         t0lo, t0hi, t1lo, t1hi = ties[r, 0, 0], ties[r, 0, 1], ties[r, 1, 0], ties[r, 1, 1]
@@ -306,55 +336,64 @@ def magnitude_merge2(
         # with its settings as constants: a loop that branches on them is up to 4x slower
         if consensus == 0 and unscaled & t0hi & t1hi:
             merge_range(
-                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi,
-                w0, w1, s0, s1, normalize, fixed, lam, 0, True,
+                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
+                w0, w1, s0, s1, normalize, fixed, lam, 0, True, False,
             )  # fmt: skip
         elif consensus == 0:
             merge_range(
-                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi,
-                w0, w1, s0, s1, normalize, fixed, lam, 0, False,
+                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
+                w0, w1, s0, s1, normalize, fixed, lam, 0, False, False,
             )  # fmt: skip
         elif consensus == 1 and unscaled & t0hi & t1hi:
             merge_range(
-                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi,
-                w0, w1, s0, s1, normalize, fixed, lam, 1, True,
+                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
+                w0, w1, s0, s1, normalize, fixed, lam, 1, True, False,
             )  # fmt: skip
         elif consensus == 1:
             merge_range(
-                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi,
-                w0, w1, s0, s1, normalize, fixed, lam, 1, False,
+                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
+                w0, w1, s0, s1, normalize, fixed, lam, 1, False, False,
             )  # fmt: skip
         else:
             merge_range(
-                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi,
-                w0, w1, s0, s1, normalize, fixed, lam, 2, False,
+                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
+                w0, w1, s0, s1, normalize, fixed, lam, 2, False, False,
             )  # fmt: skip
 
 
 @inline
 def merge_range(
-    out, b, x0, x1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi,
-    w0, w1, s0, s1, normalize, fixed, lam, consensus, plain,
+    out, b, x0, x1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, seed0, seed1, p, offset,
+    w0, w1, s0, s1, normalize, fixed, lam, consensus, plain, random,
 ):  # fmt: skip
-    """A range of ``magnitude_merge2`` (views of its arrays) whose tie rules are fixed;
-    ``plain``: the bands are open above (their upper test always passes) and nothing is
-    scaled (``s_m`` and ``lam`` are 1), so the loop skips those ops. The loop runs from 0:
-    numba cannot tell an index from a runtime start is not negative, and its wrap-around of
+    """A range of ``magnitude_merge2`` or ``random_merge2`` (views of their arrays, starting
+    at entry ``offset``) whose tie rules are fixed. ``random``: model ``m`` keeps an entry
+    when its counter draw (``draw(seed_m, index)``) is below ``p`` (an integer); else by its
+    band.
+    ``plain``: nothing is scaled (``s_m`` and ``lam`` are 1) and a band is open above (its
+    upper test always passes), so the loop skips those ops. The loop runs from 0: numba
+    cannot tell an index from a runtime start is not negative, and its wrap-around of
     negative indices keeps the loop from vectorising (5x slower)."""
     one = np.float32(1.0)
     for i in range(out.size):
         bi = load(b, i)
         d0 = rounded(out, load(x0, i) - bi)
         d1 = rounded(out, load(x1, i) - bi)
-        a0, a1 = np.abs(d0), np.abs(d1)
-        if plain:
+        if random:
+            at = offset + np.uint64(i)
+            k0 = np.float32(draw(seed0, at) < p)
+            k1 = np.float32(draw(seed1, at) < p)
+        elif plain:
+            a0, a1 = np.abs(d0), np.abs(d1)
             k0 = np.float32((a0 > lo0) | ((a0 == lo0) & t0lo))
             k1 = np.float32((a1 > lo1) | ((a1 == lo1) & t1lo))
+        else:
+            k0 = kept(np.abs(d0), lo0, hi0, t0lo, t0hi)
+            k1 = kept(np.abs(d1), lo1, hi1, t1lo, t1hi)
+        if plain:
             d0 = rounded(out, rounded(out, d0 * k0) * w0)
             d1 = rounded(out, rounded(out, d1 * k1) * w1)
         else:
-            k0 = kept(a0, lo0, hi0, t0lo, t0hi)
-            k1 = kept(a1, lo1, hi1, t1lo, t1hi)
             d0 = rounded(out, rounded(out, rounded(out, d0 * k0) * s0) * w0)
             d1 = rounded(out, rounded(out, rounded(out, d1 * k1) * s1) * w1)
         if consensus == 0:
@@ -376,3 +415,79 @@ def merge_range(
         if not plain:
             mixed = rounded(out, mixed * lam)
         store(out, i, mixed + bi)
+
+
+# ---- DARE with counter-based draws ---------------------------------------------------------
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment (2^64 / golden ratio)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@jit
+def draw(seed, i):
+    """Draw ``i`` (uint64, from 0) of the counter-based stream ``seed`` as a 24-bit integer:
+    the top bits of the ``i + 1``-th output of SplitMix64 (Steele, Lea & Flood 2014; Java's
+    ``SplittableRandom``) seeded with ``seed``. Any draw costs a few integer ops, independent
+    of the others: the loops vectorise."""
+    z = seed + (i + np.uint64(1)) * GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * MIX1
+    z = (z ^ (z >> np.uint64(27))) * MIX2
+    z = z ^ (z >> np.uint64(31))
+    return z >> np.uint64(40)
+
+
+@jit
+def uniform(seed, i):
+    """``draw(seed, i)`` as a float32 in [0, 1), ``2^-24`` apart (the resolution of
+    ``torch.rand``). ``uniform < p`` is ``draw < ceil(p 2^24)``, the integer compare the loops
+    use (2x faster than converting)."""
+    return np.float32(draw(seed, i)) * np.float32(1.0 / (1 << 24))
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"})
+def random_sums(b, x0, x1, seed0, seed1, p, offset, sums):
+    """DARE's L1 norms before and after masking, added to ``sums`` [4] (float64: model 0
+    before, after, model 1 before, after) for the entries of ``b``, ``x0``, ``x1`` (views
+    starting at entry ``offset``), an entry kept when ``draw(seed_m, index) < p`` (``p``: the
+    keep probability times 2^24, rounded up). float64 sums in any order (``reassoc``: the loop
+    vectorises); mergekit sums float32 in torch's order."""
+    before0 = after0 = before1 = after1 = 0.0
+    for i in range(b.size):
+        bi = load(b, i)
+        a0 = np.float64(np.abs(rounded(b, load(x0, i) - bi)))
+        a1 = np.float64(np.abs(rounded(b, load(x1, i) - bi)))
+        at = offset + np.uint64(i)
+        before0 += a0
+        before1 += a1
+        after0 += a0 * (draw(seed0, at) < p)
+        after1 += a1 * (draw(seed1, at) < p)
+    sums[0] += before0
+    sums[1] += after0
+    sums[2] += before1
+    sums[3] += after1
+
+
+@jit
+def random_merge2(out, b, x0, x1, seed0, seed1, p, w0, w1, s0, s1, consensus, normalize, fixed, lam):
+    """``TaskArithmetic.merge_into_`` of two models with DARE's random sparsification, its
+    keep masks from counter draws: model ``m`` keeps entry ``i`` when ``draw(seed_m, i) < p``
+    (``p``: the keep probability times 2^24, rounded up); otherwise as
+    ``magnitude_merge2``."""
+    inf, no = np.float32(np.inf), False
+    zero = np.uint64(0)
+    if consensus == 0:
+        merge_range(
+            out, b, x0, x1, inf, inf, no, no, inf, inf, no, no, seed0, seed1, p, zero,
+            w0, w1, s0, s1, normalize, fixed, lam, 0, False, True,
+        )  # fmt: skip
+    elif consensus == 1:
+        merge_range(
+            out, b, x0, x1, inf, inf, no, no, inf, inf, no, no, seed0, seed1, p, zero,
+            w0, w1, s0, s1, normalize, fixed, lam, 1, False, True,
+        )  # fmt: skip
+    else:
+        merge_range(
+            out, b, x0, x1, inf, inf, no, no, inf, inf, no, no, seed0, seed1, p, zero,
+            w0, w1, s0, s1, normalize, fixed, lam, 2, False, True,
+        )  # fmt: skip

@@ -27,6 +27,7 @@ Single-threaded: one core already reaches the memory bandwidth the merge needs.
 from __future__ import annotations
 
 import functools
+import math
 import importlib.util
 from collections.abc import Sequence
 
@@ -118,21 +119,31 @@ def task_arithmetic2_(
 
 
 def magnitude_bands(
-    base: Tensor, x0: Tensor, x1: Tensor, selections: Sequence[tuple[int, int, int]], cap: int
-) -> list[tuple[int, np.ndarray] | None]:
+    base: Tensor, x0: Tensor, x1: Tensor, brackets: dict[tuple[int, int], tuple[int, int]], cap: int
+) -> dict[tuple[int, int], tuple[int, np.ndarray] | None]:
     """One pass over ``base`` and two models for top-k thresholds of ``|x_i - base|`` (keys:
-    the bits of the magnitudes as int32, ``_fused.magnitude_key``). ``selections``: (model,
-    lo, hi) brackets; for each, the count of keys below ``lo`` and the keys in ``[lo, hi]``
-    in index order (a view of a buffer reused by the next call), or None when more than
-    ``cap`` fall inside."""
+    the bits of the magnitudes as int32, ``_fused.magnitude_key``). ``brackets``: (model,
+    cut) -> (lo, hi), at most two cuts per model; for each, the count of keys below ``lo``
+    and the keys in ``[lo, hi]`` in index order (a view of a buffer reused by the next call),
+    or None when more than ``cap`` fall inside."""
     ops = _ops()
-    model, lo, hi = (np.array(column, dtype=np.int64) for column in zip(*selections))
-    bands = _band_buffer(len(selections), cap + ops.BLOCK)
-    below, kept = np.zeros(len(model), np.int64), np.zeros(len(model), np.int64)
-    ops.magnitude_bands(_array(base), _array(x0), _array(x1), model, lo, hi, below, bands, kept)
-    return [
-        None if m < 0 else (int(c), bands[s, :m]) for s, (c, m) in enumerate(zip(below, kept))
-    ]
+    lo, hi = np.full(4, -1, np.int64), np.full(4, -1, np.int64)
+    for (model, cut), (low, high) in brackets.items():
+        lo[2 * model + cut], hi[2 * model + cut] = low, high
+    bands = _band_buffer(4, cap + ops.BLOCK)
+    below, kept = np.zeros(4, np.int64), np.zeros(4, np.int64)
+    ops.magnitude_bands(_array(base), _array(x0), _array(x1), lo, hi, below, bands, kept)
+    return {
+        (m, c): None if kept[2 * m + c] < 0 else (int(below[2 * m + c]), bands[2 * m + c, : kept[2 * m + c]])
+        for m, c in brackets
+    }
+
+
+def magnitude_sample(base: Tensor, x0: Tensor, x1: Tensor, step: int) -> np.ndarray:
+    """The magnitude keys of every ``step``-th entry of both models, int32 [2, ceil(n / step)]."""
+    out = np.empty((2, -(-base.numel() // step)), np.int32)
+    _ops().magnitude_sample(_array(base), _array(x0), _array(x1), step, out)
+    return out
 
 
 _bands: dict[str, np.ndarray] = {}
@@ -184,6 +195,60 @@ def magnitude_merge2_(
         np.array([band[:2] for band in bands], dtype=np.float32),
         ties,
         bounds,
+        np.float32(weights[0]),
+        np.float32(weights[1]),
+        np.float32(scales[0]),
+        np.float32(scales[1]),
+        consensus,
+        divisor is not None,
+        np.float32(1.0 if divisor is None else divisor),
+        np.float32(lambda_),
+    )
+    return out
+
+
+def _threshold(p: float) -> np.uint64:
+    """The integer ``T`` with ``draw < T`` exactly when ``draw * 2^-24 < p`` (``p`` a float32
+    value: ``p * 2^24`` is exact in float64)."""
+    return np.uint64(min(max(math.ceil(p * (1 << 24)), 0), 1 << 24))
+
+
+def random_sums(base: Tensor, x0: Tensor, x1: Tensor, seeds: Sequence[int], p: float) -> list[float]:
+    """DARE's L1 norms of both task vectors before and after their counter-drawn masks
+    (``_fused.random_sums``): ``[before_0, after_0, before_1, after_1]``, summed in float64."""
+    sums = np.zeros(4, np.float64)
+    s0, s1 = (np.uint64(s) for s in seeds)
+    _ops().random_sums(
+        _array(base), _array(x0), _array(x1), s0, s1, _threshold(p), np.uint64(0), sums
+    )
+    return sums.tolist()
+
+
+def random_merge2_(
+    out: Tensor,
+    base: Tensor,
+    x0: Tensor,
+    x1: Tensor,
+    seeds: Sequence[int],
+    p: float,
+    weights: tuple[float, float],
+    scales: tuple[float, float],
+    consensus: int,
+    divisor: float | None,
+    lambda_: float,
+) -> Tensor:
+    """DARE (random sparsification with counter draws) of two models in one pass
+    (``_fused.random_merge2``); the arguments as ``magnitude_merge2_``'s, the keep masks
+    drawn from the streams ``seeds`` with keep probability ``p``."""
+    s0, s1 = (np.uint64(s) for s in seeds)
+    _ops().random_merge2(
+        _array(out),
+        _array(base),
+        _array(x0),
+        _array(x1),
+        s0,
+        s1,
+        _threshold(p),
         np.float32(weights[0]),
         np.float32(weights[1]),
         np.float32(scales[0]),

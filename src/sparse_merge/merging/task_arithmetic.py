@@ -33,12 +33,13 @@ from sparse_merge.merging.base import MergeMethod, chunk_len, chunks
 
 SPARSIFICATIONS = ("none", "magnitude", "random", "magnitude_outliers", "rank_magnitude")
 CONSENSUS = ("none", "sum", "count")
+DRAWS = ("torch", "counter")
 RANDOM_SPARSIFICATIONS = ("random", "rank_magnitude")
 MAGNITUDE_SPARSIFICATIONS = ("magnitude", "magnitude_outliers")
 RESCALE_EPS = 1e-7  # mergekit: no rescaling when either L1 norm is below it
 DIVISOR_EPS = 1e-8  # mergekit: a weight sum below it (no consensus) divides by 1 instead
 SELECT_SAMPLE = 1 << 14  # sample size that brackets a top-k threshold
-FUSED_SAMPLE = 1 << 16  # the same for the fused selection pass (whose band costs more)
+FUSED_SAMPLE = 1 << 16  # the most the fused selection pass samples (16 sqrt(n) below that)
 INT32_MAX = (1 << 31) - 1
 SAME_SIZE_INT = MappingProxyType(
     {
@@ -64,9 +65,12 @@ MERGEKIT_NAMES = MappingProxyType(
 )
 
 
-def _sum(v: Tensor) -> float:
-    """``v.sum()`` accumulated in float32 (float64 for float64), as a Python float."""
-    return float(v.sum(dtype=torch.float64 if v.dtype == torch.float64 else torch.float32))
+def _sum(v: Tensor, dtype: torch.dtype | None = None) -> float:
+    """``v.sum()`` accumulated in ``dtype`` (default float32, float64 for float64), as a
+    Python float."""
+    if dtype is None:
+        dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
+    return float(v.sum(dtype=dtype))
 
 
 def _keys(v: Tensor, signed: bool = False) -> np.ndarray:
@@ -313,6 +317,37 @@ def _bernoulli(p: Tensor | float, shape: tuple[int, ...], rng: torch.Generator) 
     return torch.bernoulli(probs, generator=rng).float()
 
 
+def _int64(c: int) -> int:
+    """A 64-bit constant as the signed int64 with its bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shift_right(z: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 ``z`` (torch's ``>>`` is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def counter_uniform(seed: int, start: int, count: int, device: torch.device | str = "cpu") -> Tensor:
+    """Draws ``start .. start + count - 1`` of the counter-based stream ``seed`` as float32 in
+    [0, 1) [count]: draw ``i`` is the ``i + 1``-th output of SplitMix64 (Steele, Lea & Flood
+    2014; Java's ``SplittableRandom``) seeded with ``seed``, its top 24 bits scaled by
+    ``2^-24`` (the resolution of ``torch.rand``). Every draw depends on its index only, so a
+    fused loop computes the same numbers in any order (``merging._fused.uniform``, the same
+    arithmetic in uint64); this is the torch form, for any device. int64 products wrap."""
+    z = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
+    z = z * _int64(0x9E3779B97F4A7C15) + _int64(seed % (1 << 64))
+    z = (z ^ _shift_right(z, 30)) * _int64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shift_right(z, 27)) * _int64(0x94D049BB133111EB)
+    z = z ^ _shift_right(z, 31)
+    return _shift_right(z, 40).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def _seeds(rng: torch.Generator, n: int) -> list[int]:
+    """``n`` stream seeds (uint64 as Python ints) drawn from ``rng``."""
+    drawn = torch.randint(-(1 << 63), (1 << 63) - 1, (n,), dtype=torch.int64, generator=rng)
+    return [int(v) % (1 << 64) for v in drawn.tolist()]
+
+
 def _work_dtype(t: Tensor) -> torch.dtype:
     """mergekit's dtype for random masks: float32 on CPU except for bfloat16."""
     if t.device.type != "cpu" or t.dtype == torch.bfloat16:
@@ -398,6 +433,20 @@ class _KeepBits:
             d.copy_(t)
 
 
+class _KeepDraws(_KeepBits):
+    """DARE with counter draws: entry ``i`` kept when draw ``i`` of the stream ``seed`` is
+    below ``p``; nothing stored, any chunk's mask computed on demand."""
+
+    def __init__(self, seed: int, p: float, work: torch.dtype) -> None:
+        super().__init__({}, work)
+        self.seed, self.p = seed, p
+
+    def mask(self, start: int, out: Tensor) -> Tensor:
+        """The 0/1 mask of the chunk at ``start`` into ``out``."""
+        draws = counter_uniform(self.seed, start, out.numel(), out.device)
+        return out.copy_(torch.lt(draws, self.p))
+
+
 class TaskArithmetic(MergeMethod):
     """mergekit 0.1.5's generalized task arithmetic; one class, the named methods are settings.
 
@@ -421,6 +470,12 @@ class TaskArithmetic(MergeMethod):
         gamma: Model Breadcrumbs's fraction of outliers removed, in [0, 1].
         epsilon: DELLA's half-width of the keep probabilities; ``density - epsilon`` and
             ``density + epsilon`` must lie in (0, 1) when ``0 < density < 1``.
+        draws: where DARE's and DELLA's random draws come from: ``torch`` (mergekit's: one
+            ``torch.rand`` uniform per entry from ``rng``'s Mersenne twister, serial, ~2 ns
+            each) or ``counter`` (``counter_uniform``: a SplitMix64 stream per task vector,
+            its seed drawn from ``rng``, draw ``i`` a function of ``i`` alone, so the fused
+            kernels compute the masks inside the merge loop at a fraction of the cost). The
+            same distribution (Bernoulli from a 24-bit uniform); different masks.
 
     Deliberate differences from mergekit: random masks come from the ``torch.Generator``
     passed in (so a seeded merge is reproducible; with ``rng`` seeded like mergekit's global
@@ -456,6 +511,7 @@ class TaskArithmetic(MergeMethod):
         lambda_: float = 1.0,
         gamma: float = 0.01,
         epsilon: float = 0.15,
+        draws: str = "torch",
     ) -> None:
         self.sparsification = check_choice(
             "sparsification",
@@ -473,6 +529,7 @@ class TaskArithmetic(MergeMethod):
         self.lambda_ = float(lambda_)
         self.gamma = check_fraction("gamma", gamma, upper_open=False)
         self.epsilon = check_fraction("epsilon", epsilon)
+        self.draws = check_choice("draws", draws, DRAWS)
         d, e = self.density, self.epsilon
         if self.sparsification == "rank_magnitude" and 0 < d < 1 and not (d - e > 0 and d + e < 1):
             raise ConfigError(
@@ -504,6 +561,7 @@ class TaskArithmetic(MergeMethod):
             "lambda_": self.lambda_,
             "gamma": self.gamma,
             "epsilon": self.epsilon,
+            "draws": self.draws,
         }
 
     def traffic_floor(self, n_models: int) -> int:
@@ -548,6 +606,25 @@ class TaskArithmetic(MergeMethod):
         if plain and one_dtype and n_models == 2 and kernels.usable(out, base, *tensors):
             divisor = float(fixed_divisor) if self.normalize else None  # one fused pass
             kernels.task_arithmetic2_(o, b, *xs, tuple(w.tolist()), divisor, self.lambda_)
+            return out
+        if (
+            all(isinstance(p, _KeepDraws) for p in plans)
+            and one_dtype
+            and n_models == 2
+            and kernels.usable(out, base, *tensors)
+        ):
+            kernels.random_merge2_(
+                o,
+                b,
+                *xs,
+                [p.seed for p in plans],
+                plans[0].p,
+                tuple(w.tolist()),
+                tuple(1.0 if p.scale is None else float(p.scale) for p in plans),
+                CONSENSUS.index(self.consensus),
+                float(fixed_divisor) if self.normalize else None,
+                self.lambda_,
+            )
             return out
         cut_plans = all(isinstance(p, (_KeepAll, _KeepCuts)) for p in plans)
         if cut_plans and one_dtype and n_models == 2 and kernels.usable(out, base, *tensors):
@@ -690,24 +767,30 @@ class TaskArithmetic(MergeMethod):
         per entry and task vector), from a 4x larger sample (a 2x narrower bracket). The
         same thresholds: each is the exact order statistic of the same keys."""
         n = b.numel()
-        samples = [
-            _sample(lambda step, x=x: _keys((x[::step] - b[::step]).abs_()), n, FUSED_SAMPLE)
-            for x in xs
-        ]
+        samples: list[np.ndarray | None] = [None, None]
+        size = min(FUSED_SAMPLE, max(1024, 8 * math.isqrt(n)))  # sorting it vs the band
+        if n > 4 * size:
+            keys = kernels.magnitude_sample(b, *xs, n // size)  # [2, ~size]
+            samples = [np.sort(k) for k in keys]
         brackets = []  # (model, cut, _Select)
         for i, sample in enumerate(samples):
             for c, (k, big) in enumerate(wanted):
                 if 0 < k < n:
                     brackets.append((i, c, _Select(n, _rank(k, n, big), sample)))
-        cap = max([n // 8, 4 * FUSED_SAMPLE] + [n for *_, sel in brackets if sel.lo == sel.hi])
+        cap = max([n // 8, 4 * size] + [n for *_, sel in brackets if sel.lo == sel.hi])
         found: dict[tuple[int, int], tuple[int, int, int] | None] = {}
         if brackets:
-            selections = [
-                (i, 0 if sel.lo is None else sel.lo, INT32_MAX if sel.hi is None else sel.hi)
-                for i, _, sel in brackets
-            ]
-            bands = kernels.magnitude_bands(b, *xs, selections, min(cap, n))
-            for (i, c, sel), band in zip(brackets, bands):
+            bands = kernels.magnitude_bands(
+                b,
+                *xs,
+                {
+                    (i, c): (0 if sel.lo is None else sel.lo, INT32_MAX if sel.hi is None else sel.hi)
+                    for i, c, sel in brackets
+                },
+                min(cap, n),
+            )
+            for i, c, sel in brackets:
+                band = bands[i, c]
                 found[i, c] = None if band is None else _settle(sel.r, *band)
         plans = []
         for i, x in enumerate(xs):
@@ -733,6 +816,8 @@ class TaskArithmetic(MergeMethod):
         ``torch.rand`` (``_bernoulli``: the same numbers, 5x faster than ``torch.bernoulli``)."""
         work = _work_dtype(b)
         p = float(torch.tensor(self.density, dtype=work))  # Bernoulli's p, in the work dtype
+        if self.draws == "counter":
+            return self._counter_plans(b, xs, rng, p, work)
         plans = []
         for _ in xs:
             blocks = {s: _pack(_bernoulli(p, (e - s,), rng)) for s, e in chunks(b.numel())}
@@ -741,9 +826,27 @@ class TaskArithmetic(MergeMethod):
             self._rescale_bits(b, xs, plans)
         return plans
 
+    def _counter_plans(
+        self, b: Tensor, xs: list[Tensor], rng: torch.Generator, p: float, work: torch.dtype
+    ) -> list[_KeepDraws]:
+        """DARE with counter draws: one stream seed per task vector, drawn from ``rng``; with
+        ``rescale``, the L1 norms in one pass (fused for two models on the CPU, in float64)."""
+        plans = [_KeepDraws(seed, p, work) for seed in _seeds(rng, len(xs))]
+        if not self.rescale:
+            return plans
+        if len(xs) == 2 and work == b.dtype and _one_dtype(b, *xs) and kernels.usable(b, *xs):
+            sums = kernels.random_sums(b, *xs, [plan.seed for plan in plans], p)
+            for plan, before, after in zip(plans, sums[0::2], sums[1::2]):
+                plan.scale = _rescale(before, after, work)
+        else:
+            self._rescale_bits(b, xs, plans)
+        return plans
+
     def _rescale_bits(self, b: Tensor, xs: list[Tensor], plans: list[_KeepBits]) -> None:
-        """Set each plan's L1 rescaling factor: one pass reading ``b`` and every ``x_i``."""
+        """Set each plan's L1 rescaling factor: one pass reading ``b`` and every ``x_i``.
+        Counter draws sum in float64, as their fused pass does (``kernels.random_sums``)."""
         work, n = plans[0].work, b.numel()
+        total = torch.float64 if isinstance(plans[0], _KeepDraws) else None
         before, after = [0.0] * len(xs), [0.0] * len(xs)
         size = chunk_len(n)
         t, mask = self.scratch("rows", (2, size), work, b.device)
@@ -755,8 +858,8 @@ class TaskArithmetic(MergeMethod):
                 else:  # mergekit masks a float32 copy of the task vector
                     tc.copy_(x[s:e] - b[s:e])
                 tc.abs_()
-                before[i] += _sum(tc)
-                after[i] += _sum(tc.mul_(plan.mask(s, mc)))
+                before[i] += _sum(tc, total)
+                after[i] += _sum(tc.mul_(plan.mask(s, mc)), total)
         for plan, bf, af in zip(plans, before, after):
             plan.scale = _rescale(bf, af, work)
 
@@ -777,13 +880,14 @@ class TaskArithmetic(MergeMethod):
         blocks = [(r * per_row, min(r + step, rows) * per_row) for r in range(0, rows, step)]
         work = _work_dtype(base)
         b = base.view(-1)
+        seeds = _seeds(rng, len(tensors)) if self.draws == "counter" else [None] * len(tensors)
         plans = []
-        for x in tensors:
+        for x, seed in zip(tensors, seeds):
             x = x.view(-1)
             bits, before, after = {}, 0.0, 0.0
             for s, e in blocks:
                 t = (x[s:e] - b[s:e]).view(-1, *base.shape[1:]).to(work)  # [rows, ...]
-                keep = self._della_mask(t, rng)
+                keep = self._della_mask(t, rng, None if seed is None else (seed, s))
                 if self.rescale:
                     t.abs_()
                     before += _sum(t)
@@ -795,10 +899,13 @@ class TaskArithmetic(MergeMethod):
         bounds = [chunk for s, e in blocks for chunk in chunks(e, s)]
         return plans, bounds
 
-    def _della_mask(self, t: Tensor, rng: torch.Generator) -> Tensor:
+    def _della_mask(
+        self, t: Tensor, rng: torch.Generator, stream: tuple[int, int] | None = None
+    ) -> Tensor:
         """DELLA's random keep mask (0/1 in ``t``'s dtype and shape): probability
         ``density - epsilon + 2 epsilon * rank / (m - 1)`` for the entry of rank ``rank`` (0:
-        smallest ``|t|``) among the ``m`` of its row (along dim 1; a vector is one row)."""
+        smallest ``|t|``) among the ``m`` of its row (along dim 1; a vector is one row).
+        ``stream``: (seed, index of ``t``'s first entry) of counter draws, else ``rng``'s."""
         rows = t if t.dim() >= 2 else t.reshape(1, -1)  # [R, m, ...]
         m = rows.shape[1]
         lines = rows.abs().movedim(1, -1).reshape(-1, m)  # [L, m]: every row along dim 1
@@ -813,7 +920,12 @@ class TaskArithmetic(MergeMethod):
         by_rank = (self.density - self.epsilon) + rank_norm * 2 * self.epsilon  # [m]
         probs = torch.empty_like(lines).scatter_(1, order, by_rank.expand_as(order))  # [L, m]
         probs = probs.view(*rows.movedim(1, -1).shape).movedim(-1, 1)  # [R, m, ...]
-        return _bernoulli(probs, tuple(probs.shape), rng).reshape(t.shape).to(t.dtype)
+        if stream is not None:
+            draws = counter_uniform(stream[0], stream[1], t.numel(), t.device)
+            keep = torch.lt(draws.view(probs.shape), probs).float()
+        else:
+            keep = _bernoulli(probs, tuple(probs.shape), rng)
+        return keep.reshape(t.shape).to(t.dtype)
 
 
 def _stable_order(mag: Tensor) -> Tensor:
