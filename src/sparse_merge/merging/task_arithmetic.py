@@ -203,6 +203,8 @@ class _Cut:
             self.value, below, self.ties = at
             ahead = n - below - self.ties if largest else below
             self.budget = k - ahead  # tied entries kept, in 1..ties
+            if math.isnan(self.value) and not largest:  # NaN sorts last (as in argsort): the
+                self.value, self.budget = math.inf, self.ties  # first k hold every number
 
     def mask(self, v: Tensor, start: int, out: Tensor) -> Tensor:
         """1.0 where the chunk ``v`` [c] starting at ``start`` is kept, else 0.0, into

@@ -1,0 +1,467 @@
+"""TIES and Model Breadcrumbs of two models through the fused kernels (``kernels.magnitude_bands``
+for the top-k selection, ``kernels.magnitude_merge2_`` and ``kernels.tie_end`` for the merge)
+give the bits of the torch path: float32 and bfloat16, every consensus, tiny tensors, sizes not
+a multiple of a block, tensors large enough for the sampled bracket, ties at the threshold
+(partial ties, a band that overflows its buffer), signed zeros, infinities, NaN and subnormals,
+negative weights and weights summing to zero, rescaling, the split point, 2-D segments and an
+output that is one of the inputs. NaN payloads are not compared (see ``same_bits``)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from sparse_merge.merging import kernels
+from sparse_merge.merging.task_arithmetic import TaskArithmetic
+
+pytestmark = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not installed")
+
+DTYPES = [torch.float32, torch.bfloat16]
+INTS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+LARGE = 300_000  # > 4 * 65536: every selection brackets its thresholds with a sample
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def torch_path():
+    """The fused kernels switched off: the torch/numpy path everywhere."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "usable", lambda *t: False)
+        yield
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """NaN at the same places, every other value bit for bit (-0.0 differs from +0.0). NaN
+    payloads are not compared: torch's vectorised and scalar loops store different ones."""
+    nan = torch.isnan(a)
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(nan, torch.isnan(b))
+        and torch.equal(a[~nan].view(INTS[a.dtype]), b[~nan].view(INTS[b.dtype]))
+    )
+
+
+def differences(a: torch.Tensor, b: torch.Tensor) -> str:
+    """The first entries where ``a`` and ``b`` differ (for assertion messages)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    bits_differ = a.view(INTS[a.dtype]) != b.view(INTS[b.dtype])
+    bad = (nan_a != nan_b) | (~nan_a & ~nan_b & bits_differ)
+    idx = bad.nonzero().view(-1)
+    shown = ", ".join(f"[{i}] {a[i].item()!r} vs {b[i].item()!r}" for i in idx[:8].tolist())
+    return f"{idx.numel()} entries differ (fused vs torch): {shown}"
+
+
+def specials(dtype: torch.dtype) -> torch.Tensor:
+    """NaN, +-inf, subnormals of ``dtype``, huge values and signed zeros."""
+    tiny = torch.finfo(dtype).smallest_normal
+    huge = torch.finfo(dtype).max / 2
+    nan, inf = float("nan"), float("inf")
+    return torch.tensor([nan, inf, -inf, tiny / 3, -tiny / 7, huge, -huge, 0.0, -0.0])
+
+
+def models(n: int, dtype: torch.dtype, seed: int, kind: str) -> tuple[torch.Tensor, ...]:
+    """``(base, x0, x1)`` [n] of ``dtype``, seeded; ``kind``:
+
+    - ``gauss``: Gaussian task vectors; 10 % of the entries of each model equal to the base
+      (``|d| = 0`` ties), signed zeros, and a few NaN, +-inf, subnormals, huge values;
+    - ``grid``: base and models on a coarse grid (exact in bfloat16), so that ``|d|`` takes
+      four values: ties everywhere, the threshold always among them; signed zeros;
+    - ``same``: 60 % of each model equal to the base (a block of ``|d| = 0`` ties);
+    - ``subnormal``: task vectors of subnormals (and zeros of both signs), ties among them;
+    - ``inf``: 15 % of ``|d|`` infinite (partial ties at +inf: TIES's and Breadcrumbs's
+      thresholds land there) and 0.3 % NaN (inf - inf too);
+    - ``nan``: the same with 20 % NaN: thresholds land on NaN (the largest key).
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def mask(p: float) -> torch.Tensor:
+        return torch.rand(n, generator=g) < p
+
+    if kind == "grid":
+        base = torch.randint(-2, 3, (n,), generator=g) * 0.5
+        xs = [base + torch.randint(-3, 4, (n,), generator=g) * 0.25 for _ in range(2)]
+        base[mask(0.1) & (base == 0)] = -0.0
+        for x in xs:
+            x[mask(0.1) & (x == 0)] = -0.0
+    elif kind == "subnormal":
+        tiny = torch.finfo(dtype).smallest_normal
+        base = torch.where(mask(0.5), 0.0, -0.0) * torch.ones(n)
+        xs = [torch.randint(-4, 5, (n,), generator=g) * (tiny / 16) for _ in range(2)]
+        for x in xs:
+            x[mask(0.1)] = -0.0
+            big = mask(0.05)
+            x[big] = torch.randn(int(big.sum()), generator=g)
+    else:
+        base = torch.randn(n, generator=g)
+        xs = [base + 0.1 * torch.randn(n, generator=g) for _ in range(2)]
+        share = 0.6 if kind == "same" else 0.1
+        for x in xs:
+            same = mask(share)
+            x[same] = base[same]
+        if kind == "gauss":
+            special = specials(dtype)
+            for t in (base, *xs):
+                t[mask(0.03)] = 0.0
+                t[mask(0.03)] = -0.0
+                at = torch.randint(0, n, (max(1, n // 200),), generator=g)
+                t[at] = special[torch.randint(0, special.numel(), at.shape, generator=g)]
+        elif kind in ("inf", "nan"):
+            base[mask(0.01)] = float("inf")
+            for x in xs:
+                x[mask(0.1)] = float("inf")
+                x[mask(0.05)] = -float("inf")
+                x[mask(0.003 if kind == "inf" else 0.2)] = float("nan")
+    return tuple(t.to(dtype) for t in (base, *xs))
+
+
+class Spy:
+    """Counts the calls of the fused magnitude kernels and the bands that overflowed."""
+
+    def __init__(self, mp: pytest.MonkeyPatch) -> None:
+        self.merges = self.selections = self.tie_ends = 0
+        self.overflows = 0
+        merge, bands, tie_end = kernels.magnitude_merge2_, kernels.magnitude_bands, kernels.tie_end
+
+        def spy_merge(*args, **kwargs):
+            self.merges += 1
+            return merge(*args, **kwargs)
+
+        def spy_bands(*args, **kwargs):
+            self.selections += 1
+            found = bands(*args, **kwargs)
+            values = found.values() if isinstance(found, dict) else found
+            self.overflows += sum(band is None for band in values)
+            return found
+
+        def spy_tie_end(*args, **kwargs):
+            self.tie_ends += 1
+            return tie_end(*args, **kwargs)
+
+        mp.setattr(kernels, "magnitude_merge2_", spy_merge)
+        mp.setattr(kernels, "magnitude_bands", spy_bands)
+        mp.setattr(kernels, "tie_end", spy_tie_end)
+
+
+@pytest.fixture
+def spy(monkeypatch) -> Spy:
+    return Spy(monkeypatch)
+
+
+def both_paths(run):
+    """``run()`` with the fused kernels, then on the torch path."""
+    fused = run()
+    with torch_path():
+        expected = run()
+    return fused, expected
+
+
+def merge_both(method, n, dtype, seed, kind, weights, into="third", **kwargs):
+    """``method.merge_`` of ``models(n, dtype, seed, kind)`` on both paths, into a new buffer
+    (``third``) or into the base or a model (in place)."""
+
+    def run():
+        base, x0, x1 = models(n, dtype, seed, kind)
+        out = {"third": torch.empty_like(base), "base": base, "x0": x0, "x1": x1}[into]
+        result = method.merge_(out, base, [x0, x1], weights, **kwargs)
+        assert result is out
+        return result
+
+    return both_paths(run)
+
+
+def check(fused: torch.Tensor, expected: torch.Tensor) -> None:
+    assert same_bits(fused, expected), differences(fused, expected)
+
+
+# ---- the settings ---------------------------------------------------------------------------
+
+TIES = {"sparsification": "magnitude", "consensus": "sum", "normalize": True}
+BREADCRUMBS = {"sparsification": "magnitude_outliers", "consensus": "none", "gamma": 0.01}
+
+
+def config(name, weights, base, fused=True, **settings):
+    """(id, settings, weights, fused): ``fused``, whether the fused merge pass runs."""
+    return name, {**base, **settings}, weights, fused
+
+
+# density 0 drops everything on the torch path; density 1 without consensus would be plain task
+# arithmetic (another kernel), with consensus the fused merge keeps everything
+CONFIGS = [
+    config("ties", (0.6, 0.4), TIES, density=0.5),  # conf/merge/ties.yaml
+    config("ties_unnormalized", (1.3, -0.45), TIES, density=0.3, normalize=False),
+    config("ties_lambda", (0.7, -0.7), TIES, density=0.7, lambda_=1.37),
+    config("magnitude_none", (0.6, 0.4), TIES, consensus="none", density=0.2),
+    config("magnitude_none_raw", (1, 1), TIES, consensus="none", density=0.6, normalize=False),
+    config("magnitude_count", (-0.5, 1.2), TIES, consensus="count", density=0.4),
+    config("magnitude_count_raw", (2, 1), TIES, consensus="count", normalize=False),
+    config("ties_k1", (0.6, 0.4), TIES, density=1e-9),  # k = max(1, 0) = 1
+    config("ties_tiny_density", (0.3, 0.9), TIES, density=0.003),
+    config("ties_dense", (0.3, 0.9), TIES, density=0.999),
+    config("ties_density1", (0.3, -0.9), TIES, density=1.0),  # k >= n: keep all
+    config("ties_density0", (0.3, 0.9), TIES, fused=False, density=0.0),
+    config("ties_rescale", (0.6, 0.4), TIES, density=0.3, rescale=True),
+    config("breadcrumbs", (0.6, 0.4), BREADCRUMBS, density=0.9),  # breadcrumbs.yaml
+    config("breadcrumbs_ties", (1, 1), BREADCRUMBS, density=0.9, consensus="sum"),
+    config(
+        "breadcrumbs_count",
+        (0.8, -0.3),
+        BREADCRUMBS,
+        density=0.5,
+        gamma=0.1,
+        consensus="count",
+        normalize=True,
+    ),
+    config("breadcrumbs_gamma0", (0.4, 0.6), BREADCRUMBS, density=0.7, gamma=0.0),
+    config(
+        "breadcrumbs_gamma0_ties",
+        (0.4, 0.6),
+        BREADCRUMBS,
+        density=0.3,
+        gamma=0.0,
+        consensus="sum",
+        normalize=True,
+    ),
+    config("breadcrumbs_wide_gamma", (0.5, 0.5), BREADCRUMBS, density=0.5, gamma=0.6),
+    config("breadcrumbs_density0", (0.5, 0.5), BREADCRUMBS, density=0.0, gamma=0.1),
+    config(
+        "breadcrumbs_rescale",
+        (1.1, -0.2),
+        BREADCRUMBS,
+        density=0.8,
+        gamma=0.05,
+        consensus="sum",
+        rescale=True,
+        lambda_=0.7,
+    ),
+    config(
+        "breadcrumbs_normalized_zero_sum", (0.25, -0.25), BREADCRUMBS, density=0.6, normalize=True
+    ),
+]
+CONFIG_IDS = [c[0] for c in CONFIGS]
+KINDS = ["gauss", "grid", "same", "subnormal", "inf"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [1000, 5003])
+def test_magnitude_merge_matches_the_torch_path(dtype, config, kind, n, spy):
+    _, settings, weights, fused = config
+    method = TaskArithmetic(**settings)
+    got, expected = merge_both(method, n, dtype, seed=n + len(kind), kind=kind, weights=weights)
+    check(got, expected)
+    assert spy.merges == int(fused)
+    if fused and not method.rescale and 0 < method.density < 1:
+        assert spy.selections == 1  # the fused selection pass ran too
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 15, 16, 17, 255, 257])
+@pytest.mark.parametrize(
+    "config", [c for c in CONFIGS if c[0] in ("ties", "breadcrumbs_ties", "ties_rescale",
+                                              "magnitude_count", "breadcrumbs_gamma0")],
+    ids=lambda c: c[0],
+)  # fmt: skip
+def test_tiny_and_odd_sizes(dtype, n, config):
+    """Below a block of the selection (256) and a vector of the merge (16), and just around
+    them; n = 1 makes k >= n for TIES."""
+    _, settings, weights, _ = config
+    for kind in ("gauss", "grid"):
+        got, expected = merge_both(TaskArithmetic(**settings), n, dtype, n, kind, weights)
+        check(got, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "weights", [(0.6, 0.4), (1.0, 1.0), (-0.5, -1.2), (0.7, -0.7), (1e-9, -1e-9), (0.0, 0.0)]
+)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("consensus", ["none", "sum", "count"])
+def test_weights_negative_or_summing_to_zero(dtype, weights, normalize, consensus):
+    for settings in (TIES | {"density": 0.4}, BREADCRUMBS | {"density": 0.8}):
+        method = TaskArithmetic(**{**settings, "normalize": normalize, "consensus": consensus})
+        got, expected = merge_both(method, 777, dtype, 11, "grid", weights)
+        check(got, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("into", ["base", "x0", "x1"])
+@pytest.mark.parametrize("kind", ["gauss", "grid"])
+def test_merge_in_place(dtype, into, kind):
+    for settings in (TIES | {"density": 0.3}, BREADCRUMBS | {"consensus": "sum", "density": 0.9}):
+        method = TaskArithmetic(**settings)
+        got, expected = merge_both(method, 3001, dtype, 5, kind, (0.7, 0.5), into=into)
+        check(got, expected)
+
+
+SEGMENTS = [  # 2-D tensors, a 1-element bias, gaps merged flat
+    (0, 12 * 37, (12, 37)),
+    (444, 449, (5,)),
+    (460, 460 + 64 * 33, (64, 33)),
+    (2572, 2573, (1,)),
+    (2600, 2600 + 40 * 70, (40, 70)),
+]
+GENOME = 5500
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("split", [None, 1000, 2572, 4000])  # inside a tensor, at one's start
+@pytest.mark.parametrize("into", ["third", "x0", "base"])
+def test_segments_and_split_point(dtype, split, into):
+    for settings in (
+        TIES | {"density": 0.25},
+        BREADCRUMBS | {"density": 0.9, "consensus": "sum"},
+        TIES | {"density": 0.5, "consensus": "count", "rescale": True, "lambda_": 0.8},
+    ):
+        method = TaskArithmetic(**settings)
+        for kind in ("gauss", "grid"):
+            got, expected = merge_both(
+                method, GENOME, dtype, 3, kind, (0.9, -0.3), into, segments=SEGMENTS, split=split
+            )
+            check(got, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_into_a_2d_tensor(dtype, spy):
+    method = TaskArithmetic(**TIES, density=0.35)
+
+    def run():
+        base, x0, x1 = (t.view(61, 83) for t in models(61 * 83, dtype, 9, "grid"))
+        return method.merge_into_(torch.empty_like(base), base, [x0, x1], [0.5, 0.8])
+
+    check(*both_paths(run))
+    assert spy.merges == 1 and spy.selections == 1
+
+
+@pytest.mark.parametrize(
+    "dtype,kind,settings",
+    [
+        (torch.float32, "gauss", TIES | {"density": 0.2}),
+        (torch.bfloat16, "grid", BREADCRUMBS | {"density": 0.9, "consensus": "sum"}),
+    ],
+    ids=["float32-ties-gauss", "bfloat16-breadcrumbs_ties-grid"],
+)
+def test_large_tensors_with_a_sampled_bracket(dtype, kind, settings, spy):
+    got, expected = merge_both(TaskArithmetic(**settings), LARGE, dtype, 21, kind, (0.6, -0.25))
+    check(got, expected)
+    assert spy.merges == 1 and spy.selections == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("extra", [1000, -1000], ids=["threshold_above_ties", "partial_ties"])
+def test_many_ties_overflow_the_band_and_fall_back(dtype, extra, spy):
+    """90 % of each task vector is 0 (x == base) and the k-th largest ``|d|`` sits at the edge
+    of that block of ties: the sample brackets it with a zero and a positive key, every tie
+    falls inside the bracket and overflows the band buffer, and the selection is redone without
+    a sample. ``extra < 0``: fewer nonzeros than k, the threshold is 0 with some of its ties
+    kept (``tie_end``)."""
+    n = LARGE
+    k = n // 10  # TIES with density 0.1
+    g = torch.Generator().manual_seed(17)
+
+    def make():
+        base = torch.randn(n, generator=g)
+        xs = []
+        for _ in range(2):
+            x = base.clone()
+            where = torch.randperm(n, generator=g)[: k + extra]
+            x[where] += torch.randn(k + extra, generator=g)
+            xs.append(x)
+        return [t.to(dtype) for t in (base, *xs)]
+
+    method = TaskArithmetic(**TIES, density=0.1)
+    data = make()
+
+    def run():
+        base, x0, x1 = (t.clone() for t in data)
+        return method.merge_(torch.empty_like(base), base, [x0, x1], [0.6, 0.4])
+
+    check(*both_paths(run))
+    assert spy.overflows >= 1
+    if extra < 0:
+        assert spy.tie_ends >= 1
+
+
+def test_partial_ties_at_the_threshold_use_tie_end(spy):
+    """Four values of ``|d|``: the threshold is one of them and only some of its ties are kept."""
+    method = TaskArithmetic(**TIES, density=0.3)
+    check(*merge_both(method, 4099, torch.float32, 2, "grid", (0.6, 0.4)))
+    assert spy.tie_ends >= 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_fused_path_is_taken_for_two_models(dtype, spy):
+    for settings in (TIES | {"density": 0.3}, BREADCRUMBS | {"density": 0.9}):
+        base, x0, x1 = models(2048, dtype, 1, "gauss")
+        TaskArithmetic(**settings).merge_(torch.empty_like(base), base, [x0, x1], [0.5, 0.5])
+    assert spy.merges == 2 and spy.selections == 2
+
+
+def test_other_inputs_fall_back_to_the_torch_path(spy):
+    """Three models, float16, a float32 output for bfloat16 models and a non-contiguous model
+    take the torch merge, without error, with the torch path's result (the float32 output still
+    gets the fused selection, which reads only the base and the models)."""
+    method = TaskArithmetic(**TIES, density=0.3)
+    base, x0, x1 = models(3001, torch.float32, 4, "gauss")
+    x2 = models(3001, torch.float32, 5, "gauss")[1]
+    h = [t.half() for t in (base, x0, x1)]
+    bf = [t.bfloat16() for t in (base, x0, x1)]
+    strided = torch.stack([x1, x0], dim=1)[:, 0]  # x1, not contiguous
+    cases = {  # name: (merge, fused selections expected)
+        "three models": (
+            lambda: method.merge_(torch.empty_like(base), base, [x0, x1, x2], [0.5, 0.3, -0.2]),
+            0,
+        ),
+        "float16": (lambda: method.merge_(torch.empty_like(h[0]), h[0], h[1:], [0.5, 0.3]), 0),
+        "float32 output": (
+            lambda: method.merge_into_(torch.empty(3001), bf[0], bf[1:], [0.5, 0.3]),
+            1,
+        ),
+        "not contiguous": (
+            lambda: method.merge_into_(torch.empty_like(base), base, [x0, strided], [0.5, 0.3]),
+            0,
+        ),
+    }
+    for name, (run, selections) in cases.items():
+        spy.merges = spy.selections = 0
+        got, expected = both_paths(run)
+        assert same_bits(got, expected), f"{name}: {differences(got, expected)}"
+        assert spy.merges == 0, name
+        assert spy.selections == selections, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_breadcrumbs_with_a_nan_threshold_hand_example(dtype):
+    """n = 10, density 0.5, gamma 0.1: each model keeps ranks [4, 9) of |d|, NaN sorting last
+    as in mergekit's argsort. x0's 9th smallest |d| is NaN, so x0 keeps 1.5, 2.0, 2.5, 3.0
+    (and a NaN, NaN either way); x1 keeps -0.625, 1.0, 1.25, 1.75, -2.0. Both paths."""
+    nan = float("nan")
+    method = TaskArithmetic(**BREADCRUMBS | {"density": 0.5, "gamma": 0.1})
+
+    def run():
+        base = torch.zeros(10, dtype=dtype)
+        x0 = torch.tensor([0.5, 0.25, 1.0, 0.75, 2.0, 1.5, 3.0, 2.5, nan, nan], dtype=dtype)
+        x1 = torch.tensor(
+            [0.125, -0.5, 0.25, 1.0, -2.0, 0.375, 1.25, 3.5, 1.75, -0.625], dtype=dtype
+        )
+        return method.merge_(torch.empty_like(base), base, [x0, x1], [1.0, 1.0])
+
+    fused, reference = both_paths(run)
+    check(fused, reference)
+    expected = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 1.5, 4.25, 2.5, nan, nan], dtype=dtype)
+    torch.testing.assert_close(fused, expected, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_thresholds_on_nan(dtype, config):
+    """20 % of |d| NaN: TIES's top-k threshold is NaN (nothing kept, on both paths) and so is
+    Model Breadcrumbs's first cut (every number below it kept)."""
+    _, settings, weights, _ = config
+    check(*merge_both(TaskArithmetic(**settings), 5003, dtype, 8, "nan", weights))
