@@ -469,7 +469,9 @@ def random_sums(b, x0, x1, seed0, seed1, p, offset, sums):
 
 
 @jit
-def random_merge2(out, b, x0, x1, seed0, seed1, p, w0, w1, s0, s1, consensus, normalize, fixed, lam):
+def random_merge2(
+    out, b, x0, x1, seed0, seed1, p, w0, w1, s0, s1, consensus, normalize, fixed, lam
+):
     """``TaskArithmetic.merge_into_`` of two models with DARE's random sparsification, its
     keep masks from counter draws: model ``m`` keeps entry ``i`` when ``draw(seed_m, i) < p``
     (``p``: the keep probability times 2^24, rounded up); otherwise as

@@ -27,8 +27,8 @@ Single-threaded: one core already reaches the memory bandwidth the merge needs.
 from __future__ import annotations
 
 import functools
-import math
 import importlib.util
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -134,7 +134,9 @@ def magnitude_bands(
     below, kept = np.zeros(4, np.int64), np.zeros(4, np.int64)
     ops.magnitude_bands(_array(base), _array(x0), _array(x1), lo, hi, below, bands, kept)
     return {
-        (m, c): None if kept[2 * m + c] < 0 else (int(below[2 * m + c]), bands[2 * m + c, : kept[2 * m + c]])
+        (m, c): None
+        if kept[2 * m + c] < 0
+        else (int(below[2 * m + c]), bands[2 * m + c, : kept[2 * m + c]])
         for m, c in brackets
     }
 
@@ -213,7 +215,9 @@ def _threshold(p: float) -> np.uint64:
     return np.uint64(min(max(math.ceil(p * (1 << 24)), 0), 1 << 24))
 
 
-def random_sums(base: Tensor, x0: Tensor, x1: Tensor, seeds: Sequence[int], p: float) -> list[float]:
+def random_sums(
+    base: Tensor, x0: Tensor, x1: Tensor, seeds: Sequence[int], p: float
+) -> list[float]:
     """DARE's L1 norms of both task vectors before and after their counter-drawn masks
     (``_fused.random_sums``): ``[before_0, after_0, before_1, after_1]``, summed in float64."""
     sums = np.zeros(4, np.float64)

@@ -329,7 +329,9 @@ def _shift_right(z: Tensor, k: int) -> Tensor:
     return (z >> k) & ((1 << (64 - k)) - 1)
 
 
-def counter_uniform(seed: int, start: int, count: int, device: torch.device | str = "cpu") -> Tensor:
+def counter_uniform(
+    seed: int, start: int, count: int, device: torch.device | str = "cpu"
+) -> Tensor:
     """Draws ``start .. start + count - 1`` of the counter-based stream ``seed`` as float32 in
     [0, 1) [count]: draw ``i`` is the ``i + 1``-th output of SplitMix64 (Steele, Lea & Flood
     2014; Java's ``SplittableRandom``) seeded with ``seed``, its top 24 bits scaled by
@@ -786,7 +788,10 @@ class TaskArithmetic(MergeMethod):
                 b,
                 *xs,
                 {
-                    (i, c): (0 if sel.lo is None else sel.lo, INT32_MAX if sel.hi is None else sel.hi)
+                    (i, c): (
+                        0 if sel.lo is None else sel.lo,
+                        INT32_MAX if sel.hi is None else sel.hi,
+                    )
                     for i, c, sel in brackets
                 },
                 min(cap, n),
