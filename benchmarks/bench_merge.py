@@ -32,6 +32,10 @@ METHODS = (
     ("slerp genome +split (M2N2's crossover)", "slerp", {"granularity": "genome"}, True),
     ("slerp genome", "slerp", {"granularity": "genome"}, False),
     *((f"{p.stem} +split", p.stem, {}, True) for p in sorted(CONF_MERGE.glob("*.yaml"))),
+    *(  # the random methods with counter draws (their fused loops)
+        (f"{name} +split, draws=counter", name, {"draws": "counter"}, True)
+        for name in ("dare_linear", "dare_ties", "della", "della_linear")
+    ),
 )
 
 

@@ -140,9 +140,10 @@ LANES = 16  # keys compared and compressed per vector
 @intrinsic
 def compress_band(typingctx, keys, j, lo, hi, out, m):
     """Append the keys ``keys[j:j + 16]`` (int32) with ``lo <= key <= hi`` to ``out`` at ``m``,
-    in order, as one vector compare and one ``llvm.masked.compressstore`` (AVX-512's
-    ``vpcompressd``; other targets get LLVM's scalar expansion); return how many. ``out``
-    needs room for 16 keys from ``m``.
+    in order: vector compares, one ``llvm.experimental.vector.compress`` (AVX-512's
+    ``vpcompressd`` into a register; other targets get LLVM's expansion) and one store of all
+    16 lanes, so ``out`` needs room for 16 keys from ``m``. Returns how many were appended,
+    plus the count of keys below ``lo`` times 2^32.
 
     Written as an intrinsic because LLVM does not vectorise a loop that appends conditionally:
     the plain loop costs ~6 cycles per key, this ~0.3."""
@@ -173,13 +174,20 @@ def compress_band(typingctx, keys, j, lo, hi, out, m):
         )
         packed = builder.call(compress, [values, inside, ir.Constant(vec, ir.Undefined)])
         builder.store(packed, builder.bitcast(at, vec.as_pointer()), align=4)
-        bits = builder.bitcast(inside, ir.IntType(LANES))
         popcount = cgutils.get_or_insert_function(
             builder.module,
             ir.FunctionType(ir.IntType(LANES), [ir.IntType(LANES)]),
             f"llvm.ctpop.i{LANES}",
         )
-        return builder.zext(builder.call(popcount, [bits]), ir.IntType(64))
+
+        def count(mask):
+            bits = builder.call(popcount, [builder.bitcast(mask, ir.IntType(LANES))])
+            return builder.zext(bits, ir.IntType(64))
+
+        below = builder.icmp_signed("<", values, splat(args[2], lo_t))
+        return builder.or_(
+            count(inside), builder.shl(count(below), ir.Constant(ir.IntType(64), 32))
+        )
 
     return types.int64(keys, j, lo, hi, out, m), codegen
 
@@ -213,26 +221,6 @@ def magnitude_sample(b, x0, x1, step, out):
         out[1, j] = magnitude_key(b, x1, i)
 
 
-@inline
-def block_keys(b, x0, x1, at, k0, k1, lo00, lo01, lo10, lo11, below, two_cuts):
-    """The keys of both models for the block at ``at`` into ``k0``, ``k1``, adding the counts
-    below each ``lo`` to ``below`` (those of the second cuts only when ``two_cuts``)."""
-    c00 = c01 = c10 = c11 = 0
-    for j in range(k0.size):
-        key0 = magnitude_key(b, x0, at + np.uint64(j))
-        key1 = magnitude_key(b, x1, at + np.uint64(j))
-        k0[j], k1[j] = key0, key1
-        c00 += key0 < lo00
-        c10 += key1 < lo10
-        if two_cuts:
-            c01 += key0 < lo01
-            c11 += key1 < lo11
-    below[0] += c00
-    below[1] += c01
-    below[2] += c10
-    below[3] += c11
-
-
 @jit
 def magnitude_bands(b, x0, x1, lo, hi, below, bands, kept):
     """One pass over ``b``, ``x0``, ``x1`` for the top-k thresholds of ``|x_i - b|``: up to
@@ -244,18 +232,15 @@ def magnitude_bands(b, x0, x1, lo, hi, below, bands, kept):
     cap = bands.shape[1] - BLOCK
     k0 = np.empty(BLOCK, np.int32)
     k1 = np.empty(BLOCK, np.int32)
-    lo00, lo01, lo10, lo11 = lo[0], lo[1], lo[2], lo[3]
-    two_cuts = (hi[1] >= 0) | (hi[3] >= 0)
     for s in range(4):
         below[s] = 0
         kept[s] = 0 if hi[s] >= 0 else -1
     whole = n - n % BLOCK
     for start in range(0, whole, BLOCK):
         at = np.uint64(start)  # unsigned: numba skips its wrap-around of negative indices
-        if two_cuts:  # the same loop, with a constant: two compares per key less for TIES
-            block_keys(b, x0, x1, at, k0, k1, lo00, lo01, lo10, lo11, below, True)
-        else:
-            block_keys(b, x0, x1, at, k0, k1, lo00, lo01, lo10, lo11, below, False)
+        for j in range(BLOCK):
+            k0[j] = magnitude_key(b, x0, at + np.uint64(j))
+            k1[j] = magnitude_key(b, x1, at + np.uint64(j))
         for s in range(4):
             m = kept[s]
             if m < 0:
@@ -264,9 +249,13 @@ def magnitude_bands(b, x0, x1, lo, hi, below, bands, kept):
                 kept[s] = -1
                 continue
             keys, band, low, high = k0 if s < 2 else k1, bands[s], lo[s], hi[s]
+            count = 0
             for j in range(0, BLOCK, LANES):
-                m += compress_band(keys, j, low, high, band, m)
+                found = compress_band(keys, j, low, high, band, m)
+                m += found & 0xFFFFFFFF
+                count += found >> 32
             kept[s] = m
+            below[s] += count
     for i in range(whole, n):
         key0 = magnitude_key(b, x0, i)
         key1 = magnitude_key(b, x1, i)
@@ -326,71 +315,84 @@ def magnitude_merge2(
     ``fixed``. The ranges make the tie rules loop-invariant, so that each range's loop
     vectorises."""
     lo0, hi0, lo1, hi1 = bands[0, 0], bands[0, 1], bands[1, 0], bands[1, 1]
-    unscaled = (s0 == 1) & (s1 == 1) & (lam == 1) & (hi0 == np.inf) & (hi1 == np.inf)
+    unscaled = (s0 == 1) & (s1 == 1) & (lam == 1)
     none = np.uint64(0)  # the counter draws' arguments, unused
     for r in range(bounds.size - 1):
         start, stop = bounds[r], bounds[r + 1]
         t0lo, t0hi, t1lo, t1hi = ties[r, 0, 0], ties[r, 0, 1], ties[r, 1, 0], ties[r, 1, 1]
+        open_top = (hi0 == np.inf) & (hi1 == np.inf) & t0hi & t1hi  # TIES: nothing above
         o, bb, y0, y1 = out[start:stop], b[start:stop], x0[start:stop], x1[start:stop]
-        # one loop per consensus, and for TIES as configured (no scales, open above), each
-        # with its settings as constants: a loop that branches on them is up to 4x slower
-        if consensus == 0 and unscaled & t0hi & t1hi:
+        # one loop per consensus, and for the usual settings (no scales; TIES: open above),
+        # each with its settings as constants: a loop that branches on them is up to 4x slower
+        if consensus == 0 and unscaled and open_top:
             merge_range(
                 o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
-                w0, w1, s0, s1, normalize, fixed, lam, 0, True, False,
+                w0, w1, s0, s1, normalize, fixed, lam, 0, True, OPEN,
+            )  # fmt: skip
+        elif consensus == 0 and unscaled:
+            merge_range(
+                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
+                w0, w1, s0, s1, normalize, fixed, lam, 0, True, BAND,
             )  # fmt: skip
         elif consensus == 0:
             merge_range(
                 o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
-                w0, w1, s0, s1, normalize, fixed, lam, 0, False, False,
+                w0, w1, s0, s1, normalize, fixed, lam, 0, False, BAND,
             )  # fmt: skip
-        elif consensus == 1 and unscaled & t0hi & t1hi:
+        elif consensus == 1 and unscaled and open_top:
             merge_range(
                 o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
-                w0, w1, s0, s1, normalize, fixed, lam, 1, True, False,
+                w0, w1, s0, s1, normalize, fixed, lam, 1, True, OPEN,
+            )  # fmt: skip
+        elif consensus == 1 and unscaled:
+            merge_range(
+                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
+                w0, w1, s0, s1, normalize, fixed, lam, 1, True, BAND,
             )  # fmt: skip
         elif consensus == 1:
             merge_range(
                 o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
-                w0, w1, s0, s1, normalize, fixed, lam, 1, False, False,
+                w0, w1, s0, s1, normalize, fixed, lam, 1, False, BAND,
             )  # fmt: skip
         else:
             merge_range(
                 o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
-                w0, w1, s0, s1, normalize, fixed, lam, 2, False, False,
+                w0, w1, s0, s1, normalize, fixed, lam, 2, False, BAND,
             )  # fmt: skip
+
+
+OPEN, BAND, DRAWS = 0, 1, 2  # how merge_range keeps entries (its ``keep``)
 
 
 @inline
 def merge_range(
     out, b, x0, x1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, seed0, seed1, p, offset,
-    w0, w1, s0, s1, normalize, fixed, lam, consensus, plain, random,
+    w0, w1, s0, s1, normalize, fixed, lam, consensus, unscaled, keep,
 ):  # fmt: skip
     """A range of ``magnitude_merge2`` or ``random_merge2`` (views of their arrays, starting
-    at entry ``offset``) whose tie rules are fixed. ``random``: model ``m`` keeps an entry
-    when its counter draw (``draw(seed_m, index)``) is below ``p`` (an integer); else by its
-    band.
-    ``plain``: nothing is scaled (``s_m`` and ``lam`` are 1) and a band is open above (its
-    upper test always passes), so the loop skips those ops. The loop runs from 0: numba
-    cannot tell an index from a runtime start is not negative, and its wrap-around of
-    negative indices keeps the loop from vectorising (5x slower)."""
+    at entry ``offset``) whose tie rules are fixed. ``keep``: ``BAND``, model ``m`` keeps the
+    entries in its band; ``OPEN``, the same for bands open above (the upper test skipped);
+    ``DRAWS``, an entry when its counter draw (``draw(seed_m, index)``) is below ``p`` (an
+    integer). ``unscaled``: ``s_m`` and ``lam`` are 1 (their products skipped). The loop runs
+    from 0: numba cannot tell an index from a runtime start is not negative, and its
+    wrap-around of negative indices keeps the loop from vectorising (5x slower)."""
     one = np.float32(1.0)
     for i in range(out.size):
         bi = load(b, i)
         d0 = rounded(out, load(x0, i) - bi)
         d1 = rounded(out, load(x1, i) - bi)
-        if random:
+        if keep == DRAWS:
             at = offset + np.uint64(i)
             k0 = np.float32(draw(seed0, at) < p)
             k1 = np.float32(draw(seed1, at) < p)
-        elif plain:
+        elif keep == OPEN:
             a0, a1 = np.abs(d0), np.abs(d1)
             k0 = np.float32((a0 > lo0) | ((a0 == lo0) & t0lo))
             k1 = np.float32((a1 > lo1) | ((a1 == lo1) & t1lo))
         else:
             k0 = kept(np.abs(d0), lo0, hi0, t0lo, t0hi)
             k1 = kept(np.abs(d1), lo1, hi1, t1lo, t1hi)
-        if plain:
+        if unscaled:
             d0 = rounded(out, rounded(out, d0 * k0) * w0)
             d1 = rounded(out, rounded(out, d1 * k1) * w1)
         else:
@@ -412,7 +414,7 @@ def merge_range(
             mixed = rounded(out, rounded(out, d0 * c0) + rounded(out, d1 * c1))
         if normalize:
             mixed = rounded(out, mixed / divisor)
-        if not plain:
+        if not unscaled:
             mixed = rounded(out, mixed * lam)
         store(out, i, mixed + bi)
 
@@ -481,15 +483,15 @@ def random_merge2(
     if consensus == 0:
         merge_range(
             out, b, x0, x1, inf, inf, no, no, inf, inf, no, no, seed0, seed1, p, zero,
-            w0, w1, s0, s1, normalize, fixed, lam, 0, False, True,
+            w0, w1, s0, s1, normalize, fixed, lam, 0, False, DRAWS,
         )  # fmt: skip
     elif consensus == 1:
         merge_range(
             out, b, x0, x1, inf, inf, no, no, inf, inf, no, no, seed0, seed1, p, zero,
-            w0, w1, s0, s1, normalize, fixed, lam, 1, False, True,
+            w0, w1, s0, s1, normalize, fixed, lam, 1, False, DRAWS,
         )  # fmt: skip
     else:
         merge_range(
             out, b, x0, x1, inf, inf, no, no, inf, inf, no, no, seed0, seed1, p, zero,
-            w0, w1, s0, s1, normalize, fixed, lam, 2, False, True,
+            w0, w1, s0, s1, normalize, fixed, lam, 2, False, DRAWS,
         )  # fmt: skip
