@@ -30,7 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sparse_merge.errors import ConfigError
-from sparse_merge.merging import kernels
+from sparse_merge.merging import kernels, task_arithmetic
 from sparse_merge.merging.task_arithmetic import TaskArithmetic, _seeds, counter_uniform
 
 needs_numba = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not installed")
@@ -299,14 +299,21 @@ def test_reference_splitmix64_outputs():
         assert splitmix64(seed, 20) == [splitmix64_at(seed, i) for i in range(20)]
 
 
+@pytest.mark.parametrize("form", ["default", "torch"])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_counter_uniform_is_splitmix64(seed):
+def test_counter_uniform_is_splitmix64(seed, form):
+    """Both forms (numba on the CPU, torch int64 ops anywhere) are SplitMix64."""
+    draws = counter_uniform if form == "default" else task_arithmetic._counter_uniform_torch
     for start in STARTS:
-        got = counter_uniform(seed, start, 9)
+        got = draws(seed, start, 9, "cpu")
         assert got.dtype == torch.float32 and got.shape == (9,)
         expected = [top24(splitmix64_at(seed, i)) for i in range(start, start + 9)]
         assert got.tolist() == expected, (seed, start)
-    assert torch.equal(counter_uniform(seed - (1 << 64), 7, 5), counter_uniform(seed, 7, 5))
+    assert torch.equal(draws(seed - (1 << 64), 7, 5, "cpu"), draws(seed, 7, 5, "cpu"))
+    assert torch.equal(
+        task_arithmetic._counter_uniform_torch(seed, 100, 4000, "cpu"),
+        counter_uniform(seed, 100, 4000),
+    )
 
 
 @needs_numba

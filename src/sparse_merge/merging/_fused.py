@@ -447,6 +447,13 @@ def uniform(seed, i):
     return np.float32(draw(seed, i)) * np.float32(1.0 / (1 << 24))
 
 
+@jit
+def uniforms(seed, start, out):
+    """``uniform(seed, start + j)`` into ``out[j]`` (float32)."""
+    for j in range(out.size):
+        out[j] = uniform(seed, start + np.uint64(j))
+
+
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"})
 def random_sums(b, x0, x1, seed0, seed1, p, offset, sums):
     """DARE's L1 norms before and after masking, added to ``sums`` [4] (float64: model 0

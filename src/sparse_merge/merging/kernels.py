@@ -209,6 +209,14 @@ def magnitude_merge2_(
     return out
 
 
+def uniforms(seed: int, start: int, count: int) -> Tensor:
+    """Draws ``start .. start + count - 1`` of the counter stream ``seed`` (float32 [count],
+    ``_fused.uniform``), on the CPU."""
+    out = np.empty(count, np.float32)
+    _ops().uniforms(np.uint64(seed % (1 << 64)), np.uint64(start), out)
+    return torch.from_numpy(out)
+
+
 def _threshold(p: float) -> np.uint64:
     """The integer ``T`` with ``draw < T`` exactly when ``draw * 2^-24 < p`` (``p`` a float32
     value: ``p * 2^24`` is exact in float64)."""
