@@ -137,6 +137,44 @@ BLOCK = 256  # keys computed per block (a multiple of LANES)
 LANES = 16  # keys compared and compressed per vector
 
 
+def _append_band(context, builder, values, lo, hi, out, m):
+    """The code of ``compress_band`` once its 16 int32 keys ``values`` are loaded; ``lo``,
+    ``hi``, ``out``, ``m``: (value, numba type) pairs."""
+    i32 = ir.IntType(32)
+    vec = ir.VectorType(i32, LANES)
+
+    def splat(x):
+        x = context.cast(builder, x[0], x[1], types.int32)
+        one = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(i32, 0))
+        return builder.shuffle_vector(one, one, ir.Constant(vec, [0] * LANES))
+
+    low = splat(lo)
+    inside = builder.and_(
+        builder.icmp_signed(">=", values, low), builder.icmp_signed("<=", values, splat(hi))
+    )
+    dst = context.make_array(out[1])(context, builder, out[0])
+    at = builder.gep(dst.data, [m[0]])
+    compress = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(vec, [vec, inside.type, vec]),
+        f"llvm.experimental.vector.compress.v{LANES}i32",
+    )
+    packed = builder.call(compress, [values, inside, ir.Constant(vec, ir.Undefined)])
+    builder.store(packed, builder.bitcast(at, vec.as_pointer()), align=4)
+    popcount = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(ir.IntType(LANES), [ir.IntType(LANES)]),
+        f"llvm.ctpop.i{LANES}",
+    )
+
+    def count(mask):
+        bits = builder.call(popcount, [builder.bitcast(mask, ir.IntType(LANES))])
+        return builder.zext(bits, ir.IntType(64))
+
+    below = count(builder.icmp_signed("<", values, low))
+    return builder.or_(count(inside), builder.shl(below, ir.Constant(ir.IntType(64), 32)))
+
+
 @intrinsic
 def compress_band(typingctx, keys, j, lo, hi, out, m):
     """Append the keys ``keys[j:j + 16]`` (int32) with ``lo <= key <= hi`` to ``out`` at ``m``,
@@ -149,47 +187,36 @@ def compress_band(typingctx, keys, j, lo, hi, out, m):
     the plain loop costs ~6 cycles per key, this ~0.3."""
 
     def codegen(context, builder, signature, args):
-        keys_t, _, lo_t, hi_t, out_t, _ = signature.args
-        i32 = ir.IntType(32)
-        vec = ir.VectorType(i32, LANES)
-        src = context.make_array(keys_t)(context, builder, args[0])
-        dst = context.make_array(out_t)(context, builder, args[4])
+        vec = ir.VectorType(ir.IntType(32), LANES)
+        src = context.make_array(signature.args[0])(context, builder, args[0])
         values = builder.load(builder.gep(src.data, [args[1]]), align=4, typ=vec)
-
-        def splat(x, t):
-            x = context.cast(builder, x, t, types.int32)
-            one = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, one, ir.Constant(vec, [0] * LANES))
-
-        inside = builder.and_(
-            builder.icmp_signed(">=", values, splat(args[2], lo_t)),
-            builder.icmp_signed("<=", values, splat(args[3], hi_t)),
-        )
-        at = builder.gep(dst.data, [args[5]])
-        mask_t = ir.VectorType(ir.IntType(1), LANES)
-        compress = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(vec, [vec, mask_t, vec]),
-            f"llvm.experimental.vector.compress.v{LANES}i32",
-        )
-        packed = builder.call(compress, [values, inside, ir.Constant(vec, ir.Undefined)])
-        builder.store(packed, builder.bitcast(at, vec.as_pointer()), align=4)
-        popcount = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(ir.IntType(LANES), [ir.IntType(LANES)]),
-            f"llvm.ctpop.i{LANES}",
-        )
-
-        def count(mask):
-            bits = builder.call(popcount, [builder.bitcast(mask, ir.IntType(LANES))])
-            return builder.zext(bits, ir.IntType(64))
-
-        below = builder.icmp_signed("<", values, splat(args[2], lo_t))
-        return builder.or_(
-            count(inside), builder.shl(count(below), ir.Constant(ir.IntType(64), 32))
-        )
+        pairs = list(zip(args, signature.args))
+        return _append_band(context, builder, values, *pairs[2:])
 
     return types.int64(keys, j, lo, hi, out, m), codegen
+
+
+@intrinsic
+def compress_band_f32(typingctx, b, x, j, lo, hi, out, m):
+    """``compress_band`` of the keys of ``|x[j:j + 16] - b[j:j + 16]|`` (float32 arrays),
+    computed in registers: the float32 subtraction, its absolute value, its bits."""
+
+    def codegen(context, builder, signature, args):
+        fvec = ir.VectorType(ir.FloatType(), LANES)
+
+        def load(k):
+            arr = context.make_array(signature.args[k])(context, builder, args[k])
+            return builder.load(builder.gep(arr.data, [args[2]]), align=4, typ=fvec)
+
+        fabs = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(fvec, [fvec]), f"llvm.fabs.v{LANES}f32"
+        )
+        magnitude = builder.call(fabs, [builder.fsub(load(1), load(0))])
+        values = builder.bitcast(magnitude, ir.VectorType(ir.IntType(32), LANES))
+        pairs = list(zip(args, signature.args))
+        return _append_band(context, builder, values, *pairs[3:])
+
+    return types.int64(b, x, j, lo, hi, out, m), codegen
 
 
 @jit
@@ -256,7 +283,13 @@ def magnitude_bands(b, x0, x1, lo, hi, below, bands, kept):
                 count += found >> 32
             kept[s] = m
             below[s] += count
-    for i in range(whole, n):
+    band_tail(b, x0, x1, lo, hi, below, bands, kept, whole)
+
+
+@jit
+def band_tail(b, x0, x1, lo, hi, below, bands, kept, start):
+    """The entries from ``start`` on of ``magnitude_bands``, one by one."""
+    for i in range(start, b.size):
         key0 = magnitude_key(b, x0, i)
         key1 = magnitude_key(b, x1, i)
         for s in range(4):
@@ -269,6 +302,35 @@ def magnitude_bands(b, x0, x1, lo, hi, below, bands, kept):
                 else:
                     bands[s, kept[s]] = key
                     kept[s] += 1
+
+
+@jit
+def magnitude_bands_f32(b, x0, x1, lo, hi, below, bands, kept):
+    """``magnitude_bands`` for float32, each key computed where it is compared
+    (``compress_band_f32``), without a block of keys in memory between."""
+    n = b.size
+    cap = bands.shape[1] - BLOCK
+    for s in range(4):
+        below[s] = 0
+        kept[s] = 0 if hi[s] >= 0 else -1
+    whole = n - n % BLOCK
+    for start in range(0, whole, BLOCK):
+        for s in range(4):
+            m = kept[s]
+            if m < 0:
+                continue
+            if m > cap:
+                kept[s] = -1
+                continue
+            x, band, low, high = x0 if s < 2 else x1, bands[s], lo[s], hi[s]
+            count = 0
+            for j in range(start, start + BLOCK, LANES):
+                found = compress_band_f32(b, x, j, low, high, band, m)
+                m += found & 0xFFFFFFFF
+                count += found >> 32
+            kept[s] = m
+            below[s] += count
+    band_tail(b, x0, x1, lo, hi, below, bands, kept, whole)
 
 
 @jit

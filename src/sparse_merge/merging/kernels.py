@@ -132,7 +132,10 @@ def magnitude_bands(
         lo[2 * model + cut], hi[2 * model + cut] = low, high
     bands = _band_buffer(4, cap + ops.BLOCK)
     below, kept = np.zeros(4, np.int64), np.zeros(4, np.int64)
-    ops.magnitude_bands(_array(base), _array(x0), _array(x1), lo, hi, below, bands, kept)
+    # keys computed where compared: faster for one cut per model (TIES), slower for two
+    direct = base.dtype == torch.float32 and len(brackets) <= 2
+    kernel = ops.magnitude_bands_f32 if direct else ops.magnitude_bands
+    kernel(_array(base), _array(x0), _array(x1), lo, hi, below, bands, kept)
     return {
         (m, c): None
         if kept[2 * m + c] < 0
