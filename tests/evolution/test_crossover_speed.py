@@ -316,3 +316,44 @@ def test_traffic_floors_in_genomes():
         "della": 7,
         "della_plain": 4,
     }
+
+
+@pytest.mark.parametrize(
+    "method, kernels",
+    [
+        (
+            lambda: TaskArithmetic("magnitude", "sum", density=0.4, normalize=True),
+            ("magnitude_sample", "magnitude_bands_f32", "magnitude_merge2"),
+        ),
+        (
+            lambda: TaskArithmetic("magnitude_outliers", density=0.9, gamma=0.05),
+            ("magnitude_sample", "magnitude_bands", "magnitude_merge2"),
+        ),
+        (
+            lambda: TaskArithmetic("random", "sum", density=0.4, rescale=True, draws="counter"),
+            ("random_sums", "random_merge2"),
+        ),
+    ],
+    ids=["ties", "breadcrumbs", "dare_counter"],
+)
+def test_warm_up_runs_the_fused_loops_without_drawing_from_the_run(method, kernels, monkeypatch):
+    """Crossover.warm_up runs (so compiles) every loop the method's fused path runs on a real
+    genome, so that the first step does not, and leaves the global random state alone."""
+    fused = pytest.importorskip("sparse_merge.merging._fused")
+    calls = dict.fromkeys(kernels, 0)
+
+    def spy(name):
+        original = getattr(fused, name)
+
+        def counted(*args):
+            calls[name] += 1
+            return original(*args)
+
+        return counted
+
+    for name in kernels:
+        monkeypatch.setattr(fused, name, spy(name))
+    before = torch.get_rng_state()
+    Crossover(method(), split=True).warm_up(torch.float32, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(calls.values()), calls
