@@ -1,5 +1,5 @@
-"""Fused CPU kernels for the memory-bound merges, compiled with numba: one pass that reads every
-input element once and writes the output once, with torch's arithmetic.
+"""Fused CPU kernels for the merges, compiled with numba: passes that read every input element
+once per pass and write the output once, with torch's arithmetic.
 
 torch runs a merge as a chain of elementwise ops (multiply, fused multiply-add, divide...), and
 every op after the first re-reads its chunk from cache: on one core of a 2-core EPYC each such
@@ -16,12 +16,22 @@ precision, rounding where torch rounds:
   wherever torch stores a bfloat16 result: after every op of an op chain in bfloat16, once at
   the end of a float32 accumulation.
 
+TIES and Model Breadcrumbs (``magnitude_bands`` finds the top-k thresholds, ``magnitude_merge2_``
+merges) and DARE with counter draws (``random_sums``, ``random_merge2_``) run as two passes per
+tensor, the first one everything the second needs from the whole tensor; see
+``merging.task_arithmetic``. The selection pass appends the keys near a threshold to a buffer
+with a vector compress (``_fused.compress_band``, AVX-512's ``vpcompressd``), which LLVM does
+not generate from a plain loop.
+
 Every kernel is checked against its torch path on random data with signed zeros, NaN,
-infinities and subnormals (``tests/merging/test_kernels.py``): the same bits everywhere, except
+infinities and subnormals (``tests/merging/test_kernels.py``, ``test_magnitude_kernels.py``,
+``test_counter_draws.py``): the same bits everywhere, except
 NaN payloads (torch's own vectorised and scalar loops store different ones) and, for the
 bfloat16 interpolation of ``lerp_chain_``, torch's scalar tails (see there). Other dtypes,
 other devices, non-contiguous tensors, or numba missing: the torch path runs (``usable``).
-Single-threaded: one core already reaches the memory bandwidth the merge needs.
+Single-threaded: one core already comes near the memory bandwidth the merge needs. The loops
+use IEEE division (numba's ``error_model="numpy"``: its Python model turns a division by a
+variable into a checked branch, and the loop stops vectorising).
 """
 
 from __future__ import annotations

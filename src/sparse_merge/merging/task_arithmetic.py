@@ -13,7 +13,9 @@ top-k thresholds of ``|d_i|``, DELLA's per-row ranks, the L1 norms of ``rescale`
 a first pass over its chunks, the random keep masks drawn in mergekit's order and kept as bits;
 a second pass merges chunk by chunk into the output, with mergekit's arithmetic, bit for bit.
 The selection and sorting run in numpy on integer views of the floats (SIMD sorts and
-partitions, an order of magnitude faster than torch's on the CPU).
+partitions, an order of magnitude faster than torch's on the CPU). For two models of one
+dtype on the CPU, TIES, Model Breadcrumbs and DARE with counter draws (``draws="counter"``)
+run both passes as fused numba loops (``merging.kernels``), with the same results.
 """
 
 from __future__ import annotations
@@ -497,18 +499,17 @@ class TaskArithmetic(MergeMethod):
     divides 0 by 0 there); ``density`` is one float for all models.
 
     Speed (``traffic_floor``; one core of a 2-core EPYC, float32, 16 M-element genomes,
-    ``benchmarks/bench_merge.py``): task arithmetic of two models ~0.9 of its floor (4
-    genomes) in float32 and ~0.35 in bfloat16, one fused pass with mergekit's six roundings
-    per element (``merging.kernels``); with more models, or off the CPU, five torch ops per
-    chunk, ~0.4 in float32 (the three that stay in cache cost about a genome pass each at this
-    machine's ~40 GB/s). Below that, compute-bound: TIES
-    and Model Breadcrumbs ~0.12 of 7 genomes (the exact per-tensor top-k: several compares and a
-    gather per entry and task vector, ``_Select``, then ~20 ops per chunk for the masks and
-    the sign election), DARE ~0.1 (torch's serial Mersenne twister draws one uniform per entry
-    and task vector, ~2.5 ns each), DELLA ~0.02 (a sort of every row of ``|d|`` and those
-    draws; a 1-D tensor, or one cut by the split point, is one row, sorted whole). bfloat16
-    runs these at about the same seconds, so half these fractions: torch converts every
-    operand to float32 and back in every op.
+    ``benchmarks/bench_merge.py``): for two models of one dtype on the CPU, fused numba loops
+    (``merging.kernels``), the same bits as the torch path: task arithmetic ~0.9 of its floor
+    (4 genomes), TIES ~0.6 and Model Breadcrumbs ~0.5 of 7 genomes (a sampled bracket, one
+    pass compressing the keys inside it, an exact order statistic of those, then one merge
+    pass), DARE with ``draws="counter"`` ~0.6 of 7 (the masks computed in both loops). With
+    more models, or off the CPU, torch ops per chunk: task arithmetic ~0.4, TIES and
+    Breadcrumbs ~0.12 (numpy selection, ``_Select``). DARE with torch's draws ~0.1 (a serial
+    Mersenne twister, ~2 ns per uniform, whatever the path), DELLA ~0.02 (a sort of every row
+    of ``|d|``; a 1-D tensor, or one cut by the split point, is one row, sorted whole). In
+    bfloat16 the fused loops round after every op as torch does, compute-bound at half the
+    bytes: ~0.15 for TIES and DARE.
     """
 
     needs_base = True
@@ -714,9 +715,10 @@ class TaskArithmetic(MergeMethod):
         """TIES and Model Breadcrumbs: the rank thresholds of every ``|x_i - b|``, selected in
         one pass reading ``b`` and every ``x_i`` (plus one for the L1 norms of ``rescale``).
 
-        Not memory-bound: exact selection touches every entry with three compares and gathers
-        the few percent inside the sample's bracket (``_Select``, ~1.5 ns per entry and task
-        vector on one core, against a floor of ~0.1 ns per genome pass)."""
+        Not memory-bound in numpy: exact selection touches every entry with three compares and
+        gathers the few percent inside the sample's bracket (``_Select``, ~1.5 ns per entry and
+        task vector on one core, against a floor of ~0.1 ns per genome pass); two models on the
+        CPU take the fused pass (``_fused_magnitude_plans``), near memory speed."""
         n, n_models = b.numel(), len(xs)
         if self.sparsification == "magnitude":  # the k largest |d|
             wanted = [(max(1, int(self.density * n)), True)]
@@ -828,7 +830,8 @@ class TaskArithmetic(MergeMethod):
 
         Not memory-bound: torch's Bernoulli sampler (a serial Mersenne twister, one float32
         uniform per entry) costs ~2.5 ns per entry and task vector on one core, drawn here as
-        ``torch.rand`` (``_bernoulli``: the same numbers, 5x faster than ``torch.bernoulli``)."""
+        ``torch.rand`` (``_bernoulli``: the same numbers, 5x faster than ``torch.bernoulli``).
+        ``draws="counter"``: ``_counter_plans``."""
         work = _work_dtype(b)
         p = float(torch.tensor(self.density, dtype=work))  # Bernoulli's p, in the work dtype
         if self.draws == "counter":
