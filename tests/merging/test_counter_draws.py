@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from pathlib import Path
@@ -33,11 +32,18 @@ from sparse_merge.errors import ConfigError
 from sparse_merge.merging import kernels, task_arithmetic
 from sparse_merge.merging.task_arithmetic import TaskArithmetic, _seeds, counter_uniform
 
+from .fused_paths import (
+    DTYPES,
+    both_paths,
+    check,
+    differences,
+    same_bits,
+    torch_path,
+)
+
 needs_numba = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not installed")
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "merge"
-DTYPES = [torch.float32, torch.bfloat16]
-INTS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
 SEEDS = [0, 1, 42, GOLDEN, 2**32 - 1, 2**63, 2**63 - 1, 2**64 - 1]
@@ -101,41 +107,6 @@ def fused_draws(seed: int, start: int, count: int) -> tuple[np.ndarray, np.ndarr
     draws, uniforms = np.empty(count, np.uint64), np.empty(count, np.float32)
     _fused_loop()(np.uint64(seed), np.uint64(start), draws, uniforms)
     return draws, uniforms
-
-
-@contextlib.contextmanager
-def torch_path():
-    """The fused kernels switched off: the torch path everywhere."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kernels, "usable", lambda *t: False)
-        yield
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """NaN at the same places, every other value bit for bit (-0.0 differs from +0.0). NaN
-    payloads are not compared: torch's vectorised and scalar loops store different ones."""
-    nan = torch.isnan(a)
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(nan, torch.isnan(b))
-        and torch.equal(a[~nan].view(INTS[a.dtype]), b[~nan].view(INTS[b.dtype]))
-    )
-
-
-def differences(a: torch.Tensor, b: torch.Tensor) -> str:
-    """The first entries where ``a`` and ``b`` differ (for assertion messages)."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-    bits_differ = a.view(INTS[a.dtype]) != b.view(INTS[b.dtype])
-    bad = (nan_a != nan_b) | (~nan_a & ~nan_b & bits_differ)
-    idx = bad.nonzero().view(-1)
-    shown = ", ".join(f"[{i}] {a[i].item()!r} vs {b[i].item()!r}" for i in idx[:8].tolist())
-    return f"{idx.numel()} entries differ (fused vs torch): {shown}"
-
-
-def check(fused: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    assert same_bits(fused, expected), f"{what}: {differences(fused, expected)}"
 
 
 def specials(dtype: torch.dtype, finite: bool) -> torch.Tensor:
@@ -215,14 +186,6 @@ def spy(monkeypatch) -> Spy:
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def both_paths(run):
-    """``run()`` with the fused kernels, then on the torch path."""
-    fused = run()
-    with torch_path():
-        expected = run()
-    return fused, expected
 
 
 def merge_both(method, n, dtype, seed, kind, weights, into="third", rng_seed=0, **kwargs):

@@ -12,6 +12,9 @@ from sparse_merge.merging import kernels
 from sparse_merge.merging.base import weighted_sum_
 from sparse_merge.merging.task_arithmetic import TaskArithmetic
 
+from . import fused_paths
+from .fused_paths import same_bits
+
 pytestmark = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not installed")
 
 N = 3 * 4099  # not a multiple of any vector width
@@ -31,25 +34,8 @@ def awkward(dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 def torch_path(fn, *args, **kwargs):
     """``fn`` with the fused kernels switched off."""
-    usable = kernels.usable
-    kernels.usable = lambda *t: False
-    try:
+    with fused_paths.torch_path():
         return fn(*args, **kwargs)
-    finally:
-        kernels.usable = usable
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """NaN at the same places, and every other value bit for bit (signed zeros included).
-    NaN payloads are not compared: torch itself stores a bfloat16 NaN as 0xFFFF in its
-    vectorised loops and as 0x7FC0 in their scalar tails."""
-    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
-    nan = torch.isnan(a)
-    return (
-        a.dtype == b.dtype
-        and torch.equal(nan, torch.isnan(b))
-        and torch.equal(a[~nan].view(ints[a.dtype]), b[~nan].view(ints[b.dtype]))
-    )
 
 
 DTYPE_PAIRS = [

@@ -8,53 +8,20 @@ output that is one of the inputs. NaN payloads are not compared (see ``same_bits
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from sparse_merge.merging import kernels
 from sparse_merge.merging.task_arithmetic import TaskArithmetic
 
+from .fused_paths import DTYPES, both_paths, check, differences, same_bits
+
 pytestmark = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not installed")
 
-DTYPES = [torch.float32, torch.bfloat16]
-INTS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 LARGE = 300_000  # > 4 * 65536: every selection brackets its thresholds with a sample
 
 
 # ---- helpers -------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def torch_path():
-    """The fused kernels switched off: the torch/numpy path everywhere."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kernels, "usable", lambda *t: False)
-        yield
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """NaN at the same places, every other value bit for bit (-0.0 differs from +0.0). NaN
-    payloads are not compared: torch's vectorised and scalar loops store different ones."""
-    nan = torch.isnan(a)
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(nan, torch.isnan(b))
-        and torch.equal(a[~nan].view(INTS[a.dtype]), b[~nan].view(INTS[b.dtype]))
-    )
-
-
-def differences(a: torch.Tensor, b: torch.Tensor) -> str:
-    """The first entries where ``a`` and ``b`` differ (for assertion messages)."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-    bits_differ = a.view(INTS[a.dtype]) != b.view(INTS[b.dtype])
-    bad = (nan_a != nan_b) | (~nan_a & ~nan_b & bits_differ)
-    idx = bad.nonzero().view(-1)
-    shown = ", ".join(f"[{i}] {a[i].item()!r} vs {b[i].item()!r}" for i in idx[:8].tolist())
-    return f"{idx.numel()} entries differ (fused vs torch): {shown}"
 
 
 def specials(dtype: torch.dtype) -> torch.Tensor:
@@ -153,14 +120,6 @@ def spy(monkeypatch) -> Spy:
     return Spy(monkeypatch)
 
 
-def both_paths(run):
-    """``run()`` with the fused kernels, then on the torch path."""
-    fused = run()
-    with torch_path():
-        expected = run()
-    return fused, expected
-
-
 def merge_both(method, n, dtype, seed, kind, weights, into="third", **kwargs):
     """``method.merge_`` of ``models(n, dtype, seed, kind)`` on both paths, into a new buffer
     (``third``) or into the base or a model (in place)."""
@@ -173,10 +132,6 @@ def merge_both(method, n, dtype, seed, kind, weights, into="third", **kwargs):
         return result
 
     return both_paths(run)
-
-
-def check(fused: torch.Tensor, expected: torch.Tensor) -> None:
-    assert same_bits(fused, expected), differences(fused, expected)
 
 
 # ---- the settings ---------------------------------------------------------------------------

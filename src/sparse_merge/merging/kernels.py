@@ -178,6 +178,24 @@ def tie_end(base: Tensor, x: Tensor, value: float, budget: int) -> int:
     return int(_ops().tie_end(_array(base), _array(x), np.float32(value), budget))
 
 
+def _merge_settings(
+    weights: tuple[float, float],
+    scales: tuple[float, float],
+    consensus: int,
+    divisor: float | None,
+    lambda_: float,
+) -> tuple:
+    """The arguments the two-model merge loops share, as their types: w0, w1, s0, s1,
+    consensus, normalize, the fixed divisor, lambda."""
+    return (
+        *(np.float32(v) for v in (*weights, *scales)),
+        consensus,
+        divisor is not None,
+        np.float32(1.0 if divisor is None else divisor),
+        np.float32(lambda_),
+    )
+
+
 def magnitude_merge2_(
     out: Tensor,
     base: Tensor,
@@ -210,14 +228,7 @@ def magnitude_merge2_(
         np.array([band[:2] for band in bands], dtype=np.float32),
         ties,
         bounds,
-        np.float32(weights[0]),
-        np.float32(weights[1]),
-        np.float32(scales[0]),
-        np.float32(scales[1]),
-        consensus,
-        divisor is not None,
-        np.float32(1.0 if divisor is None else divisor),
-        np.float32(lambda_),
+        *_merge_settings(weights, scales, consensus, divisor, lambda_),
     )
     return out
 
@@ -274,13 +285,6 @@ def random_merge2_(
         s0,
         s1,
         _threshold(p),
-        np.float32(weights[0]),
-        np.float32(weights[1]),
-        np.float32(scales[0]),
-        np.float32(scales[1]),
-        consensus,
-        divisor is not None,
-        np.float32(1.0 if divisor is None else divisor),
-        np.float32(lambda_),
+        *_merge_settings(weights, scales, consensus, divisor, lambda_),
     )
     return out

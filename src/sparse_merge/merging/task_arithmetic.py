@@ -620,38 +620,22 @@ class TaskArithmetic(MergeMethod):
             divisor = float(fixed_divisor) if self.normalize else None  # one fused pass
             kernels.task_arithmetic2_(o, b, *xs, tuple(w.tolist()), divisor, self.lambda_)
             return out
-        if (
-            all(isinstance(p, _KeepDraws) for p in plans)
-            and one_dtype
-            and n_models == 2
-            and kernels.usable(out, base, *tensors)
-        ):
-            kernels.random_merge2_(
-                o,
-                b,
-                *xs,
-                [p.seed for p in plans],
-                plans[0].p,
+        draws = all(isinstance(p, _KeepDraws) for p in plans)
+        cuts = all(isinstance(p, (_KeepAll, _KeepCuts)) for p in plans)
+        if (draws or cuts) and one_dtype and n_models == 2 and kernels.usable(out, base, *tensors):
+            settings = (  # what the fused loops take besides the masks
                 tuple(w.tolist()),
                 tuple(1.0 if p.scale is None else float(p.scale) for p in plans),
                 CONSENSUS.index(self.consensus),
                 float(fixed_divisor) if self.normalize else None,
                 self.lambda_,
             )
-            return out
-        cut_plans = all(isinstance(p, (_KeepAll, _KeepCuts)) for p in plans)
-        if cut_plans and one_dtype and n_models == 2 and kernels.usable(out, base, *tensors):
-            kernels.magnitude_merge2_(
-                o,
-                b,
-                *xs,
-                [_band(p, b, x) for p, x in zip(plans, xs)],
-                tuple(w.tolist()),
-                tuple(1.0 if p.scale is None else float(p.scale) for p in plans),
-                CONSENSUS.index(self.consensus),
-                float(fixed_divisor) if self.normalize else None,
-                self.lambda_,
-            )
+            if draws:
+                seeds = [p.seed for p in plans]
+                kernels.random_merge2_(o, b, *xs, seeds, plans[0].p, *settings)
+            else:
+                bands = [_band(p, b, x) for p, x in zip(plans, xs)]
+                kernels.magnitude_merge2_(o, b, *xs, bands, *settings)
             return out
         size = chunk_len(n)
         d = self.scratch("deltas", (n_models, size), dtype, base.device)  # [N, C]

@@ -1,0 +1,59 @@
+"""Helpers shared by the tests that compare the fused kernels (``merging.kernels``) with the
+torch path: switching the kernels off, and comparing results bit for bit."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from sparse_merge.merging import kernels
+
+DTYPES = [torch.float32, torch.bfloat16]
+INTS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@contextlib.contextmanager
+def torch_path():
+    """The fused kernels switched off: the torch path everywhere."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "usable", lambda *t: False)
+        yield
+
+
+def both_paths(run):
+    """``run()`` with the fused kernels, then on the torch path."""
+    fused = run()
+    with torch_path():
+        expected = run()
+    return fused, expected
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """NaN at the same places, every other value bit for bit (-0.0 differs from +0.0). NaN
+    payloads are not compared: torch itself stores a bfloat16 NaN as 0xFFFF in its vectorised
+    loops and as 0x7FC0 in their scalar tails."""
+    nan = torch.isnan(a)
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(nan, torch.isnan(b))
+        and torch.equal(a[~nan].view(INTS[a.dtype]), b[~nan].view(INTS[b.dtype]))
+    )
+
+
+def differences(a: torch.Tensor, b: torch.Tensor) -> str:
+    """The first entries where ``a`` and ``b`` differ (for assertion messages)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    bits_differ = a.view(INTS[a.dtype]) != b.view(INTS[b.dtype])
+    bad = (nan_a != nan_b) | (~nan_a & ~nan_b & bits_differ)
+    idx = bad.nonzero().view(-1)
+    shown = ", ".join(f"[{i}] {a[i].item()!r} vs {b[i].item()!r}" for i in idx[:8].tolist())
+    return f"{idx.numel()} entries differ (fused vs torch): {shown}"
+
+
+def check(fused: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Assert ``same_bits``, showing where they differ."""
+    assert same_bits(fused, expected), f"{what}: {differences(fused, expected)}"
