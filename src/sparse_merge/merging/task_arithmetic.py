@@ -761,9 +761,10 @@ class TaskArithmetic(MergeMethod):
     ) -> list[_KeepCuts]:
         """``_magnitude_plans`` for two models on the CPU: one fused pass reading ``b`` and
         both models feeds every selection (``kernels.magnitude_bands``: vector compares and
-        compress-stores, memory-bound at ~0.3 ns per entry where the numpy path costs ~1.5 ns
-        per entry and task vector), from a 4x larger sample (a 2x narrower bracket). The
-        same thresholds: each is the exact order statistic of the same keys."""
+        compress-stores, ~0.2 ns per entry and task vector where the numpy path costs ~1.5
+        ns), bracketed by a sample of 8 sqrt(n) keys per model (at most ``FUSED_SAMPLE``: more
+        costs more to gather and sort than it saves in the band). The same thresholds: each is
+        the exact order statistic of the same keys."""
         n = b.numel()
         samples: list[np.ndarray | None] = [None, None]
         size = min(FUSED_SAMPLE, max(1024, 8 * math.isqrt(n)))  # sorting it vs the band
