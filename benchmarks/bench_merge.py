@@ -4,8 +4,10 @@ then bfloat16) with their base, as the evolution's crossover does: weights [0.3,
 one thread. A method's floor is the bytes it must move (``MergeMethod.traffic_floor``, in
 genomes: e.g. 5 for SLERP, whose angle needs a pass over both parents before anything is
 written) at the speed of ``copy_`` measured right before it, so both see the same load.
-Stochastic methods draw from a seeded ``torch.Generator``. The per-step costs of the engine are
-in ``bench_engine.py``.
+Stochastic methods draw from a seeded ``torch.Generator``. Last, the crossover's default and
+the methods with fused loops on a genome laid out like a real model's, SmolLM2-135M (272
+tensors, 134.5 M elements, float32): small tensors whose inputs stay in cache between a
+method's passes. The per-step costs of the engine are in ``bench_engine.py``.
 """
 
 from __future__ import annotations
@@ -39,16 +41,42 @@ METHODS = (
 )
 
 
+# SmolLM2-135M (hidden 576, 9 query and 3 key-value heads of 64, MLP 1536, 30 layers, vocabulary
+# 49152, tied embeddings): the genome of a real model, 272 tensors, 134.5 M elements
+SMOLLM2_SHAPES = (
+    (49152, 576),
+    *(
+        [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+        + [(576,), (576,)]
+    )
+    * 30,
+    (576,),
+)
+# the methods timed on it: the crossover's default and every method with a fused loop
+SMOLLM2_METHODS = (
+    ("slerp genome +split (M2N2's crossover)", "slerp", {"granularity": "genome"}),
+    ("linear +split", "linear", {}),
+    ("task_arithmetic +split", "task_arithmetic", {}),
+    ("ties +split", "ties", {}),
+    ("breadcrumbs +split", "breadcrumbs", {}),
+    ("breadcrumbs_ties +split", "breadcrumbs_ties", {}),
+    ("dare_linear +split, draws=counter", "dare_linear", {"draws": "counter"}),
+    ("dare_ties +split, draws=counter", "dare_ties", {"draws": "counter"}),
+)
+
+
+def _segments(shapes) -> list[tuple[int, int, tuple[int, ...]]]:
+    """``shapes`` laid out one after another from 0."""
+    segments, lo = [], 0
+    for shape in shapes:
+        segments.append((lo, lo + math.prod(shape), shape))
+        lo += math.prod(shape)
+    return segments
+
+
 def _layer_segments(n: int) -> list[tuple[int, int, tuple[int, ...]]]:
     """``LAYER_SHAPES`` laid out from 0 in a genome of ``n`` elements."""
-    segments, lo = [], 0
-    for shape in LAYER_SHAPES:
-        hi = lo + math.prod(shape)
-        if hi > n:
-            break
-        segments.append((lo, hi, shape))
-        lo = hi
-    return segments
+    return [segment for segment in _segments(LAYER_SHAPES) if segment[1] <= n]
 
 
 def _best_of(fn, repeats: int = 5, budget_s: float = 1.5) -> float:
@@ -62,23 +90,29 @@ def _best_of(fn, repeats: int = 5, budget_s: float = 1.5) -> float:
     return min(times)
 
 
-def merge_rows(dtype: torch.dtype = torch.float32) -> list[dict]:
+def merge_rows(dtype: torch.dtype = torch.float32, smollm2: bool = False) -> list[dict]:
     """One row per method: seconds per merge, × ``copy_`` of one genome, the floor in genomes,
     floor bytes per second and the fraction of the floor reached (1: as fast as memory
-    allows)."""
+    allows). ``smollm2``: on a genome laid out like SmolLM2-135M's (``SMOLLM2_SHAPES``), for
+    ``SMOLLM2_METHODS``."""
+    if smollm2:
+        segments = _segments(SMOLLM2_SHAPES)
+        n, methods, what = segments[-1][1], [(*m, True) for m in SMOLLM2_METHODS], "SmolLM2, "
+    else:
+        n, segments, methods, what = N, _layer_segments(N), METHODS, ""
     g = torch.Generator().manual_seed(0)
-    base, a, b = (torch.randn(N, generator=g).to(dtype) for _ in range(3))
+    base, a, b = (torch.randn(n, generator=g).to(dtype) for _ in range(3))
     out = torch.empty_like(a)
+    out.copy_(a)  # its pages faulted in before anything is timed
     size = a.numel() * a.element_size()  # bytes per genome
-    segments = _layer_segments(N)
     copy_s = _best_of(lambda: out.copy_(a))
-    rows = [_row(f"copy_ ({size >> 20} MiB {str(dtype)[6:]})", copy_s, 2, size, copy_s)]
-    for label, name, overrides, split in METHODS:
-        label = label if dtype == torch.float32 else f"{label}, {str(dtype)[6:]}"
+    rows = [_row(f"{what}copy_ ({size >> 20} MiB {str(dtype)[6:]})", copy_s, 2, size, copy_s)]
+    for label, name, overrides, split in methods:
+        label = what + (label if dtype == torch.float32 else f"{label}, {str(dtype)[6:]}")
         method = instantiate(
             OmegaConf.merge(OmegaConf.load(CONF_MERGE / f"{name}.yaml"), overrides)
         )
-        at = N // 3 if split else None
+        at = n // 3 if split else None
 
         def merge(method=method, at=at) -> None:
             method.merge_(
@@ -118,7 +152,7 @@ def run() -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return merge_rows() + merge_rows(torch.bfloat16)
+        return merge_rows() + merge_rows(torch.bfloat16) + merge_rows(smollm2=True)
     finally:
         torch.set_num_threads(threads)
 

@@ -91,9 +91,10 @@ class Spy:
     """Counts the calls of the fused magnitude kernels and the bands that overflowed."""
 
     def __init__(self, mp: pytest.MonkeyPatch) -> None:
-        self.merges = self.selections = self.tie_ends = 0
+        self.merges = self.selections = self.tie_ends = self.band_tie_ends = 0
         self.overflows = 0
         merge, bands, tie_end = kernels.magnitude_merge2_, kernels.magnitude_bands, kernels.tie_end
+        tie_end_in = kernels.tie_end_in
 
         def spy_merge(*args, **kwargs):
             self.merges += 1
@@ -110,9 +111,14 @@ class Spy:
             self.tie_ends += 1
             return tie_end(*args, **kwargs)
 
+        def spy_tie_end_in(*args, **kwargs):
+            self.band_tie_ends += 1
+            return tie_end_in(*args, **kwargs)
+
         mp.setattr(kernels, "magnitude_merge2_", spy_merge)
         mp.setattr(kernels, "magnitude_bands", spy_bands)
         mp.setattr(kernels, "tie_end", spy_tie_end)
+        mp.setattr(kernels, "tie_end_in", spy_tie_end_in)
 
 
 @pytest.fixture
@@ -343,11 +349,18 @@ def test_many_ties_overflow_the_band_and_fall_back(dtype, extra, spy):
         assert spy.tie_ends >= 1
 
 
-def test_partial_ties_at_the_threshold_use_tie_end(spy):
-    """Four values of ``|d|``: the threshold is one of them and only some of its ties are kept."""
-    method = TaskArithmetic(**TIES, density=0.3)
-    check(*merge_both(method, 4099, torch.float32, 2, "grid", (0.6, 0.4)))
-    assert spy.tie_ends >= 1
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [4099, 300_000], ids=["unsampled", "sampled"])
+def test_partial_ties_at_the_threshold_are_found_in_the_band(dtype, n, spy):
+    """Four values of ``|d|``: the threshold is one of them and only some of its ties are
+    kept; where the last one kept lies comes from the selection's band and the block it was
+    appended in (``tie_end_in``), not from a scan of the tensor (``tie_end``: only where a
+    band overflowed, as it may with so many ties once the bracket is sampled)."""
+    for settings in (TIES | {"density": 0.3}, BREADCRUMBS | {"density": 0.5, "gamma": 0.3}):
+        method = TaskArithmetic(**settings)
+        check(*merge_both(method, n, dtype, 2, "grid", (0.6, 0.4)), str(settings))
+    assert spy.band_tie_ends >= 2
+    assert spy.tie_ends <= spy.overflows
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -249,12 +249,14 @@ def magnitude_sample(b, x0, x1, step, out):
 
 
 @jit
-def magnitude_bands(b, x0, x1, lo, hi, below, bands, kept):
+def magnitude_bands(b, x0, x1, lo, hi, below, bands, kept, marks):
     """One pass over ``b``, ``x0``, ``x1`` for the top-k thresholds of ``|x_i - b|``: up to
     two selections per model, selection ``s`` on model ``s // 2``. For each, the count of keys
     below ``lo[s]`` into ``below[s]`` and the keys in ``[lo[s], hi[s]]``, in index order,
     into ``bands[s]`` (their count in ``kept[s]``; -1 once they would not fit, the bracket
-    given up). A selection with ``hi[s] < 0`` is unused (keys are not negative)."""
+    given up). A selection with ``hi[s] < 0`` is unused (keys are not negative).
+    ``marks[s, k]``: the count in ``bands[s]`` when block ``k`` (``BLOCK`` entries from
+    ``k * BLOCK``; the last one, the rest) began, so a band entry's block can be found."""
     n = b.size
     cap = bands.shape[1] - BLOCK
     k0 = np.empty(BLOCK, np.int32)
@@ -265,6 +267,8 @@ def magnitude_bands(b, x0, x1, lo, hi, below, bands, kept):
     whole = n - n % BLOCK
     for start in range(0, whole, BLOCK):
         at = np.uint64(start)  # unsigned: numba skips its wrap-around of negative indices
+        for s in range(4):
+            marks[s, start // BLOCK] = kept[s]
         for j in range(BLOCK):
             k0[j] = magnitude_key(b, x0, at + np.uint64(j))
             k1[j] = magnitude_key(b, x1, at + np.uint64(j))
@@ -283,6 +287,8 @@ def magnitude_bands(b, x0, x1, lo, hi, below, bands, kept):
                 count += found >> 32
             kept[s] = m
             below[s] += count
+    for s in range(4):
+        marks[s, whole // BLOCK] = kept[s]
     band_tail(b, x0, x1, lo, hi, below, bands, kept, whole)
 
 
@@ -305,7 +311,7 @@ def band_tail(b, x0, x1, lo, hi, below, bands, kept, start):
 
 
 @jit
-def magnitude_bands_f32(b, x0, x1, lo, hi, below, bands, kept):
+def magnitude_bands_f32(b, x0, x1, lo, hi, below, bands, kept, marks):
     """``magnitude_bands`` for float32, each key computed where it is compared
     (``compress_band_f32``), without a block of keys in memory between."""
     n = b.size
@@ -316,6 +322,7 @@ def magnitude_bands_f32(b, x0, x1, lo, hi, below, bands, kept):
     whole = n - n % BLOCK
     for start in range(0, whole, BLOCK):
         for s in range(4):
+            marks[s, start // BLOCK] = kept[s]
             m = kept[s]
             if m < 0:
                 continue
@@ -330,6 +337,8 @@ def magnitude_bands_f32(b, x0, x1, lo, hi, below, bands, kept):
                 count += found >> 32
             kept[s] = m
             below[s] += count
+    for s in range(4):
+        marks[s, whole // BLOCK] = kept[s]
     band_tail(b, x0, x1, lo, hi, below, bands, kept, whole)
 
 

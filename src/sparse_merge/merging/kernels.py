@@ -133,25 +133,41 @@ def magnitude_bands(
 ) -> dict[tuple[int, int], tuple[int, np.ndarray] | None]:
     """One pass over ``base`` and two models for top-k thresholds of ``|x_i - base|`` (keys:
     the bits of the magnitudes as int32, ``_fused.magnitude_key``). ``brackets``: (model,
-    cut) -> (lo, hi), at most two cuts per model; for each, the count of keys below ``lo``
-    and the keys in ``[lo, hi]`` in index order (a view of a buffer reused by the next call),
-    or None when more than ``cap`` fall inside."""
+    cut) -> (lo, hi), at most two cuts per model; for each, the count of keys below ``lo``,
+    the keys in ``[lo, hi]`` in index order (a view of a buffer reused by the next call) and
+    the band's length at the start of every block of ``BLOCK`` entries (``tie_end_in``); or
+    None when more than ``cap`` fall inside."""
     ops = _ops()
     lo, hi = np.full(4, -1, np.int64), np.full(4, -1, np.int64)
     for (model, cut), (low, high) in brackets.items():
         lo[2 * model + cut], hi[2 * model + cut] = low, high
     bands = _band_buffer(4, cap + ops.BLOCK)
     below, kept = np.zeros(4, np.int64), np.zeros(4, np.int64)
+    marks = np.empty((4, base.numel() // ops.BLOCK + 1), np.int64)
     # keys computed where compared: faster for one cut per model (TIES), slower for two
     direct = base.dtype == torch.float32 and len(brackets) <= 2
     kernel = ops.magnitude_bands_f32 if direct else ops.magnitude_bands
-    kernel(_array(base), _array(x0), _array(x1), lo, hi, below, bands, kept)
+    kernel(_array(base), _array(x0), _array(x1), lo, hi, below, bands, kept, marks)
     return {
         (m, c): None
         if kept[2 * m + c] < 0
-        else (int(below[2 * m + c]), bands[2 * m + c, : kept[2 * m + c]])
+        else (int(below[2 * m + c]), bands[2 * m + c, : kept[2 * m + c]], marks[2 * m + c])
         for m, c in brackets
     }
+
+
+def tie_end_in(band: np.ndarray, marks: np.ndarray, key: int, budget: int, block_keys) -> int:
+    """``tie_end`` from a selection's band (``magnitude_bands``), which holds every key equal
+    to the threshold ``key`` in index order: the ``budget``-th of them lies in the block whose
+    mark comes last at or before its place in the band, and only that block is read again
+    (``block_keys(start, stop)``: the keys of entries ``[start, stop)``), instead of scanning
+    the tensor up to it."""
+    j = int(np.flatnonzero(band == key)[budget - 1])  # its place in the band
+    block = int(np.searchsorted(marks, j, side="right")) - 1
+    earlier = int(np.count_nonzero(band[: marks[block]] == key))  # ties in earlier blocks
+    start = block * _ops().BLOCK
+    keys = block_keys(start, start + _ops().BLOCK)  # the last block may be shorter
+    return start + int(np.flatnonzero(keys == key)[budget - earlier - 1]) + 1
 
 
 def magnitude_sample(base: Tensor, x0: Tensor, x1: Tensor, step: int) -> np.ndarray:

@@ -200,6 +200,7 @@ class _Cut:
     ) -> None:
         self.k, self.n, self.largest = k, n, largest
         self.value, self.ties, self.budget, self.seen = 0.0, 0, 0, 0
+        self.end: int | None = None  # one past the last tied entry kept, where known
         if 0 < k < n:
             assert at is not None
             self.value, below, self.ties = at
@@ -269,6 +270,8 @@ def _band(plan: _KeepAll | _KeepCuts, base: Tensor, x: Tensor) -> tuple:
     def ties_taken(cut: _Cut) -> int:  # the tied entries cut takes lie before this index
         if cut.budget == cut.ties:
             return n
+        if cut.end is not None:
+            return cut.end
         return kernels.tie_end(base, x, cut.value, cut.budget)
 
     nothing = (math.inf, math.inf, (0, 0), (0, 0))
@@ -793,18 +796,21 @@ class TaskArithmetic(MergeMethod):
             )
             for i, c, sel in brackets:
                 band = bands[i, c]
-                found[i, c] = None if band is None else _settle(sel.r, *band)
+                found[i, c] = None if band is None else _settle(sel.r, *band[:2])
         plans = []
         for i, x in enumerate(xs):
             cuts = []
+            keys_of = lambda s, e, x=x: _keys((x[s:e] - b[s:e]).abs_())  # noqa: E731
             for c, (k, big) in enumerate(wanted):
                 at = None
                 if 0 < k < n:
-                    key = found[i, c] or _select(
-                        lambda s, e, x=x: _keys((x[s:e] - b[s:e]).abs_()), n, _rank(k, n, big), None
-                    )
+                    key = found[i, c] or _select(keys_of, n, _rank(k, n, big), None)
                     at = (_value(key[0], b.dtype), *key[1:])
-                cuts.append(_Cut(k, n, big, at))
+                cut = _Cut(k, n, big, at)
+                if found.get((i, c)) and 0 < cut.budget < cut.ties and not math.isnan(cut.value):
+                    _, band, marks = bands[i, c]  # the ties' places, from the selection pass
+                    cut.end = kernels.tie_end_in(band, marks, key[0], cut.budget, keys_of)
+                cuts.append(cut)
             plans.append(_KeepCuts(cuts))
         return plans
 
