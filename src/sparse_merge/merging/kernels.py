@@ -59,9 +59,11 @@ def usable(*tensors: Tensor) -> bool:
 
 
 def _array(t: Tensor) -> np.ndarray:
-    """A numpy view of a flat float32 or bfloat16 (as uint16 bits) tensor."""
-    t = t.detach().view(-1)
-    return (t.view(torch.int16).numpy().view(np.uint16)) if t.dtype == torch.bfloat16 else t.numpy()
+    """A flat numpy view of a float32 or bfloat16 (as uint16 bits) tensor."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    return t.numpy().reshape(-1)
 
 
 @functools.cache
@@ -231,10 +233,9 @@ def magnitude_merge2_(
     normalisation; ``consensus``: 0 none, 1 sum, 2 count."""
     n = base.numel()
     ranges = [tie for band in bands for tie in band[2:]]  # [(start, stop)] x 4
-    bounds = np.array(sorted({0, n, *(i for r in ranges for i in r)} - {-1}), dtype=np.int64)
-    bounds = bounds[(bounds >= 0) & (bounds <= n)]
+    starts = sorted({0, *(i for r in ranges for i in r if 0 < i < n)})
     ties = np.array(  # [R, 2, 2]: whether range r keeps model m's ties at its lo / hi end
-        [[start <= s < stop for start, stop in ranges] for s in bounds[:-1]], dtype=np.bool_
+        [[start <= s < stop for start, stop in ranges] for s in starts], dtype=np.bool_
     ).reshape(-1, 2, 2)
     _ops().magnitude_merge2(
         _array(out),
@@ -243,7 +244,7 @@ def magnitude_merge2_(
         _array(x1),
         np.array([band[:2] for band in bands], dtype=np.float32),
         ties,
-        bounds,
+        np.array([*starts, n], dtype=np.int64),
         *_merge_settings(weights, scales, consensus, divisor, lambda_),
     )
     return out
