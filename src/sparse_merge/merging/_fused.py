@@ -10,6 +10,8 @@ from numba import float32, njit, types, uint32
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from sparse_merge.merging.kernels import BLOCK  # keys computed per block (a multiple of LANES)
+
 jit = njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")  # IEEE division
 # inlined where it is called (in numba's IR), so that constant arguments fold away
 inline = njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", inline="always")
@@ -133,7 +135,6 @@ def task_arithmetic2(out, b, x0, x1, w0, w1, divisor, lam):
 
 # ---- TIES and Model Breadcrumbs: top-k selection and the masked merge ----------------------
 
-BLOCK = 256  # keys computed per block (a multiple of LANES)
 LANES = 16  # keys compared and compressed per vector
 
 

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+BLOCK = 256  # entries per block of the selection loops (``_fused``)
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -131,21 +132,25 @@ def task_arithmetic2_(
 
 
 def magnitude_bands(
-    base: Tensor, x0: Tensor, x1: Tensor, brackets: dict[tuple[int, int], tuple[int, int]], cap: int
-) -> dict[tuple[int, int], tuple[int, np.ndarray] | None]:
+    base: Tensor,
+    x0: Tensor,
+    x1: Tensor,
+    brackets: dict[tuple[int, int], tuple[int, int]],
+    buffer: np.ndarray,
+) -> dict[tuple[int, int], tuple[int, np.ndarray, np.ndarray] | None]:
     """One pass over ``base`` and two models for top-k thresholds of ``|x_i - base|`` (keys:
     the bits of the magnitudes as int32, ``_fused.magnitude_key``). ``brackets``: (model,
     cut) -> (lo, hi), at most two cuts per model; for each, the count of keys below ``lo``,
-    the keys in ``[lo, hi]`` in index order (a view of a buffer reused by the next call) and
-    the band's length at the start of every block of ``BLOCK`` entries (``tie_end_in``); or
-    None when more than ``cap`` fall inside."""
+    the keys in ``[lo, hi]`` in index order (a view of ``buffer``, int32 [4, cap + BLOCK],
+    the caller's to reuse) and the band's length at the start of every block of ``BLOCK``
+    entries (``tie_end_in``); or None when more than ``cap`` fall inside."""
     ops = _ops()
     lo, hi = np.full(4, -1, np.int64), np.full(4, -1, np.int64)
     for (model, cut), (low, high) in brackets.items():
         lo[2 * model + cut], hi[2 * model + cut] = low, high
-    bands = _band_buffer(4, cap + ops.BLOCK)
+    bands = buffer
     below, kept = np.zeros(4, np.int64), np.zeros(4, np.int64)
-    marks = np.empty((4, base.numel() // ops.BLOCK + 1), np.int64)
+    marks = np.empty((4, base.numel() // BLOCK + 1), np.int64)
     # keys computed where compared: faster for one cut per model (TIES), slower for two
     direct = base.dtype == torch.float32 and len(brackets) <= 2
     kernel = ops.magnitude_bands_f32 if direct else ops.magnitude_bands
@@ -167,8 +172,8 @@ def tie_end_in(band: np.ndarray, marks: np.ndarray, key: int, budget: int, block
     j = int(np.flatnonzero(band == key)[budget - 1])  # its place in the band
     block = int(np.searchsorted(marks, j, side="right")) - 1
     earlier = int(np.count_nonzero(band[: marks[block]] == key))  # ties in earlier blocks
-    start = block * _ops().BLOCK
-    keys = block_keys(start, start + _ops().BLOCK)  # the last block may be shorter
+    start = block * BLOCK
+    keys = block_keys(start, start + BLOCK)  # the last block may be shorter
     return start + int(np.flatnonzero(keys == key)[budget - earlier - 1]) + 1
 
 
@@ -177,18 +182,6 @@ def magnitude_sample(base: Tensor, x0: Tensor, x1: Tensor, step: int) -> np.ndar
     out = np.empty((2, -(-base.numel() // step)), np.int32)
     _ops().magnitude_sample(_array(base), _array(x0), _array(x1), step, out)
     return out
-
-
-_bands: dict[str, np.ndarray] = {}
-
-
-def _band_buffer(rows: int, cols: int) -> np.ndarray:
-    """An int32 buffer [rows, cols] kept between calls: allocating (and page-faulting) a few
-    MiB afresh per tensor costs about a genome pass per merge of a many-tensor genome."""
-    buf = _bands.get("bands")
-    if buf is None or buf.size < rows * cols:
-        buf = _bands["bands"] = np.empty(rows * cols, np.int32)
-    return buf[: rows * cols].reshape(rows, cols)
 
 
 def tie_end(base: Tensor, x: Tensor, value: float, budget: int) -> int:

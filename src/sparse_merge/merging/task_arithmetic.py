@@ -801,7 +801,9 @@ class TaskArithmetic(MergeMethod):
                     )
                     for i, c, sel in brackets
                 },
-                min(cap, n),
+                self.scratch(
+                    "bands", (4, min(cap, n) + kernels.BLOCK), torch.int32, b.device
+                ).numpy(),
             )
             longest = max((len(band[1]) for band in bands.values() if band), default=0)
             work = self.scratch("settle", (longest,), torch.int32, b.device).numpy()
