@@ -22,6 +22,9 @@ torch.set_num_threads(1)  # tiny models: one thread is fastest, and steady on sh
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
+# the environment of a `python run.py` the tests start: this checkout's package, no hub
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+DIGITS = ["pipeline=digits", "model=digits_mlp", "task=digits", "evolver=map_elites"]  # quick run
 register_configs()
 
 

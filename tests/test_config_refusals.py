@@ -17,9 +17,7 @@ from sparse_merge.pruning.magnitude import MagnitudePruner
 from sparse_merge.pruning.scored import ScorePruner
 from sparse_merge.pruning.wanda import WandaPruner
 
-from .conftest import compose_cfg
-
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, compose_cfg
 
 
 def refused(overrides: list[str], tmp_path: Path, smoke: bool = True) -> ConfigError:

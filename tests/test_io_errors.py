@@ -30,11 +30,7 @@ from sparse_merge.tracking.io import (
     write_json,
 )
 
-from .conftest import compose_cfg
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-DIGITS = ["pipeline=digits", "model=digits_mlp", "task=digits", "evolver=map_elites"]
+from .conftest import DIGITS, ROOT, SUBPROCESS_ENV, compose_cfg
 
 
 def _no_temp_files(folder: Path) -> bool:
@@ -172,7 +168,7 @@ def test_every_writer_reports_the_file_size_limit_and_keeps_the_previous_file(tm
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     proc = subprocess.run(
         [sys.executable, "-c", UNDER_A_LIMIT, str(tmp_path)],
-        env=ENV,
+        env=SUBPROCESS_ENV,
         capture_output=True,
         text=True,
         timeout=120,
@@ -216,7 +212,10 @@ def test_the_probe_under_a_tiny_file_size_limit(tmp_path):
         "try:\n    check_writable(sys.argv[1])\nexcept WriteError as exc:\n    print(exc)\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)], env=ENV, capture_output=True, text=True
+        [sys.executable, "-c", code, str(tmp_path)],
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
     )
     assert proc.stdout.startswith(f"cannot write in {tmp_path}: File too large (EFBIG); raise")
     assert _no_temp_files(tmp_path)
@@ -368,7 +367,13 @@ def test_the_command_line_under_a_file_size_limit(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "run.py"), *DIGITS, "budget=10", f"hydra.run.dir={out}"]
     proc = subprocess.run(
-        cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limit
+        cmd,
+        env=SUBPROCESS_ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
@@ -395,7 +400,13 @@ def test_the_command_line_refuses_an_unwritable_job_folder_before_hydra_writes(t
         cmd = [sys.executable, str(ROOT / "run.py"), *filter(None, [mode]), *DIGITS]
         cmd += ["budget=10", f"{folder}={out}"]
         proc = subprocess.run(
-            cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limit
+            cmd,
+            env=SUBPROCESS_ENV,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=limit,
         )
         assert proc.returncode == 1, proc.stderr[-2000:]
         assert proc.stderr.strip() == (

@@ -7,7 +7,6 @@ import shlex
 import shutil
 import statistics
 import sys
-from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
@@ -16,8 +15,6 @@ from sparse_merge.analysis import merge_table
 from sparse_merge.evolution.scoring import SparsityAwareScorer
 
 from .conftest import compose_cfg, launch_run_py, make_dry_run
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # preset -> (omega, beta, pruning target, tau) as the use cases promise them (balance: no tau)
 PRESETS = {

@@ -9,7 +9,6 @@ of.
 
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -30,12 +29,7 @@ from sparse_merge.tracking.run_identity import (
     config_digest,
 )
 
-from .conftest import compose_cfg
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-DIGITS = ["pipeline=digits", "model=digits_mlp", "task=digits", "evolver=map_elites"]
-
+from .conftest import DIGITS, ROOT, SUBPROCESS_ENV, compose_cfg
 
 # ----------------------------------------------------------------------------- directory names
 
@@ -256,7 +250,9 @@ def _sweep(sweep_dir: Path, *args: str) -> subprocess.CompletedProcess:
     """``run.py -m`` with the job folders named as they were: the experiment left out."""
     cmd = [sys.executable, str(ROOT / "run.py"), "-m", *args, "hardware.num_threads=1", "seed=0"]
     cmd += [f"hydra.sweep.dir={sweep_dir}", OLD_NAMES]
-    return subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        cmd, env=SUBPROCESS_ENV, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_two_sweeps_into_one_folder_no_longer_mix(tmp_path, caplog):
@@ -289,7 +285,9 @@ def test_a_real_runs_identity_matches_its_hydra_config(tmp_path):
     """What Hydra saves in .hydra/config.yaml and what the app digests are the same config."""
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "run.py"), *DIGITS, "budget=10", f"hydra.run.dir={out}"]
-    proc = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, env=SUBPROCESS_ENV, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     held = json.loads((out / IDENTITY_FILE).read_text())
     saved = OmegaConf.to_container(OmegaConf.load(out / ".hydra" / "config.yaml"))
