@@ -23,6 +23,8 @@ from sparse_merge.merging.linear import Linear
 from sparse_merge.merging.slerp import Slerp
 from sparse_merge.merging.task_arithmetic import TaskArithmetic
 
+from ..merging.fused_paths import watch
+
 # (name, method, exact): exact means bit-identical to the reference; otherwise the reference
 # sums differently (SLERP's dot products, the L1 norms of rescale) and agrees to rounding
 METHODS = [
@@ -341,18 +343,8 @@ def test_warm_up_runs_the_fused_loops_without_drawing_from_the_run(method, kerne
     genome, so that the first step does not, and leaves the global random state alone."""
     fused = pytest.importorskip("sparse_merge.merging._fused")
     calls = dict.fromkeys(kernels, 0)
-
-    def spy(name):
-        original = getattr(fused, name)
-
-        def counted(*args):
-            calls[name] += 1
-            return original(*args)
-
-        return counted
-
     for name in kernels:
-        monkeypatch.setattr(fused, name, spy(name))
+        watch(monkeypatch, fused, name, lambda _, name=name: calls.update({name: calls[name] + 1}))
     before = torch.get_rng_state()
     Crossover(method(), split=True).warm_up(torch.float32, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), before)

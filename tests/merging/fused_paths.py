@@ -22,6 +22,19 @@ def torch_path():
         yield
 
 
+def watch(mp: pytest.MonkeyPatch, module, name: str, seen) -> None:
+    """Wrap ``module.name`` for the test: every call runs as before and hands its result to
+    ``seen``."""
+    original = getattr(module, name)
+
+    def watched(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen(result)
+        return result
+
+    mp.setattr(module, name, watched)
+
+
 def both_paths(run):
     """``run()`` with the fused kernels, then on the torch path."""
     fused = run()

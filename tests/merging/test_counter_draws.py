@@ -39,6 +39,7 @@ from .fused_paths import (
     differences,
     same_bits,
     torch_path,
+    watch,
 )
 
 needs_numba = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not installed")
@@ -162,18 +163,11 @@ class Spy:
 
     def __init__(self, mp: pytest.MonkeyPatch) -> None:
         self.merges = self.sums = 0
-        merge, sums = kernels.random_merge2_, kernels.random_sums
+        watch(mp, kernels, "random_merge2_", lambda _: self.count("merges"))
+        watch(mp, kernels, "random_sums", lambda _: self.count("sums"))
 
-        def spy_merge(*args, **kwargs):
-            self.merges += 1
-            return merge(*args, **kwargs)
-
-        def spy_sums(*args, **kwargs):
-            self.sums += 1
-            return sums(*args, **kwargs)
-
-        mp.setattr(kernels, "random_merge2_", spy_merge)
-        mp.setattr(kernels, "random_sums", spy_sums)
+    def count(self, what: str) -> None:
+        setattr(self, what, getattr(self, what) + 1)
 
     def reset(self) -> None:
         self.merges = self.sums = 0

@@ -14,7 +14,7 @@ import torch
 from sparse_merge.merging import kernels
 from sparse_merge.merging.task_arithmetic import TaskArithmetic
 
-from .fused_paths import DTYPES, both_paths, check, differences, same_bits
+from .fused_paths import DTYPES, both_paths, check, differences, same_bits, watch
 
 pytestmark = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not installed")
 
@@ -93,32 +93,19 @@ class Spy:
     def __init__(self, mp: pytest.MonkeyPatch) -> None:
         self.merges = self.selections = self.tie_ends = self.band_tie_ends = 0
         self.overflows = 0
-        merge, bands, tie_end = kernels.magnitude_merge2_, kernels.magnitude_bands, kernels.tie_end
-        tie_end_in = kernels.tie_end_in
 
-        def spy_merge(*args, **kwargs):
-            self.merges += 1
-            return merge(*args, **kwargs)
-
-        def spy_bands(*args, **kwargs):
+        def selected(found) -> None:
             self.selections += 1
-            found = bands(*args, **kwargs)
             values = found.values() if isinstance(found, dict) else found
             self.overflows += sum(band is None for band in values)
-            return found
 
-        def spy_tie_end(*args, **kwargs):
-            self.tie_ends += 1
-            return tie_end(*args, **kwargs)
+        watch(mp, kernels, "magnitude_merge2_", lambda _: self.count("merges"))
+        watch(mp, kernels, "magnitude_bands", selected)
+        watch(mp, kernels, "tie_end", lambda _: self.count("tie_ends"))
+        watch(mp, kernels, "tie_end_in", lambda _: self.count("band_tie_ends"))
 
-        def spy_tie_end_in(*args, **kwargs):
-            self.band_tie_ends += 1
-            return tie_end_in(*args, **kwargs)
-
-        mp.setattr(kernels, "magnitude_merge2_", spy_merge)
-        mp.setattr(kernels, "magnitude_bands", spy_bands)
-        mp.setattr(kernels, "tie_end", spy_tie_end)
-        mp.setattr(kernels, "tie_end_in", spy_tie_end_in)
+    def count(self, what: str) -> None:
+        setattr(self, what, getattr(self, what) + 1)
 
 
 @pytest.fixture
