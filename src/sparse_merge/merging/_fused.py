@@ -388,66 +388,50 @@ def magnitude_merge2(
     vectorises."""
     lo0, hi0, lo1, hi1 = bands[0, 0], bands[0, 1], bands[1, 0], bands[1, 1]
     unscaled = (s0 == 1) & (s1 == 1) & (lam == 1)
-    none = np.uint64(0)  # the counter draws' arguments, unused
+    none = np.uint64(0)
+    draws = (none, none, none, none)  # the counter draws' arguments, unused
+    rest = (w0, w1, s0, s1, normalize, fixed, lam)
     for r in range(bounds.size - 1):
         start, stop = bounds[r], bounds[r + 1]
         t0lo, t0hi, t1lo, t1hi = ties[r, 0, 0], ties[r, 0, 1], ties[r, 1, 0], ties[r, 1, 1]
         open_top = (hi0 == np.inf) & (hi1 == np.inf) & t0hi & t1hi  # TIES: nothing above
         o, bb, y0, y1 = out[start:stop], b[start:stop], x0[start:stop], x1[start:stop]
+        cuts = (lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi)
         # one loop per consensus, and for the usual settings (no scales; TIES: open above),
         # each with its settings as constants: a loop that branches on them is up to 4x slower
         if consensus == 0 and unscaled and open_top:
-            merge_range(
-                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
-                w0, w1, s0, s1, normalize, fixed, lam, 0, True, OPEN,
-            )  # fmt: skip
+            merge_range(o, bb, y0, y1, cuts, draws, rest, 0, True, OPEN)
         elif consensus == 0 and unscaled:
-            merge_range(
-                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
-                w0, w1, s0, s1, normalize, fixed, lam, 0, True, BAND,
-            )  # fmt: skip
+            merge_range(o, bb, y0, y1, cuts, draws, rest, 0, True, BAND)
         elif consensus == 0:
-            merge_range(
-                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
-                w0, w1, s0, s1, normalize, fixed, lam, 0, False, BAND,
-            )  # fmt: skip
+            merge_range(o, bb, y0, y1, cuts, draws, rest, 0, False, BAND)
         elif consensus == 1 and unscaled and open_top:
-            merge_range(
-                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
-                w0, w1, s0, s1, normalize, fixed, lam, 1, True, OPEN,
-            )  # fmt: skip
+            merge_range(o, bb, y0, y1, cuts, draws, rest, 1, True, OPEN)
         elif consensus == 1 and unscaled:
-            merge_range(
-                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
-                w0, w1, s0, s1, normalize, fixed, lam, 1, True, BAND,
-            )  # fmt: skip
+            merge_range(o, bb, y0, y1, cuts, draws, rest, 1, True, BAND)
         elif consensus == 1:
-            merge_range(
-                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
-                w0, w1, s0, s1, normalize, fixed, lam, 1, False, BAND,
-            )  # fmt: skip
+            merge_range(o, bb, y0, y1, cuts, draws, rest, 1, False, BAND)
         else:
-            merge_range(
-                o, bb, y0, y1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, none, none, none, none,
-                w0, w1, s0, s1, normalize, fixed, lam, 2, False, BAND,
-            )  # fmt: skip
+            merge_range(o, bb, y0, y1, cuts, draws, rest, 2, False, BAND)
 
 
 OPEN, BAND, DRAWS = 0, 1, 2  # how merge_range keeps entries (its ``keep``)
 
 
 @inline
-def merge_range(
-    out, b, x0, x1, lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi, seed0, seed1, p, offset,
-    w0, w1, s0, s1, normalize, fixed, lam, consensus, unscaled, keep,
-):  # fmt: skip
-    """A range of ``magnitude_merge2`` or ``random_merge2`` (views of their arrays, starting
-    at entry ``offset``) whose tie rules are fixed. ``keep``: ``BAND``, model ``m`` keeps the
-    entries in its band; ``OPEN``, the same for bands open above (the upper test skipped);
-    ``DRAWS``, an entry when its counter draw (``draw(seed_m, index)``) is below ``p`` (an
-    integer). ``unscaled``: ``s_m`` and ``lam`` are 1 (their products skipped). The loop runs
-    from 0: numba cannot tell an index from a runtime start is not negative, and its
-    wrap-around of negative indices keeps the loop from vectorising (5x slower)."""
+def merge_range(out, b, x0, x1, cuts, draws, rest, consensus, unscaled, keep):
+    """A range of ``magnitude_merge2`` or ``random_merge2`` (views of their arrays) whose tie
+    rules are fixed. ``cuts``: (lo, hi, ties at lo, ties at hi) of model 0, then of model 1;
+    ``draws``: (seed 0, seed 1, p, offset: the range's first entry); ``rest``: (w0, w1, s0,
+    s1, normalize, fixed, lam). ``keep``: ``BAND``, model ``m`` keeps the entries in its band;
+    ``OPEN``, the same for bands open above (the upper test skipped); ``DRAWS``, an entry when
+    its counter draw (``draw(seed_m, index)``) is below ``p`` (an integer). ``unscaled``:
+    ``s_m`` and ``lam`` are 1 (their products skipped). The loop runs from 0: numba cannot
+    tell an index from a runtime start is not negative, and its wrap-around of negative
+    indices keeps the loop from vectorising (5x slower)."""
+    lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi = cuts
+    seed0, seed1, p, offset = draws
+    w0, w1, s0, s1, normalize, fixed, lam = rest
     one = np.float32(1.0)
     for i in range(out.size):
         bi = load(b, i)
@@ -558,19 +542,12 @@ def random_merge2(
     (``p``: the keep probability times 2^24, rounded up); otherwise as
     ``magnitude_merge2``."""
     inf, no = np.float32(np.inf), False
-    zero = np.uint64(0)
+    cuts = (inf, inf, no, no, inf, inf, no, no)  # no bands
+    draws = (seed0, seed1, p, np.uint64(0))
+    rest = (w0, w1, s0, s1, normalize, fixed, lam)
     if consensus == 0:
-        merge_range(
-            out, b, x0, x1, inf, inf, no, no, inf, inf, no, no, seed0, seed1, p, zero,
-            w0, w1, s0, s1, normalize, fixed, lam, 0, False, DRAWS,
-        )  # fmt: skip
+        merge_range(out, b, x0, x1, cuts, draws, rest, 0, False, DRAWS)
     elif consensus == 1:
-        merge_range(
-            out, b, x0, x1, inf, inf, no, no, inf, inf, no, no, seed0, seed1, p, zero,
-            w0, w1, s0, s1, normalize, fixed, lam, 1, False, DRAWS,
-        )  # fmt: skip
+        merge_range(out, b, x0, x1, cuts, draws, rest, 1, False, DRAWS)
     else:
-        merge_range(
-            out, b, x0, x1, inf, inf, no, no, inf, inf, no, no, seed0, seed1, p, zero,
-            w0, w1, s0, s1, normalize, fixed, lam, 2, False, DRAWS,
-        )  # fmt: skip
+        merge_range(out, b, x0, x1, cuts, draws, rest, 2, False, DRAWS)
