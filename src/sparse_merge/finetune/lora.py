@@ -71,14 +71,19 @@ def linear_names(model: nn.Module) -> list[str]:
     )
 
 
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule: the whole name, or its last dot-separated parts."""
+    return name == target or name.endswith(f".{target}")
+
+
 def check_target_modules(
     target_modules: Sequence[str], model: nn.Module, where: str, key: str = "lora.target_modules"
 ) -> None:
     """Every entry of ``target_modules`` names a module of ``model`` (PEFT's rule: the whole
-    name, or its last dot-separated parts); ``where`` says when the check ran (on the meta
+    name, or its last dot-separated parts: ``_matches``); ``where`` says when the check ran (on the meta
     device before the model loads, or on the loaded model)."""
     names = [n for n, _ in model.named_modules() if n]
-    missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    missing = [t for t in target_modules if not any(_matches(n, t) for n in names)]
     if missing:
         raise ConfigError(
             key,
@@ -405,11 +410,6 @@ def _expert_param_names(model: nn.Module) -> list[str]:
     from sparse_merge.models.blocks import expert_params
 
     return [f"{n}.{a}" for n, m in model.named_modules() for a in expert_params(m)]
-
-
-def _matches(name: str, target: str) -> bool:
-    """PEFT's rule: the whole name, or its last dot-separated parts."""
-    return name == target or name.endswith(f".{target}")
 
 
 def check_expert_targets(
