@@ -198,10 +198,10 @@ class PrunableLayer:
     def weight(self) -> torch.Tensor:
         """[out, in] view of the weight ([E * out, in] for experts: the slices by rows), sharing
         storage: pruners write through it (a layout that cannot be viewed so raises)."""
-        p = self.parameter
         if isinstance(self.module, ExpertStack):
+            p = self.parameter
             return p.view(-1, p.shape[-1])
-        return p.t() if isinstance(self.module, Conv1D) else p
+        return weight_matrix(self.module)
 
     def matrix(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor in the parameter's layout (a gradient, a mask) as the ``[rows, in]``
