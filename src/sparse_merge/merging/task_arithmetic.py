@@ -627,14 +627,14 @@ class TaskArithmetic(MergeMethod):
         if fixed_divisor.abs() < DIVISOR_EPS:
             fixed_divisor = torch.ones_like(fixed_divisor)
         plain = self.consensus == "none" and all(isinstance(p, _KeepAll) for p in plans)
-        one_dtype = len({out.dtype, dtype, *(x.dtype for x in tensors)}) == 1
-        if plain and one_dtype and n_models == 2 and kernels.usable(out, base, *tensors):
+        fused = _fusable(tensors, out, base)
+        if plain and fused:
             divisor = float(fixed_divisor) if self.normalize else None  # one fused pass
             kernels.task_arithmetic2_(o, b, *xs, tuple(w.tolist()), divisor, self.lambda_)
             return out
         draws = all(isinstance(p, _KeepDraws) for p in plans)
         cuts = all(isinstance(p, (_KeepAll, _KeepCuts)) for p in plans)
-        if (draws or cuts) and one_dtype and n_models == 2 and kernels.usable(out, base, *tensors):
+        if (draws or cuts) and fused:
             settings = (  # what the fused loops take besides the masks
                 tuple(w.tolist()),
                 tuple(1.0 if p.scale is None else float(p.scale) for p in plans),
@@ -722,7 +722,7 @@ class TaskArithmetic(MergeMethod):
             target, top = int(self.density * n), int(self.gamma * n)
             bottom = max(0, n - target - top)
             wanted = [(bottom + target, False), (bottom, False)]
-        if not self.rescale and len(xs) == 2 and _one_dtype(b, *xs) and kernels.usable(b, *xs):
+        if not self.rescale and _fusable(xs, b):
             return self._fused_magnitude_plans(b, xs, wanted)
         samples = [_sample(lambda step, x=x: _keys((x[::step] - b[::step]).abs_()), n) for x in xs]
         selects = [  # per model: a _Select per cut inside (0, n), else None
@@ -856,7 +856,7 @@ class TaskArithmetic(MergeMethod):
         plans = [_KeepDraws(seed, p, work) for seed in _seeds(rng, len(xs))]
         if not self.rescale:
             return plans
-        if len(xs) == 2 and work == b.dtype and _one_dtype(b, *xs) and kernels.usable(b, *xs):
+        if work == b.dtype and _fusable(xs, b):
             sums = kernels.random_sums(b, *xs, [plan.seed for plan in plans], p)
             for plan, before, after in zip(plans, sums[0::2], sums[1::2]):
                 plan.scale = _rescale(before, after, work)
@@ -967,9 +967,14 @@ def _stable_order(mag: Tensor) -> Tensor:
     return torch.from_numpy(unique).to(mag.device)
 
 
-def _one_dtype(*tensors: Tensor) -> bool:
-    """Whether the tensors share one dtype."""
-    return len({t.dtype for t in tensors}) == 1
+def _fusable(xs: Sequence[Tensor], *others: Tensor) -> bool:
+    """Whether the fused two-model loops (``merging.kernels``) take models ``xs`` with
+    ``others`` (the base, an output): two models, one dtype for all, ``kernels.usable``."""
+    return (
+        len(xs) == 2
+        and len({t.dtype for t in (*xs, *others)}) == 1
+        and kernels.usable(*xs, *others)
+    )
 
 
 def _sum_rows(rows: Tensor, out: Tensor) -> Tensor:
