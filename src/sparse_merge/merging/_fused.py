@@ -367,11 +367,19 @@ def tie_end(b, x, value, budget):
 
 @jit
 def kept(a, lo, hi, tied_lo, tied_hi):
-    """1.0 where a magnitude ``a`` lies in the band between ``lo`` and ``hi``, the ends
-    included where ``tied_lo`` / ``tied_hi`` (NaN never), else 0.0 (branch-free)."""
+    """Whether a magnitude ``a`` lies in the band between ``lo`` and ``hi``, the ends
+    included where ``tied_lo`` / ``tied_hi`` (NaN never); branch-free."""
     above = (a > lo) | ((a == lo) & tied_lo)
     below = (a < hi) | ((a == hi) & tied_hi)
-    return np.float32(above & below)
+    return above & below
+
+
+@jit
+def masked(v, keep):
+    """``v * keep`` for a 0 / 1 mask, as torch multiplies by a float mask (a dropped entry
+    becomes ``v * 0``: a zero of ``v``'s sign, NaN from NaN or ±inf), as one select of a
+    product instead of a conversion of the mask and a product."""
+    return v if keep else v * np.float32(0.0)
 
 
 @jit
@@ -439,21 +447,21 @@ def merge_range(out, b, x0, x1, cuts, draws, rest, consensus, unscaled, keep):
         d1 = rounded(out, load(x1, i) - bi)
         if keep == DRAWS:
             at = offset + np.uint64(i)
-            k0 = np.float32(draw(seed0, at) < p)
-            k1 = np.float32(draw(seed1, at) < p)
+            k0 = draw(seed0, at) < p
+            k1 = draw(seed1, at) < p
         elif keep == OPEN:
             a0, a1 = np.abs(d0), np.abs(d1)
-            k0 = np.float32((a0 > lo0) | ((a0 == lo0) & t0lo))
-            k1 = np.float32((a1 > lo1) | ((a1 == lo1) & t1lo))
+            k0 = (a0 > lo0) | ((a0 == lo0) & t0lo)
+            k1 = (a1 > lo1) | ((a1 == lo1) & t1lo)
         else:
             k0 = kept(np.abs(d0), lo0, hi0, t0lo, t0hi)
             k1 = kept(np.abs(d1), lo1, hi1, t1lo, t1hi)
         if unscaled:
-            d0 = rounded(out, rounded(out, d0 * k0) * w0)
-            d1 = rounded(out, rounded(out, d1 * k1) * w1)
+            d0 = rounded(out, rounded(out, masked(d0, k0)) * w0)
+            d1 = rounded(out, rounded(out, masked(d1, k1)) * w1)
         else:
-            d0 = rounded(out, rounded(out, rounded(out, d0 * k0) * s0) * w0)
-            d1 = rounded(out, rounded(out, rounded(out, d1 * k1) * s1) * w1)
+            d0 = rounded(out, rounded(out, rounded(out, masked(d0, k0)) * s0) * w0)
+            d1 = rounded(out, rounded(out, rounded(out, masked(d1, k1)) * s1) * w1)
         if consensus == 0:
             mixed = rounded(out, d0 + d1)
             divisor = fixed
@@ -463,11 +471,11 @@ def merge_range(out, b, x0, x1, cuts, draws, rest, consensus, unscaled, keep):
             else:  # torch.sign: 0 for NaN and both zeros
                 votes = np.float32((d0 > 0) - (d0 < 0)) + np.float32((d1 > 0) - (d1 < 0))
             sign = one if votes >= 0 else -one
-            c0 = np.float32(d0 * sign > 0)
-            c1 = np.float32(d1 * sign > 0)
-            divisor = rounded(out, w0 * c0 + w1 * c1)
+            c0 = d0 * sign > 0
+            c1 = d1 * sign > 0
+            divisor = rounded(out, masked(w0, c0) + masked(w1, c1))
             divisor = divisor + np.float32(divisor == 0)
-            mixed = rounded(out, rounded(out, d0 * c0) + rounded(out, d1 * c1))
+            mixed = rounded(out, rounded(out, masked(d0, c0)) + rounded(out, masked(d1, c1)))
         if normalize:
             mixed = rounded(out, mixed / divisor)
         if not unscaled:
