@@ -8,6 +8,7 @@ output that is one of the inputs. NaN payloads are not compared (see ``same_bits
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -420,3 +421,15 @@ def test_thresholds_on_nan(dtype, config):
     Model Breadcrumbs's first cut (every number below it kept)."""
     _, settings, weights, _ = config
     check(*merge_both(TaskArithmetic(**settings), 5003, dtype, 8, "nan", weights))
+
+
+@pytest.mark.parametrize("size", [0, 1, 17, 1000])
+def test_key_counts_count_below_and_equal(size):
+    """The selection's counts around a key (numba for int32 keys, numpy otherwise) against a
+    count by hand, for a key present, absent, below and above every key."""
+    rng = np.random.default_rng(size)
+    keys = rng.integers(-5, 6, size).astype(np.int32)
+    for key in (-9, -5, 0, 3, 9):
+        expected = (sum(int(k) < key for k in keys), sum(int(k) == key for k in keys))
+        assert kernels.key_counts(keys, key) == expected
+        assert kernels.key_counts(keys.astype(np.int64), key) == expected

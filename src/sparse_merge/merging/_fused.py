@@ -344,6 +344,16 @@ def magnitude_bands_f32(b, x0, x1, lo, hi, below, bands, kept, marks):
 
 
 @jit
+def key_counts(keys, key):
+    """The count of ``keys`` below ``key`` and the count equal to it."""
+    below = equal = 0
+    for i in range(keys.size):
+        below += keys[i] < key
+        equal += keys[i] == key
+    return below, equal
+
+
+@jit
 def tie_end(b, x, value, budget):
     """One past the index of the ``budget``-th entry (``budget >= 1``) whose ``|x - b|`` equals
     ``value``: the entries tied at a top-k threshold that are kept lie before it. Counted a

@@ -126,8 +126,9 @@ def _settle(
     part = work[: band.size]
     np.copyto(part, band)
     part.partition(r - 1)
-    key = part[r - 1]
-    return int(key), below + int(np.count_nonzero(part < key)), int(np.count_nonzero(part == key))
+    key = int(part[r - 1])
+    smaller, equal = kernels.key_counts(part, key)
+    return key, below + smaller, equal
 
 
 class _Select:
