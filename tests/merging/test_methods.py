@@ -18,7 +18,7 @@ from sparse_merge.evolution.crossover import slerp_
 from sparse_merge.merging.base import MergeMethod, tensor_segments
 from sparse_merge.merging.linear import Linear
 from sparse_merge.merging.slerp import Slerp
-from sparse_merge.merging.task_arithmetic import TaskArithmetic, first_k_mask
+from sparse_merge.merging.task_arithmetic import TaskArithmetic, _keys, _value, first_k_mask
 from sparse_merge.models.paramspace import ParamSpace
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -344,6 +344,37 @@ def test_out_may_alias_an_input(name, split):
         # slerp_ writing into b scales b first: the same up to rounding
         exact = {} if name == "slerp_genome" else {"rtol": 0, "atol": 0}
         torch.testing.assert_close(got, fresh, **exact)
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_ties"])
+def test_one_method_merges_many_weights_and_dtypes_as_fresh_ones(name):
+    """A method instance that has merged before (it keeps its last weights, rounded to the
+    dtype) gives what a fresh one gives, across weights and dtypes in turn."""
+    used = METHODS[name]()
+    for step in range(12):
+        dtype = (torch.float32, torch.bfloat16, torch.float16)[step % 3]
+        base, *genomes = _genomes(60, dtype=dtype)
+        weights = [0.1 + 0.07 * (step // 3), 1 / 3]  # 1/3 rounds differently per dtype
+        got, fresh = (
+            method.merge_(
+                torch.empty(60, dtype=dtype), base, genomes, weights, split=20, rng=gen(step)
+            )
+            for method in (used, METHODS[name]())
+        )
+        torch.testing.assert_close(got, fresh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("signed", [False, True])
+def test_selection_keys_map_back_to_their_values(dtype, signed):
+    """``_value`` inverts ``_keys``: every float, zeros, subnormals and infinities included,
+    comes back from its order key (magnitudes only, without ``signed``)."""
+    specials = [0.0, -0.0, 1e-40, -1e-40, 5e-8, math.inf, -math.inf, 1.0, -3.5]
+    v = torch.cat([torch.tensor(specials), torch.randn(200, generator=gen(3)) * 1e3]).to(dtype)
+    v = v if signed else v.abs()
+    back = [_value(int(k), dtype, signed) for k in _keys(v, signed)]
+    expected = (v + 0.0 if signed else v).tolist()  # signed keys take -0.0 as +0.0
+    assert [(x, math.copysign(1, x)) for x in back] == [(x, math.copysign(1, x)) for x in expected]
 
 
 def test_split_reverses_the_weights():

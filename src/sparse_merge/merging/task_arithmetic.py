@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import struct
 from collections.abc import Callable, Sequence
 from types import MappingProxyType
 
@@ -41,7 +42,7 @@ MAGNITUDE_SPARSIFICATIONS = ("magnitude", "magnitude_outliers")
 RESCALE_EPS = 1e-7  # mergekit: no rescaling when either L1 norm is below it
 DIVISOR_EPS = 1e-8  # mergekit: a weight sum below it (no consensus) divides by 1 instead
 SELECT_SAMPLE = 1 << 14  # sample size that brackets a top-k threshold
-FUSED_SAMPLE = 1 << 16  # the most the fused selection pass samples (16 sqrt(n) below that)
+FUSED_SAMPLE = 1 << 16  # the most the fused selection pass samples (8 sqrt(n) below that)
 INT32_MAX = (1 << 31) - 1
 SAME_SIZE_INT = MappingProxyType(
     {
@@ -50,6 +51,9 @@ SAME_SIZE_INT = MappingProxyType(
         torch.float16: torch.int16,
         torch.bfloat16: torch.int16,
     }
+)
+STRUCT_FORMATS = MappingProxyType(  # struct's (int, float) formats of a dtype's bits
+    {torch.float64: ("q", "d"), torch.float32: ("i", "f"), torch.float16: ("h", "e")}
 )
 
 # (sparsification, consensus) -> mergekit's method name, for logs and reports
@@ -97,7 +101,10 @@ def _value(key: int, dtype: torch.dtype, signed: bool = False) -> float:
     int_dtype = SAME_SIZE_INT[dtype]
     if signed and key < 0:
         key ^= torch.iinfo(int_dtype).max
-    return torch.tensor(key, dtype=int_dtype).view(dtype).item()
+    if dtype == torch.bfloat16:  # the upper half of a float32
+        return struct.unpack("f", struct.pack("I", (key & 0xFFFF) << 16))[0]
+    int_format, float_format = STRUCT_FORMATS[dtype]  # struct: 10x faster than a torch tensor
+    return struct.unpack(float_format, struct.pack(int_format, key))[0]
 
 
 def _sample(
@@ -621,26 +628,23 @@ class TaskArithmetic(MergeMethod):
         dtype, n_models, n = base.dtype, len(tensors), base.numel()
         b, o = base.view(-1), out.view(-1)  # [n]
         xs = [x.view(-1) for x in tensors]  # [n] each
-        plans, bounds = self._plans(base, tensors, rng)
-        w = torch.tensor([float(x) for x in weights], dtype=dtype, device=base.device)
-        w_col = w.view(n_models, 1)  # [N, 1], rounded to the dtype as mergekit
-        fixed_divisor = w.sum()
-        if fixed_divisor.abs() < DIVISOR_EPS:
-            fixed_divisor = torch.ones_like(fixed_divisor)
-        plain = self.consensus == "none" and all(isinstance(p, _KeepAll) for p in plans)
+        plans, bounds = self._plans(base, tensors, rng, _fusable(tensors, base))
         fused = _fusable(tensors, out, base)
+        w, fixed_divisor, w_floats, fixed_float = self._weights(weights, dtype, base.device)
+        w_col = w.view(n_models, 1)  # [N, 1], rounded to the dtype as mergekit
+        plain = self.consensus == "none" and all(isinstance(p, _KeepAll) for p in plans)
         if plain and fused:
-            divisor = float(fixed_divisor) if self.normalize else None  # one fused pass
-            kernels.task_arithmetic2_(o, b, *xs, tuple(w.tolist()), divisor, self.lambda_)
+            divisor = fixed_float if self.normalize else None  # one fused pass
+            kernels.task_arithmetic2_(o, b, *xs, w_floats, divisor, self.lambda_)
             return out
         draws = all(isinstance(p, _KeepDraws) for p in plans)
         cuts = all(isinstance(p, (_KeepAll, _KeepCuts)) for p in plans)
         if (draws or cuts) and fused:
             settings = (  # what the fused loops take besides the masks
-                tuple(w.tolist()),
+                w_floats,
                 tuple(1.0 if p.scale is None else float(p.scale) for p in plans),
                 CONSENSUS.index(self.consensus),
-                float(fixed_divisor) if self.normalize else None,
+                fixed_float if self.normalize else None,
                 self.lambda_,
             )
             if draws:
@@ -687,11 +691,33 @@ class TaskArithmetic(MergeMethod):
             torch.add(mixed, b[s:e], out=o[s:e])
         return out
 
+    def _weights(
+        self, weights: Sequence[float], dtype: torch.dtype, device: torch.device
+    ) -> tuple[Tensor, Tensor, tuple[float, ...], float]:
+        """The weights as a tensor [N] rounded to ``dtype`` (as mergekit), their sum as the
+        fixed divisor (1 below ``DIVISOR_EPS``), and both as Python floats. Kept for the
+        last few weights: a genome's tensors all take the same two orders of the weights,
+        and building them costs more than a fused merge of a small tensor."""
+        cache = self.__dict__.setdefault("_scratch", {})
+        key = ("weights", tuple(float(x) for x in weights), dtype, torch.device(device))
+        found = cache.get(key)
+        if found is None:
+            if sum(k[0] == "weights" for k in cache) >= 4:  # bounded: weights change per child
+                for k in [k for k in cache if k[0] == "weights"]:
+                    del cache[k]
+            w = torch.tensor(key[1], dtype=dtype, device=device)
+            divisor = w.sum()
+            if divisor.abs() < DIVISOR_EPS:
+                divisor = torch.ones_like(divisor)
+            found = cache[key] = (w, divisor, tuple(w.tolist()), float(divisor))
+        return found
+
     def _plans(
-        self, base: Tensor, tensors: Sequence[Tensor], rng: torch.Generator | None
+        self, base: Tensor, tensors: Sequence[Tensor], rng: torch.Generator | None, fused: bool
     ) -> tuple[list, list[tuple[int, int]]]:
         """How each task vector is sparsified (``_KeepAll``, ``_DropAll``, ``_KeepCuts``,
-        ``_KeepBits``), found in a first pass over the tensor; and the chunks of the merge."""
+        ``_KeepBits``), found in a first pass over the tensor (fused when ``fused``: two
+        models on the CPU, ``_fusable``); and the chunks of the merge."""
         kind, density, n = self.sparsification, self.density, base.numel()
         n_models = len(tensors)
         regular = list(chunks(n))
@@ -703,12 +729,12 @@ class TaskArithmetic(MergeMethod):
             return [_DropAll()] * n_models, regular
         b, xs = base.view(-1), [x.view(-1) for x in tensors]
         if kind in MAGNITUDE_SPARSIFICATIONS:
-            return self._magnitude_plans(b, xs), regular
+            return self._magnitude_plans(b, xs, fused), regular
         if kind == "random":
-            return self._random_plans(b, xs, rng), regular
+            return self._random_plans(b, xs, rng, fused), regular
         return self._della_plans(base, tensors, rng)
 
-    def _magnitude_plans(self, b: Tensor, xs: list[Tensor]) -> list[_KeepCuts]:
+    def _magnitude_plans(self, b: Tensor, xs: list[Tensor], fused: bool) -> list[_KeepCuts]:
         """TIES and Model Breadcrumbs: the rank thresholds of every ``|x_i - b|``, selected in
         one pass reading ``b`` and every ``x_i`` (plus one for the L1 norms of ``rescale``).
 
@@ -723,7 +749,7 @@ class TaskArithmetic(MergeMethod):
             target, top = int(self.density * n), int(self.gamma * n)
             bottom = max(0, n - target - top)
             wanted = [(bottom + target, False), (bottom, False)]
-        if not self.rescale and _fusable(xs, b):
+        if not self.rescale and fused:
             return self._fused_magnitude_plans(b, xs, wanted)
         samples = [_sample(lambda step, x=x: _keys((x[::step] - b[::step]).abs_()), n) for x in xs]
         selects = [  # per model: a _Select per cut inside (0, n), else None
@@ -828,7 +854,9 @@ class TaskArithmetic(MergeMethod):
             plans.append(_KeepCuts(cuts))
         return plans
 
-    def _random_plans(self, b: Tensor, xs: list[Tensor], rng: torch.Generator) -> list[_KeepBits]:
+    def _random_plans(
+        self, b: Tensor, xs: list[Tensor], rng: torch.Generator, fused: bool
+    ) -> list[_KeepBits]:
         """DARE: every task vector's keep mask, drawn in mergekit's order (all of ``x_0``'s,
         then ``x_1``'s...) and kept as bits; with ``rescale``, the L1 norms before and after
         masking in one pass reading ``b`` and every ``x_i``.
@@ -840,7 +868,7 @@ class TaskArithmetic(MergeMethod):
         work = _work_dtype(b)
         p = float(torch.tensor(self.density, dtype=work))  # Bernoulli's p, in the work dtype
         if self.draws == "counter":
-            return self._counter_plans(b, xs, rng, p, work)
+            return self._counter_plans(b, xs, rng, p, work, fused)
         plans = []
         for _ in xs:
             blocks = {s: _pack(_bernoulli(p, (e - s,), rng)) for s, e in chunks(b.numel())}
@@ -850,14 +878,21 @@ class TaskArithmetic(MergeMethod):
         return plans
 
     def _counter_plans(
-        self, b: Tensor, xs: list[Tensor], rng: torch.Generator, p: float, work: torch.dtype
+        self,
+        b: Tensor,
+        xs: list[Tensor],
+        rng: torch.Generator,
+        p: float,
+        work: torch.dtype,
+        fused: bool,
     ) -> list[_KeepDraws]:
         """DARE with counter draws: one stream seed per task vector, drawn from ``rng``; with
-        ``rescale``, the L1 norms in one pass (fused for two models on the CPU, in float64)."""
+        ``rescale``, the L1 norms in one pass (fused for two models on the CPU when ``fused``,
+        in float64)."""
         plans = [_KeepDraws(seed, p, work) for seed in _seeds(rng, len(xs))]
         if not self.rescale:
             return plans
-        if work == b.dtype and _fusable(xs, b):
+        if work == b.dtype and fused:
             sums = kernels.random_sums(b, *xs, [plan.seed for plan in plans], p)
             for plan, before, after in zip(plans, sums[0::2], sums[1::2]):
                 plan.scale = _rescale(before, after, work)
