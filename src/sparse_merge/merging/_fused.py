@@ -581,15 +581,15 @@ def random_sums(b, x0, x1, seed0, seed1, p, offset, sums):
 
 @jit
 def random_merge2(
-    out, b, x0, x1, seed0, seed1, p, w0, w1, s0, s1, consensus, normalize, fixed, lam
+    out, b, x0, x1, seed0, seed1, p, offset, w0, w1, s0, s1, consensus, normalize, fixed, lam
 ):
     """``TaskArithmetic.merge_into_`` of two models with DARE's random sparsification, its
     keep masks from counter draws: model ``m`` keeps entry ``i`` when ``draw(seed_m, i) < p``
-    (``p``: the keep probability times 2^24, rounded up); otherwise as
-    ``magnitude_merge2``."""
+    (``p``: the keep probability times 2^24, rounded up), the arrays views starting at entry
+    ``offset`` of the tensor; otherwise as ``magnitude_merge2``."""
     inf, no = np.float32(np.inf), False
     cuts = (inf, inf, no, no, inf, inf, no, no)  # no bands
-    draws = (seed0, seed1, p, np.uint64(0))
+    draws = (seed0, seed1, p, offset)
     rest = (w0, w1, s0, s1, normalize, fixed, lam)
     if consensus == 0:
         merge_range(out, b, x0, x1, cuts, draws, rest, 0, False, DRAWS)

@@ -39,7 +39,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +48,8 @@ from torch import Tensor
 
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 BLOCK = 256  # entries per block of the selection loops (``_fused``)
+PART_MIN = 1 << 20  # entries per thread at least: starting one costs ~60 us, 1/10 of a part
+ALIGN = 64  # parts start at multiples of it: no cache line of an output is shared by two
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -76,6 +79,39 @@ def _ops():
     return _fused
 
 
+def in_parts(n: int, run: Callable[[int, int], object]) -> None:
+    """``run(lo, hi)`` over ``[0, n)`` cut into up to ``torch.get_num_threads()`` parts of at
+    least ``PART_MIN`` entries: the first in this thread, each other one in a thread of its own
+    (the kernels release the GIL). One thread reaches the memory bandwidth of a small machine in
+    float32, but not the compute of the bfloat16 loops (2x on two cores) nor a server's
+    bandwidth, which takes several cores. Elementwise loops give the same bits however they
+    are cut. An error in any part is raised here, after every part has finished."""
+    parts = max(1, min(torch.get_num_threads(), n // PART_MIN))
+    if parts == 1:
+        run(0, n)
+        return
+    cuts = [min(n, (n * k // parts) // ALIGN * ALIGN) for k in range(parts)] + [n]
+    errors: list[BaseException] = []
+
+    def part(lo: int, hi: int) -> None:
+        try:
+            run(lo, hi)
+        except BaseException as error:  # re-raised in the calling thread
+            errors.append(error)
+
+    others = [
+        threading.Thread(target=part, args=(cuts[k], cuts[k + 1]), daemon=True)
+        for k in range(1, parts)
+    ]
+    for thread in others:
+        thread.start()
+    part(cuts[0], cuts[1])
+    for thread in others:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 def weighted_sum2_(
     out: Tensor, tensors: Sequence[Tensor], coeffs: Sequence[float], divisor: float | None
 ) -> Tensor:
@@ -83,10 +119,10 @@ def weighted_sum2_(
     ``x_0 * c_0 + x_1 * c_1`` in float32 (``add`` with ``alpha``: a fused multiply-add), divided
     by ``divisor``, rounded once into ``out``; ``out`` may be either input."""
     kernel = _ops().weighted_sum2
-    x0, x1 = tensors
+    o, x0, x1 = _array(out), *(_array(x) for x in tensors)
     c0, c1 = np.float32(coeffs[0]), np.float32(coeffs[1])
     d = np.float32(1.0 if divisor is None else divisor)
-    kernel(_array(out), _array(x0), _array(x1), c0, c1, d)
+    in_parts(o.size, lambda lo, hi: kernel(o[lo:hi], x0[lo:hi], x1[lo:hi], c0, c1, d))
     return out
 
 
@@ -102,7 +138,9 @@ def lerp_chain_(out: Tensor, x0: Tensor, x1: Tensor, c0: float, c1: float) -> Te
     into calls and threads; here every element is computed alike."""
     if out.dtype == torch.bfloat16:
         c1 = float(torch.tensor(c1, dtype=torch.bfloat16))
-    _ops().lerp_chain(_array(out), _array(x0), _array(x1), np.float32(c0), np.float32(c1))
+    kernel, (o, a, b) = _ops().lerp_chain, (_array(t) for t in (out, x0, x1))
+    c0, c1 = np.float32(c0), np.float32(c1)
+    in_parts(o.size, lambda lo, hi: kernel(o[lo:hi], a[lo:hi], b[lo:hi], c0, c1))
     return out
 
 
@@ -118,16 +156,14 @@ def task_arithmetic2_(
     """Task arithmetic of two models (no sparsification, no sign consensus) in one pass, with
     the arithmetic of ``TaskArithmetic.merge_into_``: the weights and ``divisor`` already
     rounded to the dtype, ``lambda_`` a float32 scalar as torch multiplies by it."""
-    _ops().task_arithmetic2(
-        _array(out),
-        _array(base),
-        _array(x0),
-        _array(x1),
+    kernel, arrays = _ops().task_arithmetic2, [_array(t) for t in (out, base, x0, x1)]
+    settings = (
         np.float32(weights[0]),
         np.float32(weights[1]),
         np.float32(1.0 if divisor is None else divisor),
         np.float32(lambda_),
     )
+    in_parts(arrays[0].size, lambda lo, hi: kernel(*(a[lo:hi] for a in arrays), *settings))
     return out
 
 
@@ -239,16 +275,16 @@ def magnitude_merge2_(
     ties = np.array(  # [R, 2, 2]: whether range r keeps model m's ties at its lo / hi end
         [[start <= s < stop for start, stop in ranges] for s in starts], dtype=np.bool_
     ).reshape(-1, 2, 2)
-    _ops().magnitude_merge2(
-        _array(out),
-        _array(base),
-        _array(x0),
-        _array(x1),
-        np.array([band[:2] for band in bands], dtype=np.float32),
-        ties,
-        np.array([*starts, n], dtype=np.int64),
-        *_merge_settings(weights, scales, consensus, divisor, lambda_),
-    )
+    bounds = np.array([*starts, n], dtype=np.int64)  # [R + 1]
+    kernel, arrays = _ops().magnitude_merge2, [_array(t) for t in (out, base, x0, x1)]
+    cuts = np.array([band[:2] for band in bands], dtype=np.float32)
+    settings = _merge_settings(weights, scales, consensus, divisor, lambda_)
+
+    def part(lo: int, hi: int) -> None:  # the ranges clipped to the part (some left empty)
+        clipped = np.clip(bounds, lo, hi) - lo
+        kernel(*(a[lo:hi] for a in arrays), cuts, ties, clipped, *settings)
+
+    in_parts(n, part)
     return out
 
 
@@ -296,14 +332,12 @@ def random_merge2_(
     (``_fused.random_merge2``); the arguments as ``magnitude_merge2_``'s, the keep masks
     drawn from the streams ``seeds`` with keep probability ``p``."""
     s0, s1 = (np.uint64(s) for s in seeds)
-    _ops().random_merge2(
-        _array(out),
-        _array(base),
-        _array(x0),
-        _array(x1),
-        s0,
-        s1,
-        _threshold(p),
-        *_merge_settings(weights, scales, consensus, divisor, lambda_),
+    kernel, arrays = _ops().random_merge2, [_array(t) for t in (out, base, x0, x1)]
+    settings = _merge_settings(weights, scales, consensus, divisor, lambda_)
+    in_parts(
+        arrays[0].size,
+        lambda lo, hi: kernel(
+            *(a[lo:hi] for a in arrays), s0, s1, _threshold(p), np.uint64(lo), *settings
+        ),
     )
     return out

@@ -1,0 +1,126 @@
+"""Large tensors run through the fused kernels in parts on several threads
+(``kernels.in_parts``): the same bits however the tensor is cut, for every kernel that is cut
+(linear, both SLERPs, task arithmetic, TIES and Model Breadcrumbs with ties at their cuts, DARE
+with counter draws), and an error in any part reaches the caller."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from sparse_merge.evolution.crossover import slerp_
+from sparse_merge.merging import kernels
+from sparse_merge.merging.linear import Linear
+from sparse_merge.merging.slerp import Slerp
+from sparse_merge.merging.task_arithmetic import TaskArithmetic
+
+from .fused_paths import DTYPES, both_paths, differences, same_bits
+from .test_magnitude_kernels import models
+
+pytestmark = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not installed")
+
+N = 9001  # three parts of ~3000 entries with PART_MIN 1000, cut at multiples of ALIGN
+TIES = dict(sparsification="magnitude", consensus="sum", density=0.5, normalize=True)
+METHODS = {
+    "linear": lambda: Linear(),
+    "slerp": lambda: Slerp(),
+    "task_arithmetic": lambda: TaskArithmetic(lambda_=0.7),
+    "ties": lambda: TaskArithmetic(**TIES),
+    "breadcrumbs": lambda: TaskArithmetic(
+        sparsification="magnitude_outliers", density=0.6, gamma=0.1
+    ),
+    "dare_ties": lambda: TaskArithmetic(
+        sparsification="random", consensus="sum", density=0.6, rescale=True, draws="counter"
+    ),
+}
+
+
+@pytest.fixture
+def threads3():
+    """Three threads for the test (the kernels cut a tensor in at most that many parts)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+def cut_and_whole(monkeypatch, run):
+    """``run()`` with tensors cut into parts of at least 1000 entries, then in one part."""
+    monkeypatch.setattr(kernels, "PART_MIN", 1000)
+    cut = run()
+    monkeypatch.setattr(kernels, "PART_MIN", 1 << 40)
+    return cut, run()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["gauss", "grid"])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_parts_give_the_bits_of_one_part(name, kind, dtype, monkeypatch, threads3):
+    def run():
+        base, x0, x1 = models(N, dtype, 5, kind)
+        out = torch.empty_like(base)
+        method = METHODS[name]()
+        return method.merge_(
+            out,
+            base if method.needs_base else None,
+            [x0, x1],
+            [0.3, 0.7],
+            split=N // 3,
+            rng=torch.Generator().manual_seed(2),
+        )
+
+    cut, whole = cut_and_whole(monkeypatch, run)
+    assert same_bits(cut, whole), f"{name}: {differences(cut, whole)}"
+    fused, expected = both_paths(run)  # and the torch path, cut as well
+    assert same_bits(fused, expected), f"{name}: {differences(fused, expected)}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_genome_slerp_in_parts(dtype, monkeypatch, threads3):
+    def run():
+        _, a, b = models(N, dtype, 6, "gauss")
+        return slerp_(torch.empty_like(a), a, b, 0.3, split=N // 2)
+
+    cut, whole = cut_and_whole(monkeypatch, run)
+    assert same_bits(cut, whole), differences(cut, whole)
+
+
+def test_parts_cover_the_range_once_on_their_own_threads(monkeypatch, threads3):
+    monkeypatch.setattr(kernels, "PART_MIN", 1000)
+    seen: list[tuple[int, int, int]] = []
+    lock = threading.Lock()
+
+    def run(lo: int, hi: int) -> None:
+        with lock:
+            seen.append((lo, hi, threading.get_ident()))
+
+    kernels.in_parts(N, run)
+    seen.sort()
+    assert [(lo, hi) for lo, hi, _ in seen] == [(0, 2944), (2944, 5952), (5952, N)]
+    assert all(lo % kernels.ALIGN == 0 for lo, _, _ in seen)
+    caller = threading.get_ident()  # runs the first part; the others run on threads of their own
+    assert [ident == caller for *_, ident in seen] == [True, False, False]
+
+    seen.clear()
+    kernels.in_parts(2999, run)  # fewer than PART_MIN entries per thread: fewer parts
+    seen.sort()
+    assert [(lo, hi) for lo, hi, _ in seen] == [(0, 1472), (1472, 2999)]
+    seen.clear()
+    kernels.in_parts(999, run)
+    assert [(lo, hi) for lo, hi, _ in seen] == [(0, 999)]
+
+
+def test_an_error_in_any_part_is_raised_after_all_finish(monkeypatch, threads3):
+    monkeypatch.setattr(kernels, "PART_MIN", 1000)
+    finished = []
+
+    def run(lo: int, hi: int) -> None:
+        if lo > 0 and hi == N:
+            raise ValueError(f"part [{lo}, {hi})")
+        finished.append(lo)
+
+    with pytest.raises(ValueError, match=r"part \[5952, 9001\)"):
+        kernels.in_parts(N, run)
+    assert sorted(finished) == [0, 2944]
