@@ -29,8 +29,9 @@ infinities and subnormals (``tests/merging/test_kernels.py``, ``test_magnitude_k
 NaN payloads (torch's own vectorised and scalar loops store different ones) and, for the
 bfloat16 interpolation of ``lerp_chain_``, torch's scalar tails (see there). Other dtypes,
 other devices, non-contiguous tensors, or numba missing: the torch path runs (``usable``).
-Single-threaded: one core already comes near the memory bandwidth the merge needs. The loops
-use IEEE division (numba's ``error_model="numpy"``: its Python model turns a division by a
+Tensors of at least ``2 * PART_MIN`` entries run in parts on up to ``torch.get_num_threads()``
+threads (``in_parts``; the same bits however cut); smaller ones, and the selection and norm
+passes, on one. The loops use IEEE division (numba's ``error_model="numpy"``: its Python model turns a division by a
 variable into a checked branch, and the loop stops vectorising).
 """
 
