@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +125,37 @@ def test_an_error_in_any_part_is_raised_after_all_finish(monkeypatch, threads3):
     with pytest.raises(ValueError, match=r"part \[5952, 9001\)"):
         kernels.in_parts(N, run)
     assert sorted(finished) == [0, 2944]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cuts", [1, 2])
+def test_selection_in_parts_finds_the_bands_of_one_pass(dtype, cuts, monkeypatch, threads3):
+    """The selection pass in parts: the same counts below, bands (joined in index order) and
+    block marks as in one part, for one or two cuts per model; a band too large for a part's
+    room is given up."""
+    base, x0, x1 = models(N, dtype, 7, "grid")  # four magnitudes: wide bands, ties
+    keys = [np.sort(kernels.magnitude_sample(base, x0, x1, 1)[m]) for m in (0, 1)]
+    brackets = {
+        (m, c): (int(keys[m][q]), int(keys[m][q + N // 20]))
+        for m in (0, 1)
+        for c, q in enumerate([N // 3, N // 2][:cuts])
+    }
+
+    def bands(room: int) -> dict:
+        parts = kernels.part_count(N)
+        buffer = np.zeros((4, parts * (room + kernels.BLOCK)), np.int32)
+        return {
+            key: None if found is None else (found[0], found[1].copy(), found[2].copy())
+            for key, found in kernels.magnitude_bands(base, x0, x1, brackets, buffer).items()
+        }
+
+    cut, whole = cut_and_whole(monkeypatch, lambda: bands(N))
+    assert cut.keys() == whole.keys() == brackets.keys()
+    for key in brackets:
+        assert cut[key][0] == whole[key][0]
+        assert np.array_equal(cut[key][1], whole[key][1])
+        assert np.array_equal(cut[key][2], whole[key][2])
+        assert len(cut[key][1]) > N // 20  # the grid's ties make the bands wide
+
+    monkeypatch.setattr(kernels, "PART_MIN", 1000)
+    assert all(found is None for found in bands(N // 20).values())  # more than a part's room

@@ -80,18 +80,33 @@ def _ops():
     return _fused
 
 
-def in_parts(n: int, run: Callable[[int, int], object]) -> None:
+def part_count(n: int) -> int:
+    """Into how many parts ``in_parts`` cuts ``n`` entries: one per thread
+    (``torch.get_num_threads()``), each of at least ``PART_MIN`` entries."""
+    return max(1, min(torch.get_num_threads(), n // PART_MIN))
+
+
+def part_cuts(n: int, parts: int, align: int = ALIGN) -> list[int]:
+    """Where ``parts`` near-equal parts of ``[0, n)`` start, at multiples of ``align``, and
+    ``n``."""
+    return [min(n, (n * k // parts) // align * align) for k in range(parts)] + [n]
+
+
+def in_parts(
+    n: int, run: Callable[[int, int], object], parts: int | None = None, align: int = ALIGN
+) -> None:
     """``run(lo, hi)`` over ``[0, n)`` cut into up to ``torch.get_num_threads()`` parts of at
     least ``PART_MIN`` entries: the first in this thread, each other one in a thread of its own
     (the kernels release the GIL). One thread reaches the memory bandwidth of a small machine in
     float32, but not the compute of the bfloat16 loops (2x on two cores) nor a server's
     bandwidth, which takes several cores. Elementwise loops give the same bits however they
-    are cut. An error in any part is raised here, after every part has finished."""
-    parts = max(1, min(torch.get_num_threads(), n // PART_MIN))
+    are cut. An error in any part is raised here, after every part has finished. ``parts``:
+    that many instead (``part_count``); ``align``: the parts start at its multiples."""
+    parts = part_count(n) if parts is None else parts
     if parts == 1:
         run(0, n)
         return
-    cuts = [min(n, (n * k // parts) // ALIGN * ALIGN) for k in range(parts)] + [n]
+    cuts = part_cuts(n, parts, align)
     errors: list[BaseException] = []
 
     def part(lo: int, hi: int) -> None:
@@ -178,26 +193,50 @@ def magnitude_bands(
     """One pass over ``base`` and two models for top-k thresholds of ``|x_i - base|`` (keys:
     the bits of the magnitudes as int32, ``_fused.magnitude_key``). ``brackets``: (model,
     cut) -> (lo, hi), at most two cuts per model; for each, the count of keys below ``lo``,
-    the keys in ``[lo, hi]`` in index order (a view of ``buffer``, int32 [4, cap + BLOCK],
-    the caller's to reuse) and the band's length at the start of every block of ``BLOCK``
-    entries (``tie_end_in``); or None when more than ``cap`` fall inside."""
-    ops = _ops()
+    the keys in ``[lo, hi]`` in index order (a view of ``buffer``, int32 [4, parts * (cap +
+    BLOCK)] with ``parts = part_count(n)``, the caller's to reuse) and the band's length at
+    the start of every block of ``BLOCK`` entries (``tie_end_in``); or None when more than
+    ``cap`` fall inside one part. A large tensor runs in parts (``in_parts``, cut at blocks),
+    each into its own share of ``buffer``; the bands are then joined in index order."""
+    ops, n = _ops(), base.numel()
     lo, hi = np.full(4, -1, np.int64), np.full(4, -1, np.int64)
     for (model, cut), (low, high) in brackets.items():
         lo[2 * model + cut], hi[2 * model + cut] = low, high
-    bands = buffer
-    below, kept = np.zeros(4, np.int64), np.zeros(4, np.int64)
-    marks = np.empty((4, base.numel() // BLOCK + 1), np.int64)
     # keys computed where compared: faster for one cut per model (TIES), slower for two
     direct = base.dtype == torch.float32 and len(brackets) <= 2
     kernel = ops.magnitude_bands_f32 if direct else ops.magnitude_bands
-    kernel(_array(base), _array(x0), _array(x1), lo, hi, below, bands, kept, marks)
-    return {
-        (m, c): None
-        if kept[2 * m + c] < 0
-        else (int(below[2 * m + c]), bands[2 * m + c, : kept[2 * m + c]], marks[2 * m + c])
-        for m, c in brackets
-    }
+    arrays = [_array(t) for t in (base, x0, x1)]
+    parts = part_count(n)
+    cuts = part_cuts(n, parts, BLOCK)
+    share = buffer.shape[1] // parts  # each part's room: cap + BLOCK keys
+    below, kept = np.zeros((parts, 4), np.int64), np.zeros((parts, 4), np.int64)
+    marks = [  # per part: at each of its blocks, and at its end
+        np.empty((4, (stop - start) // BLOCK + 1), np.int64)
+        for start, stop in zip(cuts[:-1], cuts[1:])
+    ]
+
+    def part(start: int, stop: int) -> None:
+        k = cuts.index(start)
+        room = buffer[:, k * share : (k + 1) * share]
+        kernel(*(a[start:stop] for a in arrays), lo, hi, below[k], room, kept[k], marks[k])
+
+    in_parts(n, part, parts, BLOCK)
+    found = {}
+    for m, c in brackets:
+        s = 2 * m + c
+        if (kept[:, s] < 0).any():
+            found[m, c] = None
+            continue
+        ahead = np.cumsum(kept[:, s]) - kept[:, s]  # keys in the parts before each
+        for k in range(1, parts):  # the bands joined, moved left in place
+            at = k * share
+            buffer[s, ahead[k] : ahead[k] + kept[k, s]] = buffer[s, at : at + kept[k, s]]
+        # a part's last mark is where its tail began (the last part's) or its end, which is
+        # where the next part begins
+        joined = [mark[s, :-1] + before for mark, before in zip(marks[:-1], ahead[:-1])]
+        joined = np.concatenate([*joined, marks[-1][s] + ahead[-1]])  # [n // BLOCK + 1]
+        found[m, c] = (int(below[:, s].sum()), buffer[s, : kept[:, s].sum()], joined)
+    return found
 
 
 def tie_end_in(band: np.ndarray, marks: np.ndarray, key: int, budget: int, block_keys) -> int:

@@ -828,8 +828,11 @@ class TaskArithmetic(MergeMethod):
                     )
                     for i, c, sel in brackets
                 },
-                self.scratch(
-                    "bands", (4, min(cap, n) + kernels.BLOCK), torch.int32, b.device
+                self.scratch(  # room for each part of the pass
+                    "bands",
+                    (4, kernels.part_count(n) * (min(cap, n) + kernels.BLOCK)),
+                    torch.int32,
+                    b.device,
                 ).numpy(),
             )
             longest = max((len(band[1]) for band in bands.values() if band), default=0)
