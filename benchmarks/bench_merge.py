@@ -1,18 +1,20 @@
 """Merge methods against the memory-bandwidth floor: every ``conf/merge`` variant (and SLERP's
 one-angle-per-genome form, M2N2's crossover) merging two genomes of 16 M elements (float32,
-then bfloat16) with their base, as the evolution's crossover does: weights [0.3, 0.7], a split point at a third,
-one thread. A method's floor is the bytes it must move (``MergeMethod.traffic_floor``, in
-genomes: e.g. 5 for SLERP, whose angle needs a pass over both parents before anything is
-written) at the speed of ``copy_`` measured right before it, so both see the same load.
-Stochastic methods draw from a seeded ``torch.Generator``. Last, the crossover's default and
-the methods with fused loops on a genome laid out like a real model's, SmolLM2-135M (272
-tensors, 134.5 M elements, float32): small tensors whose inputs stay in cache between a
-method's passes. The per-step costs of the engine are in ``bench_engine.py``.
+then bfloat16) with their base, as the evolution's crossover does: weights [0.3, 0.7], a split
+point at a third, one thread. A method's floor is the bytes it must move
+(``MergeMethod.traffic_floor``, in genomes: e.g. 5 for SLERP, whose angle needs a pass over
+both parents before anything is written) at the speed of ``copy_`` measured right before it,
+so both see the same load. Stochastic methods draw from a seeded ``torch.Generator``. Then
+the crossover's default and the methods with fused loops on a genome laid out like a real
+model's, SmolLM2-135M (272 tensors, 134.5 M elements, float32): small tensors whose inputs
+stay in cache between a method's passes. Last, a few methods on every core, against ``copy_``
+on as many. The per-step costs of the engine are in ``bench_engine.py``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -65,6 +67,17 @@ SMOLLM2_METHODS = (
 )
 
 
+# the methods timed again on all threads: the large tensors' loops run in parts
+# (``merging.kernels.in_parts``); the copy_ they are measured against runs on as many
+THREADED_METHODS = (
+    ("slerp genome +split (M2N2's crossover)", "slerp", {"granularity": "genome"}),
+    ("task_arithmetic +split", "task_arithmetic", {}),
+    ("ties +split", "ties", {}),
+    ("breadcrumbs +split", "breadcrumbs", {}),
+    ("dare_ties +split, draws=counter", "dare_ties", {"draws": "counter"}),
+)
+
+
 def _segments(shapes) -> list[tuple[int, int, tuple[int, ...]]]:
     """``shapes`` laid out one after another from 0."""
     segments, lo = [], 0
@@ -90,16 +103,22 @@ def _best_of(fn, repeats: int = 5, budget_s: float = 1.5) -> float:
     return min(times)
 
 
-def merge_rows(dtype: torch.dtype = torch.float32, smollm2: bool = False) -> list[dict]:
+def merge_rows(
+    dtype: torch.dtype = torch.float32, smollm2: bool = False, threads: int = 1
+) -> list[dict]:
     """One row per method: seconds per merge, × ``copy_`` of one genome, the floor in genomes,
     floor bytes per second and the fraction of the floor reached (1: as fast as memory
     allows). ``smollm2``: on a genome laid out like SmolLM2-135M's (``SMOLLM2_SHAPES``), for
-    ``SMOLLM2_METHODS``."""
+    ``SMOLLM2_METHODS``. ``threads`` > 1: ``THREADED_METHODS`` with that many threads, against
+    ``copy_`` on as many."""
     if smollm2:
         segments = _segments(SMOLLM2_SHAPES)
         n, methods, what = segments[-1][1], [(*m, True) for m in SMOLLM2_METHODS], "SmolLM2, "
     else:
         n, segments, methods, what = N, _layer_segments(N), METHODS, ""
+    if threads > 1:
+        methods = [(*m, True) for m in THREADED_METHODS]
+        what = f"{threads} threads, {what}"
     g = torch.Generator().manual_seed(0)
     base, a, b = (torch.randn(n, generator=g).to(dtype) for _ in range(3))
     out = torch.empty_like(a)
@@ -148,11 +167,16 @@ def _row(what: str, seconds: float, floor: int, size: int, copy_s: float) -> dic
 
 
 def run() -> list[dict]:
-    """Rows of the benchmark table (one thread)."""
+    """Rows of the benchmark table: one thread, then some methods on every core."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return merge_rows() + merge_rows(torch.bfloat16) + merge_rows(smollm2=True)
+        rows = merge_rows() + merge_rows(torch.bfloat16) + merge_rows(smollm2=True)
+        cores = os.cpu_count() or 1
+        if cores > 1:
+            torch.set_num_threads(cores)
+            rows += merge_rows(threads=cores) + merge_rows(torch.bfloat16, threads=cores)
+        return rows
     finally:
         torch.set_num_threads(threads)
 

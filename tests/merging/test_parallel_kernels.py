@@ -142,8 +142,7 @@ def test_selection_in_parts_finds_the_bands_of_one_pass(dtype, cuts, monkeypatch
     }
 
     def bands(room: int) -> dict:
-        parts = kernels.part_count(N)
-        buffer = np.zeros((4, parts * (room + kernels.BLOCK)), np.int32)
+        buffer = np.zeros(kernels.bands_shape(N, room), np.int32)
         return {
             key: None if found is None else (found[0], found[1].copy(), found[2].copy())
             for key, found in kernels.magnitude_bands(base, x0, x1, brackets, buffer).items()

@@ -183,6 +183,14 @@ def task_arithmetic2_(
     return out
 
 
+def bands_shape(n: int, cap: int) -> tuple[int, int]:
+    """The shape of ``magnitude_bands``'s buffer for ``n`` entries and bands of up to ``cap``
+    keys: room for every part, and one column more, so that a part's room is never the whole
+    row: numba then compiles one loop for one part and for several (a view of whole rows is
+    contiguous, of part of them not)."""
+    return 4, part_count(n) * (cap + BLOCK) + 1
+
+
 def magnitude_bands(
     base: Tensor,
     x0: Tensor,
@@ -193,8 +201,8 @@ def magnitude_bands(
     """One pass over ``base`` and two models for top-k thresholds of ``|x_i - base|`` (keys:
     the bits of the magnitudes as int32, ``_fused.magnitude_key``). ``brackets``: (model,
     cut) -> (lo, hi), at most two cuts per model; for each, the count of keys below ``lo``,
-    the keys in ``[lo, hi]`` in index order (a view of ``buffer``, int32 [4, parts * (cap +
-    BLOCK)] with ``parts = part_count(n)``, the caller's to reuse) and the band's length at
+    the keys in ``[lo, hi]`` in index order (a view of ``buffer``, int32 ``bands_shape(n,
+    cap)``, the caller's to reuse) and the band's length at
     the start of every block of ``BLOCK`` entries (``tie_end_in``); or None when more than
     ``cap`` fall inside one part. A large tensor runs in parts (``in_parts``, cut at blocks),
     each into its own share of ``buffer``; the bands are then joined in index order."""
@@ -208,7 +216,7 @@ def magnitude_bands(
     arrays = [_array(t) for t in (base, x0, x1)]
     parts = part_count(n)
     cuts = part_cuts(n, parts, BLOCK)
-    share = buffer.shape[1] // parts  # each part's room: cap + BLOCK keys
+    share = (buffer.shape[1] - 1) // parts  # each part's room: cap + BLOCK keys
     below, kept = np.zeros((parts, 4), np.int64), np.zeros((parts, 4), np.int64)
     marks = [  # per part: at each of its blocks, and at its end
         np.empty((4, (stop - start) // BLOCK + 1), np.int64)

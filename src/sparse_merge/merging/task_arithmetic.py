@@ -828,11 +828,8 @@ class TaskArithmetic(MergeMethod):
                     )
                     for i, c, sel in brackets
                 },
-                self.scratch(  # room for each part of the pass
-                    "bands",
-                    (4, kernels.part_count(n) * (min(cap, n) + kernels.BLOCK)),
-                    torch.int32,
-                    b.device,
+                self.scratch(
+                    "bands", kernels.bands_shape(n, min(cap, n)), torch.int32, b.device
                 ).numpy(),
             )
             longest = max((len(band[1]) for band in bands.values() if band), default=0)
