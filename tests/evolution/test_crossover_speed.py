@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from sparse_merge.evolution.crossover import Crossover
 from sparse_merge.merging import base as merging_base
+from sparse_merge.merging import kernels as merge_kernels
 from sparse_merge.merging import task_arithmetic
 from sparse_merge.merging.linear import Linear
 from sparse_merge.merging.slerp import Slerp
@@ -349,3 +350,34 @@ def test_warm_up_runs_the_fused_loops_without_drawing_from_the_run(method, kerne
     Crossover(method(), split=True).warm_up(torch.float32, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), before)
     assert all(calls.values()), calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "dare_counter", "slerp"])
+def test_after_the_warm_up_large_tensors_in_parts_compile_nothing(name, dtype, monkeypatch):
+    """A tensor cut into parts on several threads (``kernels.in_parts``) runs the loops the
+    warm-up compiled: no new type signature (array layout) for numba to compile mid-run."""
+    fused = pytest.importorskip("sparse_merge.merging._fused")
+    method = {
+        "ties": lambda: TaskArithmetic("magnitude", "sum", density=0.4, normalize=True),
+        "breadcrumbs": lambda: TaskArithmetic("magnitude_outliers", density=0.9, gamma=0.05),
+        "dare_counter": lambda: TaskArithmetic(
+            "random", "sum", density=0.4, rescale=True, draws="counter"
+        ),
+        "slerp": lambda: Slerp(granularity="genome"),
+    }[name]()
+    crossover = Crossover(method, split=True)
+    crossover.warm_up(dtype, torch.device("cpu"))
+    dispatchers = [f for f in vars(fused).values() if hasattr(f, "signatures")]
+    before = {f: len(f.signatures) for f in dispatchers}
+    monkeypatch.setattr(merge_kernels, "PART_MIN", 2048)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a, b, base = (torch.randn(30_000, generator=g).to(dtype) for _ in range(3))
+        rng = torch.Generator().manual_seed(1)
+        method.merge_(torch.empty_like(a), base, [a, b], [0.3, 0.7], split=10_000, rng=rng)
+    finally:
+        torch.set_num_threads(threads)
+    assert {f: len(f.signatures) for f in dispatchers} == before
