@@ -217,7 +217,9 @@ def magnitude_bands(
     parts = part_count(n)
     cuts = part_cuts(n, parts, BLOCK)
     share = (buffer.shape[1] - 1) // parts  # each part's room: cap + BLOCK keys
-    below, kept = np.zeros((parts, 4), np.int64), np.zeros((parts, 4), np.int64)
+    # each part's counts on cache lines of their own: the loops update them every block, and
+    # two threads writing one line slow each other down
+    below, kept = (np.zeros((parts, 16), np.int64)[:, :4] for _ in range(2))
     marks = [  # per part: at each of its blocks, and at its end
         np.empty((4, (stop - start) // BLOCK + 1), np.int64)
         for start, stop in zip(cuts[:-1], cuts[1:])
