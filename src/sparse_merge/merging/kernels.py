@@ -231,21 +231,27 @@ def magnitude_bands(
         kernel(*(a[start:stop] for a in arrays), lo, hi, below[k], room, kept[k], marks[k])
 
     in_parts(n, part, parts, BLOCK)
+    counts = kept.tolist()  # [parts][4]
+    below = (below[0] if parts == 1 else below.sum(axis=0)).tolist()  # [4]
     found = {}
     for m, c in brackets:
         s = 2 * m + c
-        if (kept[:, s] < 0).any():
+        kept_s = [row[s] for row in counts]
+        if min(kept_s) < 0:
             found[m, c] = None
             continue
-        ahead = np.cumsum(kept[:, s]) - kept[:, s]  # keys in the parts before each
+        if parts == 1:
+            found[m, c] = (below[s], buffer[s, : kept_s[0]], marks[0][s])
+            continue
+        ahead = [sum(kept_s[:k]) for k in range(parts)]  # keys in the parts before each
         for k in range(1, parts):  # the bands joined, moved left in place
             at = k * share
-            buffer[s, ahead[k] : ahead[k] + kept[k, s]] = buffer[s, at : at + kept[k, s]]
+            buffer[s, ahead[k] : ahead[k] + kept_s[k]] = buffer[s, at : at + kept_s[k]]
         # a part's last mark is where its tail began (the last part's) or its end, which is
         # where the next part begins
         joined = [mark[s, :-1] + before for mark, before in zip(marks[:-1], ahead[:-1])]
         joined = np.concatenate([*joined, marks[-1][s] + ahead[-1]])  # [n // BLOCK + 1]
-        found[m, c] = (int(below[:, s].sum()), buffer[s, : kept[:, s].sum()], joined)
+        found[m, c] = (below[s], buffer[s, : sum(kept_s)], joined)
     return found
 
 
@@ -331,7 +337,7 @@ def magnitude_merge2_(
     settings = _merge_settings(weights, scales, consensus, divisor, lambda_)
 
     def part(lo: int, hi: int) -> None:  # the ranges clipped to the part (some left empty)
-        clipped = np.clip(bounds, lo, hi) - lo
+        clipped = bounds if (lo, hi) == (0, n) else np.clip(bounds, lo, hi) - lo
         kernel(*(a[lo:hi] for a in arrays), cuts, ties, clipped, *settings)
 
     in_parts(n, part)
