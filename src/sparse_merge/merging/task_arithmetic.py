@@ -523,13 +523,13 @@ class TaskArithmetic(MergeMethod):
     (``merging.kernels``), the same bits as the torch path: task arithmetic ~0.9 of its floor
     (4 genomes), TIES ~0.6 and Model Breadcrumbs ~0.5 of 7 genomes (a sampled bracket, one
     pass compressing the keys inside it, an exact order statistic of those, then one merge
-    pass), DARE with ``draws="counter"`` ~0.6 of 7 (the masks computed in both loops). With
-    more models, or off the CPU, torch ops per chunk: task arithmetic ~0.4, TIES and
-    Breadcrumbs ~0.12 (numpy selection, ``_Select``). DARE with torch's draws ~0.1 (a serial
-    Mersenne twister, ~2 ns per uniform, whatever the path), DELLA ~0.02 (a sort of every row
-    of ``|d|``; a 1-D tensor, or one cut by the split point, is one row, sorted whole). In
-    bfloat16 the fused loops round after every op as torch does, compute-bound at half the
-    bytes: ~0.15 for TIES and DARE.
+    pass), DARE with ``draws="counter"`` ~0.65 of 7 (the masks computed in both loops); tensors
+    of 2 M entries and more in parts on every thread. With more models, or off the CPU, torch
+    ops per chunk: task arithmetic ~0.4, TIES and Breadcrumbs ~0.12 (numpy selection,
+    ``_Select``). DARE with torch's draws ~0.1 (a serial Mersenne twister, ~2 ns per uniform,
+    whatever the path), DELLA ~0.03 (a sort of every row of ``|d|``; a 1-D tensor, or one cut
+    by the split point, is one row, sorted whole). In bfloat16 the fused loops round after
+    every op as torch does, compute-bound at half the bytes: ~0.2 for TIES and DARE.
     """
 
     needs_base = True
