@@ -330,7 +330,7 @@ def test_traffic_floors_in_genomes():
         ),
         (
             lambda: TaskArithmetic("magnitude_outliers", density=0.9, gamma=0.05),
-            ("magnitude_sample", "magnitude_bands", "magnitude_merge2"),
+            ("magnitude_sample", "magnitude_bands2_f32", "magnitude_merge2"),
         ),
         (
             lambda: TaskArithmetic("random", "sum", density=0.4, rescale=True, draws="counter"),

@@ -166,7 +166,8 @@ LANES = 16  # keys compared and compressed per vector
 
 def _append_band(context, builder, values, lo, hi, out, m):
     """The code of ``compress_band`` once its 16 int32 keys ``values`` are loaded; ``lo``,
-    ``hi``, ``out``, ``m``: (value, numba type) pairs."""
+    ``hi``, ``out``, ``m``: (value, numba type) pairs. Returns the counts appended and below
+    ``lo`` (int64 values)."""
     i32 = ir.IntType(32)
     vec = ir.VectorType(i32, LANES)
 
@@ -198,8 +199,32 @@ def _append_band(context, builder, values, lo, hi, out, m):
         bits = builder.call(popcount, [builder.bitcast(mask, ir.IntType(LANES))])
         return builder.zext(bits, ir.IntType(64))
 
-    below = count(builder.icmp_signed("<", values, low))
-    return builder.or_(count(inside), builder.shl(below, ir.Constant(ir.IntType(64), 32)))
+    return count(inside), count(builder.icmp_signed("<", values, low))
+
+
+def _packed(builder, counts, width):
+    """The int64 counts (each below 2^width) packed into one int64, the first lowest."""
+    packed = counts[0]
+    for k, count in enumerate(counts[1:], start=1):
+        packed = builder.or_(packed, builder.shl(count, ir.Constant(ir.IntType(64), k * width)))
+    return packed
+
+
+def _magnitudes_f32(context, builder, signature, args):
+    """The 16 int32 keys of ``|x[j:j + 16] - b[j:j + 16]|`` (the first three ``args``: float32
+    arrays ``b``, ``x`` and ``j``), computed in registers: the float32 subtraction, its
+    absolute value, its bits."""
+    fvec = ir.VectorType(ir.FloatType(), LANES)
+
+    def load(k):
+        arr = context.make_array(signature.args[k])(context, builder, args[k])
+        return builder.load(builder.gep(arr.data, [args[2]]), align=4, typ=fvec)
+
+    fabs = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(fvec, [fvec]), f"llvm.fabs.v{LANES}f32"
+    )
+    magnitude = builder.call(fabs, [builder.fsub(load(1), load(0))])
+    return builder.bitcast(magnitude, ir.VectorType(ir.IntType(32), LANES))
 
 
 @intrinsic
@@ -218,7 +243,7 @@ def compress_band(typingctx, keys, j, lo, hi, out, m):
         src = context.make_array(signature.args[0])(context, builder, args[0])
         values = builder.load(builder.gep(src.data, [args[1]]), align=4, typ=vec)
         pairs = list(zip(args, signature.args))
-        return _append_band(context, builder, values, *pairs[2:])
+        return _packed(builder, _append_band(context, builder, values, *pairs[2:]), 32)
 
     return types.int64(keys, j, lo, hi, out, m), codegen
 
@@ -226,24 +251,31 @@ def compress_band(typingctx, keys, j, lo, hi, out, m):
 @intrinsic
 def compress_band_f32(typingctx, b, x, j, lo, hi, out, m):
     """``compress_band`` of the keys of ``|x[j:j + 16] - b[j:j + 16]|`` (float32 arrays),
-    computed in registers: the float32 subtraction, its absolute value, its bits."""
+    computed in registers (``_magnitudes_f32``)."""
 
     def codegen(context, builder, signature, args):
-        fvec = ir.VectorType(ir.FloatType(), LANES)
-
-        def load(k):
-            arr = context.make_array(signature.args[k])(context, builder, args[k])
-            return builder.load(builder.gep(arr.data, [args[2]]), align=4, typ=fvec)
-
-        fabs = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(fvec, [fvec]), f"llvm.fabs.v{LANES}f32"
-        )
-        magnitude = builder.call(fabs, [builder.fsub(load(1), load(0))])
-        values = builder.bitcast(magnitude, ir.VectorType(ir.IntType(32), LANES))
+        values = _magnitudes_f32(context, builder, signature, args)
         pairs = list(zip(args, signature.args))
-        return _append_band(context, builder, values, *pairs[3:])
+        return _packed(builder, _append_band(context, builder, values, *pairs[3:]), 32)
 
     return types.int64(b, x, j, lo, hi, out, m), codegen
+
+
+@intrinsic
+def compress_bands_f32(typingctx, b, x, j, lo0, hi0, out0, m0, lo1, hi1, out1, m1):
+    """``compress_band_f32`` into two bands at once, ``(lo0, hi0)`` into ``out0`` at ``m0``
+    and ``(lo1, hi1)`` into ``out1`` at ``m1``, from one computation of the keys. Returns the
+    four counts, 16 bits each: appended to band 0, below ``lo0``, appended to band 1, below
+    ``lo1``."""
+
+    def codegen(context, builder, signature, args):
+        values = _magnitudes_f32(context, builder, signature, args)
+        pairs = list(zip(args, signature.args))
+        first = _append_band(context, builder, values, *pairs[3:7])
+        second = _append_band(context, builder, values, *pairs[7:11])
+        return _packed(builder, [*first, *second], 16)
+
+    return types.int64(b, x, j, lo0, hi0, out0, m0, lo1, hi1, out1, m1), codegen
 
 
 @jit
@@ -377,6 +409,50 @@ def key_counts(keys, key):
         below += keys[i] < key
         equal += keys[i] == key
     return below, equal
+
+
+COUNT = 0xFFFF  # one count of compress_bands_f32
+
+
+@jit
+def magnitude_bands2_f32(b, x0, x1, lo, hi, below, bands, kept, marks):
+    """``magnitude_bands`` for float32 with two cuts per model (Model Breadcrumbs): each
+    vector of keys computed once, in registers, and compressed into both of its model's bands
+    (``compress_bands_f32``; 1.2x faster than the keys stored per block and compressed from
+    there). A band given up (or unused) takes its keys at its start, where they are ignored."""
+    n = b.size
+    cap = bands.shape[1] - BLOCK
+    for s in range(4):
+        below[s] = 0
+        kept[s] = 0 if hi[s] >= 0 else -1
+    whole = n - n % BLOCK
+    for start in range(0, whole, BLOCK):
+        for s in range(4):
+            marks[s, start // BLOCK] = kept[s]
+            if kept[s] > cap:
+                kept[s] = -1
+        for first in range(0, 4, 2):
+            x = x0 if first == 0 else x1
+            second = first + 1
+            m0, m1 = max(kept[first], 0), max(kept[second], 0)
+            band0, band1 = bands[first], bands[second]
+            lo0, hi0, lo1, hi1 = lo[first], hi[first], lo[second], hi[second]
+            count0 = count1 = 0
+            for j in range(start, start + BLOCK, LANES):
+                found = compress_bands_f32(b, x, j, lo0, hi0, band0, m0, lo1, hi1, band1, m1)
+                m0 += found & COUNT
+                count0 += (found >> 16) & COUNT
+                m1 += (found >> 32) & COUNT
+                count1 += (found >> 48) & COUNT
+            if kept[first] >= 0:
+                kept[first] = m0
+                below[first] += count0
+            if kept[second] >= 0:
+                kept[second] = m1
+                below[second] += count1
+    for s in range(4):
+        marks[s, whole // BLOCK] = kept[s]
+    band_tail(b, x0, x1, lo, hi, below, bands, kept, whole)
 
 
 @jit

@@ -210,9 +210,11 @@ def magnitude_bands(
     lo, hi = np.full(4, -1, np.int64), np.full(4, -1, np.int64)
     for (model, cut), (low, high) in brackets.items():
         lo[2 * model + cut], hi[2 * model + cut] = low, high
-    # keys computed where compared: faster for one cut per model (TIES), slower for two
-    direct = base.dtype == torch.float32 and len(brackets) <= 2
-    kernel = ops.magnitude_bands_f32 if direct else ops.magnitude_bands
+    # float32 keys computed where compared, in registers: once per cut for one cut per model
+    # (TIES), once for both bands for two (Model Breadcrumbs)
+    kernel = ops.magnitude_bands
+    if base.dtype == torch.float32:
+        kernel = ops.magnitude_bands_f32 if len(brackets) <= 2 else ops.magnitude_bands2_f32
     arrays = [_array(t) for t in (base, x0, x1)]
     parts = part_count(n)
     cuts = part_cuts(n, parts, BLOCK)
