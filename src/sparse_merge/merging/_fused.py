@@ -162,6 +162,7 @@ def task_arithmetic2(out, b, x0, x1, w0, w1, divisor, lam):
 # ---- TIES and Model Breadcrumbs: top-k selection and the masked merge ----------------------
 
 LANES = 16  # keys compared and compressed per vector
+COUNT = 0xFFFF  # one of the four counts compress_bands_f32 returns
 
 
 def _append_band(context, builder, values, lo, hi, out, m):
@@ -316,14 +317,9 @@ def magnitude_bands(b, x0, x1, lo, hi, below, bands, kept, marks):
     given up). A selection with ``hi[s] < 0`` is unused (keys are not negative).
     ``marks[s, k]``: the count in ``bands[s]`` when block ``k`` (``BLOCK`` entries from
     ``k * BLOCK``; the last one, the rest) began, so a band entry's block can be found."""
-    n = b.size
-    cap = bands.shape[1] - BLOCK
     k0 = np.empty(BLOCK, np.int32)
     k1 = np.empty(BLOCK, np.int32)
-    for s in range(4):
-        below[s] = 0
-        kept[s] = 0 if hi[s] >= 0 else -1
-    whole = n - n % BLOCK
+    cap, whole = bands_begin(b, hi, below, bands, kept)
     for start in range(0, whole, BLOCK):
         at = np.uint64(start)  # unsigned: numba skips its wrap-around of negative indices
         for s in range(4):
@@ -346,6 +342,23 @@ def magnitude_bands(b, x0, x1, lo, hi, below, bands, kept, marks):
                 count += found >> 32
             kept[s] = m
             below[s] += count
+    bands_end(b, x0, x1, lo, hi, below, bands, kept, marks, whole)
+
+
+@jit
+def bands_begin(b, hi, below, bands, kept):
+    """The counts of a selection pass zeroed (a selection with ``hi < 0`` unused: -1); returns
+    how many keys a band holds before it is given up, and where the whole blocks end."""
+    for s in range(4):
+        below[s] = 0
+        kept[s] = 0 if hi[s] >= 0 else -1
+    return bands.shape[1] - BLOCK, b.size - b.size % BLOCK
+
+
+@jit
+def bands_end(b, x0, x1, lo, hi, below, bands, kept, marks, whole):
+    """The last mark of a selection pass, then its entries from ``whole`` on
+    (``band_tail``)."""
     for s in range(4):
         marks[s, whole // BLOCK] = kept[s]
     band_tail(b, x0, x1, lo, hi, below, bands, kept, whole)
@@ -373,12 +386,7 @@ def band_tail(b, x0, x1, lo, hi, below, bands, kept, start):
 def magnitude_bands_f32(b, x0, x1, lo, hi, below, bands, kept, marks):
     """``magnitude_bands`` for float32, each key computed where it is compared
     (``compress_band_f32``), without a block of keys in memory between."""
-    n = b.size
-    cap = bands.shape[1] - BLOCK
-    for s in range(4):
-        below[s] = 0
-        kept[s] = 0 if hi[s] >= 0 else -1
-    whole = n - n % BLOCK
+    cap, whole = bands_begin(b, hi, below, bands, kept)
     for start in range(0, whole, BLOCK):
         for s in range(4):
             marks[s, start // BLOCK] = kept[s]
@@ -396,9 +404,7 @@ def magnitude_bands_f32(b, x0, x1, lo, hi, below, bands, kept, marks):
                 count += found >> 32
             kept[s] = m
             below[s] += count
-    for s in range(4):
-        marks[s, whole // BLOCK] = kept[s]
-    band_tail(b, x0, x1, lo, hi, below, bands, kept, whole)
+    bands_end(b, x0, x1, lo, hi, below, bands, kept, marks, whole)
 
 
 @jit
@@ -411,8 +417,6 @@ def key_counts(keys, key):
     return below, equal
 
 
-COUNT = 0xFFFF  # one count of compress_bands_f32
-
 
 @jit
 def magnitude_bands2_f32(b, x0, x1, lo, hi, below, bands, kept, marks):
@@ -420,12 +424,7 @@ def magnitude_bands2_f32(b, x0, x1, lo, hi, below, bands, kept, marks):
     vector of keys computed once, in registers, and compressed into both of its model's bands
     (``compress_bands_f32``; 1.2x faster than the keys stored per block and compressed from
     there). A band given up (or unused) takes its keys at its start, where they are ignored."""
-    n = b.size
-    cap = bands.shape[1] - BLOCK
-    for s in range(4):
-        below[s] = 0
-        kept[s] = 0 if hi[s] >= 0 else -1
-    whole = n - n % BLOCK
+    cap, whole = bands_begin(b, hi, below, bands, kept)
     for start in range(0, whole, BLOCK):
         for s in range(4):
             marks[s, start // BLOCK] = kept[s]
@@ -450,9 +449,7 @@ def magnitude_bands2_f32(b, x0, x1, lo, hi, below, bands, kept, marks):
             if kept[second] >= 0:
                 kept[second] = m1
                 below[second] += count1
-    for s in range(4):
-        marks[s, whole // BLOCK] = kept[s]
-    band_tail(b, x0, x1, lo, hi, below, bands, kept, whole)
+    bands_end(b, x0, x1, lo, hi, below, bands, kept, marks, whole)
 
 
 @jit
