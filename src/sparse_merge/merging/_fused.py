@@ -417,7 +417,6 @@ def key_counts(keys, key):
     return below, equal
 
 
-
 @jit
 def magnitude_bands2_f32(b, x0, x1, lo, hi, below, bands, kept, marks):
     """``magnitude_bands`` for float32 with two cuts per model (Model Breadcrumbs): each
