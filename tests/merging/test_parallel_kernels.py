@@ -157,4 +157,21 @@ def test_selection_in_parts_finds_the_bands_of_one_pass(dtype, cuts, monkeypatch
         assert len(cut[key][1]) > N // 20  # the grid's ties make the bands wide
 
     monkeypatch.setattr(kernels, "PART_MIN", 1000)
-    assert all(found is None for found in bands(N // 20).values())  # more than a part's room
+    assert all(found is None for found in bands(N // 100).values())  # more than a part's room
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 64])
+def test_the_band_buffer_holds_at_most_twice_the_cap_however_many_threads(threads, monkeypatch):
+    """Several parts share twice the cap between them (never more than a part's entries), so
+    a 7B model's embedding on many threads does not reserve a band buffer per thread."""
+    monkeypatch.setattr(kernels, "PART_MIN", 1000)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows, columns = kernels.bands_shape(N, N // 8)
+        parts = kernels.part_count(N)
+        assert rows == 4 and parts == min(threads, N // 1000)
+        assert columns - 1 <= (N // 8 if parts == 1 else 2 * (N // 8)) + parts * kernels.BLOCK
+        assert kernels.bands_shape(N, N)[1] - 1 <= N + parts * 2 * kernels.BLOCK  # entries
+    finally:
+        torch.set_num_threads(before)

@@ -186,10 +186,16 @@ def task_arithmetic2_(
 
 def bands_shape(n: int, cap: int) -> tuple[int, int]:
     """The shape of ``magnitude_bands``'s buffer for ``n`` entries and bands of up to ``cap``
-    keys: room for every part, and one column more, so that a part's room is never the whole
-    row: numba then compiles one loop for one part and for several (a view of whole rows is
-    contiguous, of part of them not)."""
-    return 4, part_count(n) * (cap + BLOCK) + 1
+    keys: a room for every part, of ``cap`` keys for one part and of twice its share of
+    ``cap`` for several (never more than the part's entries; in all at most ``2 cap``, however
+    many threads), plus ``BLOCK``; and one column more, so that a part's room is never the
+    whole row: numba then compiles one loop for one part and for several (a view of whole rows
+    is contiguous, of part of them not)."""
+    parts = part_count(n)
+    cuts = part_cuts(n, parts, BLOCK)
+    longest = max(stop - start for start, stop in zip(cuts, cuts[1:]))
+    room = min(longest, cap if parts == 1 else 2 * cap // parts)
+    return 4, parts * (room + BLOCK) + 1
 
 
 def magnitude_bands(
@@ -204,9 +210,9 @@ def magnitude_bands(
     cut) -> (lo, hi), at most two cuts per model; for each, the count of keys below ``lo``,
     the keys in ``[lo, hi]`` in index order (a view of ``buffer``, int32 ``bands_shape(n,
     cap)``, the caller's to reuse) and the band's length at the start of every block of
-    ``BLOCK`` entries (``tie_end_in``); or None when more than ``cap`` fall inside one part. A
-    large tensor runs in parts (``in_parts``, cut at blocks), each into its own share of
-    ``buffer``; the bands are then joined in index order."""
+    ``BLOCK`` entries (``tie_end_in``); or None when more fall inside a part than its room
+    holds (``bands_shape``). A large tensor runs in parts (``in_parts``, cut at blocks), each
+    into its own room in ``buffer``; the bands are then joined in index order."""
     ops, n = _ops(), base.numel()
     lo, hi = np.full(4, -1, np.int64), np.full(4, -1, np.int64)
     for (model, cut), (low, high) in brackets.items():
