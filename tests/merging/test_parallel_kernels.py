@@ -74,7 +74,7 @@ def test_parts_give_the_bits_of_one_part(name, kind, dtype, monkeypatch, threads
 
     cut, whole = cut_and_whole(monkeypatch, run)
     assert same_bits(cut, whole), f"{name}: {differences(cut, whole)}"
-    fused, expected = both_paths(run)  # and the torch path, cut as well
+    fused, expected = both_paths(run)  # and one part is the torch path, bit for bit
     assert same_bits(fused, expected), f"{name}: {differences(fused, expected)}"
 
 
