@@ -355,26 +355,32 @@ def test_another_writers_refused_write_is_one_line_too(tmp_path, monkeypatch, ca
         run(compose_cfg(["experiment=smoke", "resume=true"], tmp_path))
 
 
-def test_the_command_line_under_a_file_size_limit(tmp_path):
-    """``run.py`` for real under ``ulimit -f 16``: the figure is the first file over the limit;
-    stderr holds one error line (and the progress bar), no traceback."""
+def _run_with_file_limit(args: list[str], limit: int) -> subprocess.CompletedProcess:
+    """``run.py`` on the digits problem with ``args``, its files limited to ``limit`` bytes
+    (``ulimit -f``)."""
 
-    def limit() -> None:
+    def set_limit() -> None:
         import resource
 
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "run.py"), *DIGITS, "budget=10", f"hydra.run.dir={out}"]
-    proc = subprocess.run(
-        cmd,
+    mode, rest = (args[:1], args[1:]) if args[:1] == ["-m"] else ([], args)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *mode, *DIGITS, *rest],
         env=SUBPROCESS_ENV,
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
-        preexec_fn=limit,
+        preexec_fn=set_limit,
     )
+
+
+def test_the_command_line_under_a_file_size_limit(tmp_path):
+    """``run.py`` for real under ``ulimit -f 16``: the figure is the first file over the limit;
+    stderr holds one error line (and the progress bar), no traceback."""
+    out = tmp_path / "run"
+    proc = _run_with_file_limit(["budget=10", f"hydra.run.dir={out}"], 16384)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert errors == [
@@ -389,25 +395,9 @@ def test_the_command_line_refuses_an_unwritable_job_folder_before_hydra_writes(t
     """Hydra writes ``.hydra/`` and its log into the job folder before the app starts: the
     ``WriteProbe`` callback checks the folder first (a file-size limit below the probe's size
     stands in for a read-only folder here, which root would write through)."""
-
-    def limit() -> None:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
-
     for mode, folder in (("", "hydra.run.dir"), ("-m", "hydra.sweep.dir")):
         out = tmp_path / (mode or "run")
-        cmd = [sys.executable, str(ROOT / "run.py"), *filter(None, [mode]), *DIGITS]
-        cmd += ["budget=10", f"{folder}={out}"]
-        proc = subprocess.run(
-            cmd,
-            env=SUBPROCESS_ENV,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            preexec_fn=limit,
-        )
+        proc = _run_with_file_limit([*filter(None, [mode]), "budget=10", f"{folder}={out}"], 1024)
         assert proc.returncode == 1, proc.stderr[-2000:]
         assert proc.stderr.strip() == (
             f"error: cannot write in {out}: File too large (EFBIG); raise the file-size limit "

@@ -12,6 +12,15 @@ from sparse_merge.merging import kernels
 
 DTYPES = [torch.float32, torch.bfloat16]
 INTS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+# a genome of 2-D tensors, a 1-element bias and gaps merged flat, for the segment tests
+SEGMENTS = [
+    (0, 12 * 37, (12, 37)),
+    (444, 449, (5,)),
+    (460, 460 + 64 * 33, (64, 33)),
+    (2572, 2573, (1,)),
+    (2600, 2600 + 40 * 70, (40, 70)),
+]
+GENOME = 5500
 
 
 @contextlib.contextmanager

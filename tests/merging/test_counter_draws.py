@@ -34,6 +34,8 @@ from sparse_merge.merging.task_arithmetic import TaskArithmetic, _seeds, counter
 
 from .fused_paths import (
     DTYPES,
+    GENOME,
+    SEGMENTS,
     both_paths,
     check,
     differences,
@@ -515,16 +517,6 @@ def test_merge_in_place(dtype, into, spy):
         got, expected = merge_both(method, 3001, dtype, 5, "specials", (0.7, 0.5), into=into)
         check(got, expected, into)
     assert spy.merges == len(CONFIGS)
-
-
-SEGMENTS = [  # 2-D tensors, a 1-element bias, gaps merged flat
-    (0, 12 * 37, (12, 37)),
-    (444, 449, (5,)),
-    (460, 460 + 64 * 33, (64, 33)),
-    (2572, 2573, (1,)),
-    (2600, 2600 + 40 * 70, (40, 70)),
-]
-GENOME = 5500
 
 
 @needs_numba

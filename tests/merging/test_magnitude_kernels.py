@@ -15,7 +15,16 @@ import torch
 from sparse_merge.merging import kernels
 from sparse_merge.merging.task_arithmetic import TaskArithmetic
 
-from .fused_paths import DTYPES, both_paths, check, differences, same_bits, watch
+from .fused_paths import (
+    DTYPES,
+    GENOME,
+    SEGMENTS,
+    both_paths,
+    check,
+    differences,
+    same_bits,
+    watch,
+)
 
 pytestmark = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not installed")
 
@@ -247,16 +256,6 @@ def test_merge_in_place(dtype, into, kind):
         method = TaskArithmetic(**settings)
         got, expected = merge_both(method, 3001, dtype, 5, kind, (0.7, 0.5), into=into)
         check(got, expected)
-
-
-SEGMENTS = [  # 2-D tensors, a 1-element bias, gaps merged flat
-    (0, 12 * 37, (12, 37)),
-    (444, 449, (5,)),
-    (460, 460 + 64 * 33, (64, 33)),
-    (2572, 2573, (1,)),
-    (2600, 2600 + 40 * 70, (40, 70)),
-]
-GENOME = 5500
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -80,8 +80,8 @@ def check_target_modules(
     target_modules: Sequence[str], model: nn.Module, where: str, key: str = "lora.target_modules"
 ) -> None:
     """Every entry of ``target_modules`` names a module of ``model`` (PEFT's rule: the whole
-    name, or its last dot-separated parts: ``_matches``); ``where`` says when the check ran (on the meta
-    device before the model loads, or on the loaded model)."""
+    name, or its last dot-separated parts: ``_matches``); ``where`` says when the check ran (on
+    the meta device before the model loads, or on the loaded model)."""
     names = [n for n, _ in model.named_modules() if n]
     missing = [t for t in target_modules if not any(_matches(n, t) for n in names)]
     if missing:

@@ -317,27 +317,43 @@ def magnitude_bands(b, x0, x1, lo, hi, below, bands, kept, marks):
     given up). A selection with ``hi[s] < 0`` is unused (keys are not negative).
     ``marks[s, k]``: the count in ``bands[s]`` when block ``k`` (``BLOCK`` entries from
     ``k * BLOCK``; the last one, the rest) began, so a band entry's block can be found."""
-    k0 = np.empty(BLOCK, np.int32)
-    k1 = np.empty(BLOCK, np.int32)
+    select_blocks(b, x0, x1, lo, hi, below, bands, kept, marks, False)
+
+
+@jit
+def magnitude_bands_f32(b, x0, x1, lo, hi, below, bands, kept, marks):
+    """``magnitude_bands`` for float32, each key computed where it is compared
+    (``compress_band_f32``), without a block of keys in memory between."""
+    select_blocks(b, x0, x1, lo, hi, below, bands, kept, marks, True)
+
+
+@inline
+def select_blocks(b, x0, x1, lo, hi, below, bands, kept, marks, direct):
+    """The loop of ``magnitude_bands``: each block's keys of both models computed into a
+    buffer and compressed from there, or (``direct``, float32) computed in registers where
+    each band compares them."""
+    k0 = np.empty(0 if direct else BLOCK, np.int32)
+    k1 = np.empty(0 if direct else BLOCK, np.int32)
     cap, whole = bands_begin(b, hi, below, bands, kept)
     for start in range(0, whole, BLOCK):
-        at = np.uint64(start)  # unsigned: numba skips its wrap-around of negative indices
-        for s in range(4):
-            marks[s, start // BLOCK] = kept[s]
-        for j in range(BLOCK):
-            k0[j] = magnitude_key(b, x0, at + np.uint64(j))
-            k1[j] = magnitude_key(b, x1, at + np.uint64(j))
+        block_begin(start, cap, kept, marks)
+        if not direct:
+            at = np.uint64(start)  # unsigned: numba skips its wrap-around of negative indices
+            for j in range(BLOCK):
+                k0[j] = magnitude_key(b, x0, at + np.uint64(j))
+                k1[j] = magnitude_key(b, x1, at + np.uint64(j))
         for s in range(4):
             m = kept[s]
             if m < 0:
                 continue
-            if m > cap:
-                kept[s] = -1
-                continue
-            keys, band, low, high = k0 if s < 2 else k1, bands[s], lo[s], hi[s]
+            x, keys = (x0, k0) if s < 2 else (x1, k1)
+            band, low, high = bands[s], lo[s], hi[s]
             count = 0
             for j in range(0, BLOCK, LANES):
-                found = compress_band(keys, j, low, high, band, m)
+                if direct:
+                    found = compress_band_f32(b, x, start + j, low, high, band, m)
+                else:
+                    found = compress_band(keys, j, low, high, band, m)
                 m += found & 0xFFFFFFFF
                 count += found >> 32
             kept[s] = m
@@ -353,6 +369,16 @@ def bands_begin(b, hi, below, bands, kept):
         below[s] = 0
         kept[s] = 0 if hi[s] >= 0 else -1
     return bands.shape[1] - BLOCK, b.size - b.size % BLOCK
+
+
+@jit
+def block_begin(start, cap, kept, marks):
+    """At the block from ``start``: each band's mark, and a band holding more than ``cap``
+    keys given up (-1)."""
+    for s in range(4):
+        marks[s, start // BLOCK] = kept[s]
+        if kept[s] > cap:
+            kept[s] = -1
 
 
 @jit
@@ -383,31 +409,6 @@ def band_tail(b, x0, x1, lo, hi, below, bands, kept, start):
 
 
 @jit
-def magnitude_bands_f32(b, x0, x1, lo, hi, below, bands, kept, marks):
-    """``magnitude_bands`` for float32, each key computed where it is compared
-    (``compress_band_f32``), without a block of keys in memory between."""
-    cap, whole = bands_begin(b, hi, below, bands, kept)
-    for start in range(0, whole, BLOCK):
-        for s in range(4):
-            marks[s, start // BLOCK] = kept[s]
-            m = kept[s]
-            if m < 0:
-                continue
-            if m > cap:
-                kept[s] = -1
-                continue
-            x, band, low, high = x0 if s < 2 else x1, bands[s], lo[s], hi[s]
-            count = 0
-            for j in range(start, start + BLOCK, LANES):
-                found = compress_band_f32(b, x, j, low, high, band, m)
-                m += found & 0xFFFFFFFF
-                count += found >> 32
-            kept[s] = m
-            below[s] += count
-    bands_end(b, x0, x1, lo, hi, below, bands, kept, marks, whole)
-
-
-@jit
 def key_counts(keys, key):
     """The count of ``keys`` below ``key`` and the count equal to it."""
     below = equal = 0
@@ -425,10 +426,7 @@ def magnitude_bands2_f32(b, x0, x1, lo, hi, below, bands, kept, marks):
     there). A band given up (or unused) takes its keys at its start, where they are ignored."""
     cap, whole = bands_begin(b, hi, below, bands, kept)
     for start in range(0, whole, BLOCK):
-        for s in range(4):
-            marks[s, start // BLOCK] = kept[s]
-            if kept[s] > cap:
-                kept[s] = -1
+        block_begin(start, cap, kept, marks)
         for first in range(0, 4, 2):
             x = x0 if first == 0 else x1
             second = first + 1

@@ -43,6 +43,7 @@ import importlib.util
 import math
 import threading
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -299,22 +300,27 @@ def tie_end(base: Tensor, x: Tensor, value: float, budget: int) -> int:
     return int(_ops().tie_end(_array(base), _array(x), np.float32(value), budget))
 
 
-def _merge_settings(
-    weights: tuple[float, float],
-    scales: tuple[float, float],
-    consensus: int,
-    divisor: float | None,
-    lambda_: float,
-) -> tuple:
-    """The arguments the two-model merge loops share, as their types: w0, w1, s0, s1,
-    consensus, normalize, the fixed divisor, lambda."""
-    return (
-        *(np.float32(v) for v in (*weights, *scales)),
-        consensus,
-        divisor is not None,
-        np.float32(1.0 if divisor is None else divisor),
-        np.float32(lambda_),
-    )
+class MergeSettings(NamedTuple):
+    """What the two-model merge loops take besides the inputs and the masks: the weights,
+    scales and ``divisor`` already rounded to the dtype (scales 1: no rescaling; ``divisor``
+    None: no normalisation), ``consensus`` 0 none, 1 sum, 2 count, and ``lambda_``."""
+
+    weights: tuple[float, float]
+    scales: tuple[float, float]
+    consensus: int
+    divisor: float | None
+    lambda_: float
+
+    def loop_args(self) -> tuple:
+        """As the loops take them, in their types: w0, w1, s0, s1, consensus, normalize, the
+        fixed divisor, lambda."""
+        return (
+            *(np.float32(v) for v in (*self.weights, *self.scales)),
+            self.consensus,
+            self.divisor is not None,
+            np.float32(1.0 if self.divisor is None else self.divisor),
+            np.float32(self.lambda_),
+        )
 
 
 def magnitude_merge2_(
@@ -323,17 +329,11 @@ def magnitude_merge2_(
     x0: Tensor,
     x1: Tensor,
     bands: Sequence[tuple],
-    weights: tuple[float, float],
-    scales: tuple[float, float],
-    consensus: int,
-    divisor: float | None,
-    lambda_: float,
+    settings: MergeSettings,
 ) -> Tensor:
     """TIES / Model Breadcrumbs of two models in one pass (``_fused.magnitude_merge2``).
     ``bands``: per model ``(lo, hi, lo_ties, hi_ties)``, the entries kept those with ``lo <
-    |x - base| < hi`` or equal to an end with their index in that end's ``(start, stop)``;
-    weights, scales and ``divisor`` already rounded to the dtype; ``divisor`` None: no
-    normalisation; ``consensus``: 0 none, 1 sum, 2 count."""
+    |x - base| < hi`` or equal to an end with their index in that end's ``(start, stop)``."""
     n = base.numel()
     ranges = [tie for band in bands for tie in band[2:]]  # [(start, stop)] x 4
     starts = sorted({0, *(i for r in ranges for i in r if 0 < i < n)})
@@ -343,11 +343,11 @@ def magnitude_merge2_(
     bounds = np.array([*starts, n], dtype=np.int64)  # [R + 1]
     kernel, arrays = _ops().magnitude_merge2, [_array(t) for t in (out, base, x0, x1)]
     cuts = np.array([band[:2] for band in bands], dtype=np.float32)
-    settings = _merge_settings(weights, scales, consensus, divisor, lambda_)
+    args = settings.loop_args()
 
     def part(lo: int, hi: int) -> None:  # the ranges clipped to the part (some left empty)
         clipped = bounds if (lo, hi) == (0, n) else np.clip(bounds, lo, hi) - lo
-        kernel(*(a[lo:hi] for a in arrays), cuts, ties, clipped, *settings)
+        kernel(*(a[lo:hi] for a in arrays), cuts, ties, clipped, *args)
 
     in_parts(n, part)
     return out
@@ -387,22 +387,16 @@ def random_merge2_(
     x1: Tensor,
     seeds: Sequence[int],
     p: float,
-    weights: tuple[float, float],
-    scales: tuple[float, float],
-    consensus: int,
-    divisor: float | None,
-    lambda_: float,
+    settings: MergeSettings,
 ) -> Tensor:
     """DARE (random sparsification with counter draws) of two models in one pass
-    (``_fused.random_merge2``); the arguments as ``magnitude_merge2_``'s, the keep masks
-    drawn from the streams ``seeds`` with keep probability ``p``."""
+    (``_fused.random_merge2``), the keep masks drawn from the streams ``seeds`` with keep
+    probability ``p``."""
     s0, s1 = (np.uint64(s) for s in seeds)
     kernel, arrays = _ops().random_merge2, [_array(t) for t in (out, base, x0, x1)]
-    settings = _merge_settings(weights, scales, consensus, divisor, lambda_)
+    threshold, args = _threshold(p), settings.loop_args()
     in_parts(
         arrays[0].size,
-        lambda lo, hi: kernel(
-            *(a[lo:hi] for a in arrays), s0, s1, _threshold(p), np.uint64(lo), *settings
-        ),
+        lambda lo, hi: kernel(*(a[lo:hi] for a in arrays), s0, s1, threshold, np.uint64(lo), *args),
     )
     return out

@@ -628,8 +628,9 @@ class TaskArithmetic(MergeMethod):
         dtype, n_models, n = base.dtype, len(tensors), base.numel()
         b, o = base.view(-1), out.view(-1)  # [n]
         xs = [x.view(-1) for x in tensors]  # [n] each
-        plans, bounds = self._plans(base, tensors, rng, _fusable(tensors, base))
-        fused = _fusable(tensors, out, base)
+        inputs_fused = _fusable(tensors, base)  # the plans' pass reads only these
+        plans, bounds = self._plans(base, tensors, rng, inputs_fused)
+        fused = inputs_fused and out.dtype == dtype and kernels.usable(out)
         w, fixed_divisor, w_floats, fixed_float = self._weights(weights, dtype, base.device)
         w_col = w.view(n_models, 1)  # [N, 1], rounded to the dtype as mergekit
         plain = self.consensus == "none" and all(isinstance(p, _KeepAll) for p in plans)
@@ -640,7 +641,7 @@ class TaskArithmetic(MergeMethod):
         draws = all(isinstance(p, _KeepDraws) for p in plans)
         cuts = all(isinstance(p, (_KeepAll, _KeepCuts)) for p in plans)
         if (draws or cuts) and fused:
-            settings = (  # what the fused loops take besides the masks
+            settings = kernels.MergeSettings(
                 w_floats,
                 tuple(1.0 if p.scale is None else float(p.scale) for p in plans),
                 CONSENSUS.index(self.consensus),
@@ -649,10 +650,10 @@ class TaskArithmetic(MergeMethod):
             )
             if draws:
                 seeds = [p.seed for p in plans]
-                kernels.random_merge2_(o, b, *xs, seeds, plans[0].p, *settings)
+                kernels.random_merge2_(o, b, *xs, seeds, plans[0].p, settings)
             else:
                 bands = [_band(p, b, x) for p, x in zip(plans, xs)]
-                kernels.magnitude_merge2_(o, b, *xs, bands, *settings)
+                kernels.magnitude_merge2_(o, b, *xs, bands, settings)
             return out
         size = chunk_len(n)
         d = self.scratch("deltas", (n_models, size), dtype, base.device)  # [N, C]

@@ -86,7 +86,8 @@ def check_expert_layout(module: nn.Module, where: str) -> None:
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: (prefix, ModuleList), the longest list of same-class blocks with linears."""
+    """The decoder blocks: (prefix, ModuleList), the longest list of same-class blocks with
+    linears."""
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():

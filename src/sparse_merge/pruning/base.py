@@ -163,8 +163,9 @@ def keep_smallest_out(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     the threshold (NumPy's introselect, ``np.partition``: linear time and about ten times
     faster here than ``torch.kthvalue``, forty times faster than a sort); everything below it
     goes, and of the entries equal to it the lowest-index ones go until the count is exact (only
-    rows where equal entries straddle the cut need that count). This is the mask of a stable argsort, bit for bit; sorting was most of in-loop pruning's
-    time. Other devices sort (fast there). Scores must not be NaN.
+    rows where equal entries straddle the cut need that count). This is the mask of a stable
+    argsort, bit for bit; sorting was most of in-loop pruning's time. Other devices sort (fast
+    there). Scores must not be NaN.
     """
     keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)  # contiguous
     n = scores.shape[-1] if scores.dim() else 1
