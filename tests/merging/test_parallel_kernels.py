@@ -1,7 +1,7 @@
 """Large tensors run through the fused kernels in parts on several threads
 (``kernels.in_parts``): the same bits however the tensor is cut, for every kernel that is cut
 (linear, both SLERPs, task arithmetic, TIES and Model Breadcrumbs with ties at their cuts, DARE
-with counter draws), and an error in any part reaches the caller."""
+with counter draws and with torch's, DELLA), and an error in any part reaches the caller."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ METHODS = {
     "dare_ties": lambda: TaskArithmetic(
         sparsification="random", consensus="sum", density=0.6, rescale=True, draws="counter"
     ),
+    "dare_ties_torch_draws": lambda: TaskArithmetic(
+        sparsification="random", consensus="sum", density=0.6, rescale=True
+    ),
+    "della": lambda: TaskArithmetic(sparsification="rank_magnitude", density=0.6, rescale=True),
 }
 
 

@@ -529,32 +529,29 @@ def magnitude_merge2(
             merge_range(o, bb, y0, y1, cuts, draws, rest, 2, False, BAND)
 
 
-OPEN, BAND, DRAWS = 0, 1, 2  # how merge_range keeps entries (its ``keep``)
+OPEN, BAND, DRAWS, FLAGS = 0, 1, 2, 3  # how merge_range keeps entries (its ``keep``)
 
 
 @inline
 def merge_range(out, b, x0, x1, cuts, draws, rest, consensus, unscaled, keep):
     """A range of ``magnitude_merge2`` or ``random_merge2`` (views of their arrays) whose tie
     rules are fixed. ``cuts``: (lo, hi, ties at lo, ties at hi) of model 0, then of model 1;
-    ``draws``: (seed 0, seed 1, p, offset: the range's first entry); ``rest``: (w0, w1, s0,
-    s1, normalize, fixed, lam). ``keep``: ``BAND``, model ``m`` keeps the entries in its band;
-    ``OPEN``, the same for bands open above (the upper test skipped); ``DRAWS``, an entry when
-    its counter draw (``draw(seed_m, index)``) is below ``p`` (an integer). ``unscaled``:
+    ``draws``: see ``drawn``; ``rest``: (w0, w1, s0, s1, normalize, fixed, lam). ``keep``:
+    ``BAND``, model ``m`` keeps the entries in its band; ``OPEN``, the same for bands open
+    above (the upper test skipped); ``DRAWS`` and ``FLAGS``, as ``drawn`` says. ``unscaled``:
     ``s_m`` and ``lam`` are 1 (their products skipped). The loop runs from 0: numba cannot
     tell an index from a runtime start is not negative, and its wrap-around of negative
     indices keeps the loop from vectorising (5x slower)."""
     lo0, hi0, t0lo, t0hi, lo1, hi1, t1lo, t1hi = cuts
-    seed0, seed1, p, offset = draws
     w0, w1, s0, s1, normalize, fixed, lam = rest
     one = np.float32(1.0)
     for i in range(out.size):
         bi = load(b, i)
         d0 = rounded_keep_nan(out, load(x0, i) - bi)
         d1 = rounded_keep_nan(out, load(x1, i) - bi)
-        if keep == DRAWS:
-            at = offset + np.uint64(i)
-            k0 = draw(seed0, at) < p
-            k1 = draw(seed1, at) < p
+        # numba drops the untaken branches (which would not type) for == tests, not for `in`
+        if keep == DRAWS or keep == FLAGS:  # noqa: SIM109
+            k0, k1 = drawn(draws, i, keep)
         elif keep == OPEN:
             a0, a1 = np.abs(d0), np.abs(d1)
             k0 = (a0 > lo0) | ((a0 == lo0) & t0lo)
@@ -589,6 +586,20 @@ def merge_range(out, b, x0, x1, cuts, draws, rest, consensus, unscaled, keep):
         if not unscaled:
             mixed = rounded_keep_nan(out, mixed * lam)
         store(out, i, mixed + bi)
+
+
+@inline
+def drawn(draws, i, keep):
+    """Whether models 0 and 1 keep entry ``i`` of a range of a random sparsification.
+    ``DRAWS``: ``draws`` is (seed 0, seed 1, p, offset: the range's first entry), an entry
+    kept when its counter draw (``draw(seed_m, offset + i)``) is below ``p`` (an integer).
+    ``FLAGS``: ``draws`` is (flags 0, flags 1, -, -), 0/1 bytes from the range's first entry
+    (``flag_block``)."""
+    first, second, p, offset = draws
+    if keep == DRAWS:
+        at = offset + np.uint64(i)
+        return draw(first, at) < p, draw(second, at) < p
+    return first[i] != 0, second[i] != 0
 
 
 # ---- DARE with counter-based draws ---------------------------------------------------------
@@ -633,16 +644,22 @@ def random_sums(b, x0, x1, seed0, seed1, p, offset, sums):
     starting at entry ``offset``), an entry kept when ``draw(seed_m, index) < p`` (``p``: the
     keep probability times 2^24, rounded up). float64 sums in any order (``reassoc``: the loop
     vectorises); mergekit sums float32 in torch's order."""
+    sums_range(b, x0, x1, (seed0, seed1, p, offset), DRAWS, sums)
+
+
+@inline
+def sums_range(b, x0, x1, draws, keep, sums):
+    """``random_sums`` of a range, its masks as ``drawn`` takes them."""
     before0 = after0 = before1 = after1 = 0.0
     for i in range(b.size):
         bi = load(b, i)
         a0 = np.float64(np.abs(rounded_keep_nan(b, load(x0, i) - bi)))
         a1 = np.float64(np.abs(rounded_keep_nan(b, load(x1, i) - bi)))
-        at = offset + np.uint64(i)
+        k0, k1 = drawn(draws, i, keep)
         before0 += a0
         before1 += a1
-        after0 += a0 * (draw(seed0, at) < p)
-        after1 += a1 * (draw(seed1, at) < p)
+        after0 += a0 * k0
+        after1 += a1 * k1
     sums[0] += before0
     sums[1] += after0
     sums[2] += before1
@@ -667,3 +684,154 @@ def random_merge2(
         merge_range(out, b, x0, x1, cuts, draws, rest, 1, False, DRAWS)
     else:
         merge_range(out, b, x0, x1, cuts, draws, rest, 2, False, DRAWS)
+
+
+# ---- DARE and DELLA with torch's draws -----------------------------------------------------
+
+MT_N, MT_M = 624, 397  # MT19937's state words and shift (Matsumoto & Nishimura 1998)
+MT_UPPER, MT_LOWER = np.uint32(0x80000000), np.uint32(0x7FFFFFFF)
+MT_MATRIX = np.uint32(0x9908B0DF)
+
+
+@inline
+def mt_mix(u, v):
+    """One word of MT19937's twist from the words ``u`` and ``v`` after it."""
+    y = (u & MT_UPPER) | (v & MT_LOWER)
+    return (y >> np.uint32(1)) ^ ((np.uint32(0) - (v & np.uint32(1))) & MT_MATRIX)
+
+
+@inline
+def mt_twist(s):
+    """The next 624 words of MT19937's state ``s`` (uint32 [624]), in place, as
+    ``at::mt19937::next_state`` makes them. Both loops read only words at least 227 apart
+    from the one they write: they vectorise."""
+    for i in range(MT_N - MT_M):
+        s[i] = s[i + MT_M] ^ mt_mix(s[i], s[i + 1])
+    for i in range(MT_N - MT_M, MT_N - 1):
+        s[i] = s[i + MT_M - MT_N] ^ mt_mix(s[i], s[i + 1])
+    s[MT_N - 1] = s[MT_M - 1] ^ mt_mix(s[MT_N - 1], s[0])
+
+
+@inline
+def mt_temper(y):
+    """MT19937's output from the state word ``y``."""
+    y ^= y >> np.uint32(11)
+    y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
+    y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
+    return y ^ (y >> np.uint32(18))
+
+
+MT_BLOCK = 4096  # entries compared per block, in cache (a multiple of 8)
+PACK = np.uint64(0x0102040810204080)  # byte t of a word of 0/1 bytes to bit 56 + t
+SPREAD = np.uint64(0x0002040810204081)  # bit t (< 7) of a byte to bit 8t
+LOW_BITS = np.uint64(0x0101010101010101)
+
+
+@jit
+def mt_keep_bits(state, at, p, out, n):
+    """Keep bits of the next ``n`` words ``w`` of the MT19937 with state ``state`` (uint32
+    [624], twisted in place) and next word ``at`` (624: twist first): bit ``j`` of ``out``
+    (uint8, little bit order) is ``(w_j & 0xFFFFFF) * 2^-24 < p_j``, torch's ``rand() < p``
+    (its float32 uniform), ``p`` a float32 or float32 [n]. Returns the next word. Per block:
+    the compares as 0/1 bytes, then eight bytes to one by a multiply."""
+    flags = np.empty(MT_BLOCK, np.uint8)
+    words = flags.view(np.uint64)
+    for start in range(0, n, MT_BLOCK):
+        count = min(MT_BLOCK, n - start)
+        done = 0
+        while done < count:
+            if at == MT_N:
+                mt_twist(state)
+                at = 0
+            take = min(MT_N - at, count - done)
+            # views, so that the loop runs from 0 and vectorises
+            src, dst = state[at : at + take], flags[done : done + take]
+            limit = window(p, start + done, start + done + take)
+            for j in range(take):
+                uniform = np.float32(mt_temper(src[j]) & np.uint32(0xFFFFFF)) * TWO_M24
+                dst[j] = uniform < entry(limit, j)
+            done += take
+            at += take
+        flags[count : (count + 7) // 8 * 8] = 0
+        packed = out[start // 8 : (start + count + 7) // 8]
+        for j in range(packed.size):
+            packed[j] = np.uint8((words[j] * PACK) >> np.uint64(56))
+    return at
+
+
+TWO_M24 = np.float32(1.0 / (1 << 24))
+
+
+def window(p, lo, hi):
+    """``p[lo:hi]`` of an array, a scalar ``p`` itself."""
+
+
+def entry(p, j):
+    """``p[j]`` of an array, a scalar ``p`` itself."""
+
+
+@overload(window, jit_options={"cache": True})
+def _window(p, lo, hi):
+    if isinstance(p, types.Array):
+        return lambda p, lo, hi: p[lo:hi]
+    return lambda p, lo, hi: p
+
+
+@overload(entry, jit_options={"cache": True})
+def _entry(p, j):
+    if isinstance(p, types.Array):
+        return lambda p, j: p[j]
+    return lambda p, j: p
+
+
+@inline
+def flag_block(bits0, bits1, start, stop, flags):
+    """Entries ``[start, stop)`` (``start`` a multiple of 8) of two masks packed as bits
+    (little bit order) as 0/1 bytes in ``flags`` [2, >= stop - start + 7]: ``drawn``'s
+    ``FLAGS`` arguments."""
+    first, last = start // 8, (stop + 7) // 8
+    spread(bits0[first:last], flags[0, : (last - first) * 8].view(np.uint64))
+    spread(bits1[first:last], flags[1, : (last - first) * 8].view(np.uint64))
+    none = np.uint64(0)
+    return (flags[0], flags[1], none, none)
+
+
+@inline
+def spread(packed, words):
+    """Each byte of ``packed`` as a word of eight 0/1 bytes (little bit order): bits 0-6
+    spread by a multiply, bit 7 shifted."""
+    for j in range(words.size):
+        x = np.uint64(packed[j])
+        low = ((x & np.uint64(0x7F)) * SPREAD) & LOW_BITS
+        words[j] = low | ((x >> np.uint64(7)) << np.uint64(56))
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"})
+def bits_sums(b, x0, x1, bits0, bits1, sums):
+    """``random_sums`` with the keep masks as bits (``uint8``, little bit order, from entry
+    0 of the arrays), block by block."""
+    flags = np.empty((2, MT_BLOCK), np.uint8)
+    for start in range(0, b.size, MT_BLOCK):
+        stop = min(start + MT_BLOCK, b.size)
+        draws = flag_block(bits0, bits1, start, stop, flags)
+        sums_range(b[start:stop], x0[start:stop], x1[start:stop], draws, FLAGS, sums)
+
+
+@jit
+def bits_merge2(out, b, x0, x1, bits0, bits1, w0, w1, s0, s1, consensus, normalize, fixed, lam):
+    """``random_merge2`` with the keep masks as bits (``uint8``, little bit order, from entry
+    0 of the arrays), block by block."""
+    inf, no = np.float32(np.inf), False
+    cuts = (inf, inf, no, no, inf, inf, no, no)  # no bands
+    rest = (w0, w1, s0, s1, normalize, fixed, lam)
+    flags = np.empty((2, MT_BLOCK), np.uint8)
+    for start in range(0, out.size, MT_BLOCK):
+        stop = min(start + MT_BLOCK, out.size)
+        draws = flag_block(bits0, bits1, start, stop, flags)
+        o, bb, y0, y1 = out[start:stop], b[start:stop], x0[start:stop], x1[start:stop]
+        if consensus == 0:
+            merge_range(o, bb, y0, y1, cuts, draws, rest, 0, False, FLAGS)
+        elif consensus == 1:
+            merge_range(o, bb, y0, y1, cuts, draws, rest, 1, False, FLAGS)
+        else:
+            merge_range(o, bb, y0, y1, cuts, draws, rest, 2, False, FLAGS)

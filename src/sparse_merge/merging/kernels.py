@@ -400,3 +400,76 @@ def random_merge2_(
         lambda lo, hi: kernel(*(a[lo:hi] for a in arrays), s0, s1, threshold, np.uint64(lo), *args),
     )
     return out
+
+
+# torch's CPU generator state (``CPUGeneratorImplState``, 5056 bytes) as ``get_state`` writes
+# it: MT19937's words left before its next twist, plus one (int32 at byte 8), its next word
+# (uint64 at 16) and its 624 state words (each a uint64 at 24)
+MT_STATE_BYTES, MT_LEFT, MT_NEXT, MT_WORDS, MT_N = 5056, 8, 16, 24, 624
+
+
+def bernoulli_bits(rng: torch.Generator, p: float | Tensor, n: int) -> Tensor | None:
+    """``torch.rand(n, generator=rng) < p`` packed as bits (uint8 [ceil(n / 8)], little bit
+    order, as ``numpy.packbits``), ``rng`` left as ``torch.rand`` leaves it; ~10x faster
+    (``_fused.mt_keep_bits``: the Mersenne twister of torch's CPU generator in numba, its
+    state read and written back). ``p``: a float32 value, or a tensor of ``n`` in a dtype
+    ``torch.bernoulli`` compares as float32 (float32, bfloat16, float16; then also its
+    mask). None where numba is missing, ``rng`` is not a CPU generator, or its state is not
+    laid out as read here (then draw with torch); ``test_torch_draws.py`` checks the draws
+    against torch's."""
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    if not HAVE_NUMBA or rng.device.type != "cpu":
+        return None
+    if isinstance(p, Tensor) and p.dtype not in floats:  # float64: another uniform
+        return None
+    raw = rng.get_state()  # uint8 [5056]
+    if raw.numel() != MT_STATE_BYTES:
+        return None
+    fields = raw.numpy()
+    left = int(fields[MT_LEFT : MT_LEFT + 4].view(np.int32)[0])
+    at = int(fields[MT_NEXT : MT_NEXT + 8].view(np.uint64)[0])
+    words = fields[MT_WORDS : MT_WORDS + 8 * MT_N].view(np.uint64)
+    if not (1 <= left <= MT_N and (at == MT_N + 1 - left or left == 1)) or words.max() >> 32:
+        return None
+    state = words.astype(np.uint32)
+    out = np.empty((n + 7) // 8, np.uint8)
+    if isinstance(p, Tensor):
+        probs = p.detach().to("cpu", torch.float32).contiguous().view(-1).numpy()  # [n]
+    else:
+        probs = np.float32(p)
+    at = _ops().mt_keep_bits(state, MT_N + 1 - left, probs, out, n)
+    if n > 0:
+        fields[MT_LEFT : MT_LEFT + 4].view(np.int32)[0] = MT_N + 1 - at
+        fields[MT_NEXT : MT_NEXT + 8].view(np.uint64)[0] = at
+        words[:] = state
+        rng.set_state(raw)
+    return torch.from_numpy(out)
+
+
+def bits_sums(base: Tensor, x0: Tensor, x1: Tensor, bits: Sequence[Tensor]) -> list[float]:
+    """``random_sums`` with the keep masks given as bits (``bernoulli_bits``'s packing)."""
+    sums = np.zeros(4, np.float64)
+    arrays = [_array(t) for t in (base, x0, x1)]
+    _ops().bits_sums(*arrays, *(b.numpy() for b in bits), sums)
+    return sums.tolist()
+
+
+def bits_merge2_(
+    out: Tensor,
+    base: Tensor,
+    x0: Tensor,
+    x1: Tensor,
+    bits: Sequence[Tensor],
+    settings: MergeSettings,
+) -> Tensor:
+    """``random_merge2_`` with the keep masks given as bits (``bernoulli_bits``'s packing)."""
+    kernel, arrays = _ops().bits_merge2, [_array(t) for t in (out, base, x0, x1)]
+    bits0, bits1 = (b.numpy() for b in bits)
+    args = settings.loop_args()
+    in_parts(  # the parts start at multiples of ALIGN: at whole bytes of the bits
+        arrays[0].size,
+        lambda lo, hi: kernel(
+            *(a[lo:hi] for a in arrays), bits0[lo // 8 :], bits1[lo // 8 :], *args
+        ),
+    )
+    return out

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from sparse_merge.errors import ConfigError, check_choice, check_fraction
 from sparse_merge.merging import kernels
-from sparse_merge.merging.base import MergeMethod, chunk_len, chunks
+from sparse_merge.merging.base import CHUNK, MergeMethod, chunk_len, chunks
 
 SPARSIFICATIONS = ("none", "magnitude", "random", "magnitude_outliers", "rank_magnitude")
 CONSENSUS = ("none", "sum", "count")
@@ -341,6 +341,19 @@ def _bernoulli(p: Tensor | float, shape: tuple[int, ...], rng: torch.Generator) 
     return torch.bernoulli(probs, generator=rng).float()
 
 
+def _bernoulli_bits(p: float | Tensor, n: int, rng: torch.Generator) -> Tensor:
+    """``torch.bernoulli`` of ``n`` entries with probability ``p`` (one float, or a tensor of
+    ``n``) from ``rng``, packed as bits (``_pack``): ``kernels.bernoulli_bits`` where it can;
+    else with torch, a tensor of probabilities whole (DELLA's blocks of rows), one float
+    chunk by chunk."""
+    bits = kernels.bernoulli_bits(rng, p, n)
+    if bits is not None:
+        return bits
+    if isinstance(p, Tensor):
+        return _pack(_bernoulli(p, tuple(p.shape), rng))
+    return torch.cat([_pack(_bernoulli(p, (e - s,), rng)) for s, e in chunks(n)])
+
+
 def _int64(c: int) -> int:
     """A 64-bit constant as the signed int64 with its bits."""
     return c - (1 << 64) if c >= 1 << 63 else c
@@ -450,6 +463,15 @@ class _KeepBits:
     def __init__(self, blocks: dict[int, Tensor], work: torch.dtype) -> None:
         self.blocks, self.work, self.scale = blocks, work, None
         self.starts = sorted(blocks)
+
+    def whole(self) -> Tensor | None:
+        """The bits of the whole tensor (uint8, on the CPU), the blocks joined; None when a
+        block starts inside a byte."""
+        if any(start % 8 for start in self.starts):
+            return None
+        if len(self.starts) == 1:
+            return self.blocks[self.starts[0]]
+        return torch.cat([self.blocks[start] for start in self.starts])
 
     def mask(self, start: int, out: Tensor) -> Tensor:
         """The 0/1 mask of the chunk at ``start`` into ``out``; a chunk lies in one block and
@@ -640,7 +662,9 @@ class TaskArithmetic(MergeMethod):
             return out
         draws = all(isinstance(p, _KeepDraws) for p in plans)
         cuts = all(isinstance(p, (_KeepAll, _KeepCuts)) for p in plans)
-        if (draws or cuts) and fused:
+        bits = [p.whole() for p in plans if type(p) is _KeepBits and p.work == dtype]
+        bits = bits if len(bits) == n_models and all(v is not None for v in bits) else None
+        if (draws or cuts or bits) and fused:
             settings = kernels.MergeSettings(
                 w_floats,
                 tuple(1.0 if p.scale is None else float(p.scale) for p in plans),
@@ -651,6 +675,8 @@ class TaskArithmetic(MergeMethod):
             if draws:
                 seeds = [p.seed for p in plans]
                 kernels.random_merge2_(o, b, *xs, seeds, plans[0].p, settings)
+            elif bits:
+                kernels.bits_merge2_(o, b, *xs, bits, settings)
             else:
                 bands = [_band(p, b, x) for p, x in zip(plans, xs)]
                 kernels.magnitude_merge2_(o, b, *xs, bands, settings)
@@ -862,50 +888,41 @@ class TaskArithmetic(MergeMethod):
         then ``x_1``'s...) and kept as bits; with ``rescale``, the L1 norms before and after
         masking in one pass reading ``b`` and every ``x_i``.
 
-        Not memory-bound: torch's Bernoulli sampler (a serial Mersenne twister, one float32
-        uniform per entry) costs ~2.5 ns per entry and task vector on one core, drawn here as
-        ``torch.rand`` (``_bernoulli``: the same numbers, 5x faster than ``torch.bernoulli``).
-        ``draws="counter"``: ``_counter_plans``."""
+        Not memory-bound: torch's Bernoulli sampler is a serial Mersenne twister, one float32
+        uniform per entry. On the CPU with numba its stream is reproduced here
+        (``kernels.bernoulli_bits``, ~0.2 ns per entry and task vector on one core, against
+        ~2.5 ns for torch's); elsewhere drawn as ``torch.rand`` (``_bernoulli``: the same
+        numbers, 5x faster than ``torch.bernoulli``). ``draws="counter"``: one stream seed
+        per task vector (``_KeepDraws``), drawn from ``rng``."""
         work = _work_dtype(b)
         p = float(torch.tensor(self.density, dtype=work))  # Bernoulli's p, in the work dtype
         if self.draws == "counter":
-            return self._counter_plans(b, xs, rng, p, work, fused)
-        plans = []
-        for _ in xs:
-            blocks = {s: _pack(_bernoulli(p, (e - s,), rng)) for s, e in chunks(b.numel())}
-            plans.append(_KeepBits(blocks, work))
+            plans = [_KeepDraws(seed, p, work) for seed in _seeds(rng, len(xs))]
+        else:
+            plans = [_KeepBits({0: _bernoulli_bits(p, b.numel(), rng)}, work) for _ in xs]
         if self.rescale:
-            self._rescale_bits(b, xs, plans)
+            self._rescale_plans(b, xs, plans, fused)
         return plans
 
-    def _counter_plans(
-        self,
-        b: Tensor,
-        xs: list[Tensor],
-        rng: torch.Generator,
-        p: float,
-        work: torch.dtype,
-        fused: bool,
-    ) -> list[_KeepDraws]:
-        """DARE with counter draws: one stream seed per task vector, drawn from ``rng``; with
-        ``rescale``, the L1 norms in one pass (fused for two models on the CPU when ``fused``,
-        in float64)."""
-        plans = [_KeepDraws(seed, p, work) for seed in _seeds(rng, len(xs))]
-        if not self.rescale:
-            return plans
-        if work == b.dtype and fused:
-            sums = kernels.random_sums(b, *xs, [plan.seed for plan in plans], p)
+    def _rescale_plans(
+        self, b: Tensor, xs: list[Tensor], plans: list[_KeepBits], fused: bool
+    ) -> None:
+        """Set each random plan's L1 rescaling factor: one pass reading ``b`` and every
+        ``x_i``. mergekit sums in float32 in torch's order, and so does this for torch's
+        draws on a tensor of one chunk (the same bits as mergekit). Counter draws (which
+        mergekit has not) and larger tensors, whose float32 sums chunk by chunk would not be
+        mergekit's either, sum in float64: fused for two models on the CPU when ``fused``
+        (``kernels.random_sums`` for counter draws, ``kernels.bits_sums`` for stored bits)."""
+        work, n = plans[0].work, b.numel()
+        total = torch.float64 if isinstance(plans[0], _KeepDraws) or n > CHUNK else None
+        if total is not None and work == b.dtype and fused:
+            if isinstance(plans[0], _KeepDraws):
+                sums = kernels.random_sums(b, *xs, [plan.seed for plan in plans], plans[0].p)
+            else:
+                sums = kernels.bits_sums(b, *xs, [plan.whole() for plan in plans])
             for plan, before, after in zip(plans, sums[0::2], sums[1::2]):
                 plan.scale = _rescale(before, after, work)
-        else:
-            self._rescale_bits(b, xs, plans)
-        return plans
-
-    def _rescale_bits(self, b: Tensor, xs: list[Tensor], plans: list[_KeepBits]) -> None:
-        """Set each plan's L1 rescaling factor: one pass reading ``b`` and every ``x_i``.
-        Counter draws sum in float64, as their fused pass does (``kernels.random_sums``)."""
-        work, n = plans[0].work, b.numel()
-        total = torch.float64 if isinstance(plans[0], _KeepDraws) else None
+            return
         before, after = [0.0] * len(xs), [0.0] * len(xs)
         size = chunk_len(n)
         t, mask = self.scratch("rows", (2, size), work, b.device)
@@ -930,8 +947,9 @@ class TaskArithmetic(MergeMethod):
         ``rescale`` on the way. The merge's chunks lie inside the blocks.
 
         Not memory-bound: the ranks sort every row of ``|d|`` (``_stable_order``, ~4 ns per
-        entry on one core) and the draws cost ~2.5 ns per entry. A 1-D tensor (or one cut by
-        the split point) is one row: its temporaries are the size of the tensor."""
+        entry on one core); torch's draws cost ~0.2 ns per entry with ``_bernoulli_bits``.
+        A 1-D tensor (or one cut by the split point) is one row: its temporaries are the size
+        of the tensor."""
         n = base.numel()
         rows = base.shape[0] if base.dim() >= 2 else 1
         per_row = n // rows
@@ -946,12 +964,13 @@ class TaskArithmetic(MergeMethod):
             bits, before, after = {}, 0.0, 0.0
             for s, e in blocks:
                 t = (x[s:e] - b[s:e]).view(-1, *base.shape[1:]).to(work)  # [rows, ...]
-                keep = self._della_mask(t, rng, None if seed is None else (seed, s))
+                bits[s] = self._della_mask(t, rng, None if seed is None else (seed, s))
                 if self.rescale:
+                    keep = torch.empty_like(t)
+                    _unpack(bits[s], 0, keep.view(-1))
                     t.abs_()
                     before += _sum(t)
                     after += _sum(t.mul_(keep))
-                bits[s] = _pack(keep.reshape(-1))
             plan = _KeepBits(bits, work)
             plan.scale = _rescale(before, after, work) if self.rescale else None
             plans.append(plan)
@@ -961,7 +980,7 @@ class TaskArithmetic(MergeMethod):
     def _della_mask(
         self, t: Tensor, rng: torch.Generator, stream: tuple[int, int] | None = None
     ) -> Tensor:
-        """DELLA's random keep mask (0/1 in ``t``'s dtype and shape): probability
+        """DELLA's random keep mask of ``t``, packed as bits (``_pack``): probability
         ``density - epsilon + 2 epsilon * rank / (m - 1)`` for the entry of rank ``rank`` (0:
         smallest ``|t|``) among the ``m`` of its row (along dim 1; a vector is one row).
         ``stream``: (seed, index of ``t``'s first entry) of counter draws, else ``rng``'s."""
@@ -981,10 +1000,8 @@ class TaskArithmetic(MergeMethod):
         probs = probs.view(*rows.movedim(1, -1).shape).movedim(-1, 1)  # [R, m, ...]
         if stream is not None:
             draws = counter_uniform(stream[0], stream[1], t.numel(), t.device)
-            keep = torch.lt(draws.view(probs.shape), probs).float()
-        else:
-            keep = _bernoulli(probs, tuple(probs.shape), rng)
-        return keep.reshape(t.shape).to(t.dtype)
+            return _pack(torch.lt(draws.view(probs.shape), probs))
+        return _bernoulli_bits(probs, t.numel(), rng)
 
 
 def _stable_order(mag: Tensor) -> Tensor:
