@@ -62,6 +62,8 @@ SMOLLM2_METHODS = (
     ("ties +split", "ties", {}),
     ("breadcrumbs +split", "breadcrumbs", {}),
     ("breadcrumbs_ties +split", "breadcrumbs_ties", {}),
+    ("dare_linear +split", "dare_linear", {}),
+    ("dare_ties +split", "dare_ties", {}),
     ("dare_linear +split, draws=counter", "dare_linear", {"draws": "counter"}),
     ("dare_ties +split, draws=counter", "dare_ties", {"draws": "counter"}),
 )
@@ -74,6 +76,7 @@ THREADED_METHODS = (
     ("task_arithmetic +split", "task_arithmetic", {}),
     ("ties +split", "ties", {}),
     ("breadcrumbs +split", "breadcrumbs", {}),
+    ("dare_ties +split", "dare_ties", {}),
     ("dare_ties +split, draws=counter", "dare_ties", {"draws": "counter"}),
 )
 
