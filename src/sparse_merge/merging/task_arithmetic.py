@@ -527,11 +527,12 @@ class TaskArithmetic(MergeMethod):
         epsilon: DELLA's half-width of the keep probabilities; ``density - epsilon`` and
             ``density + epsilon`` must lie in (0, 1) when ``0 < density < 1``.
         draws: where DARE's and DELLA's random draws come from: ``torch`` (mergekit's: one
-            ``torch.rand`` uniform per entry from ``rng``'s Mersenne twister, serial, ~2 ns
-            each) or ``counter`` (``counter_uniform``: a SplitMix64 stream per task vector,
-            its seed drawn from ``rng``, draw ``i`` a function of ``i`` alone, so the fused
-            kernels compute the masks inside the merge loop at a fraction of the cost). The
-            same distribution (Bernoulli from a 24-bit uniform); different masks.
+            ``torch.rand`` uniform per entry from ``rng``'s Mersenne twister, in order; on
+            the CPU drawn in numba, ~0.2 ns each, the same stream: ``_bernoulli_bits``) or
+            ``counter`` (``counter_uniform``: a SplitMix64 stream per task vector, its seed
+            drawn from ``rng``, draw ``i`` a function of ``i`` alone, so the fused kernels
+            compute the masks inside the merge loop). The same distribution (Bernoulli from
+            a 24-bit uniform); different masks.
 
     Deliberate differences from mergekit: random masks come from the ``torch.Generator``
     passed in (so a seeded merge is reproducible; with ``rng`` seeded like mergekit's global
@@ -545,13 +546,15 @@ class TaskArithmetic(MergeMethod):
     (``merging.kernels``), the same bits as the torch path: task arithmetic ~0.9 of its floor
     (4 genomes), TIES ~0.6 and Model Breadcrumbs ~0.5 of 7 genomes (a sampled bracket, one
     pass compressing the keys inside it, an exact order statistic of those, then one merge
-    pass), DARE with ``draws="counter"`` ~0.65 of 7 (the masks computed in both loops); tensors
-    of 2 M entries and more in parts on every thread. With more models, or off the CPU, torch
-    ops per chunk: task arithmetic ~0.4, TIES and Breadcrumbs ~0.12 (numpy selection,
-    ``_Select``). DARE with torch's draws ~0.1 (a serial Mersenne twister, ~2 ns per uniform,
-    whatever the path), DELLA ~0.03 (a sort of every row of ``|d|``; a 1-D tensor, or one cut
-    by the split point, is one row, sorted whole). In bfloat16 the fused loops round after
-    every op as torch does, compute-bound at half the bytes: ~0.2 for TIES and DARE.
+    pass), DARE with ``draws="counter"`` ~0.65 of 7 (the masks computed in both loops) and
+    with torch's draws ~0.4 (torch's serial stream drawn first, ~0.2 ns per draw, the masks
+    kept as bits for both loops); tensors of 2 M entries and more in parts on every thread.
+    With more models, or off the CPU, torch ops per chunk: task arithmetic ~0.4, TIES and
+    Breadcrumbs ~0.12 (numpy selection, ``_Select``), DARE with torch's draws ~0.1 (torch's
+    own sampler, ~2.5 ns per draw). DELLA ~0.03 (a sort of every row of ``|d|``; a 1-D
+    tensor, or one cut by the split point, is one row, sorted whole). In bfloat16 the fused
+    loops round after every op as torch does, compute-bound at half the bytes: ~0.2 for TIES
+    and DARE.
     """
 
     needs_base = True
