@@ -44,6 +44,22 @@ def watch(mp: pytest.MonkeyPatch, module, name: str, seen) -> None:
     mp.setattr(module, name, watched)
 
 
+class Spy:
+    """Counts the calls of a fused merge kernel and of its norms' pass (``merging.kernels``
+    functions named ``merges`` and ``sums``)."""
+
+    def __init__(self, mp: pytest.MonkeyPatch, merges: str, sums: str) -> None:
+        self.merges = self.sums = 0
+        watch(mp, kernels, merges, lambda _: self.count("merges"))
+        watch(mp, kernels, sums, lambda _: self.count("sums"))
+
+    def count(self, what: str) -> None:
+        setattr(self, what, getattr(self, what) + 1)
+
+    def reset(self) -> None:
+        self.merges = self.sums = 0
+
+
 def both_paths(run):
     """``run()`` with the fused kernels, then on the torch path."""
     fused = run()

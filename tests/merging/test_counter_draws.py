@@ -36,12 +36,12 @@ from .fused_paths import (
     DTYPES,
     GENOME,
     SEGMENTS,
+    Spy,
     both_paths,
     check,
     differences,
     same_bits,
     torch_path,
-    watch,
 )
 
 needs_numba = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not installed")
@@ -160,24 +160,10 @@ def models(n: int, dtype: torch.dtype, seed: int, kind: str, count: int = 2):
     return tuple(t.to(dtype) for t in (base, *xs))
 
 
-class Spy:
-    """Counts the calls of the fused DARE kernels."""
-
-    def __init__(self, mp: pytest.MonkeyPatch) -> None:
-        self.merges = self.sums = 0
-        watch(mp, kernels, "random_merge2_", lambda _: self.count("merges"))
-        watch(mp, kernels, "random_sums", lambda _: self.count("sums"))
-
-    def count(self, what: str) -> None:
-        setattr(self, what, getattr(self, what) + 1)
-
-    def reset(self) -> None:
-        self.merges = self.sums = 0
-
-
 @pytest.fixture
 def spy(monkeypatch) -> Spy:
-    return Spy(monkeypatch)
+    """Counts the fused DARE kernels of counter draws."""
+    return Spy(monkeypatch, "random_merge2_", "random_sums")
 
 
 def gen(seed: int) -> torch.Generator:

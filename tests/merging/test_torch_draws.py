@@ -23,7 +23,7 @@ from sparse_merge.merging import kernels
 from sparse_merge.merging.base import CHUNK
 from sparse_merge.merging.task_arithmetic import TaskArithmetic
 
-from .fused_paths import DTYPES, GENOME, SEGMENTS, both_paths, check, same_bits, watch
+from .fused_paths import DTYPES, GENOME, SEGMENTS, Spy, both_paths, check, same_bits
 from .test_counter_draws import (
     VARIANTS,
     della_keep,
@@ -138,24 +138,10 @@ def test_states_it_cannot_read_get_none():
 # ---- DARE: the fused merge is the torch path, and torch's draws --------------------------------
 
 
-class Spy:
-    """Counts the calls of the fused kernels that take the masks as bits."""
-
-    def __init__(self, mp: pytest.MonkeyPatch) -> None:
-        self.merges = self.sums = 0
-        watch(mp, kernels, "bits_merge2_", lambda _: self.count("merges"))
-        watch(mp, kernels, "bits_sums", lambda _: self.count("sums"))
-
-    def count(self, what: str) -> None:
-        setattr(self, what, getattr(self, what) + 1)
-
-    def reset(self) -> None:
-        self.merges = self.sums = 0
-
-
 @pytest.fixture
 def spy(monkeypatch) -> Spy:
-    return Spy(monkeypatch)
+    """Counts the fused kernels that take the masks as bits."""
+    return Spy(monkeypatch, "bits_merge2_", "bits_sums")
 
 
 def torch_draws_only(monkeypatch) -> None:

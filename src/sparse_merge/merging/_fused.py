@@ -674,16 +674,22 @@ def random_merge2(
     keep masks from counter draws: model ``m`` keeps entry ``i`` when ``draw(seed_m, i) < p``
     (``p``: the keep probability times 2^24, rounded up), the arrays views starting at entry
     ``offset`` of the tensor; otherwise as ``magnitude_merge2``."""
+    rest = (w0, w1, s0, s1, normalize, fixed, lam)
+    random_range(out, b, x0, x1, (seed0, seed1, p, offset), rest, consensus, DRAWS)
+
+
+@inline
+def random_range(out, b, x0, x1, draws, rest, consensus, keep):
+    """``merge_range`` of a random sparsification (no bands, masks as ``drawn`` takes them),
+    one loop per consensus."""
     inf, no = np.float32(np.inf), False
     cuts = (inf, inf, no, no, inf, inf, no, no)  # no bands
-    draws = (seed0, seed1, p, offset)
-    rest = (w0, w1, s0, s1, normalize, fixed, lam)
     if consensus == 0:
-        merge_range(out, b, x0, x1, cuts, draws, rest, 0, False, DRAWS)
+        merge_range(out, b, x0, x1, cuts, draws, rest, 0, False, keep)
     elif consensus == 1:
-        merge_range(out, b, x0, x1, cuts, draws, rest, 1, False, DRAWS)
+        merge_range(out, b, x0, x1, cuts, draws, rest, 1, False, keep)
     else:
-        merge_range(out, b, x0, x1, cuts, draws, rest, 2, False, DRAWS)
+        merge_range(out, b, x0, x1, cuts, draws, rest, 2, False, keep)
 
 
 # ---- DARE and DELLA with torch's draws -----------------------------------------------------
@@ -821,17 +827,10 @@ def bits_sums(b, x0, x1, bits0, bits1, sums):
 def bits_merge2(out, b, x0, x1, bits0, bits1, w0, w1, s0, s1, consensus, normalize, fixed, lam):
     """``random_merge2`` with the keep masks as bits (``uint8``, little bit order, from entry
     0 of the arrays), block by block."""
-    inf, no = np.float32(np.inf), False
-    cuts = (inf, inf, no, no, inf, inf, no, no)  # no bands
     rest = (w0, w1, s0, s1, normalize, fixed, lam)
     flags = np.empty((2, MT_BLOCK), np.uint8)
     for start in range(0, out.size, MT_BLOCK):
         stop = min(start + MT_BLOCK, out.size)
         draws = flag_block(bits0, bits1, start, stop, flags)
         o, bb, y0, y1 = out[start:stop], b[start:stop], x0[start:stop], x1[start:stop]
-        if consensus == 0:
-            merge_range(o, bb, y0, y1, cuts, draws, rest, 0, False, FLAGS)
-        elif consensus == 1:
-            merge_range(o, bb, y0, y1, cuts, draws, rest, 1, False, FLAGS)
-        else:
-            merge_range(o, bb, y0, y1, cuts, draws, rest, 2, False, FLAGS)
+        random_range(o, bb, y0, y1, draws, rest, consensus, FLAGS)
