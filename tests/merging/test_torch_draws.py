@@ -25,6 +25,9 @@ from sparse_merge.merging.task_arithmetic import TaskArithmetic
 
 from .fused_paths import DTYPES, GENOME, SEGMENTS, Spy, both_paths, check, same_bits
 from .test_counter_draws import (
+    CONFIGS,
+    KINDS,
+    SIZES,
     VARIANTS,
     della_keep,
     della_probs,
@@ -149,12 +152,6 @@ def torch_draws_only(monkeypatch) -> None:
     monkeypatch.setattr(kernels, "bernoulli_bits", lambda *args: None)
 
 
-CONFIGS = {  # id: (yaml, overrides)
-    "dare_ties": ("dare_ties", {}),
-    "dare_linear": ("dare_linear", {}),
-    "dare_count": ("dare_ties", {"consensus": "count"}),
-}
-SIZES = [1, 17, 1000, 5003]
 LARGE = CHUNK + 1003  # more than one chunk: the L1 norms sum in float64
 
 
@@ -170,7 +167,7 @@ def test_fused_merge_matches_the_torch_path(config, rescale, normalize, dtype, s
             name, draws="torch", rescale=rescale, normalize=normalize, lambda_=lambda_, **overrides
         )
         for n in SIZES:
-            for kind in ("specials", "clean", "subnormal"):
+            for kind in KINDS:
                 spy.reset()
                 got, expected = merge_both(method, n, dtype, n + len(kind), kind, weights)
                 check(got, expected, f"{weights} lambda={lambda_} n={n} {kind}")
