@@ -128,7 +128,7 @@ SMOLLM2_MERGE_DIR ?= multirun/smollm2_merge
 SEEDS ?= 0
 
 .PHONY: smollm2-merge
-smollm2-merge: $(STAMP) ## The real sparse merge: evolution vs base, experts, TA/TIES/DARE on SmolLM2 at 50 % (SEEDS="0,1,2"; ~35 min a seed)
+smollm2-merge: $(STAMP) ## The real sparse merge: evolution vs base, experts, TA/TIES/DARE on SmolLM2 at 50 % (SEEDS="0,1,2"; ~26 min a seed)
 	rm -rf $(SMOLLM2_MERGE_DIR)
 	$(PY) run.py -m experiment=smollm2_merge seed=$(SEEDS) hydra.sweep.dir=$(SMOLLM2_MERGE_DIR) $(ARGS)
 	$(PY) -m sparse_merge.analysis.merge_table $(SMOLLM2_MERGE_DIR)
