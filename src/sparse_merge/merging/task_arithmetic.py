@@ -665,8 +665,10 @@ class TaskArithmetic(MergeMethod):
             return out
         draws = all(isinstance(p, _KeepDraws) for p in plans)
         cuts = all(isinstance(p, (_KeepAll, _KeepCuts)) for p in plans)
-        bits = [p.whole() for p in plans if type(p) is _KeepBits and p.work == dtype]
-        bits = bits if len(bits) == n_models and all(v is not None for v in bits) else None
+        bits = None  # stored masks (torch's draws) as bits of the whole tensor, when fused
+        if fused and all(type(p) is _KeepBits and p.work == dtype for p in plans):
+            bits = [p.whole() for p in plans]
+            bits = bits if all(v is not None for v in bits) else None
         if (draws or cuts or bits) and fused:
             settings = kernels.MergeSettings(
                 w_floats,
