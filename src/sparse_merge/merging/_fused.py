@@ -10,7 +10,10 @@ from numba import float32, njit, types, uint32
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from sparse_merge.merging.kernels import BLOCK  # keys computed per block (a multiple of LANES)
+from sparse_merge.merging.kernels import (
+    BLOCK,  # keys computed per block (a multiple of LANES)
+    MT_N,  # MT19937's state words
+)
 
 jit = njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")  # IEEE division
 # inlined where it is called (in numba's IR), so that constant arguments fold away
@@ -694,7 +697,7 @@ def random_range(out, b, x0, x1, draws, rest, consensus, keep):
 
 # ---- DARE and DELLA with torch's draws -----------------------------------------------------
 
-MT_N, MT_M = 624, 397  # MT19937's state words and shift (Matsumoto & Nishimura 1998)
+MT_M = 397  # MT19937's shift (Matsumoto & Nishimura 1998)
 MT_UPPER, MT_LOWER = np.uint32(0x80000000), np.uint32(0x7FFFFFFF)
 MT_MATRIX = np.uint32(0x9908B0DF)
 

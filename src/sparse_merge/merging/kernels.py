@@ -20,9 +20,9 @@ TIES and Model Breadcrumbs (``magnitude_bands`` finds the top-k thresholds, ``ma
 merges) and DARE with counter draws (``random_sums``, ``random_merge2_``) or with torch's draws
 kept as bits (``bits_sums``, ``bits_merge2_``; the draws from ``bernoulli_bits``, torch's own
 generator stream) run as two passes per tensor, the first one everything the second needs
-from the whole tensor; see ``merging.task_arithmetic``. The selection pass appends the keys near a threshold to a buffer
-with a vector compress (``_fused.compress_band``, AVX-512's ``vpcompressd``), which LLVM does
-not generate from a plain loop.
+from the whole tensor; see ``merging.task_arithmetic``. The selection pass appends the keys
+near a threshold to a buffer with a vector compress (``_fused.compress_band``, AVX-512's
+``vpcompressd``), which LLVM does not generate from a plain loop.
 
 Every kernel is checked against its torch path on random data with signed zeros, NaN,
 infinities and subnormals (``tests/merging/test_kernels.py``, ``test_magnitude_kernels.py``,
