@@ -731,6 +731,9 @@ def mt_temper(y):
 
 
 MT_BLOCK = 4096  # entries compared per block, in cache (a multiple of 8)
+# entries unpacked per block by the loops that read masks as bits: their 0/1 bytes stay in L1
+# next to the streamed inputs (the merge loop ran ~10 % faster than with blocks of 4096)
+FLAG_BLOCK = 1024
 PACK = np.uint64(0x0102040810204080)  # byte t of a word of 0/1 bytes to bit 56 + t
 SPREAD = np.uint64(0x0002040810204081)  # bit t (< 7) of a byte to bit 8t
 LOW_BITS = np.uint64(0x0101010101010101)
@@ -819,9 +822,9 @@ def spread(packed, words):
 def bits_sums(b, x0, x1, bits0, bits1, sums):
     """``random_sums`` with the keep masks as bits (``uint8``, little bit order, from entry
     0 of the arrays), block by block."""
-    flags = np.empty((2, MT_BLOCK), np.uint8)
-    for start in range(0, b.size, MT_BLOCK):
-        stop = min(start + MT_BLOCK, b.size)
+    flags = np.empty((2, FLAG_BLOCK), np.uint8)
+    for start in range(0, b.size, FLAG_BLOCK):
+        stop = min(start + FLAG_BLOCK, b.size)
         draws = flag_block(bits0, bits1, start, stop, flags)
         sums_range(b[start:stop], x0[start:stop], x1[start:stop], draws, FLAGS, sums)
 
@@ -831,9 +834,9 @@ def bits_merge2(out, b, x0, x1, bits0, bits1, w0, w1, s0, s1, consensus, normali
     """``random_merge2`` with the keep masks as bits (``uint8``, little bit order, from entry
     0 of the arrays), block by block."""
     rest = (w0, w1, s0, s1, normalize, fixed, lam)
-    flags = np.empty((2, MT_BLOCK), np.uint8)
-    for start in range(0, out.size, MT_BLOCK):
-        stop = min(start + MT_BLOCK, out.size)
+    flags = np.empty((2, FLAG_BLOCK), np.uint8)
+    for start in range(0, out.size, FLAG_BLOCK):
+        stop = min(start + FLAG_BLOCK, out.size)
         draws = flag_block(bits0, bits1, start, stop, flags)
         o, bb, y0, y1 = out[start:stop], b[start:stop], x0[start:stop], x1[start:stop]
         random_range(o, bb, y0, y1, draws, rest, consensus, FLAGS)
