@@ -470,6 +470,8 @@ def test_bfloat16_genomes(name):
         (lambda: Slerp(dot_threshold=1.0), "dot_threshold"),
         (lambda: Slerp(eps=0.0), "eps"),
         (lambda: Linear(normalize="true"), "normalize"),
+        (lambda: TaskArithmetic(compute_dtype="float16"), "compute_dtype"),
+        (lambda: Slerp(granularity="genome", compute_dtype="bf16"), "compute_dtype"),
     ],
 )
 def test_bad_settings_name_the_key(build, key):
@@ -490,6 +492,7 @@ def test_names_flags_and_describe():
         "granularity": "genome",
         "dot_threshold": 0.9995,
         "eps": 1e-8,
+        "compute_dtype": "input",
     }
     assert repr(Linear()) == "Linear(normalize=True)"
 

@@ -12,7 +12,7 @@ import torch
 
 from sparse_merge.errors import check_choice
 from sparse_merge.merging import kernels
-from sparse_merge.merging.base import chunks
+from sparse_merge.merging.base import chunk_len, chunks
 
 if TYPE_CHECKING:
     from sparse_merge.merging.base import MergeMethod, Segment
@@ -44,7 +44,12 @@ def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
 
 @torch.no_grad()
 def slerp_(
-    out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: float, split: int | None = None
+    out: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    w: float,
+    split: int | None = None,
+    work: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``out = slerp(a, b, t)`` with ``t = w`` on ``[:split]`` and ``1 - w`` on ``[split:]``
     (``split=None``: ``t = w`` everywhere). ``t = 0`` gives ``a``, ``t = 1`` gives ``b``.
@@ -58,6 +63,10 @@ def slerp_(
     writing ``out``, in cache-sized chunks (``CHUNK``) so that ``out`` is written to memory
     once; on the CPU in float32 or bfloat16, one fused kernel with the same two ops
     (``merging.kernels.lerp_chain_``).
+
+    ``work``: the dtype of the interpolation's two ops (default the genomes'; ``float32`` for
+    bfloat16 genomes: both ops in float32, rounded once into ``out``). The angle is the same
+    either way (float32 dots).
     """
     n = a.numel()
     split = n if split is None else int(split)
@@ -77,17 +86,24 @@ def slerp_(
 
     into_b = out.data_ptr() == b.data_ptr()  # then scale b in place first, never read it after
     fused = kernels.usable(out, a, b) and a.dtype == b.dtype == out.dtype
+    upcast = work is not None and work != out.dtype
+    if upcast and not fused:  # two chunk-sized float32 buffers for the torch path
+        bufs = torch.empty((2, chunk_len(n)), dtype=work, device=out.device)
     for lo, hi, t in ((0, split, w), (split, n, 1.0 - w)):
         ca, cb = coeffs(t)
         if fused:  # the same two ops, fused into one pass
             if into_b:
-                kernels.lerp_chain_(out[lo:hi], b[lo:hi], a[lo:hi], cb, ca)
+                kernels.lerp_chain_(out[lo:hi], b[lo:hi], a[lo:hi], cb, ca, work)
             else:
-                kernels.lerp_chain_(out[lo:hi], a[lo:hi], b[lo:hi], ca, cb)
+                kernels.lerp_chain_(out[lo:hi], a[lo:hi], b[lo:hi], ca, cb, work)
             continue
         for s, e in chunks(hi, lo):
             o = out[s:e]
-            if into_b:
+            if upcast:  # the same two ops on float32 copies, rounded once into out
+                (x, cx), (y, cy) = ((b, cb), (a, ca)) if into_b else ((a, ca), (b, cb))
+                acc, other = bufs[0, : e - s].copy_(x[s:e]), bufs[1, : e - s].copy_(y[s:e])
+                o.copy_(acc.mul_(cx).add_(other, alpha=cy))
+            elif into_b:
                 o.mul_(cb).add_(a[s:e], alpha=ca)
             else:  # out is a or a third buffer: no temporaries
                 torch.mul(a[s:e], ca, out=o)
@@ -98,11 +114,12 @@ def slerp_(
 CROSSOVER_MODES = ("slerp_split", "slerp", "none")
 
 
-def genome_slerp() -> MergeMethod:
-    """SLERP with one angle over the whole genome: the M2N2 reference's crossover."""
+def genome_slerp(compute_dtype: str = "input") -> MergeMethod:
+    """SLERP with one angle over the whole genome: the M2N2 reference's crossover;
+    ``compute_dtype``: see ``Slerp``."""
     from sparse_merge.merging.slerp import Slerp
 
-    return Slerp(granularity="genome")
+    return Slerp(granularity="genome", compute_dtype=compute_dtype)
 
 
 class Crossover:

@@ -140,25 +140,25 @@ def weighted_sum2(out, x0, x1, c0, c1, divisor):
 
 
 @jit
-def lerp_chain(out, x0, x1, c0, c1):
+def lerp_chain(work, out, x0, x1, c0, c1):
     """``out = x0 * c0``, then ``out = out + x1 * c1`` (a fused multiply-add), each op rounded
     to ``out``'s dtype: torch's ``mul(x0, c0, out=o).add_(x1, alpha=c1)``."""
     for i in range(out.size):
-        first = rounded_keep_nan(out, load(x0, i) * c0)
+        first = rounded_keep_nan(work, load(x0, i) * c0)
         store(out, i, fma(load(x1, i), c1, first))
 
 
 @jit
-def task_arithmetic2(out, b, x0, x1, w0, w1, divisor, lam):
+def task_arithmetic2(work, out, b, x0, x1, w0, w1, divisor, lam):
     """mergekit's task arithmetic of two models, every op rounded to the dtype as torch does
     in it: ``d_i = (x_i - b) * w_i``, ``m = d_0 + d_1``, ``m / divisor``, ``m * lam``,
     ``out = m + b``. A divisor or scale of 1 changes nothing (no branch in the loop)."""
     for i in range(out.size):
         bi = load(b, i)
-        d0 = rounded_keep_nan(out, rounded_keep_nan(out, load(x0, i) - bi) * w0)
-        d1 = rounded_keep_nan(out, rounded_keep_nan(out, load(x1, i) - bi) * w1)
-        m = rounded_keep_nan(out, d0 + d1)
-        m = rounded_keep_nan(out, rounded_keep_nan(out, m / divisor) * lam)
+        d0 = rounded_keep_nan(work, rounded_keep_nan(work, load(x0, i) - bi) * w0)
+        d1 = rounded_keep_nan(work, rounded_keep_nan(work, load(x1, i) - bi) * w1)
+        m = rounded_keep_nan(work, d0 + d1)
+        m = rounded_keep_nan(work, rounded_keep_nan(work, m / divisor) * lam)
         store(out, i, m + bi)
 
 
@@ -283,11 +283,11 @@ def compress_bands_f32(typingctx, b, x, j, lo0, hi0, out0, m0, lo1, hi1, out1, m
 
 
 @jit
-def magnitude_key(b, x, i):
+def magnitude_key(work, b, x, i):
     """The order key of ``|x[i] - b[i]|`` computed in the arrays' dtype: the bits of the
     non-negative float as an int32 (a bfloat16's own 16 bits)."""
-    a = np.abs(rounded(b, load(x, i) - load(b, i)))
-    return np.int32(float_to_bits(a) >> key_shift(b))
+    a = np.abs(rounded(work, load(x, i) - load(b, i)))
+    return np.int32(float_to_bits(a) >> key_shift(work))
 
 
 def key_shift(x):
@@ -302,17 +302,17 @@ def _key_shift(x):
 
 
 @jit
-def magnitude_sample(b, x0, x1, step, out):
+def magnitude_sample(work, b, x0, x1, step, out):
     """The keys (``magnitude_key``) of every ``step``-th entry of both models, into ``out``
     [2, ceil(n / step)]: one strided pass that reads ``b`` once for both."""
     for j in range(out.shape[1]):
         i = np.uint64(j) * np.uint64(step)
-        out[0, j] = magnitude_key(b, x0, i)
-        out[1, j] = magnitude_key(b, x1, i)
+        out[0, j] = magnitude_key(work, b, x0, i)
+        out[1, j] = magnitude_key(work, b, x1, i)
 
 
 @jit
-def magnitude_bands(b, x0, x1, lo, hi, below, bands, kept, marks):
+def magnitude_bands(work, b, x0, x1, lo, hi, below, bands, kept, marks):
     """One pass over ``b``, ``x0``, ``x1`` for the top-k thresholds of ``|x_i - b|``: up to
     two selections per model, selection ``s`` on model ``s // 2``. For each, the count of keys
     below ``lo[s]`` into ``below[s]`` and the keys in ``[lo[s], hi[s]]``, in index order,
@@ -320,18 +320,18 @@ def magnitude_bands(b, x0, x1, lo, hi, below, bands, kept, marks):
     given up). A selection with ``hi[s] < 0`` is unused (keys are not negative).
     ``marks[s, k]``: the count in ``bands[s]`` when block ``k`` (``BLOCK`` entries from
     ``k * BLOCK``; the last one, the rest) began, so a band entry's block can be found."""
-    select_blocks(b, x0, x1, lo, hi, below, bands, kept, marks, False)
+    select_blocks(work, b, x0, x1, lo, hi, below, bands, kept, marks, False)
 
 
 @jit
 def magnitude_bands_f32(b, x0, x1, lo, hi, below, bands, kept, marks):
     """``magnitude_bands`` for float32, each key computed where it is compared
     (``compress_band_f32``), without a block of keys in memory between."""
-    select_blocks(b, x0, x1, lo, hi, below, bands, kept, marks, True)
+    select_blocks(b, b, x0, x1, lo, hi, below, bands, kept, marks, True)
 
 
 @inline
-def select_blocks(b, x0, x1, lo, hi, below, bands, kept, marks, direct):
+def select_blocks(work, b, x0, x1, lo, hi, below, bands, kept, marks, direct):
     """The loop of ``magnitude_bands``: each block's keys of both models computed into a
     buffer and compressed from there, or (``direct``, float32) computed in registers where
     each band compares them."""
@@ -343,8 +343,8 @@ def select_blocks(b, x0, x1, lo, hi, below, bands, kept, marks, direct):
         if not direct:
             at = np.uint64(start)  # unsigned: numba skips its wrap-around of negative indices
             for j in range(BLOCK):
-                k0[j] = magnitude_key(b, x0, at + np.uint64(j))
-                k1[j] = magnitude_key(b, x1, at + np.uint64(j))
+                k0[j] = magnitude_key(work, b, x0, at + np.uint64(j))
+                k1[j] = magnitude_key(work, b, x1, at + np.uint64(j))
         for s in range(4):
             m = kept[s]
             if m < 0:
@@ -361,7 +361,7 @@ def select_blocks(b, x0, x1, lo, hi, below, bands, kept, marks, direct):
                 count += found >> 32
             kept[s] = m
             below[s] += count
-    bands_end(b, x0, x1, lo, hi, below, bands, kept, marks, whole)
+    bands_end(work, b, x0, x1, lo, hi, below, bands, kept, marks, whole)
 
 
 @jit
@@ -385,20 +385,20 @@ def block_begin(start, cap, kept, marks):
 
 
 @jit
-def bands_end(b, x0, x1, lo, hi, below, bands, kept, marks, whole):
+def bands_end(work, b, x0, x1, lo, hi, below, bands, kept, marks, whole):
     """The last mark of a selection pass, then its entries from ``whole`` on
     (``band_tail``)."""
     for s in range(4):
         marks[s, whole // BLOCK] = kept[s]
-    band_tail(b, x0, x1, lo, hi, below, bands, kept, whole)
+    band_tail(work, b, x0, x1, lo, hi, below, bands, kept, whole)
 
 
 @jit
-def band_tail(b, x0, x1, lo, hi, below, bands, kept, start):
+def band_tail(work, b, x0, x1, lo, hi, below, bands, kept, start):
     """The entries from ``start`` on of ``magnitude_bands``, one by one."""
     for i in range(start, b.size):
-        key0 = magnitude_key(b, x0, i)
-        key1 = magnitude_key(b, x1, i)
+        key0 = magnitude_key(work, b, x0, i)
+        key1 = magnitude_key(work, b, x1, i)
         for s in range(4):
             key = key0 if s < 2 else key1
             if key < lo[s]:
@@ -449,11 +449,11 @@ def magnitude_bands2_f32(b, x0, x1, lo, hi, below, bands, kept, marks):
             if kept[second] >= 0:
                 kept[second] = m1
                 below[second] += count1
-    bands_end(b, x0, x1, lo, hi, below, bands, kept, marks, whole)
+    bands_end(b, b, x0, x1, lo, hi, below, bands, kept, marks, whole)
 
 
 @jit
-def tie_end(b, x, value, budget):
+def tie_end(work, b, x, value, budget):
     """One past the index of the ``budget``-th entry (``budget >= 1``) whose ``|x - b|`` equals
     ``value``: the entries tied at a top-k threshold that are kept lie before it. Counted a
     block at a time (a loop that vectorises), then entry by entry in the block that holds
@@ -463,10 +463,10 @@ def tie_end(b, x, value, budget):
         stop = min(start + BLOCK, n)
         count = 0
         for i in range(start, stop):
-            count += np.abs(rounded_keep_nan(b, load(x, i) - load(b, i))) == value
+            count += np.abs(rounded_keep_nan(work, load(x, i) - load(b, i))) == value
         if seen + count >= budget:
             for i in range(start, stop):
-                seen += np.abs(rounded_keep_nan(b, load(x, i) - load(b, i))) == value
+                seen += np.abs(rounded_keep_nan(work, load(x, i) - load(b, i))) == value
                 if seen == budget:
                     return i + 1
         seen += count
@@ -493,7 +493,7 @@ def masked(v, keep):
 
 @jit
 def magnitude_merge2(
-    out, b, x0, x1, bands, ties, bounds, w0, w1, s0, s1, consensus, normalize, fixed, lam
+    work, out, b, x0, x1, bands, ties, bounds, w0, w1, s0, s1, consensus, normalize, fixed, lam
 ):
     """``TaskArithmetic.merge_into_`` of two models with magnitude sparsification (TIES,
     Model Breadcrumbs), every op rounded to the dtype where torch rounds it. Model ``m`` keeps
@@ -517,26 +517,26 @@ def magnitude_merge2(
         # one loop per consensus, and for the usual settings (no scales; TIES: open above),
         # each with its settings as constants: a loop that branches on them is up to 4x slower
         if consensus == 0 and unscaled and open_top:
-            merge_range(o, bb, y0, y1, cuts, draws, rest, 0, True, OPEN)
+            merge_range(work, o, bb, y0, y1, cuts, draws, rest, 0, True, OPEN)
         elif consensus == 0 and unscaled:
-            merge_range(o, bb, y0, y1, cuts, draws, rest, 0, True, BAND)
+            merge_range(work, o, bb, y0, y1, cuts, draws, rest, 0, True, BAND)
         elif consensus == 0:
-            merge_range(o, bb, y0, y1, cuts, draws, rest, 0, False, BAND)
+            merge_range(work, o, bb, y0, y1, cuts, draws, rest, 0, False, BAND)
         elif consensus == 1 and unscaled and open_top:
-            merge_range(o, bb, y0, y1, cuts, draws, rest, 1, True, OPEN)
+            merge_range(work, o, bb, y0, y1, cuts, draws, rest, 1, True, OPEN)
         elif consensus == 1 and unscaled:
-            merge_range(o, bb, y0, y1, cuts, draws, rest, 1, True, BAND)
+            merge_range(work, o, bb, y0, y1, cuts, draws, rest, 1, True, BAND)
         elif consensus == 1:
-            merge_range(o, bb, y0, y1, cuts, draws, rest, 1, False, BAND)
+            merge_range(work, o, bb, y0, y1, cuts, draws, rest, 1, False, BAND)
         else:
-            merge_range(o, bb, y0, y1, cuts, draws, rest, 2, False, BAND)
+            merge_range(work, o, bb, y0, y1, cuts, draws, rest, 2, False, BAND)
 
 
 OPEN, BAND, DRAWS, FLAGS = 0, 1, 2, 3  # how merge_range keeps entries (its ``keep``)
 
 
 @inline
-def merge_range(out, b, x0, x1, cuts, draws, rest, consensus, unscaled, keep):
+def merge_range(work, out, b, x0, x1, cuts, draws, rest, consensus, unscaled, keep):
     """A range of ``magnitude_merge2`` or ``random_merge2`` (views of their arrays) whose tie
     rules are fixed. ``cuts``: (lo, hi, ties at lo, ties at hi) of model 0, then of model 1;
     ``draws``: see ``drawn``; ``rest``: (w0, w1, s0, s1, normalize, fixed, lam). ``keep``:
@@ -550,8 +550,8 @@ def merge_range(out, b, x0, x1, cuts, draws, rest, consensus, unscaled, keep):
     one = np.float32(1.0)
     for i in range(out.size):
         bi = load(b, i)
-        d0 = rounded_keep_nan(out, load(x0, i) - bi)
-        d1 = rounded_keep_nan(out, load(x1, i) - bi)
+        d0 = rounded_keep_nan(work, load(x0, i) - bi)
+        d1 = rounded_keep_nan(work, load(x1, i) - bi)
         # numba drops the untaken branches (which would not type) for == tests, not for `in`
         if keep == DRAWS or keep == FLAGS:  # noqa: SIM109
             k0, k1 = drawn(draws, i, keep)
@@ -563,17 +563,17 @@ def merge_range(out, b, x0, x1, cuts, draws, rest, consensus, unscaled, keep):
             k0 = kept(np.abs(d0), lo0, hi0, t0lo, t0hi)
             k1 = kept(np.abs(d1), lo1, hi1, t1lo, t1hi)
         if unscaled:
-            d0 = rounded_keep_nan(out, masked(d0, k0) * w0)
-            d1 = rounded_keep_nan(out, masked(d1, k1) * w1)
+            d0 = rounded_keep_nan(work, masked(d0, k0) * w0)
+            d1 = rounded_keep_nan(work, masked(d1, k1) * w1)
         else:
-            d0 = rounded_keep_nan(out, rounded_keep_nan(out, masked(d0, k0) * s0) * w0)
-            d1 = rounded_keep_nan(out, rounded_keep_nan(out, masked(d1, k1) * s1) * w1)
+            d0 = rounded_keep_nan(work, rounded_keep_nan(work, masked(d0, k0) * s0) * w0)
+            d1 = rounded_keep_nan(work, rounded_keep_nan(work, masked(d1, k1) * s1) * w1)
         if consensus == 0:
-            mixed = rounded_keep_nan(out, d0 + d1)
+            mixed = rounded_keep_nan(work, d0 + d1)
             divisor = fixed
         else:
             if consensus == 1:
-                votes = rounded_keep_nan(out, d0 + d1)
+                votes = rounded_keep_nan(work, d0 + d1)
             else:  # torch.sign: 0 for NaN and both zeros
                 votes = (np.float32(d0 > 0) - np.float32(d0 < 0)) + (
                     np.float32(d1 > 0) - np.float32(d1 < 0)
@@ -581,13 +581,13 @@ def merge_range(out, b, x0, x1, cuts, draws, rest, consensus, unscaled, keep):
             sign = one if votes >= 0 else -one
             c0 = d0 * sign > 0
             c1 = d1 * sign > 0
-            divisor = rounded_keep_nan(out, masked(w0, c0) + masked(w1, c1))
+            divisor = rounded_keep_nan(work, masked(w0, c0) + masked(w1, c1))
             divisor = divisor + np.float32(divisor == 0)
-            mixed = rounded_keep_nan(out, masked(d0, c0) + masked(d1, c1))
+            mixed = rounded_keep_nan(work, masked(d0, c0) + masked(d1, c1))
         if normalize:
-            mixed = rounded_keep_nan(out, mixed / divisor)
+            mixed = rounded_keep_nan(work, mixed / divisor)
         if not unscaled:
-            mixed = rounded_keep_nan(out, mixed * lam)
+            mixed = rounded_keep_nan(work, mixed * lam)
         store(out, i, mixed + bi)
 
 
@@ -641,23 +641,23 @@ def uniforms(seed, start, out):
 
 
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"})
-def random_sums(b, x0, x1, seed0, seed1, p, offset, sums):
+def random_sums(work, b, x0, x1, seed0, seed1, p, offset, sums):
     """DARE's L1 norms before and after masking, added to ``sums`` [4] (float64: model 0
     before, after, model 1 before, after) for the entries of ``b``, ``x0``, ``x1`` (views
     starting at entry ``offset``), an entry kept when ``draw(seed_m, index) < p`` (``p``: the
     keep probability times 2^24, rounded up). float64 sums in any order (``reassoc``: the loop
     vectorises); mergekit sums float32 in torch's order."""
-    sums_range(b, x0, x1, (seed0, seed1, p, offset), DRAWS, sums)
+    sums_range(work, b, x0, x1, (seed0, seed1, p, offset), DRAWS, sums)
 
 
 @inline
-def sums_range(b, x0, x1, draws, keep, sums):
+def sums_range(work, b, x0, x1, draws, keep, sums):
     """``random_sums`` of a range, its masks as ``drawn`` takes them."""
     before0 = after0 = before1 = after1 = 0.0
     for i in range(b.size):
         bi = load(b, i)
-        a0 = np.float64(np.abs(rounded_keep_nan(b, load(x0, i) - bi)))
-        a1 = np.float64(np.abs(rounded_keep_nan(b, load(x1, i) - bi)))
+        a0 = np.float64(np.abs(rounded_keep_nan(work, load(x0, i) - bi)))
+        a1 = np.float64(np.abs(rounded_keep_nan(work, load(x1, i) - bi)))
         k0, k1 = drawn(draws, i, keep)
         before0 += a0
         before1 += a1
@@ -671,28 +671,28 @@ def sums_range(b, x0, x1, draws, keep, sums):
 
 @jit
 def random_merge2(
-    out, b, x0, x1, seed0, seed1, p, offset, w0, w1, s0, s1, consensus, normalize, fixed, lam
+    work, out, b, x0, x1, seed0, seed1, p, offset, w0, w1, s0, s1, consensus, normalize, fixed, lam
 ):
     """``TaskArithmetic.merge_into_`` of two models with DARE's random sparsification, its
     keep masks from counter draws: model ``m`` keeps entry ``i`` when ``draw(seed_m, i) < p``
     (``p``: the keep probability times 2^24, rounded up), the arrays views starting at entry
     ``offset`` of the tensor; otherwise as ``magnitude_merge2``."""
     rest = (w0, w1, s0, s1, normalize, fixed, lam)
-    random_range(out, b, x0, x1, (seed0, seed1, p, offset), rest, consensus, DRAWS)
+    random_range(work, out, b, x0, x1, (seed0, seed1, p, offset), rest, consensus, DRAWS)
 
 
 @inline
-def random_range(out, b, x0, x1, draws, rest, consensus, keep):
+def random_range(work, out, b, x0, x1, draws, rest, consensus, keep):
     """``merge_range`` of a random sparsification (no bands, masks as ``drawn`` takes them),
     one loop per consensus."""
     inf, no = np.float32(np.inf), False
     cuts = (inf, inf, no, no, inf, inf, no, no)  # no bands
     if consensus == 0:
-        merge_range(out, b, x0, x1, cuts, draws, rest, 0, False, keep)
+        merge_range(work, out, b, x0, x1, cuts, draws, rest, 0, False, keep)
     elif consensus == 1:
-        merge_range(out, b, x0, x1, cuts, draws, rest, 1, False, keep)
+        merge_range(work, out, b, x0, x1, cuts, draws, rest, 1, False, keep)
     else:
-        merge_range(out, b, x0, x1, cuts, draws, rest, 2, False, keep)
+        merge_range(work, out, b, x0, x1, cuts, draws, rest, 2, False, keep)
 
 
 # ---- DARE and DELLA with torch's draws -----------------------------------------------------
@@ -819,18 +819,20 @@ def spread(packed, words):
 
 
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"})
-def bits_sums(b, x0, x1, bits0, bits1, sums):
+def bits_sums(work, b, x0, x1, bits0, bits1, sums):
     """``random_sums`` with the keep masks as bits (``uint8``, little bit order, from entry
     0 of the arrays), block by block."""
     flags = np.empty((2, FLAG_BLOCK), np.uint8)
     for start in range(0, b.size, FLAG_BLOCK):
         stop = min(start + FLAG_BLOCK, b.size)
         draws = flag_block(bits0, bits1, start, stop, flags)
-        sums_range(b[start:stop], x0[start:stop], x1[start:stop], draws, FLAGS, sums)
+        sums_range(work, b[start:stop], x0[start:stop], x1[start:stop], draws, FLAGS, sums)
 
 
 @jit
-def bits_merge2(out, b, x0, x1, bits0, bits1, w0, w1, s0, s1, consensus, normalize, fixed, lam):
+def bits_merge2(
+    work, out, b, x0, x1, bits0, bits1, w0, w1, s0, s1, consensus, normalize, fixed, lam
+):
     """``random_merge2`` with the keep masks as bits (``uint8``, little bit order, from entry
     0 of the arrays), block by block."""
     rest = (w0, w1, s0, s1, normalize, fixed, lam)
@@ -839,4 +841,4 @@ def bits_merge2(out, b, x0, x1, bits0, bits1, w0, w1, s0, s1, consensus, normali
         stop = min(start + FLAG_BLOCK, out.size)
         draws = flag_block(bits0, bits1, start, stop, flags)
         o, bb, y0, y1 = out[start:stop], b[start:stop], x0[start:stop], x1[start:stop]
-        random_range(o, bb, y0, y1, draws, rest, consensus, FLAGS)
+        random_range(work, o, bb, y0, y1, draws, rest, consensus, FLAGS)

@@ -74,6 +74,14 @@ def _array(t: Tensor) -> np.ndarray:
     return t.numpy().reshape(-1)
 
 
+def _work(work: torch.dtype | None, like: Tensor) -> np.ndarray:
+    """The dtype a fused loop rounds its intermediates to, as the empty array the loops take
+    first (``_fused``'s ``work``): ``like``'s own dtype (``work`` None: torch's arithmetic in
+    that dtype, rounded after every op) or ``work`` (float32 for bfloat16 tensors: every op
+    in float32, rounded once where the output is stored)."""
+    return _array(torch.empty(0, dtype=like.dtype if work is None else work))
+
+
 @functools.cache
 def _ops():
     """The module of compiled kernels (numba compiles each signature on first use and caches
@@ -145,7 +153,9 @@ def weighted_sum2_(
     return out
 
 
-def lerp_chain_(out: Tensor, x0: Tensor, x1: Tensor, c0: float, c1: float) -> Tensor:
+def lerp_chain_(
+    out: Tensor, x0: Tensor, x1: Tensor, c0: float, c1: float, work: torch.dtype | None = None
+) -> Tensor:
     """torch's ``torch.mul(x0, c0, out=out).add_(x1, alpha=c1)`` in one pass (all three of one
     dtype), rounding to the dtype after each op; ``out`` may be ``x0``, or ``x1`` (each element
     is read before it is written).
@@ -154,12 +164,14 @@ def lerp_chain_(out: Tensor, x0: Tensor, x1: Tensor, c0: float, c1: float) -> Te
     (exact) product added in float32 before rounding. torch's scalar loop, which handles the
     last ``len % 32`` elements of every call (and of every thread's share of a call), rounds
     the product to bfloat16 first, so torch's own bfloat16 result depends on how the op is cut
-    into calls and threads; here every element is computed alike."""
-    if out.dtype == torch.bfloat16:
+    into calls and threads; here every element is computed alike. ``work=torch.float32``:
+    both ops in float32 on the (upcast) inputs, rounded once into ``out``."""
+    work = None if work == out.dtype else work
+    if out.dtype == torch.bfloat16 and work is None:
         c1 = float(torch.tensor(c1, dtype=torch.bfloat16))
     kernel, (o, a, b) = _ops().lerp_chain, (_array(t) for t in (out, x0, x1))
-    c0, c1 = np.float32(c0), np.float32(c1)
-    in_parts(o.size, lambda lo, hi: kernel(o[lo:hi], a[lo:hi], b[lo:hi], c0, c1))
+    c0, c1, w = np.float32(c0), np.float32(c1), _work(work, out)
+    in_parts(o.size, lambda lo, hi: kernel(w, o[lo:hi], a[lo:hi], b[lo:hi], c0, c1))
     return out
 
 
@@ -171,18 +183,22 @@ def task_arithmetic2_(
     weights: tuple[float, float],
     divisor: float | None,
     lambda_: float,
+    work: torch.dtype | None = None,
 ) -> Tensor:
     """Task arithmetic of two models (no sparsification, no sign consensus) in one pass, with
     the arithmetic of ``TaskArithmetic.merge_into_``: the weights and ``divisor`` already
-    rounded to the dtype, ``lambda_`` a float32 scalar as torch multiplies by it."""
+    rounded to the work dtype (``work``, default the tensors'), ``lambda_`` a float32
+    scalar as torch multiplies by it."""
     kernel, arrays = _ops().task_arithmetic2, [_array(t) for t in (out, base, x0, x1)]
+    arrays.insert(0, _work(work, out))
     settings = (
         np.float32(weights[0]),
         np.float32(weights[1]),
         np.float32(1.0 if divisor is None else divisor),
         np.float32(lambda_),
     )
-    in_parts(arrays[0].size, lambda lo, hi: kernel(*(a[lo:hi] for a in arrays), *settings))
+    w, arrays = arrays[0], arrays[1:]
+    in_parts(arrays[0].size, lambda lo, hi: kernel(w, *(a[lo:hi] for a in arrays), *settings))
     return out
 
 
@@ -206,6 +222,7 @@ def magnitude_bands(
     x1: Tensor,
     brackets: dict[tuple[int, int], tuple[int, int]],
     buffer: np.ndarray,
+    work: torch.dtype | None = None,
 ) -> dict[tuple[int, int], tuple[int, np.ndarray, np.ndarray] | None]:
     """One pass over ``base`` and two models for top-k thresholds of ``|x_i - base|`` (keys:
     the bits of the magnitudes as int32, ``_fused.magnitude_key``). ``brackets``: (model,
@@ -214,17 +231,18 @@ def magnitude_bands(
     cap)``, the caller's to reuse) and the band's length at the start of every block of
     ``BLOCK`` entries (``tie_end_in``); or None when more fall inside a part than its room
     holds (``bands_shape``). A large tensor runs in parts (``in_parts``, cut at blocks), each
-    into its own room in ``buffer``; the bands are then joined in index order."""
+    into its own room in ``buffer``; the bands are then joined in index order. ``work``: the
+    dtype the magnitudes are computed in (default the tensors')."""
     ops, n = _ops(), base.numel()
     lo, hi = np.full(4, -1, np.int64), np.full(4, -1, np.int64)
     for (model, cut), (low, high) in brackets.items():
         lo[2 * model + cut], hi[2 * model + cut] = low, high
     # float32 keys computed where compared, in registers: once per cut for one cut per model
     # (TIES), once for both bands for two (Model Breadcrumbs)
-    kernel = ops.magnitude_bands
+    w, arrays = _work(work, base), [_array(t) for t in (base, x0, x1)]
+    kernel = functools.partial(ops.magnitude_bands, w)
     if base.dtype == torch.float32:
         kernel = ops.magnitude_bands_f32 if len(brackets) <= 2 else ops.magnitude_bands2_f32
-    arrays = [_array(t) for t in (base, x0, x1)]
     parts = part_count(n)
     cuts = part_cuts(n, parts, BLOCK)
     share = (buffer.shape[1] - 1) // parts  # each part's room: cap + BLOCK keys
@@ -280,10 +298,14 @@ def tie_end_in(band: np.ndarray, marks: np.ndarray, key: int, budget: int, block
     return start + int(np.flatnonzero(keys == key)[budget - earlier - 1]) + 1
 
 
-def magnitude_sample(base: Tensor, x0: Tensor, x1: Tensor, step: int) -> np.ndarray:
-    """The magnitude keys of every ``step``-th entry of both models, int32 [2, ceil(n / step)]."""
+def magnitude_sample(
+    base: Tensor, x0: Tensor, x1: Tensor, step: int, work: torch.dtype | None = None
+) -> np.ndarray:
+    """The magnitude keys of every ``step``-th entry of both models, int32 [2, ceil(n / step)],
+    computed in ``work`` (default the tensors' dtype)."""
     out = np.empty((2, -(-base.numel() // step)), np.int32)
-    _ops().magnitude_sample(_array(base), _array(x0), _array(x1), step, out)
+    arrays = (_array(base), _array(x0), _array(x1))
+    _ops().magnitude_sample(_work(work, base), *arrays, step, out)
     return out
 
 
@@ -296,14 +318,18 @@ def key_counts(keys: np.ndarray, key: int) -> tuple[int, int]:
     return int(np.count_nonzero(keys < key)), int(np.count_nonzero(keys == key))
 
 
-def tie_end(base: Tensor, x: Tensor, value: float, budget: int) -> int:
-    """One past the index of the ``budget``-th entry whose ``|x - base|`` is ``value``."""
-    return int(_ops().tie_end(_array(base), _array(x), np.float32(value), budget))
+def tie_end(
+    base: Tensor, x: Tensor, value: float, budget: int, work: torch.dtype | None = None
+) -> int:
+    """One past the index of the ``budget``-th entry whose ``|x - base|`` (computed in
+    ``work``, default the tensors' dtype) is ``value``."""
+    w, value = _work(work, base), np.float32(value)
+    return int(_ops().tie_end(w, _array(base), _array(x), value, budget))
 
 
 class MergeSettings(NamedTuple):
     """What the two-model merge loops take besides the inputs and the masks: the weights,
-    scales and ``divisor`` already rounded to the dtype (scales 1: no rescaling; ``divisor``
+    scales and ``divisor`` already rounded to the work dtype (scales 1: no rescaling; ``divisor``
     None: no normalisation), ``consensus`` 0 none, 1 sum, 2 count, and ``lambda_``."""
 
     weights: tuple[float, float]
@@ -311,6 +337,7 @@ class MergeSettings(NamedTuple):
     consensus: int
     divisor: float | None
     lambda_: float
+    work: torch.dtype | None = None  # the dtype of the arithmetic (default the tensors')
 
     def loop_args(self) -> tuple:
         """As the loops take them, in their types: w0, w1, s0, s1, consensus, normalize, the
@@ -344,11 +371,11 @@ def magnitude_merge2_(
     bounds = np.array([*starts, n], dtype=np.int64)  # [R + 1]
     kernel, arrays = _ops().magnitude_merge2, [_array(t) for t in (out, base, x0, x1)]
     cuts = np.array([band[:2] for band in bands], dtype=np.float32)
-    args = settings.loop_args()
+    w, args = _work(settings.work, out), settings.loop_args()
 
     def part(lo: int, hi: int) -> None:  # the ranges clipped to the part (some left empty)
         clipped = bounds if (lo, hi) == (0, n) else np.clip(bounds, lo, hi) - lo
-        kernel(*(a[lo:hi] for a in arrays), cuts, ties, clipped, *args)
+        kernel(w, *(a[lo:hi] for a in arrays), cuts, ties, clipped, *args)
 
     in_parts(n, part)
     return out
@@ -369,15 +396,20 @@ def _threshold(p: float) -> np.uint64:
 
 
 def random_sums(
-    base: Tensor, x0: Tensor, x1: Tensor, seeds: Sequence[int], p: float
+    base: Tensor,
+    x0: Tensor,
+    x1: Tensor,
+    seeds: Sequence[int],
+    p: float,
+    work: torch.dtype | None = None,
 ) -> list[float]:
     """DARE's L1 norms of both task vectors before and after their counter-drawn masks
-    (``_fused.random_sums``): ``[before_0, after_0, before_1, after_1]``, summed in float64."""
+    (``_fused.random_sums``): ``[before_0, after_0, before_1, after_1]``, summed in float64,
+    the task vectors computed in ``work`` (default the tensors' dtype)."""
     sums = np.zeros(4, np.float64)
     s0, s1 = (np.uint64(s) for s in seeds)
-    _ops().random_sums(
-        _array(base), _array(x0), _array(x1), s0, s1, _threshold(p), np.uint64(0), sums
-    )
+    arrays = (_array(base), _array(x0), _array(x1))
+    _ops().random_sums(_work(work, base), *arrays, s0, s1, _threshold(p), np.uint64(0), sums)
     return sums.tolist()
 
 
@@ -395,10 +427,12 @@ def random_merge2_(
     probability ``p``."""
     s0, s1 = (np.uint64(s) for s in seeds)
     kernel, arrays = _ops().random_merge2, [_array(t) for t in (out, base, x0, x1)]
-    threshold, args = _threshold(p), settings.loop_args()
+    threshold, args, w = _threshold(p), settings.loop_args(), _work(settings.work, out)
     in_parts(
         arrays[0].size,
-        lambda lo, hi: kernel(*(a[lo:hi] for a in arrays), s0, s1, threshold, np.uint64(lo), *args),
+        lambda lo, hi: kernel(
+            w, *(a[lo:hi] for a in arrays), s0, s1, threshold, np.uint64(lo), *args
+        ),
     )
     return out
 
@@ -447,11 +481,17 @@ def bernoulli_bits(rng: torch.Generator, p: float | Tensor, n: int) -> Tensor | 
     return torch.from_numpy(out)
 
 
-def bits_sums(base: Tensor, x0: Tensor, x1: Tensor, bits: Sequence[Tensor]) -> list[float]:
+def bits_sums(
+    base: Tensor,
+    x0: Tensor,
+    x1: Tensor,
+    bits: Sequence[Tensor],
+    work: torch.dtype | None = None,
+) -> list[float]:
     """``random_sums`` with the keep masks given as bits (``bernoulli_bits``'s packing)."""
     sums = np.zeros(4, np.float64)
     arrays = [_array(t) for t in (base, x0, x1)]
-    _ops().bits_sums(*arrays, *(b.numpy() for b in bits), sums)
+    _ops().bits_sums(_work(work, base), *arrays, *(b.numpy() for b in bits), sums)
     return sums.tolist()
 
 
@@ -466,11 +506,11 @@ def bits_merge2_(
     """``random_merge2_`` with the keep masks given as bits (``bernoulli_bits``'s packing)."""
     kernel, arrays = _ops().bits_merge2, [_array(t) for t in (out, base, x0, x1)]
     bits0, bits1 = (b.numpy() for b in bits)
-    args = settings.loop_args()
+    args, w = settings.loop_args(), _work(settings.work, out)
     in_parts(  # the parts start at multiples of ALIGN: at whole bytes of the bits
         arrays[0].size,
         lambda lo, hi: kernel(
-            *(a[lo:hi] for a in arrays), bits0[lo // 8 :], bits1[lo // 8 :], *args
+            w, *(a[lo:hi] for a in arrays), bits0[lo // 8 :], bits1[lo // 8 :], *args
         ),
     )
     return out

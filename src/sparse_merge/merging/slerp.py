@@ -12,6 +12,7 @@ from torch import Tensor
 from sparse_merge.errors import check_choice, check_fraction, check_positive
 from sparse_merge.evolution.crossover import _dots, slerp_
 from sparse_merge.merging.base import MergeMethod, Segment, chunk_len, weighted_sum_
+from sparse_merge.merging.task_arithmetic import COMPUTE_DTYPES, LOW_PRECISION
 
 GRANULARITIES = ("tensor", "genome")
 
@@ -29,6 +30,11 @@ class Slerp(MergeMethod):
             ``dot_threshold`` and ``eps``). Segments only matter for ``tensor``.
         dot_threshold: ``|cos|`` above which a tensor is interpolated linearly, in [0, 1).
         eps: norms at or below it count as 1 (zero tensors), > 0.
+        compute_dtype: ``genome``'s interpolation of bfloat16 and float16 genomes: ``input``
+            (the M2N2 reference's: both ops in the genomes' dtype, each rounded) or
+            ``float32`` (both ops in float32, rounded once; ~1.5x faster in bfloat16 on the
+            CPU, ``make bench``). ``tensor`` accumulates in float32 and rounds once either
+            way, as mergekit computes SLERP in float32.
 
     The angle's dot products are float32 over chunks summed in float64 (mergekit: float32
     sums); the interpolation runs in float32 (float64 for float64 inputs) like mergekit's.
@@ -37,11 +43,16 @@ class Slerp(MergeMethod):
     name = "slerp"
 
     def __init__(
-        self, granularity: str = "tensor", dot_threshold: float = 0.9995, eps: float = 1e-8
+        self,
+        granularity: str = "tensor",
+        dot_threshold: float = 0.9995,
+        eps: float = 1e-8,
+        compute_dtype: str = "input",
     ) -> None:
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         self.dot_threshold = check_fraction("dot_threshold", dot_threshold)
         self.eps = float(check_positive("eps", eps))
+        self.compute_dtype = check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
 
     def describe(self) -> dict[str, object]:
         """``slerp`` and its settings."""
@@ -50,6 +61,7 @@ class Slerp(MergeMethod):
             "granularity": self.granularity,
             "dot_threshold": self.dot_threshold,
             "eps": self.eps,
+            "compute_dtype": self.compute_dtype,
         }
 
     def interpolation(self, weights: Sequence[float]) -> float:
@@ -83,7 +95,7 @@ class Slerp(MergeMethod):
         t = self.interpolation(weights)
         x, y = (v.view(-1) for v in tensors)  # [n]
         if self.granularity == "genome":
-            slerp_(out.view(-1), x, y, t)
+            slerp_(out.view(-1), x, y, t, work=self._work(x.dtype))
             return out
         ca, cb = 1.0 - t, t
         if x.numel() > 0:
@@ -123,4 +135,8 @@ class Slerp(MergeMethod):
         a, b = genomes
         if out.shape != a.shape or a.dim() != 1:
             raise ValueError(f"slerp: out {tuple(out.shape)} and genomes {tuple(a.shape)}: not [P]")
-        return slerp_(out, a, b, t, split)
+        return slerp_(out, a, b, t, split, self._work(a.dtype))
+
+    def _work(self, dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype of ``genome``'s interpolation on genomes of ``dtype`` (None: their own)."""
+        return torch.float32 if self.compute_dtype == "float32" and dtype in LOW_PRECISION else None

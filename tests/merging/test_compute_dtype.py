@@ -1,0 +1,167 @@
+"""``compute_dtype="float32"``: bfloat16 models merged with every op in float32 and the result
+rounded once, mergekit's ``dtype: float32`` with a bfloat16 ``out_dtype``.
+
+- For every method (task arithmetic, TIES, Model Breadcrumbs, DARE with torch's and counter
+  draws, DELLA; with and without ``rescale``) the result is the default merge of the upcast
+  float32 models, rounded to bfloat16, bit for bit, on the fused loops and on the torch path,
+  with NaN, infinities and subnormals, on tensors of one element to past one chunk, segments,
+  a split point and in place;
+- the fused loops take bfloat16 inputs themselves (no float32 copies) for every method but
+  DELLA and TIES with ``rescale``;
+- float32 models are merged as before; ``genome`` SLERP (M2N2's crossover) likewise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_merge.merging import kernels
+from sparse_merge.merging.base import CHUNK
+from sparse_merge.merging.slerp import Slerp
+from sparse_merge.merging.task_arithmetic import TaskArithmetic
+
+from .fused_paths import GENOME, SEGMENTS, check, torch_path
+from .test_counter_draws import from_yaml, gen, models
+
+needs_numba = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not installed")
+
+METHODS = {  # id: (yaml, overrides)
+    "task_arithmetic": ("task_arithmetic", {}),
+    "task_arithmetic_norm": ("task_arithmetic", {"normalize": True, "lambda_": 1.37}),
+    "ties": ("ties", {}),
+    "ties_count": ("ties", {"consensus": "count"}),
+    "ties_rescale": ("ties", {"rescale": True}),
+    "breadcrumbs": ("breadcrumbs", {}),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {}),
+    "dare_ties": ("dare_ties", {"draws": "torch"}),
+    "dare_linear": ("dare_linear", {"draws": "torch"}),
+    "dare_ties_counter": ("dare_ties", {}),
+    "dare_rescale": ("dare_ties", {"draws": "torch", "rescale": True}),
+    "dare_rescale_counter": ("dare_ties", {"rescale": True}),
+    "della": ("della", {"draws": "torch"}),
+}
+# the settings the fused loops compute in float32 from bfloat16 (tensors up to one chunk)
+FUSED = {
+    "task_arithmetic",
+    "task_arithmetic_norm",
+    "ties",
+    "ties_count",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "dare_ties",
+    "dare_linear",
+    "dare_ties_counter",
+    "dare_rescale",
+    "dare_rescale_counter",
+}
+SIZES = [1, 17, 1000, 5003]
+WEIGHTS = [(0.6, 0.4), (1.3, -0.45)]
+
+
+def method(name: str, compute_dtype: str = "float32") -> TaskArithmetic:
+    yaml, overrides = METHODS[name]
+    return from_yaml(yaml, **overrides, compute_dtype=compute_dtype)
+
+
+def merged(m, inputs, weights, into: str = "third", rng_seed: int = 0, **kwargs) -> torch.Tensor:
+    """``m.merge_`` of (base, x0, x1) clones into a new buffer or into one of them."""
+    base, x0, x1 = (t.clone() for t in inputs)
+    out = {"third": torch.empty_like(base), "base": base, "x0": x0, "x1": x1}[into]
+    result = m.merge_(out, base, [x0, x1], weights, rng=gen(rng_seed), **kwargs)
+    assert result is out
+    return result
+
+
+def reference(name, inputs, weights, **kwargs) -> torch.Tensor:
+    """The default merge of the models upcast to float32, rounded to bfloat16."""
+    up = [t.float() for t in inputs]
+    return merged(method(name, "input"), up, weights, **kwargs).to(torch.bfloat16)
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", ["specials", "clean", "subnormal"])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("name", list(METHODS))
+def test_float32_compute_is_the_float32_merge_rounded_once(name, n, kind):
+    inputs = models(n, torch.bfloat16, 7 * n + len(name), kind)
+    for weights in WEIGHTS:
+        expected = reference(name, inputs, weights)
+        check(merged(method(name), inputs, weights), expected, f"{name} fused {weights}")
+        with torch_path():
+            check(merged(method(name), inputs, weights), expected, f"{name} torch {weights}")
+
+
+@needs_numba
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties", "dare_ties", "dare_rescale"])
+def test_float32_compute_past_one_chunk(name):
+    n = CHUNK + 4099  # two chunks; DARE's norms then sum in float64, fused
+    inputs = models(n, torch.bfloat16, 3, "clean")
+    expected = reference(name, inputs, (0.7, 0.5))
+    check(merged(method(name), inputs, (0.7, 0.5)), expected, name)
+
+
+@needs_numba
+@pytest.mark.parametrize("into", ["base", "x0", "x1"])
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "dare_ties", "della"])
+def test_float32_compute_on_segments_with_a_split_in_place(name, into):
+    inputs = models(GENOME, torch.bfloat16, 11, "specials")
+    kwargs = {"segments": SEGMENTS, "split": 2000}
+    expected = reference(name, inputs, (0.3, 0.9), **kwargs)
+    got = merged(method(name), inputs, (0.3, 0.9), into=into, **kwargs)
+    check(got, expected, f"{name} into {into}")
+
+
+@needs_numba
+@pytest.mark.parametrize("name", list(METHODS))
+def test_fused_loops_read_bfloat16_themselves(name, monkeypatch):
+    """Only DELLA and TIES with ``rescale`` make float32 copies of the tensors."""
+    copies = []
+    original = TaskArithmetic._merge_upcast
+
+    def upcast(self, *args):
+        copies.append(args[0].numel())
+        return original(self, *args)
+
+    monkeypatch.setattr(TaskArithmetic, "_merge_upcast", upcast)
+    inputs = models(1000, torch.bfloat16, 5, "clean")
+    merged(method(name), inputs, (0.6, 0.4))
+    assert bool(copies) == (name not in FUSED), copies
+
+
+@needs_numba
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_ties", "della"])
+def test_float32_models_are_merged_as_before(name):
+    inputs = models(1000, torch.float32, 9, "specials")
+    expected = merged(method(name, "input"), inputs, (0.6, 0.4))
+    check(merged(method(name), inputs, (0.6, 0.4)), expected, name)
+
+
+def test_bfloat16_in_float32_differs_from_bfloat16_arithmetic():
+    """The setting changes the arithmetic (the test above would pass if it did nothing)."""
+    inputs = models(5003, torch.bfloat16, 1, "clean")
+    ours = merged(method("ties"), inputs, (0.6, 0.4))
+    default = merged(method("ties", "input"), inputs, (0.6, 0.4))
+    assert not torch.equal(ours, default)
+    exact = reference("ties", inputs, (0.6, 0.4)).float()
+    assert (ours.float() - exact).abs().sum() < (default.float() - exact).abs().sum()
+
+
+@pytest.mark.parametrize("into", ["third", "x0", "x1"])
+@pytest.mark.parametrize("split", [None, 0, 2000, GENOME])
+def test_genome_slerp_in_float32_is_the_float32_slerp_rounded_once(split, into):
+    _, *inputs = models(GENOME, torch.bfloat16, 13, "specials", 3)  # x0, x1 and a base unused
+    inputs = [t.nan_to_num(0.0, 1e3, -1e3) for t in inputs]  # a NaN would void the angle
+
+    def run(m, xs):
+        x0, x1, other = (t.clone() for t in xs)
+        out = {"third": other, "x0": x0, "x1": x1}[into]
+        return m.merge_(out, None, [x0, x1], (0.35, 0.65), split=split)
+
+    expected = run(Slerp("genome"), [t.float() for t in inputs]).to(torch.bfloat16)
+    ours = Slerp("genome", compute_dtype="float32")
+    check(run(ours, inputs), expected, "fused")
+    with torch_path():
+        check(run(ours, inputs), expected, "torch path")
+    default = run(Slerp("genome"), inputs)
+    assert not torch.equal(default, expected)  # the setting changes the arithmetic
