@@ -1,6 +1,6 @@
 """Merge methods against the memory-bandwidth floor: every ``conf/merge`` variant (and SLERP's
 one-angle-per-genome form, M2N2's crossover) merging two genomes of 16 M elements (float32,
-then bfloat16) with their base, as the evolution's crossover does: weights [0.3, 0.7], a split
+then bfloat16 in its own arithmetic and with ``compute_dtype=float32``) with their base, as the evolution's crossover does: weights [0.3, 0.7], a split
 point at a third, one thread. A method's floor is the bytes it must move
 (``MergeMethod.traffic_floor``, in genomes: e.g. 5 for SLERP, whose angle needs a pass over
 both parents before anything is written) at the speed of ``copy_`` measured right before it,
@@ -104,13 +104,17 @@ def _best_of(fn, repeats: int = 5, budget_s: float = 1.5) -> float:
 
 
 def merge_rows(
-    dtype: torch.dtype = torch.float32, smollm2: bool = False, threads: int = 1
+    dtype: torch.dtype = torch.float32,
+    smollm2: bool = False,
+    threads: int = 1,
+    compute_dtype: str | None = None,
 ) -> list[dict]:
     """One row per method: seconds per merge, × ``copy_`` of one genome, the floor in genomes,
     floor bytes per second and the fraction of the floor reached (1: as fast as memory
     allows). ``smollm2``: on a genome laid out like SmolLM2-135M's (``SMOLLM2_SHAPES``), for
     ``SMOLLM2_METHODS``. ``threads`` > 1: ``THREADED_METHODS`` with that many threads, against
-    ``copy_`` on as many."""
+    ``copy_`` on as many. ``compute_dtype``: that setting for every method that has it
+    (``float32``: bfloat16 computed in float32, rounded once)."""
     if smollm2:
         segments = _segments(SMOLLM2_SHAPES)
         n, methods, what = segments[-1][1], [(*m, True) for m in SMOLLM2_METHODS], "SmolLM2, "
@@ -128,9 +132,12 @@ def merge_rows(
     rows = [_row(f"{what}copy_ ({size >> 20} MiB {str(dtype)[6:]})", copy_s, 2, size, copy_s)]
     for label, name, overrides, split in methods:
         label = what + (label if dtype == torch.float32 else f"{label}, {str(dtype)[6:]}")
-        method = instantiate(
-            OmegaConf.merge(OmegaConf.load(CONF_MERGE / f"{name}.yaml"), overrides)
-        )
+        cfg = OmegaConf.merge(OmegaConf.load(CONF_MERGE / f"{name}.yaml"), overrides)
+        if compute_dtype is not None:
+            if "compute_dtype" not in cfg:
+                continue
+            cfg.compute_dtype, label = compute_dtype, f"{label}, compute_dtype={compute_dtype}"
+        method = instantiate(cfg)
         at = n // 3 if split else None
 
         def merge(method=method, at=at) -> None:
@@ -171,11 +178,13 @@ def run() -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rows = merge_rows() + merge_rows(torch.bfloat16) + merge_rows(smollm2=True)
+        rows = merge_rows() + merge_rows(torch.bfloat16)
+        rows += merge_rows(torch.bfloat16, compute_dtype="float32") + merge_rows(smollm2=True)
         cores = os.cpu_count() or 1
         if cores > 1:
             torch.set_num_threads(cores)
             rows += merge_rows(threads=cores) + merge_rows(torch.bfloat16, threads=cores)
+            rows += merge_rows(torch.bfloat16, threads=cores, compute_dtype="float32")
         return rows
     finally:
         torch.set_num_threads(threads)
