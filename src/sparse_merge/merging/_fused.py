@@ -1,6 +1,7 @@
 """The numba code of ``merging.kernels`` (imported on first use): the fused loops and the
 float32 / bfloat16 loads, stores and roundings they are built from, chosen per array dtype at
-compile time."""
+compile time. A loop that rounds its intermediates takes ``work`` first: an empty array of the
+dtype they round to (float32, or bfloat16 as uint16), which may differ from the arrays'."""
 
 from __future__ import annotations
 

@@ -14,7 +14,10 @@ precision, rounding where torch rounds:
   ``fmadd(y, c, x)``, one rounding, and is an explicit fused multiply-add here;
 - bfloat16 is loaded as its float32 (the upper 16 bits) and rounded back to nearest-even
   wherever torch stores a bfloat16 result: after every op of an op chain in bfloat16, once at
-  the end of a float32 accumulation.
+  the end of a float32 accumulation. The loops that round take that dtype as their first
+  argument (``work``, an empty array): the tensors' own for torch's arithmetic in bfloat16,
+  float32 for bfloat16 tensors merged in float32 (``compute_dtype="float32"``: the ops of
+  the float32 loop, one rounding where the output is stored).
 
 TIES and Model Breadcrumbs (``magnitude_bands`` finds the top-k thresholds, ``magnitude_merge2_``
 merges) and DARE with counter draws (``random_sums``, ``random_merge2_``) or with torch's draws
