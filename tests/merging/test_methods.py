@@ -492,8 +492,10 @@ def test_names_flags_and_describe():
         "granularity": "genome",
         "dot_threshold": 0.9995,
         "eps": 1e-8,
-        "compute_dtype": "input",
     }
+    assert Slerp(compute_dtype="float32").describe()["compute_dtype"] == "float32"
+    assert TaskArithmetic(compute_dtype="float32").describe()["compute_dtype"] == "float32"
+    assert "compute_dtype" not in TaskArithmetic().describe()  # the default: as before
     assert repr(Linear()) == "Linear(normalize=True)"
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from sparse_merge.errors import check_choice, check_fraction, check_positive
 from sparse_merge.evolution.crossover import _dots, slerp_
 from sparse_merge.merging.base import MergeMethod, Segment, chunk_len, weighted_sum_
-from sparse_merge.merging.task_arithmetic import COMPUTE_DTYPES, LOW_PRECISION
+from sparse_merge.merging.task_arithmetic import COMPUTE_DTYPES, LOW_PRECISION, compute_setting
 
 GRANULARITIES = ("tensor", "genome")
 
@@ -32,8 +32,8 @@ class Slerp(MergeMethod):
         eps: norms at or below it count as 1 (zero tensors), > 0.
         compute_dtype: ``genome``'s interpolation of bfloat16 and float16 genomes: ``input``
             (the M2N2 reference's: both ops in the genomes' dtype, each rounded) or
-            ``float32`` (both ops in float32, rounded once; ~1.5x faster in bfloat16 on the
-            CPU, ``make bench``). ``tensor`` accumulates in float32 and rounds once either
+            ``float32`` (both ops in float32, rounded once; no faster on the CPU, where the
+            angle's dots take most of the time, ``make bench``). ``tensor`` accumulates in float32 and rounds once either
             way, as mergekit computes SLERP in float32.
 
     The angle's dot products are float32 over chunks summed in float64 (mergekit: float32
@@ -61,7 +61,7 @@ class Slerp(MergeMethod):
             "granularity": self.granularity,
             "dot_threshold": self.dot_threshold,
             "eps": self.eps,
-            "compute_dtype": self.compute_dtype,
+            **compute_setting(self.compute_dtype),
         }
 
     def interpolation(self, weights: Sequence[float]) -> float:
