@@ -16,12 +16,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparse_merge.evolution import crossover
 from sparse_merge.merging import kernels
+from sparse_merge.merging import slerp as slerp_module
 from sparse_merge.merging.base import CHUNK
 from sparse_merge.merging.slerp import Slerp
 from sparse_merge.merging.task_arithmetic import TaskArithmetic
 
-from .fused_paths import GENOME, SEGMENTS, check, torch_path
+from .fused_paths import GENOME, SEGMENTS, check, torch_path, watch
 from .test_counter_draws import from_yaml, gen, models
 
 needs_numba = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not installed")
@@ -147,10 +149,13 @@ def test_bfloat16_in_float32_differs_from_bfloat16_arithmetic():
     assert (ours.float() - exact).abs().sum() < (default.float() - exact).abs().sum()
 
 
+@needs_numba
 @pytest.mark.parametrize("into", ["third", "x0", "x1"])
 @pytest.mark.parametrize("split", [None, 0, 2000, GENOME])
-def test_genome_slerp_in_float32_is_the_float32_slerp_rounded_once(split, into):
-    _, *inputs = models(GENOME, torch.bfloat16, 13, "specials", 3)  # x0, x1 and a base unused
+def test_genome_slerp_in_float32_is_the_float32_slerp_rounded_once(split, into, monkeypatch):
+    """With the same angle: on the CPU the float32 mode takes its dots from one fused pass
+    (``kernels.dots3``), the torch path from ``_dots`` as the default does."""
+    _, *inputs = models(GENOME, torch.bfloat16, 13, "specials", 3)  # x0, x1 and one more
     inputs = [t.nan_to_num(0.0, 1e3, -1e3) for t in inputs]  # a NaN would void the angle
 
     def run(m, xs):
@@ -158,10 +163,53 @@ def test_genome_slerp_in_float32_is_the_float32_slerp_rounded_once(split, into):
         out = {"third": other, "x0": x0, "x1": x1}[into]
         return m.merge_(out, None, [x0, x1], (0.35, 0.65), split=split)
 
-    expected = run(Slerp("genome"), [t.float() for t in inputs]).to(torch.bfloat16)
-    ours = Slerp("genome", compute_dtype="float32")
-    check(run(ours, inputs), expected, "fused")
+    ours, upcast = Slerp("genome", compute_dtype="float32"), [t.float() for t in inputs]
     with torch_path():
-        check(run(ours, inputs), expected, "torch path")
-    default = run(Slerp("genome"), inputs)
-    assert not torch.equal(default, expected)  # the setting changes the arithmetic
+        check(run(ours, inputs), run(Slerp("genome"), upcast).to(torch.bfloat16), "torch path")
+    fused = run(ours, inputs)
+    dots = kernels.dots3(*inputs[:2])
+    monkeypatch.setattr(crossover, "_dots", lambda a, b: dots)
+    check(fused, run(Slerp("genome"), upcast).to(torch.bfloat16), "fused")
+    monkeypatch.undo()
+    assert not torch.equal(run(Slerp("genome"), inputs), fused)  # the setting changes the result
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_dots_are_the_exact_dots_to_float32_rounding(dtype, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(50_001, generator=g).to(dtype) for _ in range(2))
+    exact = [float(x.double() @ y.double()) for x, y in ((a, b), (a, a), (b, b))]
+    got = kernels.dots3(a, b)
+    assert got == pytest.approx(exact, rel=1e-6, abs=1e-3)
+    one = kernels.dots3(a, b)
+    monkeypatch.setattr(kernels, "PART_MIN", 1000)  # in parts on three threads: the same bits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert kernels.part_count(a.numel()) == 3 and kernels.dots3(a, b) == one
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_numba
+@pytest.mark.parametrize("split", [None, 2000])
+def test_tensor_slerp_in_float32_takes_the_fused_dots(split, monkeypatch):
+    """mergekit's SLERP already computes in float32; the float32 mode changes only where its
+    dots come from on the CPU (``kernels.dots3``, per tensor)."""
+    _, *inputs = models(GENOME, torch.bfloat16, 17, "clean", 2)
+
+    def run(m, xs):
+        x0, x1 = (t.clone() for t in xs)
+        out = torch.empty_like(x0)
+        return m.merge_(out, None, [x0, x1], (0.35, 0.65), segments=SEGMENTS, split=split)
+
+    ours, upcast = Slerp(compute_dtype="float32"), [t.float() for t in inputs]
+    with torch_path():
+        check(run(ours, inputs), run(Slerp(), upcast).to(torch.bfloat16), "torch path")
+    calls = []
+    watch(monkeypatch, kernels, "dots3", calls.append)
+    fused = run(ours, inputs)
+    assert len(calls) == 8 + (split is not None)  # one per piece: the segments, the gaps
+    monkeypatch.setattr(slerp_module, "_dots", kernels.dots3)
+    check(fused, run(Slerp(), upcast).to(torch.bfloat16), "fused")

@@ -65,14 +65,19 @@ def slerp_(
     (``merging.kernels.lerp_chain_``).
 
     ``work``: the dtype of the interpolation's two ops (default the genomes'; ``float32`` for
-    bfloat16 genomes: both ops in float32, rounded once into ``out``). The angle is the same
-    either way (float32 dots).
+    bfloat16 genomes: both ops in float32, rounded once into ``out``). With ``float32`` on the
+    CPU the angle's dots are one fused pass too (``merging.kernels.dots3``: exact products,
+    float32 sums per 4096 entries added in float64; 4x faster than ``_dots`` and ~100x closer
+    to the exact dots than its float32 BLAS sums per million entries).
     """
     n = a.numel()
     split = n if split is None else int(split)
     if not 0 <= split <= n:
         raise ValueError(f"split={split} outside [0, {n}]")
-    ab, aa, bb = _dots(a, b)
+    into_b = out.data_ptr() == b.data_ptr()  # then scale b in place first, never read it after
+    fused = kernels.usable(out, a, b) and a.dtype == b.dtype == out.dtype
+    upcast = work is not None and work != out.dtype
+    ab, aa, bb = kernels.dots3(a, b) if fused and upcast else _dots(a, b)
     cos = ab / max((aa * bb) ** 0.5, EPS)
     omega = torch.tensor(min(max(cos, -1.0), 1.0), dtype=torch.float64).acos().item()
     sin = torch.tensor(omega, dtype=torch.float64).sin().item()
@@ -84,9 +89,6 @@ def slerp_(
         cb = torch.tensor(t * omega, dtype=torch.float64).sin().item() / sin
         return ca, cb
 
-    into_b = out.data_ptr() == b.data_ptr()  # then scale b in place first, never read it after
-    fused = kernels.usable(out, a, b) and a.dtype == b.dtype == out.dtype
-    upcast = work is not None and work != out.dtype
     if upcast and not fused:  # two chunk-sized float32 buffers for the torch path
         bufs = torch.empty((2, chunk_len(n)), dtype=work, device=out.device)
     for lo, hi, t in ((0, split, w), (split, n, 1.0 - w)):

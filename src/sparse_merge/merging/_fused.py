@@ -843,3 +843,23 @@ def bits_merge2(
         draws = flag_block(bits0, bits1, start, stop, flags)
         o, bb, y0, y1 = out[start:stop], b[start:stop], x0[start:stop], x1[start:stop]
         random_range(work, o, bb, y0, y1, draws, rest, consensus, FLAGS)
+
+
+# ---- SLERP's angle ----------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"})
+def dots3(a, b, block, out):
+    """``a.b``, ``a.a`` and ``b.b`` of every block of ``block`` entries (the last one, the
+    rest) into ``out[k]`` (float64 [blocks, 3]): float32 products (exact for bfloat16 inputs)
+    summed in float32 in any order (``reassoc``: the loop vectorises), one pass reading both."""
+    for k in range(out.shape[0]):
+        start = k * block
+        x, y = a[start : start + block], b[start : start + block]
+        ab = aa = bb = np.float32(0.0)
+        for i in range(x.size):
+            u, v = load(x, i), load(y, i)
+            ab += u * v
+            aa += u * u
+            bb += v * v
+        out[k, 0], out[k, 1], out[k, 2] = ab, aa, bb

@@ -156,6 +156,30 @@ def weighted_sum2_(
     return out
 
 
+DOT_BLOCK = 4096  # entries per float32 partial sum of ``dots3``
+
+
+def dots3(a: Tensor, b: Tensor) -> tuple[float, float, float]:
+    """``(a.b, |a|^2, |b|^2)`` of two flat float32 or bfloat16 tensors in one pass
+    (``_fused.dots3``): float32 products summed in float32 over blocks of ``DOT_BLOCK``
+    entries, the blocks' sums added in float64 in block order (numpy's pairwise sum), so the
+    result does not depend on how the pass is cut into threads. For bfloat16 every product is
+    exact; the sums are within float32 rounding of ``DOT_BLOCK`` terms, like BLAS's."""
+    n = a.numel()
+    out = np.zeros((-(-n // DOT_BLOCK), 3), np.float64)
+    kernel, x, y = _ops().dots3, _array(a), _array(b)
+    block = np.int64(DOT_BLOCK)
+    in_parts(
+        n,
+        lambda lo, hi: kernel(
+            x[lo:hi], y[lo:hi], block, out[lo // DOT_BLOCK : -(-hi // DOT_BLOCK)]
+        ),
+        align=DOT_BLOCK,
+    )
+    ab, aa, bb = out.sum(axis=0).tolist()
+    return ab, aa, bb
+
+
 def lerp_chain_(
     out: Tensor, x0: Tensor, x1: Tensor, c0: float, c1: float, work: torch.dtype | None = None
 ) -> Tensor:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from sparse_merge.errors import check_choice, check_fraction, check_positive
 from sparse_merge.evolution.crossover import _dots, slerp_
+from sparse_merge.merging import kernels
 from sparse_merge.merging.base import MergeMethod, Segment, chunk_len, weighted_sum_
 from sparse_merge.merging.task_arithmetic import COMPUTE_DTYPES, LOW_PRECISION, compute_setting
 
@@ -30,11 +31,14 @@ class Slerp(MergeMethod):
             ``dot_threshold`` and ``eps``). Segments only matter for ``tensor``.
         dot_threshold: ``|cos|`` above which a tensor is interpolated linearly, in [0, 1).
         eps: norms at or below it count as 1 (zero tensors), > 0.
-        compute_dtype: ``genome``'s interpolation of bfloat16 and float16 genomes: ``input``
-            (the M2N2 reference's: both ops in the genomes' dtype, each rounded) or
-            ``float32`` (both ops in float32, rounded once; no faster on the CPU, where the
-            angle's dots take most of the time, ``make bench``). ``tensor`` accumulates in float32 and rounds once either
-            way, as mergekit computes SLERP in float32.
+        compute_dtype: for bfloat16 and float16 models, ``input`` (the default) or
+            ``float32``. ``genome``'s interpolation runs in the genomes' dtype, each op
+            rounded, as the M2N2 reference does, or with ``float32`` both ops in float32,
+            rounded once; ``tensor`` accumulates in float32 and rounds once either way, as
+            mergekit computes SLERP in float32. With ``float32`` on the CPU the angle's dots
+            are one fused pass (``kernels.dots3``: exact products, float32 sums per 4096
+            entries added in float64, closer to the exact dots than the BLAS sums below):
+            in bfloat16 2.5x faster, 0.82-0.85 of the floor against 0.33 (``make bench``).
 
     The angle's dot products are float32 over chunks summed in float64 (mergekit: float32
     sums); the interpolation runs in float32 (float64 for float64 inputs) like mergekit's.
@@ -99,7 +103,8 @@ class Slerp(MergeMethod):
             return out
         ca, cb = 1.0 - t, t
         if x.numel() > 0:
-            ab, aa, bb = _dots(x, y)
+            fused = self._work(x.dtype) is not None and kernels.usable(x, y) and x.dtype == y.dtype
+            ab, aa, bb = kernels.dots3(x, y) if fused else _dots(x, y)
             na, nb = math.sqrt(aa), math.sqrt(bb)
             na, nb = (na if na > self.eps else 1.0), (nb if nb > self.eps else 1.0)
             cos = min(max(ab / (na * nb), -1.0), 1.0)
