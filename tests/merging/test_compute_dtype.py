@@ -6,12 +6,14 @@ rounded once, mergekit's ``dtype: float32`` with a bfloat16 ``out_dtype``.
   float32 models, rounded to bfloat16, bit for bit, on the fused loops and on the torch path,
   with NaN, infinities and subnormals, on tensors of one element to past one chunk, segments,
   a split point and in place;
-- the fused loops take bfloat16 inputs themselves (no float32 copies) for every method but
-  DELLA and TIES with ``rescale``;
+- no float32 copy of a tensor is made: the fused loops load bfloat16 themselves, the torch
+  path upcasts chunk by chunk;
 - float32 models are merged as before; ``genome`` SLERP (M2N2's crossover) likewise.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from sparse_merge.merging.base import CHUNK
 from sparse_merge.merging.slerp import Slerp
 from sparse_merge.merging.task_arithmetic import TaskArithmetic
 
+from ..evolution.test_crossover_speed import _peak_bytes, small_chunks  # noqa: F401
 from .fused_paths import GENOME, SEGMENTS, check, torch_path, watch
 from .test_counter_draws import from_yaml, gen, models
 
@@ -42,20 +45,6 @@ METHODS = {  # id: (yaml, overrides)
     "dare_rescale": ("dare_ties", {"draws": "torch", "rescale": True}),
     "dare_rescale_counter": ("dare_ties", {"rescale": True}),
     "della": ("della", {"draws": "torch"}),
-}
-# the settings the fused loops compute in float32 from bfloat16 (tensors up to one chunk)
-FUSED = {
-    "task_arithmetic",
-    "task_arithmetic_norm",
-    "ties",
-    "ties_count",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "dare_ties",
-    "dare_linear",
-    "dare_ties_counter",
-    "dare_rescale",
-    "dare_rescale_counter",
 }
 SIZES = [1, 17, 1000, 5003]
 WEIGHTS = [(0.6, 0.4), (1.3, -0.45)]
@@ -114,21 +103,25 @@ def test_float32_compute_on_segments_with_a_split_in_place(name, into):
     check(got, expected, f"{name} into {into}")
 
 
-@needs_numba
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch path"])
 @pytest.mark.parametrize("name", list(METHODS))
-def test_fused_loops_read_bfloat16_themselves(name, monkeypatch):
-    """Only DELLA and TIES with ``rescale`` make float32 copies of the tensors."""
-    copies = []
-    original = TaskArithmetic._merge_upcast
+def test_no_float32_copy_of_a_tensor(name, fused):
+    """The float32 arithmetic reads bfloat16 where it is: the fused loops load it, the torch
+    path upcasts chunk by chunk (4K entries here). A 256K-entry genome of four 64K-entry
+    tensors holds less than a quarter of a float32 genome at once; a float32 copy of one
+    tensor is that much."""
+    n = 1 << 18
+    segments = [(i * n // 4, (i + 1) * n // 4, (256, 256)) for i in range(4)]
+    base, a, b = models(n, torch.bfloat16, 4, "clean")
+    out, m = torch.empty_like(base), method(name)
 
-    def upcast(self, *args):
-        copies.append(args[0].numel())
-        return original(self, *args)
+    def merge():
+        m.merge_(out, base, [a, b], [0.3, 0.7], segments=segments, split=n // 2, rng=gen(7))
 
-    monkeypatch.setattr(TaskArithmetic, "_merge_upcast", upcast)
-    inputs = models(1000, torch.bfloat16, 5, "clean")
-    merged(method(name), inputs, (0.6, 0.4))
-    assert bool(copies) == (name not in FUSED), copies
+    with contextlib.nullcontext() if fused else torch_path():
+        merge()  # compiled first
+        assert _peak_bytes(merge) < n * 4 // 4
 
 
 @needs_numba

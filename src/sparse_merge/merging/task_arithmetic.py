@@ -409,6 +409,14 @@ def _delta(x: Tensor, b: Tensor, work: torch.dtype) -> Tensor:
     return x - b if x.dtype == work else x.to(work) - b.to(work)
 
 
+def _sub_into(out: Tensor, x: Tensor, b: Tensor) -> Tensor:
+    """``x - b`` computed in ``out``'s dtype, into ``out``: the inputs upcast (exactly) when
+    ``out`` is wider, then one float subtraction, as on upcast copies."""
+    if x.dtype == out.dtype:
+        return torch.sub(x, b, out=out)
+    return out.copy_(x).sub_(b)
+
+
 def _work_dtype(t: Tensor) -> torch.dtype:
     """mergekit's dtype for random masks: float32 on CPU except for bfloat16."""
     if t.device.type != "cpu" or t.dtype == torch.bfloat16:
@@ -676,14 +684,12 @@ class TaskArithmetic(MergeMethod):
         mergekit's on the whole tensor."""
         assert base is not None
         dtype, n_models, n = base.dtype, len(tensors), base.numel()
-        work = self._work(dtype)
-        inputs_fused = _fusable(tensors, base)  # the plans' pass reads only these
-        fused = inputs_fused and out.dtype == dtype and kernels.usable(out)
-        if work != dtype and not (fused and self._fuses_upcast()):
-            return self._merge_upcast(out, base, tensors, weights, rng)
+        work = self._work(dtype)  # the arithmetic's dtype
         b, o = base.view(-1), out.view(-1)  # [n]
         xs = [x.view(-1) for x in tensors]  # [n] each
+        inputs_fused = _fusable(tensors, base)  # the plans' pass reads only these
         plans, bounds = self._plans(base, tensors, rng, inputs_fused)
+        fused = inputs_fused and out.dtype == dtype and kernels.usable(out)
         w, fixed_divisor, w_floats, fixed_float = self._weights(weights, work, base.device)
         w_col = w.view(n_models, 1)  # [N, 1], rounded to the dtype as mergekit
         plain = self.consensus == "none" and all(isinstance(p, _KeepAll) for p in plans)
@@ -716,15 +722,15 @@ class TaskArithmetic(MergeMethod):
                 kernels.magnitude_merge2_(o, b, *xs, bands, settings)
             return out
         size = chunk_len(n)
-        d = self.scratch("deltas", (n_models, size), dtype, base.device)  # [N, C]
-        a = self.scratch("abs", (n_models, size), dtype, base.device)  # [N, C] |d|, keep mask
-        k, k2, votes, divisor = self.scratch("rows", (4, size), dtype, base.device)  # [C] each
+        d = self.scratch("deltas", (n_models, size), work, base.device)  # [N, C]
+        a = self.scratch("abs", (n_models, size), work, base.device)  # [N, C] |d|, keep mask
+        k, k2, votes, divisor = self.scratch("rows", (4, size), work, base.device)  # [C] each
         abs_needed = any(p.needs_abs for p in plans)
         for s, e in bounds:
             c = e - s
             dc, ac = d[:, :c], a[:, :c]
             for i, x in enumerate(xs):
-                torch.sub(x[s:e], b[s:e], out=dc[i])
+                _sub_into(dc[i], x[s:e], b[s:e])
             if abs_needed:
                 torch.abs(dc, out=ac)
             for i, plan in enumerate(plans):
@@ -749,7 +755,7 @@ class TaskArithmetic(MergeMethod):
                 mixed.div_(div)
             if self.lambda_ != 1:
                 mixed.mul_(self.lambda_)
-            torch.add(mixed, b[s:e], out=o[s:e])
+            torch.add(mixed, b[s:e], out=o[s:e])  # in work, rounded once into out
         return out
 
     def _work(self, dtype: torch.dtype) -> torch.dtype:
@@ -757,31 +763,6 @@ class TaskArithmetic(MergeMethod):
         return (
             torch.float32 if self.compute_dtype == "float32" and dtype in LOW_PRECISION else dtype
         )
-
-    def _fuses_upcast(self) -> bool:
-        """Whether the fused loops compute a merge of these settings on bfloat16 tensors
-        in float32 (``compute_dtype="float32"``; they load bfloat16 as float32 and round once
-        where they store): everything but DELLA and TIES and Breadcrumbs with ``rescale``."""
-        if self.sparsification == "none" or self.density >= 1:
-            return True
-        if self.sparsification == "rank_magnitude":
-            return False
-        return self.sparsification == "random" or not self.rescale
-
-    def _merge_upcast(
-        self,
-        out: Tensor,
-        base: Tensor,
-        tensors: Sequence[Tensor],
-        weights: Sequence[float],
-        rng: torch.Generator | None,
-    ) -> Tensor:
-        """The merge computed in float32 on float32 copies of the tensors, rounded once into
-        ``out`` (``compute_dtype="float32"`` where the fused loops do not take it): mergekit's
-        ``dtype: float32``. Its temporaries are four float32 copies of the tensor."""
-        up = [t.to(torch.float32) for t in (base, *tensors)]
-        merged = self.merge_into_(torch.empty_like(up[0]), up[0], up[1:], weights, rng)
-        return out.copy_(merged)
 
     def _weights(
         self, weights: Sequence[float], dtype: torch.dtype, device: torch.device
@@ -843,18 +824,22 @@ class TaskArithmetic(MergeMethod):
             wanted = [(bottom + target, False), (bottom, False)]
         if not self.rescale and fused:
             return self._fused_magnitude_plans(b, xs, wanted, self._work(b.dtype))
-        samples = [_sample(lambda step, x=x: _keys((x[::step] - b[::step]).abs_()), n) for x in xs]
+        work = self._work(b.dtype)
+        samples = [
+            _sample(lambda step, x=x: _keys(_delta(x[::step], b[::step], work).abs_()), n)
+            for x in xs
+        ]
         selects = [  # per model: a _Select per cut inside (0, n), else None
             [_Select(n, _rank(k, n, big), sample) if 0 < k < n else None for k, big in wanted]
             for sample in samples
         ]
         size = chunk_len(n)
-        a = self.scratch("abs", (n_models, size), b.dtype, b.device)  # [N, C] |d|
+        a = self.scratch("abs", (n_models, size), work, b.device)  # [N, C] |d|
         before = [0.0] * n_models
         for s, e in chunks(n):
             ac = a[:, : e - s]
             for i, x in enumerate(xs):
-                torch.sub(x[s:e], b[s:e], out=ac[i])
+                _sub_into(ac[i], x[s:e], b[s:e])
             ac.abs_()
             for i in range(n_models):
                 keys = _keys(ac[i])
@@ -870,21 +855,24 @@ class TaskArithmetic(MergeMethod):
                 at = None
                 if select is not None:
                     found = select.result() or _select(
-                        lambda s, e, x=x: _keys((x[s:e] - b[s:e]).abs_()), n, select.r, None
+                        lambda s, e, x=x: _keys(_delta(x[s:e], b[s:e], work).abs_()),
+                        n,
+                        select.r,
+                        None,
                     )
-                    at = (_value(found[0], b.dtype), *found[1:])
+                    at = (_value(found[0], work), *found[1:])
                 cuts.append(_Cut(k, n, big, at))
             plans.append(_KeepCuts(cuts))
         if self.rescale:  # the L1 norms after masking: one more pass
             after = [0.0] * n_models
-            k, k2 = self.scratch("rows", (2, size), b.dtype, b.device)
+            k, k2 = self.scratch("rows", (2, size), work, b.device)
             for s, e in chunks(n):
                 ac = a[:, : e - s]
                 for i, (x, plan) in enumerate(zip(xs, plans)):
-                    torch.sub(x[s:e], b[s:e], out=ac[i]).abs_()
+                    _sub_into(ac[i], x[s:e], b[s:e]).abs_()
                     after[i] += _sum(ac[i].mul_(plan.keep(ac[i], s, k[: e - s], k2[: e - s])))
             for plan, bf, af in zip(plans, before, after):
-                plan.scale = _rescale(bf, af, b.dtype)
+                plan.scale = _rescale(bf, af, work)
         return plans
 
     def _fused_magnitude_plans(
@@ -1001,7 +989,7 @@ class TaskArithmetic(MergeMethod):
                 if b.dtype == work:
                     torch.sub(x[s:e], b[s:e], out=tc)
                 elif self._work(b.dtype) == work:  # compute_dtype="float32": d in float32
-                    torch.sub(tc.copy_(x[s:e]), b[s:e], out=tc)
+                    _sub_into(tc, x[s:e], b[s:e])
                 else:  # mergekit masks a float32 copy of the task vector
                     tc.copy_(x[s:e] - b[s:e])
                 tc.abs_()
@@ -1026,7 +1014,9 @@ class TaskArithmetic(MergeMethod):
         per_row = n // rows
         step = max(1, chunk_len(n) // per_row)  # rows per block
         blocks = [(r * per_row, min(r + step, rows) * per_row) for r in range(0, rows, step)]
-        work = _work_dtype(base)
+        work = self._work(base.dtype)
+        work = _work_dtype(base) if work == base.dtype else work  # mergekit's, or float32
+        upcast = work == self._work(base.dtype) != base.dtype  # compute_dtype="float32"
         b = base.view(-1)
         seeds = _seeds(rng, len(tensors)) if self.draws == "counter" else [None] * len(tensors)
         plans = []
@@ -1034,7 +1024,10 @@ class TaskArithmetic(MergeMethod):
             x = x.view(-1)
             bits, before, after = {}, 0.0, 0.0
             for s, e in blocks:
-                t = (x[s:e] - b[s:e]).view(-1, *base.shape[1:]).to(work)  # [rows, ...]
+                # mergekit masks a float32 copy of a float16 task vector; float32 mode
+                # computes the task vector in float32
+                t = _delta(x[s:e], b[s:e], work) if upcast else (x[s:e] - b[s:e]).to(work)
+                t = t.view(-1, *base.shape[1:])  # [rows, ...]
                 bits[s] = self._della_mask(t, rng, None if seed is None else (seed, s))
                 if self.rescale:
                     keep = torch.empty_like(t)
