@@ -206,3 +206,19 @@ def test_tensor_slerp_in_float32_takes_the_fused_dots(split, monkeypatch):
     assert len(calls) == 8 + (split is not None)  # one per piece: the segments, the gaps
     monkeypatch.setattr(slerp_module, "_dots", kernels.dots3)
     check(fused, run(Slerp(), upcast).to(torch.bfloat16), "fused")
+
+
+@pytest.mark.parametrize(
+    "name", ["task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "della"]
+)
+def test_three_models_in_float32(name):
+    """Three models take the torch path: chunk by chunk in float32, the same bits."""
+    base, *xs = models(5003, torch.bfloat16, 21, "specials", 3)
+    weights = (0.5, 0.3, -0.2)
+
+    def run(m, inputs):
+        b, *ys = (t.clone() for t in inputs)
+        return m.merge_(torch.empty_like(b), b, ys, weights, rng=gen(2), split=1234)
+
+    expected = run(method(name, "input"), [t.float() for t in (base, *xs)]).to(torch.bfloat16)
+    check(run(method(name), (base, *xs)), expected, name)
