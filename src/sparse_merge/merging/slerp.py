@@ -38,7 +38,7 @@ class Slerp(MergeMethod):
             mergekit computes SLERP in float32. With ``float32`` on the CPU the angle's dots
             are one fused pass (``kernels.dots3``: exact products, float32 sums per 4096
             entries added in float64, closer to the exact dots than the BLAS sums below):
-            in bfloat16 2.5x faster, 0.77-0.86 of the floor against 0.31-0.34 (``make bench``).
+            in bfloat16 2.5x faster, 0.71-0.84 of the floor against 0.30-0.37 (``make bench``).
 
     The angle's dot products are float32 over chunks summed in float64 (mergekit: float32
     sums); the interpolation runs in float32 (float64 for float64 inputs) like mergekit's.

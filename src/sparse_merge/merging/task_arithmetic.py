@@ -764,6 +764,12 @@ class TaskArithmetic(MergeMethod):
             torch.float32 if self.compute_dtype == "float32" and dtype in LOW_PRECISION else dtype
         )
 
+    def _mask_work(self, t: Tensor) -> torch.dtype:
+        """The dtype random masks are applied in on tensors like ``t``: float32 when the
+        arithmetic is upcast (``compute_dtype="float32"``), else mergekit's (``_work_dtype``)."""
+        work = self._work(t.dtype)
+        return _work_dtype(t) if work == t.dtype else work
+
     def _weights(
         self, weights: Sequence[float], dtype: torch.dtype, device: torch.device
     ) -> tuple[Tensor, Tensor, tuple[float, ...], float]:
@@ -949,8 +955,7 @@ class TaskArithmetic(MergeMethod):
         ~2.5 ns for torch's); elsewhere drawn as ``torch.rand`` (``_bernoulli``: the same
         numbers, 5x faster than ``torch.bernoulli``). ``draws="counter"``: one stream seed
         per task vector (``_KeepDraws``), drawn from ``rng``."""
-        work = self._work(b.dtype)
-        work = _work_dtype(b) if work == b.dtype else work  # mergekit's mask dtype, or float32
+        work = self._mask_work(b)
         p = float(torch.tensor(self.density, dtype=work))  # Bernoulli's p, in the work dtype
         if self.draws == "counter":
             plans = [_KeepDraws(seed, p, work) for seed in _seeds(rng, len(xs))]
@@ -1014,9 +1019,8 @@ class TaskArithmetic(MergeMethod):
         per_row = n // rows
         step = max(1, chunk_len(n) // per_row)  # rows per block
         blocks = [(r * per_row, min(r + step, rows) * per_row) for r in range(0, rows, step)]
-        work = self._work(base.dtype)
-        work = _work_dtype(base) if work == base.dtype else work  # mergekit's, or float32
-        upcast = work == self._work(base.dtype) != base.dtype  # compute_dtype="float32"
+        work = self._mask_work(base)
+        upcast = self._work(base.dtype) != base.dtype  # compute_dtype="float32"
         b = base.view(-1)
         seeds = _seeds(rng, len(tensors)) if self.draws == "counter" else [None] * len(tensors)
         plans = []
