@@ -2,7 +2,7 @@
 
 - ``kernels.bernoulli_bits`` is ``torch.rand(n, generator=rng) < p`` packed as bits, for any
   count and any place in the generator's stream (fresh, mid-block, at a twist), any ``p``
-  from 0 to 1, one float or one per entry (then also ``torch.bernoulli``'s masks), and
+  from 0 to 1 (and beyond, and NaN), one float or one per entry (then also ``torch.bernoulli``'s masks), and
   leaves the generator in the state ``torch.rand`` leaves it; a generator it cannot read
   gets None (and the merge draws with torch);
 - DARE of two models through the fused kernels (``kernels.bits_sums``,
@@ -42,7 +42,17 @@ needs_numba = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not in
 
 COUNTS = [0, 1, 7, 8, 9, 623, 624, 625, 1249, 4096, 4097, 100_003]
 BEFORE = [None, 1, 623, 624, 5000]  # draws taken before: None, a fresh generator
-PROBABILITIES = [0.0, 2.0**-24, float(np.float32(0.3)), 0.5, 1 - 2.0**-24, 1.0]
+PROBABILITIES = [
+    0.0,
+    2.0**-24,
+    float(np.float32(0.3)),
+    0.5,
+    1 - 2.0**-24,
+    1.0,
+    1.5,
+    -0.5,
+    float("nan"),
+]
 
 
 def generator(seed: int, before: int | None) -> torch.Generator:

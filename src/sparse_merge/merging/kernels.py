@@ -497,8 +497,9 @@ def bernoulli_bits(rng: torch.Generator, p: float | Tensor, n: int) -> Tensor | 
     out = np.empty((n + 7) // 8, np.uint8)
     if isinstance(p, Tensor):
         probs = p.detach().to("cpu", torch.float32).contiguous().view(-1).numpy()  # [n]
-    else:
-        probs = np.float32(p)
+    else:  # the float32 compare as an integer one (``_fused.below``); NaN keeps nothing
+        p = float(np.float32(p))
+        probs = np.uint32(0 if math.isnan(p) else _threshold(p))
     at = _ops().mt_keep_bits(state, MT_N + 1 - left, probs, out, n)
     if n > 0:
         fields[MT_LEFT : MT_LEFT + 4].view(np.int32)[0] = MT_N + 1 - at
