@@ -353,7 +353,9 @@ def test_warm_up_runs_the_fused_loops_without_drawing_from_the_run(method, kerne
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "dare_counter", "slerp"])
+@pytest.mark.parametrize(
+    "name", ["ties", "breadcrumbs", "dare_counter", "slerp", "ties_f32", "dare_f32", "slerp_f32"]
+)
 def test_after_the_warm_up_large_tensors_in_parts_compile_nothing(name, dtype, monkeypatch):
     """A tensor cut into parts on several threads (``kernels.in_parts``) runs the loops the
     warm-up compiled: no new type signature (array layout) for numba to compile mid-run."""
@@ -365,6 +367,14 @@ def test_after_the_warm_up_large_tensors_in_parts_compile_nothing(name, dtype, m
             "random", "sum", density=0.4, rescale=True, draws="counter"
         ),
         "slerp": lambda: Slerp(granularity="genome"),
+        # bfloat16 computed in float32 (``compute_dtype``): other loops, the same promise
+        "ties_f32": lambda: TaskArithmetic(
+            "magnitude", "sum", density=0.4, normalize=True, compute_dtype="float32"
+        ),
+        "dare_f32": lambda: TaskArithmetic(
+            "random", "sum", density=0.4, rescale=True, compute_dtype="float32"
+        ),
+        "slerp_f32": lambda: Slerp(granularity="genome", compute_dtype="float32"),
     }[name]()
     crossover = Crossover(method, split=True)
     crossover.warm_up(dtype, torch.device("cpu"))
