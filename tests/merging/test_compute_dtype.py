@@ -20,7 +20,6 @@ import torch
 
 from sparse_merge.evolution import crossover
 from sparse_merge.merging import kernels
-from sparse_merge.merging import slerp as slerp_module
 from sparse_merge.merging.base import CHUNK
 from sparse_merge.merging.slerp import Slerp
 from sparse_merge.merging.task_arithmetic import TaskArithmetic
@@ -204,7 +203,7 @@ def test_tensor_slerp_in_float32_takes_the_fused_dots(split, monkeypatch):
     watch(monkeypatch, kernels, "dots3", calls.append)
     fused = run(ours, inputs)
     assert len(calls) == 8 + (split is not None)  # one per piece: the segments, the gaps
-    monkeypatch.setattr(slerp_module, "_dots", kernels.dots3)
+    monkeypatch.setattr(crossover, "_dots", kernels.dots3)
     check(fused, run(Slerp(), upcast).to(torch.bfloat16), "fused")
 
 

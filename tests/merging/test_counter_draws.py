@@ -433,11 +433,22 @@ VARIANTS = [  # (weights, lambda_)
 ]
 
 
-@needs_numba
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"])
-@pytest.mark.parametrize("rescale", [True, False], ids=["rescale", "unscaled"])
-@pytest.mark.parametrize("config", list(CONFIGS))
+def dare_settings(test):
+    """The settings the fused DARE merges are checked over, for either kind of draws: every
+    configuration, rescaled or not, normalised or not, float32 and bfloat16."""
+    marks = (
+        pytest.mark.parametrize("config", list(CONFIGS)),
+        pytest.mark.parametrize("rescale", [True, False], ids=["rescale", "unscaled"]),
+        pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"]),
+        pytest.mark.parametrize("dtype", DTYPES, ids=str),
+        needs_numba,
+    )
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+@dare_settings
 def test_fused_merge_matches_the_torch_path(config, rescale, normalize, dtype, spy):
     name, overrides = CONFIGS[config]
     for weights, lambda_ in VARIANTS:
@@ -505,16 +516,19 @@ def test_merge_in_place(dtype, into, spy):
     assert spy.merges == len(CONFIGS)
 
 
+SEGMENT_METHODS = [  # (yaml, overrides) merged over segments, split points and in place
+    ("dare_ties", {}),
+    ("dare_linear", {"normalize": True, "lambda_": 0.8}),
+    ("dare_ties", {"consensus": "count", "rescale": False, "density": 0.3}),
+]
+
+
 @needs_numba
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("split", [None, 1000, 2572, 4000])  # inside a tensor, at one's start
 @pytest.mark.parametrize("into", ["third", "x0", "base"])
 def test_segments_and_split_point(dtype, split, into, spy):
-    for name, overrides in [
-        ("dare_ties", {}),
-        ("dare_linear", {"normalize": True, "lambda_": 0.8}),
-        ("dare_ties", {"consensus": "count", "rescale": False, "density": 0.3}),
-    ]:
+    for name, overrides in SEGMENT_METHODS:
         method = from_yaml(name, **overrides)
         for kind in ("specials", "clean"):
             spy.reset()

@@ -27,8 +27,10 @@ from .fused_paths import DTYPES, GENOME, SEGMENTS, Spy, both_paths, check, same_
 from .test_counter_draws import (
     CONFIGS,
     KINDS,
+    SEGMENT_METHODS,
     SIZES,
     VARIANTS,
+    dare_settings,
     della_keep,
     della_probs,
     from_yaml,
@@ -165,11 +167,7 @@ def torch_draws_only(monkeypatch) -> None:
 LARGE = CHUNK + 1003  # more than one chunk: the L1 norms sum in float64
 
 
-@needs_numba
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"])
-@pytest.mark.parametrize("rescale", [True, False], ids=["rescale", "unscaled"])
-@pytest.mark.parametrize("config", list(CONFIGS))
+@dare_settings
 def test_fused_merge_matches_the_torch_path(config, rescale, normalize, dtype, spy):
     name, overrides = CONFIGS[config]
     for weights, lambda_ in VARIANTS:
@@ -229,11 +227,7 @@ def test_masks_are_torch_draws(dtype, monkeypatch):
 @pytest.mark.parametrize("split", [None, 1000, 2572])
 @pytest.mark.parametrize("into", ["third", "x0", "base"])
 def test_segments_split_point_and_in_place(dtype, split, into, spy):
-    for name, overrides in [
-        ("dare_ties", {}),
-        ("dare_linear", {"normalize": True, "lambda_": 0.8}),
-        ("dare_ties", {"consensus": "count", "rescale": False, "density": 0.3}),
-    ]:
+    for name, overrides in SEGMENT_METHODS:
         method = from_yaml(name, draws="torch", **overrides)
         spy.reset()
         got, expected = merge_both(

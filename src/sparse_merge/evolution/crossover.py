@@ -42,6 +42,18 @@ def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     return ab, aa, bb
 
 
+def angle_dots(
+    a: torch.Tensor, b: torch.Tensor, work: torch.dtype | None = None
+) -> tuple[float, float, float]:
+    """SLERP's (a.b, |a|^2, |b|^2): ``_dots``; with ``work`` float32 for half-precision
+    genomes on the CPU (``compute_dtype="float32"``) one fused pass instead
+    (``merging.kernels.dots3``: exact products, float32 sums per 4096 entries added in
+    float64; 4x faster and ~100x closer to the exact dots)."""
+    if work not in (None, a.dtype) and kernels.usable(a, b) and a.dtype == b.dtype:
+        return kernels.dots3(a, b)
+    return _dots(a, b)
+
+
 @torch.no_grad()
 def slerp_(
     out: torch.Tensor,
@@ -65,10 +77,8 @@ def slerp_(
     (``merging.kernels.lerp_chain_``).
 
     ``work``: the dtype of the interpolation's two ops (default the genomes'; ``float32`` for
-    bfloat16 genomes: both ops in float32, rounded once into ``out``). With ``float32`` on the
-    CPU the angle's dots are one fused pass too (``merging.kernels.dots3``: exact products,
-    float32 sums per 4096 entries added in float64; 4x faster than ``_dots`` and ~100x closer
-    to the exact dots than its float32 BLAS sums per million entries).
+    bfloat16 genomes: both ops in float32, rounded once into ``out``; on the CPU the angle's
+    dots are one fused pass too, ``angle_dots``).
     """
     n = a.numel()
     split = n if split is None else int(split)
@@ -77,7 +87,7 @@ def slerp_(
     into_b = out.data_ptr() == b.data_ptr()  # then scale b in place first, never read it after
     fused = kernels.usable(out, a, b) and a.dtype == b.dtype == out.dtype
     upcast = work is not None and work != out.dtype
-    ab, aa, bb = kernels.dots3(a, b) if fused and upcast else _dots(a, b)
+    ab, aa, bb = angle_dots(a, b, work)
     cos = ab / max((aa * bb) ** 0.5, EPS)
     omega = torch.tensor(min(max(cos, -1.0), 1.0), dtype=torch.float64).acos().item()
     sin = torch.tensor(omega, dtype=torch.float64).sin().item()

@@ -779,10 +779,6 @@ def window(p, lo, hi):
     """``p[lo:hi]`` of an array, a scalar ``p`` itself."""
 
 
-def entry(p, j):
-    """``p[j]`` of an array, a scalar ``p`` itself."""
-
-
 @overload(window, jit_options={"cache": True})
 def _window(p, lo, hi):
     if isinstance(p, types.Array):
@@ -801,13 +797,6 @@ def _below(k, p, j):
     if isinstance(p, types.Array):
         return lambda k, p, j: np.float32(k) * TWO_M24 < p[j]
     return lambda k, p, j: k < p
-
-
-@overload(entry, jit_options={"cache": True})
-def _entry(p, j):
-    if isinstance(p, types.Array):
-        return lambda p, j: p[j]
-    return lambda p, j: p
 
 
 @inline

@@ -29,6 +29,24 @@ Segment = tuple[int, int, tuple[int, ...] | None]
 CHUNK = 1 << 19
 
 
+# compute_dtype (TaskArithmetic, Slerp): ``input``, every op in the tensors' dtype (mergekit's
+# and the M2N2 reference's arithmetic), or ``float32`` for these dtypes (rounded once)
+COMPUTE_DTYPES = ("input", "float32")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def work_dtype(compute_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a merge computes in on tensors of ``dtype`` under ``compute_dtype``."""
+    return torch.float32 if compute_dtype == "float32" and dtype in LOW_PRECISION else dtype
+
+
+def compute_setting(compute_dtype: str) -> dict[str, str]:
+    """``compute_dtype`` for a method's ``describe()``, listed only when it is not the default:
+    runs and checkpoints from before the setting existed describe the same merge, so they
+    still resume and their stored results still match."""
+    return {} if compute_dtype == "input" else {"compute_dtype": compute_dtype}
+
+
 def chunk_len(n: int) -> int:
     """Elements in the chunk buffers of a kernel over ``n`` elements: ``min(n, CHUNK)``."""
     return min(n, CHUNK)

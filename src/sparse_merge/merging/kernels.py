@@ -82,7 +82,13 @@ def _work(work: torch.dtype | None, like: Tensor) -> np.ndarray:
     first (``_fused``'s ``work``): ``like``'s own dtype (``work`` None: torch's arithmetic in
     that dtype, rounded after every op) or ``work`` (float32 for bfloat16 tensors: every op
     in float32, rounded once where the output is stored)."""
-    return _array(torch.empty(0, dtype=like.dtype if work is None else work))
+    return _witness(like.dtype if work is None else work)
+
+
+@functools.cache
+def _witness(dtype: torch.dtype) -> np.ndarray:
+    """An empty array of ``dtype`` as the loops see it (made once: the merges ask per tensor)."""
+    return _array(torch.empty(0, dtype=dtype))
 
 
 @functools.cache
@@ -217,14 +223,13 @@ def task_arithmetic2_(
     rounded to the work dtype (``work``, default the tensors'), ``lambda_`` a float32
     scalar as torch multiplies by it."""
     kernel, arrays = _ops().task_arithmetic2, [_array(t) for t in (out, base, x0, x1)]
-    arrays.insert(0, _work(work, out))
+    w = _work(work, out)
     settings = (
         np.float32(weights[0]),
         np.float32(weights[1]),
         np.float32(1.0 if divisor is None else divisor),
         np.float32(lambda_),
     )
-    w, arrays = arrays[0], arrays[1:]
     in_parts(arrays[0].size, lambda lo, hi: kernel(w, *(a[lo:hi] for a in arrays), *settings))
     return out
 

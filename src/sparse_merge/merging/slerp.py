@@ -10,10 +10,16 @@ import torch
 from torch import Tensor
 
 from sparse_merge.errors import check_choice, check_fraction, check_positive
-from sparse_merge.evolution.crossover import _dots, slerp_
-from sparse_merge.merging import kernels
-from sparse_merge.merging.base import MergeMethod, Segment, chunk_len, weighted_sum_
-from sparse_merge.merging.task_arithmetic import COMPUTE_DTYPES, LOW_PRECISION, compute_setting
+from sparse_merge.evolution.crossover import angle_dots, slerp_
+from sparse_merge.merging.base import (
+    COMPUTE_DTYPES,
+    MergeMethod,
+    Segment,
+    chunk_len,
+    compute_setting,
+    weighted_sum_,
+    work_dtype,
+)
 
 GRANULARITIES = ("tensor", "genome")
 
@@ -99,12 +105,11 @@ class Slerp(MergeMethod):
         t = self.interpolation(weights)
         x, y = (v.view(-1) for v in tensors)  # [n]
         if self.granularity == "genome":
-            slerp_(out.view(-1), x, y, t, work=self._work(x.dtype))
+            slerp_(out.view(-1), x, y, t, work=work_dtype(self.compute_dtype, x.dtype))
             return out
         ca, cb = 1.0 - t, t
         if x.numel() > 0:
-            fused = self._work(x.dtype) is not None and kernels.usable(x, y) and x.dtype == y.dtype
-            ab, aa, bb = kernels.dots3(x, y) if fused else _dots(x, y)
+            ab, aa, bb = angle_dots(x, y, work_dtype(self.compute_dtype, x.dtype))
             na, nb = math.sqrt(aa), math.sqrt(bb)
             na, nb = (na if na > self.eps else 1.0), (nb if nb > self.eps else 1.0)
             cos = min(max(ab / (na * nb), -1.0), 1.0)
@@ -140,8 +145,4 @@ class Slerp(MergeMethod):
         a, b = genomes
         if out.shape != a.shape or a.dim() != 1:
             raise ValueError(f"slerp: out {tuple(out.shape)} and genomes {tuple(a.shape)}: not [P]")
-        return slerp_(out, a, b, t, split, self._work(a.dtype))
-
-    def _work(self, dtype: torch.dtype) -> torch.dtype | None:
-        """The dtype of ``genome``'s interpolation on genomes of ``dtype`` (None: their own)."""
-        return torch.float32 if self.compute_dtype == "float32" and dtype in LOW_PRECISION else None
+        return slerp_(out, a, b, t, split, work_dtype(self.compute_dtype, a.dtype))

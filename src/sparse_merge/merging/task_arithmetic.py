@@ -32,13 +32,19 @@ from torch import Tensor
 
 from sparse_merge.errors import ConfigError, check_choice, check_fraction
 from sparse_merge.merging import kernels
-from sparse_merge.merging.base import CHUNK, MergeMethod, chunk_len, chunks
+from sparse_merge.merging.base import (
+    CHUNK,
+    COMPUTE_DTYPES,
+    MergeMethod,
+    chunk_len,
+    chunks,
+    compute_setting,
+    work_dtype,
+)
 
 SPARSIFICATIONS = ("none", "magnitude", "random", "magnitude_outliers", "rank_magnitude")
 CONSENSUS = ("none", "sum", "count")
 DRAWS = ("torch", "counter")
-COMPUTE_DTYPES = ("input", "float32")
-LOW_PRECISION = (torch.bfloat16, torch.float16)  # what compute_dtype="float32" upcasts
 RANDOM_SPARSIFICATIONS = ("random", "rank_magnitude")
 MAGNITUDE_SPARSIFICATIONS = ("magnitude", "magnitude_outliers")
 RESCALE_EPS = 1e-7  # mergekit: no rescaling when either L1 norm is below it
@@ -397,16 +403,9 @@ def _seeds(rng: torch.Generator, n: int) -> list[int]:
     return [int(v) % (1 << 64) for v in drawn.tolist()]
 
 
-def compute_setting(compute_dtype: str) -> dict[str, str]:
-    """``compute_dtype`` for a method's ``describe()``, listed only when it is not the default:
-    runs and checkpoints from before the setting existed describe the same merge, so they
-    still resume and their stored results still match."""
-    return {} if compute_dtype == "input" else {"compute_dtype": compute_dtype}
-
-
 def _delta(x: Tensor, b: Tensor, work: torch.dtype) -> Tensor:
-    """``x - b`` computed in ``work`` (a new tensor)."""
-    return x - b if x.dtype == work else x.to(work) - b.to(work)
+    """``x - b`` computed in ``work`` (a new tensor; ``_sub_into``)."""
+    return _sub_into(torch.empty(x.shape, dtype=work, device=x.device), x, b)
 
 
 def _sub_into(out: Tensor, x: Tensor, b: Tensor) -> Tensor:
@@ -760,15 +759,21 @@ class TaskArithmetic(MergeMethod):
 
     def _work(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype of the arithmetic on tensors of ``dtype`` (``compute_dtype``)."""
-        return (
-            torch.float32 if self.compute_dtype == "float32" and dtype in LOW_PRECISION else dtype
-        )
+        return work_dtype(self.compute_dtype, dtype)
 
     def _mask_work(self, t: Tensor) -> torch.dtype:
         """The dtype random masks are applied in on tensors like ``t``: float32 when the
         arithmetic is upcast (``compute_dtype="float32"``), else mergekit's (``_work_dtype``)."""
         work = self._work(t.dtype)
         return _work_dtype(t) if work == t.dtype else work
+
+    def _mask_delta_(self, out: Tensor, x: Tensor, b: Tensor) -> Tensor:
+        """The task vector ``x - b`` into ``out``, whose dtype is the masks' (``_mask_work``):
+        computed in it where that is the arithmetic's dtype; else, as mergekit does, in the
+        models' dtype and then cast (a float32 copy of a float16 task vector on the CPU)."""
+        if out.dtype in (x.dtype, self._work(x.dtype)):
+            return _sub_into(out, x, b)
+        return out.copy_(x - b)
 
     def _weights(
         self, weights: Sequence[float], dtype: torch.dtype, device: torch.device
@@ -991,13 +996,7 @@ class TaskArithmetic(MergeMethod):
         for s, e in chunks(n):
             tc, mc = t[: e - s], mask[: e - s]
             for i, (x, plan) in enumerate(zip(xs, plans)):
-                if b.dtype == work:
-                    torch.sub(x[s:e], b[s:e], out=tc)
-                elif self._work(b.dtype) == work:  # compute_dtype="float32": d in float32
-                    _sub_into(tc, x[s:e], b[s:e])
-                else:  # mergekit masks a float32 copy of the task vector
-                    tc.copy_(x[s:e] - b[s:e])
-                tc.abs_()
+                self._mask_delta_(tc, x[s:e], b[s:e]).abs_()
                 before[i] += _sum(tc, total)
                 after[i] += _sum(tc.mul_(plan.mask(s, mc)), total)
         for plan, bf, af in zip(plans, before, after):
@@ -1020,7 +1019,6 @@ class TaskArithmetic(MergeMethod):
         step = max(1, chunk_len(n) // per_row)  # rows per block
         blocks = [(r * per_row, min(r + step, rows) * per_row) for r in range(0, rows, step)]
         work = self._mask_work(base)
-        upcast = self._work(base.dtype) != base.dtype  # compute_dtype="float32"
         b = base.view(-1)
         seeds = _seeds(rng, len(tensors)) if self.draws == "counter" else [None] * len(tensors)
         plans = []
@@ -1028,10 +1026,8 @@ class TaskArithmetic(MergeMethod):
             x = x.view(-1)
             bits, before, after = {}, 0.0, 0.0
             for s, e in blocks:
-                # mergekit masks a float32 copy of a float16 task vector; float32 mode
-                # computes the task vector in float32
-                t = _delta(x[s:e], b[s:e], work) if upcast else (x[s:e] - b[s:e]).to(work)
-                t = t.view(-1, *base.shape[1:])  # [rows, ...]
+                t = torch.empty(e - s, dtype=work, device=base.device)
+                t = self._mask_delta_(t, x[s:e], b[s:e]).view(-1, *base.shape[1:])  # [rows, ...]
                 bits[s] = self._della_mask(t, rng, None if seed is None else (seed, s))
                 if self.rescale:
                     keep = torch.empty_like(t)
