@@ -413,6 +413,32 @@ def band_tail(work, b, x0, x1, lo, hi, below, bands, kept, start):
 
 
 @jit
+def tie_end_in(work, b, x, band, marks, key, budget):
+    """``kernels.tie_end_in``: the ``budget``-th key equal to ``key`` in ``band``, the block
+    whose mark (``magnitude_bands``) comes last at or before it, the ties in the band before
+    that block, then the block's own keys (``magnitude_key``) up to the tie that ends the
+    budget; -1 if the band holds fewer."""
+    seen, at = 0, -1
+    for j in range(band.size):
+        seen += band[j] == key
+        if seen == budget:
+            at = j
+            break
+    if at < 0:
+        return -1
+    block = np.searchsorted(marks, at, side="right") - 1
+    seen = 0
+    for j in range(marks[block]):
+        seen += band[j] == key
+    start = block * BLOCK
+    for i in range(start, min(start + BLOCK, b.size)):
+        seen += magnitude_key(work, b, x, i) == key
+        if seen == budget:
+            return i + 1
+    return -1
+
+
+@jit
 def key_counts(keys, key):
     """The count of ``keys`` below ``key`` and the count equal to it."""
     below = equal = 0

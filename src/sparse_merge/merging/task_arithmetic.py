@@ -942,7 +942,7 @@ class TaskArithmetic(MergeMethod):
                 cut = _Cut(k, n, big, at)
                 if found.get((i, c)) and 0 < cut.budget < cut.ties and not math.isnan(cut.value):
                     _, band, marks = bands[i, c]  # the ties' places, from the selection pass
-                    cut.end = kernels.tie_end_in(band, marks, key[0], cut.budget, keys_of)
+                    cut.end = kernels.tie_end_in(band, marks, key[0], cut.budget, b, x, work)
                 cuts.append(cut)
             plans.append(_KeepCuts(cuts))
         return plans
