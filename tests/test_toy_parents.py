@@ -8,7 +8,7 @@ from sparse_merge.models.hf import load_causal_lm, load_tokenizer
 from sparse_merge.models.toy import ToyZoo
 from sparse_merge.tasks.toy import AdditionTask, ReversalTask
 
-from .conftest import small_zoo
+from .conftest import ROOT, small_zoo
 
 
 def _zoo(cache, steps=(20, 10), arch=None):
@@ -48,9 +48,13 @@ def test_two_processes_train_once(tmp_path):
 
 @pytest.mark.slow
 def test_default_children_beat_each_other_on_their_own_task(tmp_path):
-    """Parents of the easy-skills base (the fine-tuning experiment's zoo, conf/model/toy.yaml
-    sizes): each child clearly wins its own skill."""
-    zoo = _zoo(tmp_path, steps=(1500, 800), arch={"hidden_size": 128, "intermediate_size": 256})
+    """The default zoo (conf/model/toy.yaml, trained here from scratch, ~2 min): each child
+    clearly wins its own skill (its comment: math 0.89-0.91 / 0, code 0.32-0.44 /
+    0.97-0.99)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    zoo = instantiate(OmegaConf.load(ROOT / "conf" / "model" / "toy.yaml"), cache_dir=tmp_path)
     tok = load_tokenizer(zoo.tokenizer())
     add, rev = (
         AdditionTask(2, 2, n_select=0, n_heldout=256),
