@@ -1,5 +1,7 @@
 """Memory plan against measurement: predicted host peak (``evolution.memory.plan_evolution``)
-vs the peak RSS of a real Natural Niches run, per model, population and archive storage.
+vs the peak RSS of a real Natural Niches run, per model, population and archive storage; on a
+machine with CUDA, also one step of two Qwen2-1.5B-config models in bfloat16 on the GPU per
+storage: step time and peak GPU memory against the plan's.
 
 Each configuration runs in a fresh subprocess, so its peak RSS (``ru_maxrss``) is its own: the
 subprocess imports torch and transformers, measures its idle RSS (the baseline), then builds
@@ -9,9 +11,13 @@ forward pass of 2 sequences of 16 tokens through the real model, the archive whe
 says, a checkpoint at the end). ``measured`` is peak RSS minus the baseline; ``error`` is
 (predicted - measured) / measured. A configuration the plan says does not fit in this
 machine's free memory is not run: it is listed as skipped by the plan (which is the feature).
+The GPU rows build the model on the GPU and measure ``torch.cuda.max_memory_allocated`` (what
+PyTorch's allocator handed out; its cache and the CUDA context are not in the plan either) and
+the mean seconds of a step (``step_s`` of the run's log: crossover, pruning, scoring, storing);
+without CUDA they are listed as not measured.
 
 ``python benchmarks/run.py memory``; one configuration: ``python benchmarks/bench_memory.py
---one smollm2-135m 8 disk``.
+--one smollm2-135m 8 disk cpu`` (or ``qwen2-1.5b 4 disk cuda``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 ARCHIVES = ("device", "cpu", "disk")
 # every population and storage on SmolLM2-135M; on Qwen2-0.5B (1 to 2 min a run on 2 cores)
@@ -35,11 +42,13 @@ CONFIGS = [
 ]
 STEPS = 2
 BATCH, LENGTH = 2, 16  # sequences and tokens of the one forward pass that scores a child
+# one step of two Qwen2-1.5B-config models per storage, where there is a GPU
+GPU_CONFIGS = [("qwen2-1.5b", 4, archive) for archive in ARCHIVES]
 TARGET = 0.5
 TIMEOUT_S = 480
 
 
-def _plan(name: str, pop: int, archive: str, run_dir: str):
+def _plan(name: str, pop: int, archive: str, run_dir: str, device: str = "cpu"):
     import torch
 
     from sparse_merge.evolution.memory import ModelShape, plan_evolution
@@ -49,7 +58,7 @@ def _plan(name: str, pop: int, archive: str, run_dir: str):
     return plan_evolution(
         ModelShape.from_config(load_config(name)),
         dtype=torch.bfloat16,
-        device="cpu",
+        device=device,
         pop_size=pop,
         archive=archive,
         n_initial=2,
@@ -77,8 +86,10 @@ def _rss() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def measure(name: str, pop: int, archive: str, run_dir: str) -> dict:
-    """Run one configuration in this process; returns baseline and peak RSS (bytes)."""
+def measure(name: str, pop: int, archive: str, run_dir: str, device: str = "cpu") -> dict:
+    """Run one configuration in this process, its model on ``device``; returns baseline and
+    peak RSS (bytes), the peak bytes PyTorch allocated on a CUDA device, and the mean seconds
+    of a step."""
     import gc
     import resource
 
@@ -96,6 +107,7 @@ def measure(name: str, pop: int, archive: str, run_dir: str) -> dict:
     from sparse_merge.pruning.magnitude import MagnitudePruner
     from sparse_merge.tasks.suite import TaskSuite
     from sparse_merge.tasks.toy import AdditionTask
+    from sparse_merge.tracking.logger import RunLogger
 
     torch.set_num_threads(2)
     config = load_config(name)
@@ -105,15 +117,19 @@ def measure(name: str, pop: int, archive: str, run_dir: str) -> dict:
     baseline = _rss()
     start = time.perf_counter()
 
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     space = ParamSpace(model)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(device).manual_seed(1)
     other = torch.empty_like(space.flat)  # [P] a second random model, drawn in chunks
     for s in range(0, other.numel(), 1 << 24):
         other[s : s + (1 << 24)].normal_(0.0, 0.02, generator=g)
     parents = {"a": space.genome(), "b": other}
-    ids = torch.randint(0, config.vocab_size, (BATCH, LENGTH), generator=g)
+    ids = torch.randint(0, config.vocab_size, (BATCH, LENGTH), generator=g, device=device)
 
     @torch.inference_mode()
     def score(model, _tokenizer) -> torch.Tensor:  # [BATCH] mean log-prob of the next tokens
@@ -129,14 +145,27 @@ def measure(name: str, pop: int, archive: str, run_dir: str) -> dict:
         checkpoint_every=10,
         archive=archive,
     )
-    engine.evolve(problem, SparsityAwareScorer(), seed=0, target=TARGET, run_dir=run_dir)
+    with tempfile.TemporaryDirectory() as logs:
+        logger = RunLogger(console=False).start(logs)
+        engine.evolve(
+            problem, SparsityAwareScorer(), seed=0, target=TARGET, run_dir=run_dir, logger=logger
+        )
+        logger.close()
+        lines = (Path(logs) / "log.jsonl").read_text().splitlines()
+    steps = [r["step_s"] for r in map(json.loads, lines) if r.get("event") == "step"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"baseline": baseline, "peak": peak, "seconds": time.perf_counter() - start}
+    return {
+        "baseline": baseline,
+        "peak": peak,
+        "device_peak": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "step_s": sum(steps) / len(steps),
+        "seconds": time.perf_counter() - start,
+    }
 
 
-def _run_one(name: str, pop: int, archive: str, run_dir: str) -> dict:
+def _run_one(name: str, pop: int, archive: str, run_dir: str, device: str = "cpu") -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, __file__, "--one", name, str(pop), archive, run_dir]
+    cmd = [sys.executable, __file__, "--one", name, str(pop), archive, device, run_dir]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     if done.returncode != 0:
         raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr else "failed")
@@ -176,16 +205,51 @@ def run() -> list[dict]:
         row["seconds"] = got["seconds"]
         rows.append(row)
         print(row, flush=True)
+    rows += gpu_rows()
     columns = list(dict.fromkeys(k for r in rows for k in r))
     return [{c: r.get(c, "") for c in columns} for r in rows]
 
 
-if __name__ == "__main__":
-    if len(sys.argv) in (5, 6) and sys.argv[1] == "--one":
-        name, pop, archive = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+def gpu_rows(device: str = "cuda") -> list[dict]:
+    """One step of each ``GPU_CONFIGS`` on ``device``: the plan's device peak against
+    ``torch.cuda.max_memory_allocated``, and the step's seconds; not measured without CUDA."""
+    import torch
+
+    gib = 2**30
+    rows = []
+    for name, pop, archive in GPU_CONFIGS:
+        row = {"model": name, "pop": pop, "archive": archive, "device": device}
+        if not torch.cuda.is_available():
+            rows.append({**row, "note": "not measured: no CUDA device"})
+            continue
         with tempfile.TemporaryDirectory() as tmp:
-            out = measure(name, pop, archive, sys.argv[5] if len(sys.argv) == 6 else tmp)
-        out["predicted"] = _plan(name, pop, archive, tmp).peak("host")[0]
+            try:
+                got = _run_one(name, pop, archive, tmp, device)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                rows.append({**row, "note": f"failed: {str(exc)[:100]}"})
+                continue
+        predicted, measured = got["device_predicted"], got["device_peak"]
+        row["predicted GiB"] = predicted / gib
+        row["measured GiB"] = measured / gib
+        row["error %"] = 100.0 * (predicted - measured) / measured
+        row["step s"] = got["step_s"]
+        row["seconds"] = got["seconds"]
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    if len(sys.argv) in (6, 7) and sys.argv[1] == "--one":
+        from sparse_merge.evolution.memory import device_label, pool_of
+
+        name, pop, archive, device = sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = measure(name, pop, archive, sys.argv[6] if len(sys.argv) == 7 else tmp, device)
+        plan = _plan(name, pop, archive, tmp, device)
+        out["predicted"] = plan.peak("host")[0]
+        if device != "cpu":
+            out["device_predicted"] = plan.peak(pool_of(device_label(device)))[0]
         print(json.dumps(out))
     else:
         sys.exit(__doc__)

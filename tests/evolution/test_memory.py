@@ -325,3 +325,23 @@ def test_sparsegpt_hessians_count_one_per_expert(arch, hessian):
     from tests.tiny_archs import ARCHS
 
     assert ModelShape.from_config(ARCHS[arch][1]).block_hessian == hessian
+
+
+@pytest.mark.slow
+def test_memory_bench_measures_one_configuration(tmp_path):
+    """``benchmarks/bench_memory.py --one``, the command behind its rows and its GPU rows (here
+    on the CPU): two steps of SmolLM2-135M-config models in bfloat16 with a disk archive give
+    a step time, a host peak the plan predicts within a third, and no device peak off CUDA."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_memory.py"
+    command = [sys.executable, str(bench), "--one", "smollm2-135m", "4", "disk", "cpu"]
+    done = subprocess.run([*command, str(tmp_path)], capture_output=True, text=True, check=True)
+    got = json.loads(done.stdout.splitlines()[-1])
+    measured = got["peak"] - got["baseline"]
+    assert got["step_s"] > 0 and got["device_peak"] is None
+    assert abs(got["predicted"] - measured) < measured / 3
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 4  # the two parents and two children
