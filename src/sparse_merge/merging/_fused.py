@@ -837,10 +837,10 @@ def _keep_block(words, count, p, start, flags, out):
         if rest:  # the last vector's words past ``count`` are left from earlier: cut off
             cut = (np.uint32(1) << np.uint32(rest)) - np.uint32(1)
             bits = np.uint32(keep_mask(words, whole * LANES, p)) & cut
-            at = start // 8 + 2 * whole
-            out[at] = np.uint8(bits & np.uint32(0xFF))
+            byte = start // 8 + 2 * whole
+            out[byte] = np.uint8(bits & np.uint32(0xFF))
             if rest > 8:
-                out[at + 1] = np.uint8(bits >> np.uint32(8))
+                out[byte + 1] = np.uint8(bits >> np.uint32(8))
 
     return impl
 

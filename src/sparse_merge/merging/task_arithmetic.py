@@ -549,7 +549,7 @@ class TaskArithmetic(MergeMethod):
             ``density + epsilon`` must lie in (0, 1) when ``0 < density < 1``.
         draws: where DARE's and DELLA's random draws come from: ``torch`` (mergekit's: one
             ``torch.rand`` uniform per entry from ``rng``'s Mersenne twister, in order; on
-            the CPU drawn in numba, ~0.2 ns each, the same stream: ``_bernoulli_bits``) or
+            the CPU drawn in numba, ~0.16 ns each, the same stream: ``_bernoulli_bits``) or
             ``counter`` (``counter_uniform``: a SplitMix64 stream per task vector, its seed
             drawn from ``rng``, draw ``i`` a function of ``i`` alone, so the fused kernels
             compute the masks inside the merge loop). The same distribution (Bernoulli from
@@ -575,7 +575,7 @@ class TaskArithmetic(MergeMethod):
     (4 genomes), TIES ~0.6 and Model Breadcrumbs ~0.5 of 7 genomes (a sampled bracket, one
     pass compressing the keys inside it, an exact order statistic of those, then one merge
     pass), DARE with ``draws="counter"`` ~0.65 of 7 (the masks computed in both loops) and
-    with torch's draws ~0.4 (torch's serial stream drawn first, ~0.2 ns per draw, the masks
+    with torch's draws ~0.47 (torch's serial stream drawn first, ~0.16 ns per draw, the masks
     kept as bits for both loops); tensors of 2 M entries and more in parts on every thread.
     With more models, or off the CPU, torch ops per chunk: task arithmetic ~0.4, TIES and
     Breadcrumbs ~0.12 (numpy selection, ``_Select``), DARE with torch's draws ~0.1 (torch's
@@ -956,7 +956,7 @@ class TaskArithmetic(MergeMethod):
 
         Not memory-bound: torch's Bernoulli sampler is a serial Mersenne twister, one float32
         uniform per entry. On the CPU with numba its stream is reproduced here
-        (``kernels.bernoulli_bits``, ~0.2 ns per entry and task vector on one core, against
+        (``kernels.bernoulli_bits``, ~0.16 ns per entry and task vector on one core, against
         ~2.5 ns for torch's); elsewhere drawn as ``torch.rand`` (``_bernoulli``: the same
         numbers, 5x faster than ``torch.bernoulli``). ``draws="counter"``: one stream seed
         per task vector (``_KeepDraws``), drawn from ``rng``."""
@@ -1010,7 +1010,7 @@ class TaskArithmetic(MergeMethod):
         ``rescale`` on the way. The merge's chunks lie inside the blocks.
 
         Not memory-bound: the ranks sort every row of ``|d|`` (``_stable_order``, ~4 ns per
-        entry on one core); torch's draws cost ~0.2 ns per entry with ``_bernoulli_bits``.
+        entry on one core); torch's draws cost ~0.16 ns per entry with ``_bernoulli_bits``.
         A 1-D tensor (or one cut by the split point) is one row: its temporaries are the size
         of the tensor."""
         n = base.numel()
