@@ -439,6 +439,15 @@ def tie_end_in(work, b, x, band, marks, key, budget):
 
 
 @jit
+def scatter_rows(order, values, out):
+    """``kernels.scatter_rows``: ``out[r, order[r, j]] = values[j]``."""
+    for r in range(out.shape[0]):
+        row, columns = out[r], order[r]
+        for j in range(values.size):
+            row[columns[j]] = values[j]
+
+
+@jit
 def key_counts(keys, key):
     """The count of ``keys`` below ``key`` and the count equal to it."""
     below = equal = 0

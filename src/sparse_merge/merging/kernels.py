@@ -339,6 +339,15 @@ def tie_end_in(
     return end
 
 
+def scatter_rows(order: Tensor, values: Tensor, out: Tensor) -> Tensor:
+    """``out.scatter_(1, order, values.expand_as(order))`` for float32 ``values`` [m] and
+    ``out`` [L, m] on the CPU, ``order`` [L, m] a permutation of each row's columns (int64):
+    the value of rank ``j`` to the column ``order[r, j]`` of row ``r``. One compiled loop in
+    cache, where torch's scatter checks and strides every index (~4x slower)."""
+    _ops().scatter_rows(order.numpy(), values.numpy(), out.numpy())
+    return out
+
+
 def magnitude_sample(
     base: Tensor, x0: Tensor, x1: Tensor, step: int, work: torch.dtype | None = None
 ) -> np.ndarray:

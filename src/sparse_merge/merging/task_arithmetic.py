@@ -21,6 +21,7 @@ run both passes as fused numba loops (``merging.kernels``), with the same result
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import struct
 from collections.abc import Callable, Sequence
@@ -1050,17 +1051,36 @@ class TaskArithmetic(MergeMethod):
         ``stream``: (seed, index of ``t``'s first entry) of counter draws, else ``rng``'s."""
         rows = t if t.dim() >= 2 else t.reshape(1, -1)  # [R, m, ...]
         m = rows.shape[1]
-        lines = rows.abs().movedim(1, -1).reshape(-1, m)  # [L, m]: every row along dim 1
-        order = _stable_order(lines)  # [L, m]
-        # every row's ranks are 0..m-1: mergekit's arithmetic on them, step by step, once
+        # blocks of rows are chunk-sized (``_della_plans``): their buffers are kept; a longer
+        # row (a 1-D tensor, or a piece cut by the split point) gets its own
+        keep = t.numel() <= CHUNK and t.device.type == "cpu"
+        lines = rows.movedim(1, -1).reshape(-1, m)  # [L, m]: every row along dim 1
+        into = self.scratch("della_lines", tuple(lines.shape), t.dtype, t.device) if keep else None
+        lines = torch.abs(lines, out=into)
+        shape = tuple(lines.shape)
+        order = _stable_order(  # [L, m]
+            lines, self.scratch("della_order", shape, torch.int64, t.device) if keep else None
+        )
+        # every row's ranks are 0..m-1: mergekit's arithmetic on them, step by step, once (in
+        # place: on a row of millions each temporary costs its page faults)
         if m > 1:
-            ranks = torch.arange(m, device=t.device).to(t.dtype) + 1  # [m]
-            lo, hi = ranks.amin(), ranks.amax()
-            rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+            rank_norm = torch.arange(m, device=t.device).to(t.dtype).add_(1)  # [m] ranks
+            lo, hi = rank_norm.amin(), rank_norm.amax()
+            rank_norm.sub_(lo).div_(hi - lo).clamp_(0, 1)
         else:
             rank_norm = torch.full((m,), 0.5, dtype=t.dtype, device=t.device)
-        by_rank = (self.density - self.epsilon) + rank_norm * 2 * self.epsilon  # [m]
-        probs = torch.empty_like(lines).scatter_(1, order, by_rank.expand_as(order))  # [L, m]
+        # (d - e) + rank_norm * 2 * e, the sum's operands swapped (addition commutes)
+        by_rank = rank_norm.mul_(2).mul_(self.epsilon).add_(self.density - self.epsilon)
+        cpu = t.device.type == "cpu" and kernels.HAVE_NUMBA
+        if cpu and t.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            # what the draws compare with: float32 (``kernels.bernoulli_bits``)
+            if keep:
+                probs = self.scratch("della_probs", shape, torch.float32, t.device)
+            else:
+                probs = torch.empty(shape, dtype=torch.float32)
+            kernels.scatter_rows(order, by_rank.float(), probs)  # [L, m]
+        else:
+            probs = torch.empty_like(lines).scatter_(1, order, by_rank.expand_as(order))
         probs = probs.view(*rows.movedim(1, -1).shape).movedim(-1, 1)  # [R, m, ...]
         if stream is not None:
             draws = counter_uniform(stream[0], stream[1], t.numel(), t.device)
@@ -1068,21 +1088,31 @@ class TaskArithmetic(MergeMethod):
         return _bernoulli_bits(probs, t.numel(), rng)
 
 
-def _stable_order(mag: Tensor) -> Tensor:
+def _stable_order(mag: Tensor, out: Tensor | None = None) -> Tensor:
     """``torch.argsort(mag, dim=1, stable=True)`` of non-negative ``mag`` [L, m] (int64): the
     float bits shifted left and or-ed with the column index are distinct keys whose plain
-    sort is that order; numpy sorts them with SIMD, ~25x faster than torch's stable sort."""
+    sort is that order; numpy sorts them with SIMD, ~25x faster than torch's stable sort.
+    ``out``: an int64 CPU buffer [L, m] to build the keys and the order in."""
     keys = _keys(mag)  # [L, m]
     m = mag.shape[1]
     bits = max(1, (m - 1).bit_length())
     if keys.itemsize * 8 - 1 + bits > 63:  # no room for the index: a stable sort
         return torch.from_numpy(np.argsort(keys, axis=1, kind="stable")).to(mag.device)
-    unique = keys.astype(np.int64)  # [L, m]
+    unique = np.empty(keys.shape, np.int64) if out is None else out.numpy()  # [L, m]
+    np.copyto(unique, keys)
     unique <<= bits
-    unique |= np.arange(m)
+    unique |= _columns(m)
     unique.sort(axis=1)
     unique &= (1 << bits) - 1
-    return torch.from_numpy(unique).to(mag.device)
+    return out if out is not None else torch.from_numpy(unique).to(mag.device)
+
+
+@functools.lru_cache(maxsize=8)
+def _columns(m: int) -> np.ndarray:
+    """``0 .. m - 1`` (int64, read-only), kept for the few row lengths of a genome's tensors."""
+    columns = np.arange(m)
+    columns.flags.writeable = False
+    return columns
 
 
 def _fusable(xs: Sequence[Tensor], *others: Tensor) -> bool:
