@@ -580,7 +580,7 @@ class TaskArithmetic(MergeMethod):
     kept as bits for both loops); tensors of 2 M entries and more in parts on every thread.
     With more models, or off the CPU, torch ops per chunk: task arithmetic ~0.4, TIES and
     Breadcrumbs ~0.12 (numpy selection, ``_Select``), DARE with torch's draws ~0.1 (torch's
-    own sampler, ~2.5 ns per draw). DELLA ~0.03 (a sort of every row of ``|d|``; a 1-D
+    own sampler, ~2.5 ns per draw). DELLA ~0.04 (a sort of every row of ``|d|``; a 1-D
     tensor, or one cut by the split point, is one row, sorted whole). In bfloat16 the fused
     loops round after every op as torch does, compute-bound at half the bytes: ~0.2 for TIES
     and DARE, ~0.4 for task arithmetic; with ``compute_dtype="float32"`` (one rounding) ~0.3
