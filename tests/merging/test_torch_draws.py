@@ -243,14 +243,15 @@ def test_segments_split_point_and_in_place(dtype, split, into, spy):
 @needs_numba
 @pytest.mark.parametrize(
     "shape, fused",
-    [((61, 83), True), ((3, 200_000), True), ((3, 200_001), False)],
-    ids=["one_block", "blocks_at_whole_bytes", "a_block_inside_a_byte"],
+    [((61, 83), True), ((3, 200_000), True), ((3, 200_001), False), ((1, 600_001), True)],
+    ids=["one_block", "blocks_at_whole_bytes", "a_block_inside_a_byte", "a_row_past_a_chunk"],
 )
 def test_della_masks_are_torch_bernoulli_and_merge_fused(shape, fused, spy):
     """DELLA keeps entry ``j`` when ``torch.bernoulli`` of its rank's probability does (the
-    draws continue from block to block of rows: (3, 200000) is cut at entry 400000); two
-    models merge in the fused loop when every block starts at a whole byte of the bits, and
-    give the torch path's bits either way."""
+    draws continue from block to block of rows: (3, 200000) is cut at entry 400000; a row
+    longer than a chunk is a block of its own, in buffers of its own); two models merge in
+    the fused loop when every block starts at a whole byte of the bits, and give the torch
+    path's bits either way."""
     method = from_yaml("della", draws="torch")
     x = torch.randn(shape, generator=gen(21))
     x[x == 0] = 1.0
