@@ -1053,13 +1053,13 @@ class TaskArithmetic(MergeMethod):
         m = rows.shape[1]
         # blocks of rows are chunk-sized (``_della_plans``): their buffers are kept; a longer
         # row (a 1-D tensor, or a piece cut by the split point) gets its own
-        keep = t.numel() <= CHUNK and t.device.type == "cpu"
+        reuse = t.numel() <= CHUNK and t.device.type == "cpu"
         lines = rows.movedim(1, -1).reshape(-1, m)  # [L, m]: every row along dim 1
-        into = self.scratch("della_lines", tuple(lines.shape), t.dtype, t.device) if keep else None
-        lines = torch.abs(lines, out=into)
         shape = tuple(lines.shape)
+        into = self.scratch("della_lines", shape, t.dtype, t.device) if reuse else None
+        lines = torch.abs(lines, out=into)
         order = _stable_order(  # [L, m]
-            lines, self.scratch("della_order", shape, torch.int64, t.device) if keep else None
+            lines, self.scratch("della_order", shape, torch.int64, t.device) if reuse else None
         )
         # every row's ranks are 0..m-1: mergekit's arithmetic on them, step by step, once (in
         # place: on a row of millions each temporary costs its page faults)
@@ -1071,10 +1071,10 @@ class TaskArithmetic(MergeMethod):
             rank_norm = torch.full((m,), 0.5, dtype=t.dtype, device=t.device)
         # (d - e) + rank_norm * 2 * e, the sum's operands swapped (addition commutes)
         by_rank = rank_norm.mul_(2).mul_(self.epsilon).add_(self.density - self.epsilon)
-        cpu = t.device.type == "cpu" and kernels.HAVE_NUMBA
-        if cpu and t.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        compiled = t.device.type == "cpu" and kernels.HAVE_NUMBA
+        if compiled and t.dtype in (torch.float32, torch.bfloat16, torch.float16):
             # what the draws compare with: float32 (``kernels.bernoulli_bits``)
-            if keep:
+            if reuse:
                 probs = self.scratch("della_probs", shape, torch.float32, t.device)
             else:
                 probs = torch.empty(shape, dtype=torch.float32)
@@ -1101,7 +1101,7 @@ def _stable_order(mag: Tensor, out: Tensor | None = None) -> Tensor:
     unique = np.empty(keys.shape, np.int64) if out is None else out.numpy()  # [L, m]
     np.copyto(unique, keys)
     unique <<= bits
-    unique |= _columns(m)
+    unique |= _columns(m) if m <= CHUNK else np.arange(m)
     unique.sort(axis=1)
     unique &= (1 << bits) - 1
     return out if out is not None else torch.from_numpy(unique).to(mag.device)
@@ -1109,7 +1109,8 @@ def _stable_order(mag: Tensor, out: Tensor | None = None) -> Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _columns(m: int) -> np.ndarray:
-    """``0 .. m - 1`` (int64, read-only), kept for the few row lengths of a genome's tensors."""
+    """``0 .. m - 1`` (int64, read-only), kept for the few row lengths of a genome's tensors
+    (up to ``CHUNK``: a longer row, a 1-D piece, would keep its size in memory)."""
     columns = np.arange(m)
     columns.flags.writeable = False
     return columns
