@@ -520,7 +520,7 @@ def bernoulli_bits(rng: torch.Generator, p: float | Tensor, n: int) -> Tensor | 
     out = np.empty((n + 7) // 8, np.uint8)
     if isinstance(p, Tensor):
         probs = p.detach().to("cpu", torch.float32).contiguous().view(-1).numpy()  # [n]
-    else:  # the float32 compare as an integer one (``_fused.below``); NaN keeps nothing
+    else:  # the float32 compare as an integer one (``_fused.keep_mask``); NaN keeps nothing
         p = float(np.float32(p))
         probs = np.uint32(0 if math.isnan(p) else _threshold(p))
     at = _ops().mt_keep_bits(state, MT_N + 1 - left, probs, out, n)
