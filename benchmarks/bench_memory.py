@@ -46,6 +46,7 @@ BATCH, LENGTH = 2, 16  # sequences and tokens of the one forward pass that score
 GPU_CONFIGS = [("qwen2-1.5b", 4, archive) for archive in ARCHIVES]
 TARGET = 0.5
 TIMEOUT_S = 480
+GIB = 2**30
 
 
 def _plan(name: str, pop: int, archive: str, run_dir: str, device: str = "cpu"):
@@ -172,19 +173,33 @@ def _run_one(name: str, pop: int, archive: str, run_dir: str, device: str = "cpu
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _attempt(row: dict, *args) -> dict | None:
+    """``_run_one(*args)``, or None with why it failed in ``row``'s note."""
+    try:
+        return _run_one(*args)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        row["note"] = f"failed: {str(exc)[:100]}"
+        return None
+
+
+def _measured(row: dict, predicted: int, measured: int) -> None:
+    """The measured peak and the plan's error against it, in ``row``."""
+    row["measured GiB"] = measured / GIB
+    row["error %"] = 100.0 * (predicted - measured) / measured
+
+
 def run() -> list[dict]:
     """Rows of the benchmark table: predicted vs measured host peak per configuration."""
     from sparse_merge.errors import ConfigError
     from sparse_merge.evolution.memory import host_available
 
-    gib = 2**30
     rows = []
     for name, pop, archive in CONFIGS:
         row = {"model": name, "pop": pop, "archive": archive}
         with tempfile.TemporaryDirectory() as tmp:
             plan = _plan(name, pop, archive, tmp)
             predicted, moment = plan.peak("host")
-            row["predicted GiB"] = predicted / gib
+            row["predicted GiB"] = predicted / GIB
             row["peak at"] = moment
             try:
                 plan.check({"host": host_available()})
@@ -192,16 +207,12 @@ def run() -> list[dict]:
                 row["note"] = "skipped by the plan: " + exc.allowed.split(",")[0]
                 rows.append(row)
                 continue
-            try:
-                got = _run_one(name, pop, archive, tmp)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                row["note"] = f"failed: {str(exc)[:100]}"
-                rows.append(row)
-                continue
-        measured = got["peak"] - got["baseline"]
-        row["measured GiB"] = measured / gib
-        row["error %"] = 100.0 * (predicted - measured) / measured
-        row["baseline GiB"] = got["baseline"] / gib
+            got = _attempt(row, name, pop, archive, tmp)
+        if got is None:
+            rows.append(row)
+            continue
+        _measured(row, predicted, got["peak"] - got["baseline"])
+        row["baseline GiB"] = got["baseline"] / GIB
         row["seconds"] = got["seconds"]
         rows.append(row)
         print(row, flush=True)
@@ -215,7 +226,6 @@ def gpu_rows(device: str = "cuda") -> list[dict]:
     ``torch.cuda.max_memory_allocated``, and the step's seconds; not measured without CUDA."""
     import torch
 
-    gib = 2**30
     rows = []
     for name, pop, archive in GPU_CONFIGS:
         row = {"model": name, "pop": pop, "archive": archive, "device": device}
@@ -223,15 +233,12 @@ def gpu_rows(device: str = "cuda") -> list[dict]:
             rows.append({**row, "note": "not measured: no CUDA device"})
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            try:
-                got = _run_one(name, pop, archive, tmp, device)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                rows.append({**row, "note": f"failed: {str(exc)[:100]}"})
-                continue
-        predicted, measured = got["device_predicted"], got["device_peak"]
-        row["predicted GiB"] = predicted / gib
-        row["measured GiB"] = measured / gib
-        row["error %"] = 100.0 * (predicted - measured) / measured
+            got = _attempt(row, name, pop, archive, tmp, device)
+        if got is None:
+            rows.append(row)
+            continue
+        row["predicted GiB"] = got["device_predicted"] / GIB
+        _measured(row, got["device_predicted"], got["device_peak"])
         row["step s"] = got["step_s"]
         row["seconds"] = got["seconds"]
         rows.append(row)
