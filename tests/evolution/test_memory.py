@@ -156,9 +156,13 @@ def test_storage_moves_the_archive_between_devices(tmp_path):
 
 def test_pruning_adds_its_working_set_cache_scratch_and_final_copies():
     b, P, N = 4, SHAPE.numel, SHAPE.prunable
-    pruner = MagnitudePruner()  # scores every prunable layer in float32 at once
+    big = 20 * 10  # the largest prunable layer
+    pruner = MagnitudePruner()  # |W| scored one layer at a time, in float32
     parts = pruner_memory(pruner, SHAPE, torch.float32, (8, 8))
-    assert sum(p[1] for p in parts) == 4 * N + N + 20 * 10 * 16
+    assert sum(p[1] for p in parts) == 4 * big + N + big * 16
+    # global granularity ranks every layer's scores together
+    every = pruner_memory(MagnitudePruner("global"), SHAPE, torch.float32, (8, 8))
+    assert sum(p[1] for p in every) == 4 * N + N + N * (4 + 16)
     plan = plan_evolution(
         SHAPE,
         dtype=torch.float32,
@@ -175,12 +179,16 @@ def test_pruning_adds_its_working_set_cache_scratch_and_final_copies():
     rows = {r.what: r for r in plan.rows}
     assert rows["scratch genome (first parent)"].bytes == P * b
     assert rows["final prune: one member below the target, copied and pruned"].bytes == P * b
-    assert rows["pruning cache (packed keep-masks)"].bytes == 4 * 2 * 125 + 125 + (1 << 24)
-    always = (1 + 2 + 8 + 1) * P * b  # model, parents, archive, scratch
+    cache = rows["pruning cache (packed keep-masks)"].bytes
+    assert cache == 4 * 2 * 125 + 125 + (1 << 24)
     working = max(sum(p[1] for p in parts), _eval_bytes(torch.float32))  # pruning or a batch
-    finish = always + P * b + 2 * P * b + working  # one pruned copy at a time, the picks
-    assert plan.totals()["cpu"] == finish
-    assert plan.peak("host") == (finish + rows["pruning cache (packed keep-masks)"].bytes, "finish")
+    # the search: model, parents, archive, scratch and the cache
+    search = (1 + 2 + 8 + 1) * P * b + cache + working
+    # the end: one pruned copy at a time and the picks; the scratch and the cache are freed
+    finish = (1 + 2 + 8) * P * b + P * b + 2 * P * b + working
+    assert sum(r.bytes for r in plan.rows if r.when is None or "finish" in r.when) == finish
+    assert plan.totals()["cpu"] == max(finish, search - cache)
+    assert plan.peak("host")[0] == max(finish, search)
 
 
 def test_an_impossible_config_is_refused_in_under_a_second():

@@ -13,7 +13,7 @@ largest sum over one moment, since working sets of different moments never coexi
 * ``evaluate``: one evaluation batch (logits, KV cache, a layer's activations);
 * ``checkpoint``: writing a checkpoint (a host copy of a device archive);
 * ``finish``: the evolver's picks (members below the target are pruned and scored one at a
-  time; the two picks are copies);
+  time; the two picks are copies; the search's scratch genome and pruning cache are freed);
 * ``report``: the merge pipeline's report (the picks copied again, a pruned parent).
 
 Where the live model runs on the CPU (or MPS), the device and the host are one memory: their
@@ -41,6 +41,7 @@ from sparse_merge.models.blocks import prunable_layers
 
 MOMENTS = ("load", "prune", "evaluate", "checkpoint", "finish", "report")
 EVOLVE = frozenset({"prune", "evaluate", "checkpoint", "finish"})  # inside ``evolve``
+SEARCH = EVOLVE - {"finish"}  # the search's steps: its own buffers are freed before the end
 AFTER = frozenset({"report"})  # what the pipeline does with the result
 ARCHIVES = ("device", "cpu", "disk")
 # bytes per element of the largest layer that mask selection allocates besides its float32
@@ -386,9 +387,10 @@ def pruner_memory(
     formula)]``; the known ones are modelled from their code: the layer-wise pruners (Wanda,
     SparseGPT) keep the calibration inputs of one block, in and out, plus per-layer statistics
     (SparseGPT: the Hessians of a block's linears, float32; Wanda's in-loop reference norms:
-    one dense calibration pass, once per search); the score pruners (magnitude, random,
-    gradient, Taylor, Wanda importance) score every prunable layer at once (float32). Any other
-    pruner is assumed to hold what a score pruner holds.
+    one dense calibration pass, once per search); the score pruners hold the float32 scores of
+    one layer at a time where the importance scores layers on their own (magnitude, random; not
+    with ``global`` granularity), else of every prunable layer (gradient, Taylor, Wanda
+    importance). Any other pruner is assumed to hold what a score pruner holds.
     """
     if hasattr(pruner, "memory"):
         return list(pruner.memory(shape, dtype, calibration))
@@ -460,8 +462,19 @@ def pruner_memory(
             parts = max(parts, reference, key=lambda ps: sum(p[1] for p in ps))
         return parts
     glob = isinstance(pruner, ScorePruner) and pruner.granularity == "global" and not pruner.nm
+    importance = getattr(pruner, "importance", None)
+    # an importance that scores layers on their own is computed one layer at a time, each
+    # layer's scores dropped once its mask is made (``ScorePruner._scores``)
+    if not glob and isinstance(pruner, ScorePruner) and hasattr(importance, "each"):
+        scores = (
+            "importance scores of one layer at a time (float32)",
+            4 * big,
+            "largest layer x 4 B",
+        )
+    else:
+        scores = ("importance scores of every prunable layer (float32)", 4 * n_prunable, "N x 4 B")
     parts = [
-        ("importance scores of every prunable layer (float32)", 4 * n_prunable, "N x 4 B"),
+        scores,
         masks,
         (
             "global selection over all layers" if glob else "selection in the largest layer",
@@ -469,7 +482,6 @@ def pruner_memory(
             f"N x (4 + {SELECT_BYTES}) B" if glob else f"largest layer x {SELECT_BYTES} B",
         ),
     ]
-    importance = getattr(pruner, "importance", None)
     if isinstance(importance, GradientImportance | TaylorImportance):
         bs, length = importance.batch_size, calibration[1]
         parts += [
@@ -642,7 +654,7 @@ def plan_evolution(
                 add("host", "staging buffers of genome files", 2 * IO_CHUNK, "2 x 16 MiB", EVOLVE)
         staged = archive != "device"
         if staged or (pruning and prune_target == "parents"):
-            add(dev, "scratch genome (first parent)", genome, g, EVOLVE)
+            add(dev, "scratch genome (first parent)", genome, g, SEARCH)
         if run_dir is not None and archive != "disk":
             add(
                 "disk",
@@ -683,7 +695,7 @@ def plan_evolution(
                 "pruning cache (packed keep-masks)",
                 held + mask + PACK_CHUNK,
                 f"min(prune_cache_mb, members x sparsities x P/8) + P/8 + {human(PACK_CHUNK)}",
-                EVOLVE,
+                SEARCH,
                 "evolver.prune_cache_mb",
             )
     # the larger working set is also there while the evolver (and the pipeline) finish

@@ -346,6 +346,8 @@ class NaturalNiches:
                 cache.misses,
                 cache.nbytes / 2**20,
             )
+        # the search's buffers go before the end, which prunes and copies genomes of its own
+        del scratch, cache
         evaluations = len(problem.initial()) + self.iterations
         return self._finish(
             problem, scorer, archive, lineage, run_dir if write else None, target, evaluations

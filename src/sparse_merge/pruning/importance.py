@@ -26,6 +26,7 @@ it (an expert no token reaches is scored ``|W|``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -66,7 +67,6 @@ class MagnitudeImportance:
     name = "magnitude"
     uses_calibration = False
 
-    @torch.no_grad()
     def compute(
         self,
         model: nn.Module,
@@ -75,7 +75,17 @@ class MagnitudeImportance:
     ) -> Scores:
         """``|W|`` per prunable layer."""
         layers = prunable_layers(model) if layers is None else layers
-        return {layer.param_name: layer.weight.abs().float() for layer in layers}
+        return dict(zip((layer.param_name for layer in layers), self.each(model, calib, layers)))
+
+    @torch.no_grad()
+    def each(
+        self, model: nn.Module, calib: Calibration | None, layers: list[PrunableLayer]
+    ) -> Iterator[torch.Tensor]:
+        """The scores of ``layers`` one at a time, in order (a layer's depend on its own weight
+        only): a pruner that masks each layer as it comes holds one layer's float32 scores,
+        not every layer's."""
+        for layer in layers:
+            yield layer.weight.abs().float()
 
 
 class RandomImportance:
@@ -95,12 +105,17 @@ class RandomImportance:
         layers: list[PrunableLayer] | None = None,
     ) -> Scores:
         """Random scores per prunable layer, drawn in layer order."""
-        g = torch.Generator().manual_seed(self.seed)
         layers = prunable_layers(model) if layers is None else layers
-        return {
-            layer.param_name: torch.rand(layer.weight.shape, generator=g).to(layer.weight.device)
-            for layer in layers
-        }
+        return dict(zip((layer.param_name for layer in layers), self.each(model, calib, layers)))
+
+    def each(
+        self, model: nn.Module, calib: Calibration | None, layers: list[PrunableLayer]
+    ) -> Iterator[torch.Tensor]:
+        """The scores of ``layers`` one at a time, in order, from one generator: the same
+        numbers as ``compute`` (``MagnitudeImportance.each``)."""
+        g = torch.Generator().manual_seed(self.seed)
+        for layer in layers:
+            yield torch.rand(layer.weight.shape, generator=g).to(layer.weight.device)
 
 
 def lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
