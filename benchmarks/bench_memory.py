@@ -32,13 +32,16 @@ from pathlib import Path
 
 ARCHIVES = ("device", "cpu", "disk")
 # every population and storage on SmolLM2-135M; on Qwen2-0.5B (1 to 2 min a run on 2 cores)
-# fewer, up to the largest population, where only the disk archive fits a 24 GB machine
+# fewer, up to the largest population, where only the disk archive fits a 24 GB machine; and
+# the smallest size users merge, Qwen2-1.5B (~3 min), with the storage that fits one
 CONFIGS = [
     *(("smollm2-135m", pop, archive) for pop in (4, 8, 16) for archive in ARCHIVES),
     ("qwen2-0.5b", 4, "device"),
     ("qwen2-0.5b", 4, "disk"),
     ("qwen2-0.5b", 8, "device"),
     *(("qwen2-0.5b", 16, archive) for archive in ARCHIVES),
+    ("qwen2-1.5b", 4, "device"),
+    ("qwen2-1.5b", 4, "disk"),
 ]
 STEPS = 2
 BATCH, LENGTH = 2, 16  # sequences and tokens of the one forward pass that scores a child

@@ -47,7 +47,11 @@ Scores = dict[str, torch.Tensor]
 
 @runtime_checkable
 class Importance(Protocol):
-    """One score per prunable weight, in the ``[out, in]`` layout, higher = more important."""
+    """One score per prunable weight, in the ``[out, in]`` layout, higher = more important.
+
+    An importance whose layers' scores depend on nothing but the layer (magnitude, random) may
+    also have ``each(model, calib, layers)``: the same scores as an iterator, one layer at a
+    time, so that a pruner holds one layer's scores (``ScorePruner``)."""
 
     name: str
 

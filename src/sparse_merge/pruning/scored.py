@@ -89,10 +89,9 @@ class ScorePruner:
         dim = head_dim(model) if self.granularity == "head" else None
         masks = {}
         for layer, scores in self._scores(model, calib, layers):
-            unit = (
-                "channel" if self.granularity == "head" and not layer.is_attention_input else None
-            )
-            keep = unit_masks(layer, scores, sparsity, unit or self.granularity, self.nm, dim)
+            head = self.granularity == "head"
+            unit = "channel" if head and not layer.is_attention_input else self.granularity
+            keep = unit_masks(layer, scores, sparsity, unit, self.nm, dim)
             del scores  # before the next layer's are computed
             with torch.no_grad():
                 masks[layer.param_name] = apply_keep(layer, keep)
