@@ -5,6 +5,7 @@ import torch
 
 from sparse_merge.errors import ConfigError
 from sparse_merge.models.blocks import head_dim, prunable_layers
+from sparse_merge.pruning import base as pruning_base
 from sparse_merge.pruning.base import Calibration, keep_smallest_out
 from sparse_merge.pruning.importance import (
     GradientImportance,
@@ -201,7 +202,10 @@ def _stable_sort_keep(scores, n_prune):
 
 
 @pytest.mark.parametrize("kind", ["continuous", "few_values", "constant", "mixed"])
-def test_selection_masks_equal_a_stable_sort_bit_for_bit(kind):
+@pytest.mark.parametrize("rows", ["sorted", "selected"])
+def test_selection_masks_equal_a_stable_sort_bit_for_bit(kind, rows, monkeypatch):
+    if rows == "selected":  # every row takes the path of long rows (one row per layer)
+        monkeypatch.setattr(pruning_base, "SORT_ROWS", 0)
     g = torch.Generator().manual_seed(0)
     for shape in [(7, 13), (5, 3, 8), (100,), (64, 4)]:
         scores = {
@@ -217,3 +221,15 @@ def test_selection_masks_equal_a_stable_sort_bit_for_bit(kind):
             s = scores.to(dtype)
             for n in range(shape[-1] + 1):
                 assert torch.equal(keep_smallest_out(s, n), _stable_sort_keep(s, n)), (shape, n)
+
+
+@pytest.mark.parametrize("zeros", [0.0, 0.5])
+def test_long_rows_of_a_pruned_bfloat16_weight_keep_a_stable_sorts_mask(zeros):
+    # rows longer than SORT_ROWS are selected, not sorted; with half of them zeros (a pruned
+    # weight) the threshold is found among the other entries, or is the zeros themselves
+    g = torch.Generator().manual_seed(1)
+    n = pruning_base.SORT_ROWS + 4_464
+    w = (torch.randn(2, n, generator=g) * 0.02).to(torch.bfloat16).abs().float()
+    w *= torch.rand(2, n, generator=g) >= zeros
+    for k in (1, n // 4, n // 2 - 7, n // 2, n // 2 + 9, 3 * n // 4, n - 1):
+        assert torch.equal(keep_smallest_out(w, k), _stable_sort_keep(w, k)), k
