@@ -155,6 +155,9 @@ def uses_calibration(pruner: Pruner | None) -> bool:
     return pruner is not None and bool(getattr(pruner, "uses_calibration", True))
 
 
+SORT_ROWS = 1 << 16  # rows up to this long are sorted to find their thresholds, longer selected
+
+
 def keep_smallest_out(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     """Bool keep-mask with exactly ``n_prune`` False entries at the lowest ``scores`` along the
     last dim; ties go to the lower index (as a stable sort would), so the count never drifts.
@@ -202,9 +205,6 @@ def keep_smallest_out(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
             stay = np.arange(r.size) - (np.cumsum(ties) - ties)[r] >= room[r]  # 0-based rank
             kept[r[stay], c[stay]] = True
     return keep
-
-
-SORT_ROWS = 1 << 16  # rows up to this long are sorted to find their thresholds, longer selected
 
 
 def _thresholds(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
