@@ -45,8 +45,9 @@ SEARCH = EVOLVE - {"finish"}  # the search's steps: its own buffers are freed be
 AFTER = frozenset({"report"})  # what the pipeline does with the result
 ARCHIVES = ("device", "cpu", "disk")
 # bytes per element of the largest layer that mask selection allocates besides its float32
-# scores: ``np.partition``'s copy, the bool masks below and tied, their row sums and, where ties
-# need ordering, their int64 cumsum (``pruning.base.keep_smallest_out``)
+# scores, at most: the sorted or partitioned copy (4), the keep and tied masks (2) and, where
+# many ties need ordering, their int32 running count and its comparisons (6), or a row's
+# entries above its minimum (5) (``pruning.base.keep_smallest_out``); rounded up
 SELECT_BYTES = 16
 FILE_HEADER = 256  # bytes of a genome file's safetensors header (an upper bound)
 
