@@ -8,7 +8,7 @@ synchronised.
 Then magnitude pruning (per layer, the default, and per row) at the smallest size users merge:
 a Qwen2-1.5B config with random bfloat16 weights on the CPU, pruned to 50 %, then the pruned
 model to 40 % (a sparse genome pruned again: its zeros straddle the cut), each on the same
-weights.
+weights; and the mask cache's work on the pruned model (pack its mask, apply a packed one).
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def at_scale(name: str = "qwen2-1.5b") -> list[dict]:
     the CPU), per layer and per row: to 50 % from dense, then to 40 % from there."""
     from transformers import AutoModelForCausalLM
 
+    from sparse_merge.evolution.prune_cache import apply_packed_, pack_nonzero
     from sparse_merge.models.configs import load_config
     from sparse_merge.models.paramspace import ParamSpace
 
@@ -126,4 +127,19 @@ def at_scale(name: str = "qwen2-1.5b") -> list[dict]:
                     "sparsity": round(measure_sparsity(model).overall, 4),
                 }
             )
+    # the mask cache (``prune_cache``) packs a pruned parent's mask the first time and applies
+    # it after that
+    t = time.perf_counter()
+    packed = pack_nonzero(space.flat)
+    pack_s = time.perf_counter() - t
+    t = time.perf_counter()
+    apply_packed_(space.flat, packed)
+    apply_s = time.perf_counter() - t
+    for what, seconds in (("pack", pack_s), ("apply", apply_s)):
+        rows.append(
+            {
+                "pruner": f"mask cache: {what} the mask of the pruned {name}",
+                "total_s": round(seconds, 3),
+            }
+        )
     return rows

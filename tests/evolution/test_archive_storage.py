@@ -10,11 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from sparse_merge.errors import ConfigError
+from sparse_merge.evolution import prune_cache
 from sparse_merge.evolution.archive import Archive, map_genome, read_genome_into, write_genome
 from sparse_merge.evolution.natural_niches import NaturalNiches
 from sparse_merge.evolution.prune_cache import MaskCache, apply_packed_, pack_nonzero
@@ -190,3 +192,21 @@ def test_a_killed_disk_archive_run_resumes_to_the_uninterrupted_archive(tmp_path
     assert a["lineage"] == b["lineage"]
     files = sorted(p.name for p in (tmp_path / "cut" / "archive").iterdir())
     assert files == sorted(a["archive"]["files"])  # nothing left over from the killed run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_packed_nonzero_bits_are_numpys_packbits_of_not_zero(dtype):
+    # signed zeros count as zero; NaN, infinities and subnormals as non-zero; the genome's
+    # length past a piece and not a multiple of 8
+    n = prune_cache.PIECE + 1003
+    g = torch.Generator().manual_seed(3)
+    genome = torch.randn(n, generator=g).to(dtype)
+    genome[torch.rand(n, generator=g) < 0.5] = 0.0
+    genome[torch.rand(n, generator=g) < 0.1] = -0.0
+    specials = [float("nan"), float("inf"), -float("inf"), torch.finfo(dtype).tiny / 2, -0.0]
+    genome[:5] = torch.tensor(specials, dtype=dtype)
+    expected = np.packbits((genome != 0).numpy())
+    assert np.array_equal(pack_nonzero(genome).numpy(), expected)
+    assert torch.equal(
+        apply_packed_(torch.ones(n, dtype=dtype), pack_nonzero(genome)), (genome != 0).to(dtype)
+    )

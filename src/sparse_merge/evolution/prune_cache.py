@@ -20,11 +20,35 @@ import torch
 CHUNK = 1 << 24  # elements packed or unpacked at a time (a multiple of 8)
 
 
+# a float's bits as the integer of its width: without the sign bit they are zero exactly for
+# +0.0 and -0.0 (NaN, infinities and subnormals have others set)
+SAME_SIZE_INT = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+PIECE = 1 << 20  # elements packed at a time on the CPU (a multiple of 8; its temporaries in cache)
+
+
 @torch.no_grad()
 def pack_nonzero(genome: torch.Tensor) -> torch.Tensor:
-    """``genome != 0`` as bits (``numpy.packbits`` order), uint8 [ceil(P / 8)] on the CPU."""
+    """``genome != 0`` as bits (``numpy.packbits`` order), uint8 [ceil(P / 8)] on the CPU.
+
+    On the CPU the compare runs in NumPy on the floats' bits without their sign, a piece at a
+    time: ~4x torch's float compare on bfloat16 (1.1-1.3 s for a 1.5 B genome was a pruned
+    parent's cost besides its pruning)."""
+    n = genome.numel()
+    if genome.device.type == "cpu" and genome.dtype in SAME_SIZE_INT:
+        ints = genome.reshape(-1).view(SAME_SIZE_INT[genome.dtype]).numpy()
+        magnitude = np.iinfo(ints.dtype).max  # every bit but the sign
+        out = np.empty(-(-n // 8), np.uint8)
+        for s in range(0, n, PIECE):
+            e = min(s + PIECE, n)
+            out[s // 8 : -(-e // 8)] = np.packbits((ints[s:e] & magnitude) != 0)
+        return torch.from_numpy(out)
     parts = []
-    for s in range(0, genome.numel(), CHUNK):
+    for s in range(0, n, CHUNK):
         bits = (genome[s : s + CHUNK] != 0).cpu().numpy()
         parts.append(np.packbits(bits))
     return torch.from_numpy(np.concatenate(parts))
