@@ -464,9 +464,7 @@ def pruner_memory(
         return parts
     glob = isinstance(pruner, ScorePruner) and pruner.granularity == "global" and not pruner.nm
     importance = getattr(pruner, "importance", None)
-    # an importance that scores layers on their own is computed one layer at a time, each
-    # layer's scores dropped once its mask is made (``ScorePruner._scores``)
-    if not glob and isinstance(pruner, ScorePruner) and hasattr(importance, "each"):
+    if isinstance(pruner, ScorePruner) and pruner.layer_at_a_time:
         scores = (
             "importance scores of one layer at a time (float32)",
             4 * big,

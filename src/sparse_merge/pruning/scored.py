@@ -57,6 +57,13 @@ class ScorePruner:
         """Whether the importance reads calibration data (magnitude and random do not)."""
         return getattr(self.importance, "uses_calibration", True)
 
+    @property
+    def layer_at_a_time(self) -> bool:
+        """Whether pruning holds one layer's scores at a time (``_scores``): an importance that
+        scores layers on their own (``each``), without ``global`` ranking across layers."""
+        glob = self.granularity == "global" and self.nm is None
+        return not glob and hasattr(self.importance, "each")
+
     def accepted_sparsities(self) -> tuple[float, ...] | None:
         """0 and (M-N)/M with an N:M pattern; ``None`` (any fraction) without one."""
         return nm_sparsities(self.nm)
@@ -86,10 +93,10 @@ class ScorePruner:
                 return {
                     layer.param_name: apply_keep(layer, keeps[layer.param_name]) for layer in layers
                 }
-        dim = head_dim(model) if self.granularity == "head" else None
+        head = self.granularity == "head"
+        dim = head_dim(model) if head else None
         masks = {}
         for layer, scores in self._scores(model, calib, layers):
-            head = self.granularity == "head"
             unit = "channel" if head and not layer.is_attention_input else self.granularity
             keep = unit_masks(layer, scores, sparsity, unit, self.nm, dim)
             del scores  # before the next layer's are computed
@@ -105,9 +112,8 @@ class ScorePruner:
         one at a time, so pruning holds one layer's float32 scores (for a 7B model, ~0.2 GB
         instead of ~26 GB); the others score every layer first (their scores come from
         passes over the whole model)."""
-        each = getattr(self.importance, "each", None)
-        if each is not None:
-            scored = each(model, calib, layers)  # (not zip: it would hold the last scores)
+        if self.layer_at_a_time:
+            scored = self.importance.each(model, calib, layers)  # (zip would hold the last)
             for layer in layers:
                 yield layer, next(scored)
             return
