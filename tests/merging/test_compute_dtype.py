@@ -20,7 +20,7 @@ import torch
 
 from sparse_merge.evolution import crossover
 from sparse_merge.merging import kernels
-from sparse_merge.merging.base import CHUNK
+from sparse_merge.merging.base import CHUNK, COMPUTE_DTYPES
 from sparse_merge.merging.slerp import Slerp
 from sparse_merge.merging.task_arithmetic import TaskArithmetic
 
@@ -145,8 +145,8 @@ def test_bfloat16_in_float32_differs_from_bfloat16_arithmetic():
 @pytest.mark.parametrize("into", ["third", "x0", "x1"])
 @pytest.mark.parametrize("split", [None, 0, 2000, GENOME])
 def test_genome_slerp_in_float32_is_the_float32_slerp_rounded_once(split, into, monkeypatch):
-    """With the same angle: on the CPU the float32 mode takes its dots from one fused pass
-    (``kernels.dots3``), the torch path from ``_dots`` as the default does."""
+    """With the same angle: on the CPU bfloat16 genomes take their dots from one fused pass
+    (``kernels.dots3``), the torch path from ``_dots``."""
     _, *inputs = models(GENOME, torch.bfloat16, 13, "specials", 3)  # x0, x1 and one more
     inputs = [t.nan_to_num(0.0, 1e3, -1e3) for t in inputs]  # a NaN would void the angle
 
@@ -185,10 +185,12 @@ def test_fused_dots_are_the_exact_dots_to_float32_rounding(dtype, monkeypatch):
 
 
 @needs_numba
+@pytest.mark.parametrize("compute_dtype", COMPUTE_DTYPES)
 @pytest.mark.parametrize("split", [None, 2000])
-def test_tensor_slerp_in_float32_takes_the_fused_dots(split, monkeypatch):
-    """mergekit's SLERP already computes in float32; the float32 mode changes only where its
-    dots come from on the CPU (``kernels.dots3``, per tensor)."""
+def test_bfloat16_tensor_slerp_takes_the_fused_dots(compute_dtype, split, monkeypatch):
+    """mergekit's SLERP already computes in float32, so both modes are one merge; on the CPU
+    the angle's dots of bfloat16 tensors come from one fused pass (``kernels.dots3``, per
+    tensor)."""
     _, *inputs = models(GENOME, torch.bfloat16, 17, "clean", 2)
 
     def run(m, xs):
@@ -196,7 +198,7 @@ def test_tensor_slerp_in_float32_takes_the_fused_dots(split, monkeypatch):
         out = torch.empty_like(x0)
         return m.merge_(out, None, [x0, x1], (0.35, 0.65), segments=SEGMENTS, split=split)
 
-    ours, upcast = Slerp(compute_dtype="float32"), [t.float() for t in inputs]
+    ours, upcast = Slerp(compute_dtype=compute_dtype), [t.float() for t in inputs]
     with torch_path():
         check(run(ours, inputs), run(Slerp(), upcast).to(torch.bfloat16), "torch path")
     calls = []
@@ -205,6 +207,22 @@ def test_tensor_slerp_in_float32_takes_the_fused_dots(split, monkeypatch):
     assert len(calls) == 8 + (split is not None)  # one per piece: the segments, the gaps
     monkeypatch.setattr(crossover, "_dots", kernels.dots3)
     check(fused, run(Slerp(), upcast).to(torch.bfloat16), "fused")
+
+
+@needs_numba
+@pytest.mark.parametrize("compute_dtype", COMPUTE_DTYPES)
+def test_bfloat16_genome_slerp_takes_the_fused_dots(compute_dtype, monkeypatch):
+    """The crossover's angle on bfloat16 genomes, in either mode: one fused pass on the CPU,
+    whose dots are the exact ones to float32 rounding."""
+    _, *inputs = models(GENOME, torch.bfloat16, 19, "clean", 2)
+    calls = []
+    watch(monkeypatch, kernels, "dots3", calls.append)
+    x0, x1 = inputs
+    Slerp("genome", compute_dtype=compute_dtype).merge_(
+        torch.empty_like(x0), None, [x0, x1], (0.35, 0.65), split=GENOME // 3
+    )
+    exact = [float(x.double() @ y.double()) for x, y in ((x0, x1), (x0, x0), (x1, x1))]
+    assert len(calls) == 1 and calls[0] == pytest.approx(exact, rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -81,8 +81,8 @@ def test_genome_slerp_matches_the_torch_ops(dtype, into, split, monkeypatch):
         out = {"third": torch.empty_like(x), "a": x, "b": y}[into]
         return fn(out, x, y, 0.35, split)
 
-    dots = crossover._dots  # the angle from the finite entries
-    monkeypatch.setattr(crossover, "_dots", lambda x, y: dots(x[50:], y[50:]))
+    dots = crossover._dots  # one angle for both paths, from the finite entries
+    monkeypatch.setattr(crossover, "angle_dots", lambda x, y: dots(x[50:], y[50:]))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # torch's bfloat16 result depends on how threads cut the op
     try:

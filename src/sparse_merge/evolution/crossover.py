@@ -25,9 +25,9 @@ def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     """(a.b, |a|^2, |b|^2): float32 dots over chunks of ``DOT_CHUNK``, summed in float64
     (half-precision genomes are upcast chunk by chunk).
 
-    Kept exactly as the published results were computed (torch's BLAS, these chunks): NumPy's
-    BLAS on smaller chunks is a third faster here but moves the SLERP coefficients in their
-    last bits, and with them every published table."""
+    Kept exactly as the published float32 results were computed (torch's BLAS, these chunks):
+    NumPy's BLAS on smaller chunks is a third faster here but moves the SLERP coefficients in
+    their last bits, and with them every published table."""
     ab = aa = bb = 0.0
     upcast = a.dtype not in (torch.float32, torch.float64)
     if upcast:  # two float32 buffers for all chunks (a fresh pair per chunk page-faults)
@@ -42,14 +42,13 @@ def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     return ab, aa, bb
 
 
-def angle_dots(
-    a: torch.Tensor, b: torch.Tensor, work: torch.dtype | None = None
-) -> tuple[float, float, float]:
-    """SLERP's (a.b, |a|^2, |b|^2): ``_dots``; with ``work`` float32 for half-precision
-    genomes on the CPU (``compute_dtype="float32"``) one fused pass instead
-    (``merging.kernels.dots3``: exact products, float32 sums per 4096 entries added in
-    float64; 4x faster and ~100x closer to the exact dots)."""
-    if work not in (None, a.dtype) and kernels.usable(a, b) and a.dtype == b.dtype:
+def angle_dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """SLERP's (a.b, |a|^2, |b|^2): ``_dots``; for bfloat16 genomes on the CPU one fused pass
+    instead (``merging.kernels.dots3``: exact products, float32 sums per 4096 entries added in
+    float64; 4x faster than upcasting every chunk for the BLAS dots, and ~100x closer to the
+    exact dots). Whatever the interpolation's ``compute_dtype``: the angle is a float64 scalar
+    either way, and no published result was computed from bfloat16 dots."""
+    if a.dtype == b.dtype == torch.bfloat16 and kernels.usable(a, b):
         return kernels.dots3(a, b)
     return _dots(a, b)
 
@@ -71,14 +70,13 @@ def slerp_(
     genomes are (nearly) parallel.
 
     Traffic floor: 5 genomes. The angle needs ``a.b``, ``|a|^2`` and ``|b|^2`` before anything
-    is written: one pass reading ``a`` and ``b`` (``_dots``); then one pass reading both and
+    is written: one pass reading ``a`` and ``b`` (``angle_dots``); then one pass reading both and
     writing ``out``, in cache-sized chunks (``CHUNK``) so that ``out`` is written to memory
     once; on the CPU in float32 or bfloat16, one fused kernel with the same two ops
     (``merging.kernels.lerp_chain_``).
 
     ``work``: the dtype of the interpolation's two ops (default the genomes'; ``float32`` for
-    bfloat16 genomes: both ops in float32, rounded once into ``out``; on the CPU the angle's
-    dots are one fused pass too, ``angle_dots``).
+    bfloat16 genomes: both ops in float32, rounded once into ``out``).
     """
     n = a.numel()
     split = n if split is None else int(split)
@@ -87,7 +85,7 @@ def slerp_(
     into_b = out.data_ptr() == b.data_ptr()  # then scale b in place first, never read it after
     fused = kernels.usable(out, a, b) and a.dtype == b.dtype == out.dtype
     upcast = work is not None and work != out.dtype
-    ab, aa, bb = angle_dots(a, b, work)
+    ab, aa, bb = angle_dots(a, b)
     cos = ab / max((aa * bb) ** 0.5, EPS)
     omega = torch.tensor(min(max(cos, -1.0), 1.0), dtype=torch.float64).acos().item()
     sin = torch.tensor(omega, dtype=torch.float64).sin().item()

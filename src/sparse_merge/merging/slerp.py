@@ -41,13 +41,12 @@ class Slerp(MergeMethod):
             ``float32``. ``genome``'s interpolation runs in the genomes' dtype, each op
             rounded, as the M2N2 reference does, or with ``float32`` both ops in float32,
             rounded once; ``tensor`` accumulates in float32 and rounds once either way, as
-            mergekit computes SLERP in float32. With ``float32`` on the CPU the angle's dots
-            are one fused pass (``kernels.dots3``: exact products, float32 sums per 4096
-            entries added in float64, closer to the exact dots than the BLAS sums below):
-            in bfloat16 2.5x faster, 0.71-0.84 of the floor against 0.30-0.37 (``make bench``).
+            mergekit computes SLERP in float32.
 
     The angle's dot products are float32 over chunks summed in float64 (mergekit: float32
-    sums); the interpolation runs in float32 (float64 for float64 inputs) like mergekit's.
+    sums); for bfloat16 models on the CPU one fused pass (``kernels.dots3``: exact products,
+    float32 sums per 4096 entries added in float64, closer to the exact dots than the BLAS
+    sums). The interpolation runs in float32 (float64 for float64 inputs) like mergekit's.
     """
 
     name = "slerp"
@@ -88,8 +87,8 @@ class Slerp(MergeMethod):
         written (one pass reading both models), then one pass reading both and writing ``out``.
         Reaches ~0.6 on one core of a 2-core EPYC in float32 (make bench): the three BLAS dots
         per chunk cost ~1.5 passes (kept as the published results were computed), and the
-        interpolation is one fused pass (``merging.kernels``); bfloat16 ~0.35 (the dots upcast
-        every chunk)."""
+        interpolation is one fused pass (``merging.kernels``); bfloat16 ~0.75 (the dots are
+        one fused pass, ``kernels.dots3``)."""
         return n_models + n_models + 1
 
     def merge_into_(
@@ -109,7 +108,7 @@ class Slerp(MergeMethod):
             return out
         ca, cb = 1.0 - t, t
         if x.numel() > 0:
-            ab, aa, bb = angle_dots(x, y, work_dtype(self.compute_dtype, x.dtype))
+            ab, aa, bb = angle_dots(x, y)
             na, nb = math.sqrt(aa), math.sqrt(bb)
             na, nb = (na if na > self.eps else 1.0), (nb if nb > self.eps else 1.0)
             cos = min(max(ab / (na * nb), -1.0), 1.0)
