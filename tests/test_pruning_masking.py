@@ -1,4 +1,5 @@
 import copy
+import weakref
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from sparse_merge.pruning.importance import (
     WandaImportance,
     lm_labels,
 )
+from sparse_merge.pruning.magnitude import MagnitudePruner
 from sparse_merge.pruning.masking import (
     channel_mask,
     global_masks,
@@ -24,6 +26,8 @@ from sparse_merge.pruning.masking import (
     row_mask,
 )
 from sparse_merge.pruning.scored import ScorePruner
+from sparse_merge.pruning.sparsegpt import SparseGPTPruner
+from sparse_merge.pruning.wanda import WandaPruner
 
 
 def calib(vocab: int, n: int = 4, t: int = 10) -> Calibration:
@@ -233,3 +237,66 @@ def test_long_rows_of_a_pruned_bfloat16_weight_keep_a_stable_sorts_mask(zeros):
     w *= torch.rand(2, n, generator=g) >= zeros
     for k in (1, n // 4, n // 2 - 7, n // 2, n // 2 + 9, 3 * n // 4, n - 1):
         assert torch.equal(keep_smallest_out(w, k), _stable_sort_keep(w, k)), k
+
+
+def _in_place_pruners(model, cal):
+    """Every pruner here, by name (``LayerMasks``)."""
+    return {
+        "magnitude, layer": MagnitudePruner(),
+        "magnitude, row": MagnitudePruner("row"),
+        "magnitude, global": MagnitudePruner("global"),
+        "magnitude, 2:4": MagnitudePruner(nm="2:4"),
+        "random, head": ScorePruner(RandomImportance(), "head"),
+        "wanda importance, channel": ScorePruner(WandaImportance(), "channel"),
+        "wanda": WandaPruner(n_calibration=4, batch_size=2),
+        "wanda, in the loop": WandaPruner(n_calibration=4, batch_size=2).reference([model], cal),
+        "sparsegpt": SparseGPTPruner(n_calibration=4, batch_size=2, block_size=16),
+    }
+
+
+IN_PLACE = [
+    "magnitude, layer", "magnitude, row", "magnitude, global", "magnitude, 2:4", "random, head",
+    "wanda importance, channel", "wanda", "wanda, in the loop", "sparsegpt",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", IN_PLACE)
+def test_pruning_in_place_zeroes_what_prune_zeroes_holding_one_mask_at_a_time(
+    name, tiny_llama, tokenizer
+):
+    """``prune_`` (a search's loop) prunes as ``prune`` does, and keeps no layer's mask once
+    the next is handed over (the global ranking, which makes every mask first, aside)."""
+    cal = calib(len(tokenizer))
+    first, second = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    sparsity = 0.5
+    masks = _in_place_pruners(tiny_llama, cal)[name].prune(first, cal, sparsity)
+    pruning_base.prune_in_place(_in_place_pruners(tiny_llama, cal)[name], second, cal, sparsity)
+    assert all(torch.equal(p, q) for p, q in zip(first.parameters(), second.parameters()))
+    assert all(torch.equal(masks[layer.param_name], layer.parameter != 0)
+               for layer in prunable_layers(first))  # fmt: skip
+    alive = []  # weak references to the masks handed over so far
+
+    def record(param_name: str, keep: torch.Tensor) -> None:
+        if name != "magnitude, global":
+            assert all(ref() is None for ref in alive), "an earlier layer's mask is still held"
+        alive.append(weakref.ref(keep))
+
+    third = copy.deepcopy(tiny_llama)
+    assert _in_place_pruners(tiny_llama, cal)[name]._prune(third, cal, sparsity, record)
+    assert len(alive) == len(prunable_layers(third))
+    assert all(torch.equal(p, q) for p, q in zip(first.parameters(), third.parameters()))
+
+
+def test_a_pruner_without_prune_in_place_is_pruned_with_prune(tiny_llama):
+    calls = []
+
+    class Plain:  # the Pruner protocol alone
+        def prune(self, model, calib, sparsity):
+            calls.append(sparsity)
+            return MagnitudePruner().prune(model, calib, sparsity)
+
+    pruning_base.prune_in_place(Plain(), tiny_llama, None, 0.25)
+    assert calls == [0.25]
+    layers = prunable_layers(tiny_llama)
+    zeros = sum(int((layer.parameter == 0).sum()) for layer in layers)
+    assert zeros == sum(round(0.25 * layer.parameter.numel()) for layer in layers)

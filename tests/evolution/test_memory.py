@@ -159,8 +159,8 @@ def test_pruning_adds_its_working_set_cache_scratch_and_final_copies():
     big = 20 * 10  # the largest prunable layer
     pruner = MagnitudePruner()  # |W| scored one layer at a time, in float32
     parts = pruner_memory(pruner, SHAPE, torch.float32, (8, 8))
-    assert sum(p[1] for p in parts) == 4 * big + N + big * 16
-    # global granularity ranks every layer's scores together
+    assert sum(p[1] for p in parts) == 4 * big + big * 16  # each layer's mask dropped once applied
+    # global granularity ranks every layer's scores together, and makes every mask first
     every = pruner_memory(MagnitudePruner("global"), SHAPE, torch.float32, (8, 8))
     assert sum(p[1] for p in every) == 4 * N + N + N * (4 + 16)
     plan = plan_evolution(

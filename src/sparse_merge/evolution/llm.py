@@ -16,7 +16,7 @@ from sparse_merge.evolution.problem import is_workspace, slots_layer_sparsity, s
 from sparse_merge.merging.base import MergeMethod, Segment, tensor_segments
 from sparse_merge.models.blocks import prunable_layers
 from sparse_merge.models.paramspace import ParamSpace
-from sparse_merge.pruning.base import Calibration, Pruner
+from sparse_merge.pruning.base import Calibration, Pruner, prune_in_place
 from sparse_merge.tasks.suite import TaskSuite
 
 # scores [D] of the live model on the selection split; the default is the suite's own scoring
@@ -159,7 +159,7 @@ class LLMProblem:
         if pruner is None or target <= 0:
             return
         model = self._load(genome)
-        pruner.prune(model, self.calibration, target)
+        prune_in_place(pruner, model, self.calibration, target)  # no keep-masks held
         self.writes += 1
         if not is_workspace(self, genome):
             genome.copy_(self.space.flat)

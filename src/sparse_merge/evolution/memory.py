@@ -407,7 +407,12 @@ def pruner_memory(
     b = dtype.itemsize
     n_prunable, big = shape.prunable, shape.largest_numel
     hidden, inter = shape.hidden_size, shape.intermediate_size
-    masks: Part = ("keep-masks (bool per prunable weight)", n_prunable, "N x 1 B")
+    glob = isinstance(pruner, ScorePruner) and pruner.granularity == "global" and not pruner.nm
+    # a search prunes with ``prune_in_place``: the pruners here drop each layer's keep-mask
+    # once applied (``prune_``; one layer's is in the selection below), except where a global
+    # ranking makes every mask first; another pruner's masks live until ``prune`` returns
+    held = glob or not hasattr(pruner, "prune_")
+    masks = [("keep-masks (bool per prunable weight)", n_prunable, "N x 1 B")] if held else []
     if isinstance(pruner, CalibratedPruner):
         n = min(calibration[0], pruner.n_calibration)
         length, bs = calibration[1], min(pruner.batch_size, n)
@@ -422,7 +427,7 @@ def pruner_memory(
                 bs * length * ((3 * inter + 4 * hidden) * b + 2 * 4 * max(inter, hidden)),
                 f"batch {bs} x T {length} x ((3 x inter + 4 x hidden) x {b} B + float32 inputs)",
             ),
-            masks,
+            *masks,
         ]
         if isinstance(pruner, SparseGPTPruner):
             n_in = max(i for _, i in shape.block)
@@ -462,7 +467,6 @@ def pruner_memory(
             ]
             parts = max(parts, reference, key=lambda ps: sum(p[1] for p in ps))
         return parts
-    glob = isinstance(pruner, ScorePruner) and pruner.granularity == "global" and not pruner.nm
     importance = getattr(pruner, "importance", None)
     if isinstance(pruner, ScorePruner) and pruner.layer_at_a_time:
         scores = (
@@ -474,7 +478,7 @@ def pruner_memory(
         scores = ("importance scores of every prunable layer (float32)", 4 * n_prunable, "N x 4 B")
     parts = [
         scores,
-        masks,
+        *masks,
         (
             "global selection over all layers" if glob else "selection in the largest layer",
             (n_prunable if glob else big) * (4 * glob + SELECT_BYTES),

@@ -149,6 +149,19 @@ def sparsity_accepted(allowed: tuple[float, ...] | None, sparsity: float) -> boo
     return allowed is None or any(abs(sparsity - a) <= SPARSITY_TOLERANCE for a in allowed)
 
 
+def prune_in_place(
+    pruner: Pruner, model: nn.Module, calib: Calibration | None, sparsity: float
+) -> None:
+    """Prune ``model`` in place without keeping the keep-masks: a pruner that can drop each
+    layer's mask once applied says so with ``prune_(model, calib, sparsity)`` (the pruners
+    here, ``masking.LayerMasks``); another's masks are dropped after ``prune``."""
+    in_place = getattr(pruner, "prune_", None)
+    if in_place is None:
+        pruner.prune(model, calib, sparsity)
+    else:
+        in_place(model, calib, sparsity)
+
+
 def uses_calibration(pruner: Pruner | None) -> bool:
     """Whether ``pruner`` needs calibration data (a pruner says so with ``uses_calibration``;
     one that does not say is given them)."""

@@ -38,7 +38,7 @@ from sparse_merge.models.blocks import (
     decoder_blocks,
 )
 from sparse_merge.pruning.base import Calibration
-from sparse_merge.pruning.masking import check_nm_sparsity, nm_sparsities
+from sparse_merge.pruning.masking import LayerMasks, check_nm_sparsity, nm_sparsities
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def take(calib: Calibration, n: int) -> Calibration:
     return calib.head(n)
 
 
-class CalibratedPruner:
+class CalibratedPruner(LayerMasks):
     """What the layer-wise pruners (Wanda, SparseGPT) share: a granularity or an N:M pattern,
     ``n_calibration`` sequences, and the checks made before any layer is touched."""
 

@@ -9,13 +9,14 @@ from torch import nn
 
 from sparse_merge.errors import check_choice, check_fraction
 from sparse_merge.models.blocks import PrunableLayer, head_dim, prunable_layers
-from sparse_merge.pruning.base import Calibration, Masks
+from sparse_merge.pruning.base import Calibration
 from sparse_merge.pruning.importance import Importance
 from sparse_merge.pruning.masking import (
     GRANULARITIES,
+    LayerMasks,
+    Record,
     apply_keep,
     check_nm_sparsity,
-    full_masks,
     global_masks,
     nm_sparsities,
     parse_nm,
@@ -23,7 +24,7 @@ from sparse_merge.pruning.masking import (
 )
 
 
-class ScorePruner:
+class ScorePruner(LayerMasks):
     """Scores every prunable weight with ``importance``, then keeps the highest.
 
     ``granularity``: ``row`` (exactly ``round(sparsity * in)`` pruned per output row),
@@ -77,32 +78,35 @@ class ScorePruner:
             "granularity": pattern,
         }
 
-    def prune(self, model: nn.Module, calib: Calibration | None, sparsity: float) -> Masks:
-        """Zero the lowest-scoring weights in place; returns keep-masks by weight parameter name."""
+    def _prune(
+        self, model: nn.Module, calib: Calibration | None, sparsity: float, record: Record
+    ) -> bool:
+        """Zero the lowest-scoring weights in place, handing each layer's keep-mask to
+        ``record`` (``LayerMasks``)."""
         check_fraction("sparsity", sparsity)
         if self.nm is not None:
             check_nm_sparsity(self.nm, sparsity)
         if sparsity == 0:
-            return full_masks(model, self.prune_router)
+            return False
         layers = prunable_layers(model, self.prune_router)
         if self.granularity == "global" and self.nm is None:
             scores = self.importance.compute(model, calib, layers)  # name -> [out, in]
             keeps = global_masks(scores, sparsity)
             del scores
             with torch.no_grad():
-                return {
-                    layer.param_name: apply_keep(layer, keeps[layer.param_name]) for layer in layers
-                }
+                for layer in layers:
+                    record(layer.param_name, apply_keep(layer, keeps.pop(layer.param_name)))
+            return True
         head = self.granularity == "head"
         dim = head_dim(model) if head else None
-        masks = {}
         for layer, scores in self._scores(model, calib, layers):
             unit = "channel" if head and not layer.is_attention_input else self.granularity
             keep = unit_masks(layer, scores, sparsity, unit, self.nm, dim)
             del scores  # before the next layer's are computed
             with torch.no_grad():
-                masks[layer.param_name] = apply_keep(layer, keep)
-        return masks
+                record(layer.param_name, apply_keep(layer, keep))
+            del keep  # before the next layer's is made
+        return True
 
     def _scores(
         self, model: nn.Module, calib: Calibration | None, layers: list[PrunableLayer]

@@ -28,9 +28,9 @@ from torch import nn
 
 from sparse_merge.errors import check_choice, check_positive
 from sparse_merge.models.blocks import PrunableLayer
-from sparse_merge.pruning.base import Calibration, Masks, keep_smallest_out
+from sparse_merge.pruning.base import Calibration, keep_smallest_out
 from sparse_merge.pruning.layerwise import CalibratedPruner, prune_layerwise, warn_unrouted
-from sparse_merge.pruning.masking import full_masks, parse_nm
+from sparse_merge.pruning.masking import Record, parse_nm
 
 
 class Hessian:
@@ -163,12 +163,14 @@ class SparseGPTPruner(CalibratedPruner):
         return {"method": "sparsegpt", "importance": "obs", "granularity": self.pattern()}
 
     @torch.no_grad()
-    def prune(self, model: nn.Module, calib: Calibration | None, sparsity: float) -> Masks:
-        """Prune and update the kept weights in place; returns keep-masks by weight name."""
+    def _prune(
+        self, model: nn.Module, calib: Calibration | None, sparsity: float, record: Record
+    ) -> bool:
+        """Prune and update the kept weights in place, block by block, handing each layer's
+        keep-mask to ``record`` (``LayerMasks``)."""
         calib = self.calibration(calib, sparsity)
         if sparsity == 0:
-            return full_masks(model, self.prune_router)
-        masks: Masks = {}
+            return False
 
         def new_stat(layer: PrunableLayer) -> Hessian:
             return Hessian(layer.weight.shape[1], layer.weight.device, layer.num_experts)
@@ -187,9 +189,9 @@ class SparseGPTPruner(CalibratedPruner):
                     block_size=self.block_size,
                     dampening=self.dampening,
                 )
-            masks[layer.param_name] = layer.param_layout(keep)
+            record(layer.param_name, layer.param_layout(keep))
 
         prune_layerwise(
             model, calib, self.batch_size, new_stat, prune_layer, "sparsegpt", self.prune_router
         )
-        return masks
+        return True

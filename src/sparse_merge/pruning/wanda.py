@@ -32,7 +32,7 @@ from torch import nn
 
 from sparse_merge.errors import check_choice, check_fraction, check_positive
 from sparse_merge.models.blocks import PrunableLayer, prunable_layers
-from sparse_merge.pruning.base import Calibration, Masks
+from sparse_merge.pruning.base import Calibration
 from sparse_merge.pruning.layerwise import (
     CalibratedPruner,
     prune_layerwise,
@@ -42,8 +42,9 @@ from sparse_merge.pruning.layerwise import (
     warn_unrouted,
 )
 from sparse_merge.pruning.masking import (
+    LayerMasks,
+    Record,
     apply_keep,
-    full_masks,
     nm_sparsities,
     parse_nm,
     unit_masks,
@@ -166,26 +167,28 @@ class WandaPruner(CalibratedPruner):
         return {"method": "wanda", "importance": "wanda", "granularity": self.pattern()}
 
     @torch.no_grad()
-    def prune(self, model: nn.Module, calib: Calibration | None, sparsity: float) -> Masks:
-        """Zero the lowest-scoring weights in place; returns keep-masks by weight parameter name."""
+    def _prune(
+        self, model: nn.Module, calib: Calibration | None, sparsity: float, record: Record
+    ) -> bool:
+        """Zero the lowest-scoring weights in place, block by block, handing each layer's
+        keep-mask to ``record`` (``LayerMasks``)."""
         calib = self.calibration(calib, sparsity)
         if sparsity == 0:
-            return full_masks(model, self.prune_router)
-        masks: Masks = {}
+            return False
 
         def prune_layer(layer: PrunableLayer, stat: ColumnNorms) -> None:
             warn_unrouted(layer, stat.tokens, "their weights are ranked by |W|")
             scores = wanda_scores(layer.weight, stat.norms())
             keep = unit_masks(layer, scores, sparsity, self.granularity, self.nm)
-            masks[layer.param_name] = apply_keep(layer, keep)
+            record(layer.param_name, apply_keep(layer, keep))
 
         prune_layerwise(
             model, calib, self.batch_size, new_norms, prune_layer, "wanda", self.prune_router
         )
-        return masks
+        return True
 
 
-class ReferenceWanda:
+class ReferenceWanda(LayerMasks):
     """Wanda scores ``|W| * ||X_j||`` with fixed input norms (by layer module name), measured
     once on reference models (``WandaPruner.reference``); no calibration pass per call."""
 
@@ -206,16 +209,19 @@ class ReferenceWanda:
         return nm_sparsities(self.nm)
 
     @torch.no_grad()
-    def prune(self, model: nn.Module, calib: Calibration | None, sparsity: float) -> Masks:
-        """Zero the lowest-scoring weights in place; returns keep-masks by weight parameter name."""
+    def _prune(
+        self, model: nn.Module, calib: Calibration | None, sparsity: float, record: Record
+    ) -> bool:
+        """Zero the lowest-scoring weights in place, handing each layer's keep-mask to
+        ``record`` (``LayerMasks``)."""
         check_fraction("sparsity", sparsity)
         if sparsity == 0:
-            return full_masks(model, self.prune_router)
-        masks: Masks = {}
+            return False
         for layer in prunable_layers(model, self.prune_router):
             norms = self.norms[layer.name].to(layer.weight.device)
             keep = unit_masks(
                 layer, wanda_scores(layer.weight, norms), sparsity, self.granularity, self.nm
             )
-            masks[layer.param_name] = apply_keep(layer, keep)
-        return masks
+            record(layer.param_name, apply_keep(layer, keep))
+            del keep  # before the next layer's is made
+        return True
