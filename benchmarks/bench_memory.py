@@ -69,6 +69,7 @@ def _plan(name: str, pop: int, archive: str, run_dir: str, device: str = "cpu"):
         pruner=MagnitudePruner(),
         target=TARGET,
         prune_target="parents",
+        final_prune=True,
         iterations=STEPS,
         eval_batch=BATCH,
         eval_length=LENGTH,

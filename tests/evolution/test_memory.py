@@ -178,14 +178,14 @@ def test_pruning_adds_its_working_set_cache_scratch_and_final_copies():
     )
     rows = {r.what: r for r in plan.rows}
     assert rows["scratch genome (first parent)"].bytes == P * b
+    assert rows["final prune: one member below the target, copied and pruned"].bytes == P * b
     cache = rows["pruning cache (packed keep-masks)"].bytes
     assert cache == 4 * 2 * 125 + 125 + (1 << 24)
     working = max(sum(p[1] for p in parts), _eval_bytes(torch.float32))  # pruning or a batch
     # the search: model, parents, archive, scratch and the cache
     search = (1 + 2 + 8 + 1) * P * b + cache + working
-    # the end: the picks (the members' pruned copies, one at a time, are freed before them);
-    # the scratch and the cache are freed
-    finish = (1 + 2 + 8) * P * b + 2 * P * b + working
+    # the end: one pruned copy at a time and the picks; the scratch and the cache are freed
+    finish = (1 + 2 + 8) * P * b + P * b + 2 * P * b + working
     assert sum(r.bytes for r in plan.rows if r.when is None or "finish" in r.when) == finish
     assert plan.totals()["cpu"] == max(finish, search - cache)
     assert plan.peak("host")[0] == max(finish, search)

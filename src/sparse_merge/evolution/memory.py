@@ -13,8 +13,7 @@ largest sum over one moment, since working sets of different moments never coexi
 * ``evaluate``: one evaluation batch (logits, KV cache, a layer's activations);
 * ``checkpoint``: writing a checkpoint (a host copy of a device archive);
 * ``finish``: the evolver's picks (members below the target are pruned and scored one at a
-  time, each copy freed before the next; the two picks are copies, made after them; the
-  search's scratch genome and pruning cache are freed);
+  time; the two picks are copies; the search's scratch genome and pruning cache are freed);
 * ``report``: the merge pipeline's report (the picks copied again, a pruned parent).
 
 Where the live model runs on the CPU (or MPS), the device and the host are one memory: their
@@ -555,6 +554,7 @@ def plan_evolution(
     pruner: Any = None,
     target: float = 0.5,
     prune_target: str = "parents",
+    final_prune: bool = True,
     iterations: int | None = None,
     calibration_n: int = 128,
     calibration_length: int = 128,
@@ -579,7 +579,9 @@ def plan_evolution(
         n_initial: parent genomes the pipeline keeps on the device; ``base``: a base genome too.
         pruner: the run's pruner (None: no pruning); ``target``: the run's sparsity (0: no
             pruning); ``prune_target``: ``parents`` (a scratch genome stages the first parent),
-            ``child`` or ``none``.
+            ``child`` or ``none``; ``final_prune``: members below the target are copied and
+            pruned at the end (counted for every filled slot: the dense parents always are,
+            children may be).
         iterations: children made (bounds how many slots fill; None: all of them).
         calibration_n, calibration_length: the pruner's calibration sequences and their length.
         eval_batch, eval_length: the largest evaluation batch and its tokens; ``full_logits``:
@@ -709,9 +711,14 @@ def plan_evolution(
             add(dev, f"{moment}: {what}", nbytes, formula, when)
 
     if archive is not None and weights:
-        # the final pruning copies one member below the target at a time and frees it before
-        # the picks are made (``NaturalNiches._finish``): the picks, the second pruned while
-        # the first is held, are the larger of the two
+        if final_prune and pruning:
+            add(
+                home,
+                "final prune: one member below the target, copied and pruned",
+                genome,
+                g,
+                frozenset({"finish"}),
+            )
         add(home, "picks (best, sparse)", 2 * gsize, f"2 x {g}", frozenset({"finish"}) | AFTER)
     if report:
         add(home, "picks copied for the report", 2 * genome, f"2 x {g}", AFTER)
@@ -757,6 +764,7 @@ def evolver_settings(evolver: Any, target: float) -> dict[str, Any]:
         "checkpoint_every": int(getattr(evolver, "checkpoint_every", 0) or 0),
         "iterations": getattr(evolver, "iterations", None),
         "prune_target": getattr(evolver, "prune_target", "parents"),
+        "final_prune": bool(getattr(evolver, "final_prune", False)),
     }
 
 
