@@ -28,3 +28,20 @@ def test_slerp_in_place_into_a_parent_and_parallel_fallback():
     b = 2 * a  # parallel: lerp
     expected = 0.75 * a + 0.25 * b
     assert torch.allclose(slerp_(a, a, b, 0.25), expected)
+
+
+def test_the_child_does_not_depend_on_the_thread_count():
+    """The angle's float32 dots run on one thread: MKL splits a dot between its threads, and
+    the same dot on 1 and 2 threads differs in its last bits from ~10 K entries on."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300_000, generator=g), torch.randn(300_000, generator=g)
+    threads = torch.get_num_threads()
+    children = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            children.append(slerp_(torch.empty_like(a), a, b, 0.3, 100_000))
+            assert torch.get_num_threads() == n  # the caller's count comes back
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(children[0], child) for child in children[1:])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -56,3 +58,20 @@ class Hardware:
         if self.device.startswith("cuda") and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
+
+
+@contextmanager
+def pinned_threads(num_threads: int) -> Iterator[None]:
+    """torch's CPU ops (and its BLAS) on ``num_threads`` intra-op threads inside the block,
+    whatever the caller set (``hardware.num_threads``); the caller's count comes back after.
+    For results that must not depend on the thread count: MKL, for one, splits a dot product
+    between its threads, so its last bits change with their number."""
+    threads = torch.get_num_threads()
+    if threads == num_threads:
+        yield
+        return
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

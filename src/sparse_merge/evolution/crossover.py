@@ -5,12 +5,14 @@ genome, interpolation weight ``w`` before a split point and ``1 - w`` after it).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
 from sparse_merge.errors import check_choice
+from sparse_merge.hardware import pinned_threads
 from sparse_merge.merging import kernels
 from sparse_merge.merging.base import chunk_len, chunks
 
@@ -23,22 +25,26 @@ EPS = 1e-7
 
 def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     """(a.b, |a|^2, |b|^2): float32 dots over chunks of ``DOT_CHUNK``, summed in float64
-    (half-precision genomes are upcast chunk by chunk).
+    (half-precision genomes are upcast chunk by chunk); on the CPU on one thread.
 
-    Kept exactly as the published float32 results were computed (torch's BLAS, these chunks):
-    NumPy's BLAS on smaller chunks is a third faster here but moves the SLERP coefficients in
-    their last bits, and with them every published table."""
+    Kept exactly as the published float32 results were computed (torch's BLAS, these chunks,
+    one thread): NumPy's BLAS on smaller chunks is a third faster here but moves the SLERP
+    coefficients in their last bits, and with them every published table. MKL splits a dot
+    between its threads, so the same dot on 1 and 2 threads differs in its last bits (from
+    ~10 K entries on): on one thread the angle, and with it every child, does not depend on
+    ``hardware.num_threads``."""
     ab = aa = bb = 0.0
     upcast = a.dtype not in (torch.float32, torch.float64)
     if upcast:  # two float32 buffers for all chunks (a fresh pair per chunk page-faults)
         bufs = torch.empty((2, min(a.numel(), DOT_CHUNK)), dtype=torch.float32, device=a.device)
-    for s in range(0, a.numel(), DOT_CHUNK):
-        x, y = a[s : s + DOT_CHUNK], b[s : s + DOT_CHUNK]
-        if upcast:
-            x, y = bufs[0, : x.numel()].copy_(x), bufs[1, : y.numel()].copy_(y)
-        ab += float(torch.dot(x, y))
-        aa += float(torch.dot(x, x))
-        bb += float(torch.dot(y, y))
+    with pinned_threads(1) if a.device.type == "cpu" else contextlib.nullcontext():
+        for s in range(0, a.numel(), DOT_CHUNK):
+            x, y = a[s : s + DOT_CHUNK], b[s : s + DOT_CHUNK]
+            if upcast:
+                x, y = bufs[0, : x.numel()].copy_(x), bufs[1, : y.numel()].copy_(y)
+            ab += float(torch.dot(x, y))
+            aa += float(torch.dot(x, x))
+            bb += float(torch.dot(y, y))
     return ab, aa, bb
 
 

@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from sparse_merge.errors import ConfigError, check_positive
 from sparse_merge.finetune.data import encode_examples
+from sparse_merge.hardware import pinned_threads
 from sparse_merge.models.hf import (
     check_attention_arch,
     load_causal_lm,
@@ -73,16 +74,14 @@ def toy_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **arch: Any) ->
 def pinned_training(num_threads: int, deterministic_algorithms: bool = True) -> Iterator[None]:
     """Train on ``num_threads`` intra-op threads (with torch's deterministic algorithms, warning
     only where an op has none) whatever the caller set; the caller's settings come back after."""
-    threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(num_threads)
-    torch.use_deterministic_algorithms(deterministic_algorithms, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(det, warn_only=warn_only)
-        torch.set_num_threads(threads)
+    with pinned_threads(num_threads):
+        torch.use_deterministic_algorithms(deterministic_algorithms, warn_only=True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(det, warn_only=warn_only)
 
 
 def train_lm(
