@@ -27,11 +27,12 @@ def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     """(a.b, |a|^2, |b|^2): float32 dots over chunks of ``DOT_CHUNK``, summed in float64
     (half-precision genomes are upcast chunk by chunk); on the CPU on one thread.
 
-    Kept exactly as the published float32 results were computed (torch's BLAS, these chunks,
-    one thread): NumPy's BLAS on smaller chunks is a third faster here but moves the SLERP
-    coefficients in their last bits, and with them every published table. MKL splits a dot
-    between its threads, so the same dot on 1 and 2 threads differs in its last bits (from
-    ~10 K entries on): on one thread the angle, and with it every child, does not depend on
+    Kept exactly as the published float32 results were computed (torch's BLAS, these chunks;
+    one thread, as every published run but the SmolLM2 merge, which reruns to the same table):
+    NumPy's BLAS on smaller chunks is a third faster here but moves the SLERP coefficients in
+    their last bits, and with them every published table. MKL splits a dot between its
+    threads, so the same dot on 1 and 2 threads differs in its last bits (from ~10 K entries
+    on): on one thread the angle, and with it every child, does not depend on
     ``hardware.num_threads``."""
     ab = aa = bb = 0.0
     upcast = a.dtype not in (torch.float32, torch.float64)
