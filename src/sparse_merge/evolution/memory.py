@@ -9,7 +9,8 @@ A row is alive during the whole run or only at some *moments*; the peak of a dev
 largest sum over one moment, since working sets of different moments never coexist:
 
 * ``load``: reading the parents (a checkpoint file is memory-mapped while a genome is read);
-* ``prune``: one pruning call (the pruner's scores, masks, calibration activations);
+* ``prune``: one pruning call (the pruner's scores, one layer's keep-mask or, for a global
+  ranking, every layer's, calibration activations);
 * ``evaluate``: one evaluation batch (logits, KV cache, a layer's activations);
 * ``checkpoint``: writing a checkpoint (a host copy of a device archive);
 * ``finish``: the evolver's picks (members below the target are pruned and scored one at a
