@@ -5,7 +5,6 @@ genome, interpolation weight ``w`` before a split point and ``1 - w`` after it).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -38,7 +37,7 @@ def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     upcast = a.dtype not in (torch.float32, torch.float64)
     if upcast:  # two float32 buffers for all chunks (a fresh pair per chunk page-faults)
         bufs = torch.empty((2, min(a.numel(), DOT_CHUNK)), dtype=torch.float32, device=a.device)
-    with pinned_threads(1) if a.device.type == "cpu" else contextlib.nullcontext():
+    with pinned_threads(1):  # torch's CPU threads: no other device's dots change
         for s in range(0, a.numel(), DOT_CHUNK):
             x, y = a[s : s + DOT_CHUNK], b[s : s + DOT_CHUNK]
             if upcast:

@@ -408,7 +408,7 @@ def pruner_memory(
     b = dtype.itemsize
     n_prunable, big = shape.prunable, shape.largest_numel
     hidden, inter = shape.hidden_size, shape.intermediate_size
-    glob = isinstance(pruner, ScorePruner) and pruner.granularity == "global" and not pruner.nm
+    glob = isinstance(pruner, ScorePruner) and pruner.ranks_globally
     # a search prunes with ``prune_in_place``: the pruners here drop each layer's keep-mask
     # once applied (``prune_``; one layer's is in the selection below), except where a global
     # ranking makes every mask first; another pruner's masks live until ``prune`` returns

@@ -19,7 +19,7 @@ over the ``ParamSpace`` slots of the prunable weights): no copy and no model loa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -100,24 +100,34 @@ def count_zeros(w: torch.Tensor, epsilon: float = 0.0) -> int:
     cost of the evolution. Elsewhere (and for non-float dtypes) torch counts."""
     if w.device.type != "cpu" or w.dtype not in SAME_SIZE_INT or w.numel() == 0:
         return int(_near_zeros(w.reshape(-1), epsilon))
-    int_dtype = SAME_SIZE_INT[w.dtype]
-    bits = w.detach().reshape(-1).view(int_dtype).numpy().view(f"u{w.element_size()}")
-    buf = np.empty(min(bits.size, _COUNT_CHUNK), dtype=bits.dtype)
     # torch compares with epsilon rounded to w's dtype: its bits bound the magnitudes' bits
     limit = (
         None
         if epsilon == 0
-        else int(torch.tensor(abs(epsilon), dtype=w.dtype).view(int_dtype)) << 1
+        else int(torch.tensor(abs(epsilon), dtype=w.dtype).view(SAME_SIZE_INT[w.dtype])) << 1
     )
     zeros = 0
-    for s in range(0, bits.size, _COUNT_CHUNK):
-        part = buf[: min(_COUNT_CHUNK, bits.size - s)]
-        np.left_shift(bits[s : s + part.size], 1, out=part)  # the sign shifted out
+    for _, part in magnitude_bits(w, _COUNT_CHUNK):
         if limit is None:
             zeros += part.size - int(np.count_nonzero(part))
         else:
             zeros += int(np.count_nonzero(part <= limit))
     return zeros
+
+
+def magnitude_bits(w: torch.Tensor, piece: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, bits)`` for the pieces of ``w`` (a CPU float tensor, flattened), ``piece``
+    entries each: the bits of ``w[start : start + piece]`` as unsigned integers with the sign
+    shifted out, so that an entry is zero exactly when they are (``-0.0`` included) and
+    magnitudes compare as they do (NaN's above infinity's). One reused buffer (numpy's SIMD
+    shift; its pieces stay in cache): each piece is valid until the next."""
+    bits = w.detach().reshape(-1).view(SAME_SIZE_INT[w.dtype]).numpy()
+    bits = bits.view(f"u{w.element_size()}")
+    buf = np.empty(min(bits.size, piece), dtype=bits.dtype)
+    for s in range(0, bits.size, piece):
+        part = buf[: min(piece, bits.size - s)]
+        np.left_shift(bits[s : s + part.size], 1, out=part)  # the sign shifted out
+        yield s, part
 
 
 def slot_runs(slots: Sequence[Slot]) -> list[tuple[int, int]]:

@@ -17,6 +17,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from sparse_merge.evolution.problem import magnitude_bits
 from sparse_merge.merging.task_arithmetic import SAME_SIZE_INT
 
 CHUNK = 1 << 24  # elements packed or unpacked at a time (a multiple of 8)
@@ -33,12 +34,9 @@ def pack_nonzero(genome: torch.Tensor) -> torch.Tensor:
     parent's cost besides its pruning; ``make bench ARGS=pruning``)."""
     n = genome.numel()
     if genome.device.type == "cpu" and genome.dtype in SAME_SIZE_INT:
-        ints = genome.reshape(-1).view(SAME_SIZE_INT[genome.dtype]).numpy()
-        magnitude = np.iinfo(ints.dtype).max  # every bit but the sign
         out = np.empty(-(-n // 8), np.uint8)
-        for s in range(0, n, PIECE):
-            e = min(s + PIECE, n)
-            out[s // 8 : -(-e // 8)] = np.packbits((ints[s:e] & magnitude) != 0)
+        for s, part in magnitude_bits(genome, PIECE):
+            out[s // 8 : -(-(s + part.size) // 8)] = np.packbits(part != 0)
         return torch.from_numpy(out)
     parts = []
     for s in range(0, n, CHUNK):

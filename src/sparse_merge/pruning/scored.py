@@ -59,11 +59,16 @@ class ScorePruner(LayerMasks):
         return getattr(self.importance, "uses_calibration", True)
 
     @property
+    def ranks_globally(self) -> bool:
+        """Whether one ranking runs over every layer (``global`` granularity without an N:M
+        pattern): every layer's scores, then every layer's mask, before any is applied."""
+        return self.granularity == "global" and self.nm is None
+
+    @property
     def layer_at_a_time(self) -> bool:
         """Whether pruning holds one layer's scores at a time (``_scores``): an importance that
-        scores layers on their own (``each``), without ``global`` ranking across layers."""
-        glob = self.granularity == "global" and self.nm is None
-        return not glob and hasattr(self.importance, "each")
+        scores layers on their own (``each``), without a global ranking."""
+        return not self.ranks_globally and hasattr(self.importance, "each")
 
     def accepted_sparsities(self) -> tuple[float, ...] | None:
         """0 and (M-N)/M with an N:M pattern; ``None`` (any fraction) without one."""
@@ -89,7 +94,7 @@ class ScorePruner(LayerMasks):
         if sparsity == 0:
             return False
         layers = prunable_layers(model, self.prune_router)
-        if self.granularity == "global" and self.nm is None:
+        if self.ranks_globally:
             scores = self.importance.compute(model, calib, layers)  # name -> [out, in]
             keeps = global_masks(scores, sparsity)
             del scores
