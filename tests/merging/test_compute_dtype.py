@@ -14,7 +14,12 @@ rounded once, mergekit's ``dtype: float32`` with a bfloat16 ``out_dtype``.
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -182,6 +187,80 @@ def test_fused_dots_are_the_exact_dots_to_float32_rounding(dtype, monkeypatch):
         assert kernels.part_count(a.numel()) == 3 and kernels.dots3(a, b) == one
     finally:
         torch.set_num_threads(threads)
+
+
+def _dots_in_their_order(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """``kernels.dots3``'s order in NumPy: per block of ``DOT_BLOCK`` entries, 64 float32
+    lanes summed in index order, the lanes in float64 as four vectors of 16 added pairwise
+    and then halved down to one, the block's last entries added after; blocks in order."""
+    x, y = a.float().numpy(), b.float().numpy()
+    lanes, vectors = 64, 4
+    dots = []
+    for p, q in ((x, y), (x, x), (y, y)):
+        products, total = p * q, 0.0  # float32 products
+        for start in range(0, products.size, kernels.DOT_BLOCK):
+            block = products[start : start + kernels.DOT_BLOCK]
+            whole = block.size // lanes * lanes
+            sums = np.zeros(lanes, np.float32)
+            if whole:  # cumsum adds in index order, rounding each sum to float32
+                sums = np.cumsum(block[:whole].reshape(-1, lanes), axis=0, dtype=np.float32)[-1]
+            wide = sums.astype(np.float64).reshape(vectors, -1)
+            v = (wide[0] + wide[1]) + (wide[2] + wide[3])
+            while v.size > 1:
+                v = v[: v.size // 2] + v[v.size // 2 :]
+            block_sum = float(v[0])
+            for product in block[whole:]:
+                block_sum += float(product)
+            total += block_sum
+        dots.append(total)
+    return tuple(dots)
+
+
+def _dots_inputs(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two vectors whose magnitudes span six decades, so that any other order of the sums
+    gives other bits."""
+    g = torch.Generator().manual_seed(n)
+    a, b = (torch.randn(n, generator=g) * torch.rand(n, generator=g).mul(14).exp() for _ in "ab")
+    return a.to(dtype), b.to(dtype)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [63, 64, 5000, 3 * 4096 + 100])
+def test_fused_dots_add_in_one_order(dtype, n, monkeypatch):
+    """The fused dots have one order of additions, which fixes their bits on every CPU (a
+    reduction left to the compiler follows the CPU's vector width) and however the pass is
+    cut into threads."""
+    a, b = _dots_inputs(n, dtype)
+    expected = _dots_in_their_order(a, b)
+    assert kernels.dots3(a, b) == expected
+    monkeypatch.setattr(kernels, "PART_MIN", 1000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert kernels.dots3(a, b) == expected
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_numba
+def test_fused_dots_are_the_same_bits_when_compiled_for_narrower_vectors(tmp_path):
+    """Compiled for a baseline x86-64 CPU (SSE2: four float32 lanes a vector, as ARM's NEON)
+    the fused dots give the AVX-512 build's bits: with the compiler free to reorder the sums,
+    |a|^2 of 16 M bfloat16 entries had differed in its 7th digit."""
+    code = (
+        "import torch; from sparse_merge.merging import kernels; "
+        "from tests.merging.test_compute_dtype import _dots_inputs; "
+        "print(repr(kernels.dots3(*_dots_inputs(100_003, torch.bfloat16))))"
+    )
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    here = kernels.dots3(*_dots_inputs(100_003, torch.bfloat16))
+    assert done.stdout.strip() == repr(here)
 
 
 @needs_numba

@@ -162,15 +162,16 @@ def weighted_sum2_(
     return out
 
 
-DOT_BLOCK = 4096  # entries per float32 partial sum of ``dots3``
+DOT_BLOCK = 4096  # entries per partial sum of ``dots3`` (a multiple of ``_fused.DOT_LANES``)
 
 
 def dots3(a: Tensor, b: Tensor) -> tuple[float, float, float]:
     """``(a.b, |a|^2, |b|^2)`` of two flat float32 or bfloat16 tensors in one pass
-    (``_fused.dots3``): float32 products summed in float32 over blocks of ``DOT_BLOCK``
-    entries, the blocks' sums added in float64 in block order (numpy's pairwise sum), so the
-    result does not depend on how the pass is cut into threads. For bfloat16 every product is
-    exact; the sums are within float32 rounding of ``DOT_BLOCK`` terms, like BLAS's."""
+    (``_fused.dots3``), the same bits on every CPU and however the pass is cut into threads:
+    each block of ``DOT_BLOCK`` entries sums the float32 products of every 64th entry in
+    float32 in index order (64 lanes), its lanes in float64 in a fixed order, and the blocks'
+    sums are added in float64 in block order. For bfloat16 every product is exact; the sums
+    are within float32 rounding of 64 terms."""
     n = a.numel()
     out = np.zeros((-(-n // DOT_BLOCK), 3), np.float64)
     kernel, x, y = _ops().dots3, _array(a), _array(b)
@@ -182,7 +183,7 @@ def dots3(a: Tensor, b: Tensor) -> tuple[float, float, float]:
         ),
         align=DOT_BLOCK,
     )
-    ab, aa, bb = out.sum(axis=0).tolist()
+    ab, aa, bb = _ops().column_sums(out).tolist()
     return ab, aa, bb
 
 
