@@ -12,20 +12,28 @@ import torch
 from sparse_merge.errors import ConfigError, check_choice
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MEMORY_CHECKS = ("refuse", "warn")
 
 
 @dataclass
 class Hardware:
-    """Where models live and in which dtype; ``dtype='auto'`` picks bf16 on CUDA when supported."""
+    """Where models live and in which dtype; ``dtype='auto'`` picks bf16 on CUDA when supported.
+
+    ``memory_check``: what a merge does when its memory plan says the run will not fit
+    (``evolution.memory``): ``refuse`` (stop before loading a model, naming the setting to
+    change) or ``warn`` (log the same message and run anyway: the plan is an upper bound, up
+    to ~20 % above the measured peaks in ``docs/scale.md``, and it cannot see swap)."""
 
     device: str = "cpu"
     dtype: str = "float32"
     num_threads: int = 0  # 0 leaves torch's default
+    memory_check: str = "refuse"
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise ConfigError("device", self.device, "cpu, cuda, cuda:N or mps")
         check_choice("dtype", self.dtype, [*DTYPES, "auto"])
+        check_choice("memory_check", self.memory_check, MEMORY_CHECKS)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(
                 "device", self.device, "cpu here: CUDA is not available on this machine"

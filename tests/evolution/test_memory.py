@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from sparse_merge.errors import ConfigError
+from sparse_merge.evolution import memory
 from sparse_merge.evolution.memory import (
     ModelShape,
     evaluation_memory,
@@ -318,7 +319,53 @@ def test_run_merge_refuses_before_loading_a_model(tmp_path, tokenizer, monkeypat
             run_dir=tmp_path / "run",
         )
     assert info.value.key == "evolver.archive" and "evolver.pop_size" in str(info.value)
+    assert "hardware.memory_check=warn" in str(info.value)
     assert time.perf_counter() - start < 10
+
+
+def test_memory_check_warn_runs_what_the_plan_refuses(tmp_path, tokenizer, monkeypatch, caplog):
+    """``hardware.memory_check=warn``: the plan's refusal is logged and the run goes on to
+    load its model."""
+    config = load_config("smollm2-135m")
+    parents = {}
+    for name in ("a", "b"):
+        config.save_pretrained(tmp_path / name)
+        parents[name] = str(tmp_path / name)
+    tokenizer.save_pretrained(tmp_path / "tok")
+
+    class Loaded(Exception):
+        pass
+
+    def loaded(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(merge, "load_causal_lm", loaded)
+
+    def run(check: str) -> None:
+        merge.run_merge(
+            PretrainedModels("small", parents=parents, tokenizer=str(tmp_path / "tok")),
+            TaskSuite({"addition": AdditionTask(1, 1, n_select=2, n_heldout=2)}),
+            NaturalNiches(pop_size=4, iterations=2, archive="device"),
+            None,
+            Hardware("cpu", "bfloat16", memory_check=check),
+            RunLogger(console=False),
+            seed=0,
+            sparsity=0.5,
+            run_dir=tmp_path / "run",
+        )
+
+    monkeypatch.setattr(memory, "host_available", lambda: 1 << 20)  # 1 MiB free
+    with pytest.raises(ConfigError, match="hardware.memory_check=warn"):
+        run("refuse")
+    with pytest.raises(Loaded), caplog.at_level("WARNING"):
+        run("warn")
+    assert "hardware.memory_check=warn: running anyway" in caplog.text
+    assert "1.0 MiB are free" in caplog.text
+
+
+def test_memory_check_takes_refuse_or_warn():
+    with pytest.raises(ConfigError, match=r"memory_check='ignore' is not allowed.*refuse.*warn"):
+        Hardware(memory_check="ignore")
 
 
 @pytest.mark.parametrize(

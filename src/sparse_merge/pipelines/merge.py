@@ -189,7 +189,16 @@ def run_merge(
         save_models=save_models,
     )
     log.info("%s", plan.format())
-    plan.check()
+    try:
+        plan.check()
+    except ConfigError as refusal:
+        if hardware.memory_check == "refuse":
+            raise ConfigError(
+                refusal.key,
+                refusal.value,
+                f"{refusal.allowed}; or, to run it anyway, hardware.memory_check=warn",
+            ) from None
+        log.warning("%s (hardware.memory_check=warn: running anyway)", refusal)
     model = load_causal_lm(first, device, hardware.torch_dtype)
     space = ParamSpace(model)
     parents = {name: load_genome(space, path).to(space.flat.device) for name, path in paths.items()}
