@@ -50,10 +50,11 @@ def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
 
 def angle_dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     """SLERP's (a.b, |a|^2, |b|^2): ``_dots``; for bfloat16 genomes on the CPU one fused pass
-    instead (``merging.kernels.dots3``: exact products, float32 sums of 64 per lane added in float64
-    in a fixed order, the same bits on every CPU; 4x faster than upcasting every chunk for the BLAS dots, and ~100x closer to the
-    exact dots). Whatever the interpolation's ``compute_dtype``: the angle is a float64 scalar
-    either way, and no published result was computed from bfloat16 dots."""
+    instead (``merging.kernels.dots3``: exact products, float32 sums of 64 per lane added in
+    float64 in a fixed order, the same bits on every CPU; 4x faster than upcasting every chunk
+    for the BLAS dots, and ~100x closer to the exact dots). Whatever the interpolation's
+    ``compute_dtype``: the angle is a float64 scalar either way, and no published result was
+    computed from bfloat16 dots."""
     if a.dtype == b.dtype == torch.bfloat16 and kernels.usable(a, b):
         return kernels.dots3(a, b)
     return _dots(a, b)

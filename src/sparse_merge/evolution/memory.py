@@ -396,6 +396,7 @@ def pruner_memory(
     """
     if hasattr(pruner, "memory"):
         return list(pruner.memory(shape, dtype, calibration))
+    from sparse_merge.pruning.base import holds_every_mask
     from sparse_merge.pruning.importance import (
         GradientImportance,
         TaylorImportance,
@@ -409,10 +410,9 @@ def pruner_memory(
     n_prunable, big = shape.prunable, shape.largest_numel
     hidden, inter = shape.hidden_size, shape.intermediate_size
     glob = isinstance(pruner, ScorePruner) and pruner.ranks_globally
-    # a search prunes with ``prune_in_place``: the pruners here drop each layer's keep-mask
-    # once applied (``prune_``; one layer's is in the selection below), except where a global
-    # ranking makes every mask first; another pruner's masks live until ``prune`` returns
-    held = glob or not hasattr(pruner, "prune_")
+    # a search prunes with ``prune_in_place``: one layer's keep-mask at a time (in the
+    # selection below) unless ``holds_every_mask``
+    held = holds_every_mask(pruner)
     masks = [("keep-masks (bool per prunable weight)", n_prunable, "N x 1 B")] if held else []
     if isinstance(pruner, CalibratedPruner):
         n = min(calibration[0], pruner.n_calibration)

@@ -1028,13 +1028,3 @@ def dots3(a, b, block, out):
             aa += np.float64(u * u)
             bb += np.float64(v * v)
         out[k, 0], out[k, 1], out[k, 2] = ab, aa, bb
-
-
-@jit
-def column_sums(out):
-    """The sums of the three columns of ``out`` (float64 [rows, 3]), each in row order."""
-    total = np.zeros(3)
-    for k in range(out.shape[0]):
-        for d in range(3):
-            total[d] += out[k, d]
-    return total

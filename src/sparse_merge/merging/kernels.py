@@ -183,7 +183,7 @@ def dots3(a: Tensor, b: Tensor) -> tuple[float, float, float]:
         ),
         align=DOT_BLOCK,
     )
-    ab, aa, bb = _ops().column_sums(out).tolist()
+    ab, aa, bb = out.sum(axis=0).tolist()  # down the rows: numpy adds them in row order
     return ab, aa, bb
 
 

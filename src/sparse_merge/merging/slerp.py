@@ -46,7 +46,8 @@ class Slerp(MergeMethod):
     The angle's dot products are float32 over chunks summed in float64 (mergekit: float32
     sums); for bfloat16 models on the CPU one fused pass (``kernels.dots3``: exact products,
     float32 sums of 64 per lane added in float64 in a fixed order, the same bits on every CPU,
-    closer to the exact dots than the BLAS sums). The interpolation runs in float32 (float64 for float64 inputs) like mergekit's.
+    closer to the exact dots than the BLAS sums). The interpolation runs in float32 (float64
+    for float64 inputs) like mergekit's.
     """
 
     name = "slerp"

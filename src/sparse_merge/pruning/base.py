@@ -162,6 +162,13 @@ def prune_in_place(
         in_place(model, calib, sparsity)
 
 
+def holds_every_mask(pruner: Pruner) -> bool:
+    """Whether ``prune_in_place`` still holds every layer's keep-mask at once: the pruner has
+    no ``prune_``, or it ranks every layer together (``ranks_globally``) and so makes every
+    mask before applying one."""
+    return not hasattr(pruner, "prune_") or bool(getattr(pruner, "ranks_globally", False))
+
+
 def uses_calibration(pruner: Pruner | None) -> bool:
     """Whether ``pruner`` needs calibration data (a pruner says so with ``uses_calibration``;
     one that does not say is given them)."""
