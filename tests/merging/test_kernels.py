@@ -110,13 +110,14 @@ def test_bfloat16_interpolation_is_the_vectorised_arithmetic_everywhere():
     "normalize,lambda_", [(False, 1.0), (True, 1.0), (True, 0.9), (False, 1.3)]
 )
 @pytest.mark.parametrize("into", ["third", "base", "x0"])
-def test_task_arithmetic_of_two_matches_the_torch_ops(dtype, normalize, lambda_, into):
+@pytest.mark.parametrize("weights", [(0.3, 0.9), (0.25, 0.75)])  # the second sums to 1
+def test_task_arithmetic_of_two_matches_the_torch_ops(dtype, normalize, lambda_, into, weights):
     method = TaskArithmetic(normalize=normalize, lambda_=lambda_)
 
     def run():
         base, x0, x1 = awkward(dtype, 4), awkward(dtype, 5), awkward(dtype, 6)
         out = {"third": torch.empty_like(base), "base": base, "x0": x0}[into]
-        return method.merge_into_(out, base, [x0, x1], [0.3, 0.9])
+        return method.merge_into_(out, base, [x0, x1], list(weights))
 
     assert same_bits(run(), torch_path(run))
 
