@@ -256,7 +256,7 @@ def _magnitudes_f32(context, builder, signature, args):
 
     def load(k):
         arr = context.make_array(signature.args[k])(context, builder, args[k])
-        return builder.load(builder.gep(arr.data, [args[2]]), align=4, typ=fvec)
+        return _float_vector(context, builder, signature.args[k], arr.data, args[2])
 
     fabs = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(fvec, [fvec]), f"llvm.fabs.v{LANES}f32"
