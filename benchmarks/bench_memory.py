@@ -3,12 +3,15 @@ vs the peak RSS of a real Natural Niches run, per model, population and archive 
 machine with CUDA, also one step of two Qwen2-1.5B-config models in bfloat16 on the GPU per
 storage: step time and peak GPU memory against the plan's.
 
-Each configuration runs in a fresh subprocess, so its peak RSS (``ru_maxrss``) is its own: the
-subprocess imports torch and transformers, measures its idle RSS (the baseline), then builds
+Each configuration runs in a fresh subprocess, so its peak RSS is its own: the subprocess
+imports torch and transformers, measures its idle RSS (the baseline), then builds
 the model from its config with random bfloat16 weights on the CPU, two random parents, and runs
 2 steps of Natural Niches (magnitude pruning of the parents at 50 %, each child scored by one
 forward pass of 2 sequences of 16 tokens through the real model, the archive where the row
-says, a checkpoint at the end). ``measured`` is peak RSS minus the baseline; ``error`` is
+says, a checkpoint at the end). ``measured`` is peak RSS minus the baseline, the peak read
+from Linux's ``VmHWM`` (``finetune.throughput.PeakRss``), not ``ru_maxrss``: a process keeps
+that one across ``exec``, so a configuration launched by ``make bench`` after the engine
+benchmark's SmolLM2 runs read their 6.9 GiB peak as its own. ``error`` is
 (predicted - measured) / measured. A configuration the plan says does not fit in this
 machine's free memory is not run: it is listed as skipped by the plan (which is the feature).
 The GPU rows build the model on the GPU and measure ``torch.cuda.max_memory_allocated`` (what
@@ -81,21 +84,11 @@ def _plan(name: str, pop: int, archive: str, run_dir: str, device: str = "cpu"):
     )
 
 
-def _rss() -> int:
-    """Resident bytes of this process now."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def measure(name: str, pop: int, archive: str, run_dir: str, device: str = "cpu") -> dict:
     """Run one configuration in this process, its model on ``device``; returns baseline and
     peak RSS (bytes), the peak bytes PyTorch allocated on a CUDA device, and the mean seconds
     of a step."""
     import gc
-    import resource
 
     import torch
     import transformers  # noqa: F401  (part of the idle baseline)
@@ -105,6 +98,7 @@ def measure(name: str, pop: int, archive: str, run_dir: str, device: str = "cpu"
     from sparse_merge.evolution.natural_niches import NaturalNiches
     from sparse_merge.evolution.schedules import ConstantSchedule
     from sparse_merge.evolution.scoring import SparsityAwareScorer
+    from sparse_merge.finetune.throughput import PeakRss
     from sparse_merge.models.configs import load_config
     from sparse_merge.models.paramspace import ParamSpace
     from sparse_merge.models.tokenizer import char_tokenizer
@@ -118,7 +112,10 @@ def measure(name: str, pop: int, archive: str, run_dir: str, device: str = "cpu"
     tokenizer = char_tokenizer()
     tasks = TaskSuite({"addition": AdditionTask(1, 1, n_select=BATCH, n_heldout=0)})
     gc.collect()
-    baseline = _rss()
+    rss = PeakRss()
+    rss.start()  # the idle RSS, and the high-water mark reset to it
+    if rss.start_mb is None:
+        raise RuntimeError("no resettable peak RSS (Linux's /proc/self/clear_refs)")
     start = time.perf_counter()
 
     cuda = torch.device(device).type == "cuda"
@@ -157,10 +154,10 @@ def measure(name: str, pop: int, archive: str, run_dir: str, device: str = "cpu"
         logger.close()
         lines = (Path(logs) / "log.jsonl").read_text().splitlines()
     steps = [r["step_s"] for r in map(json.loads, lines) if r.get("event") == "step"]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    rss.stop()
     return {
-        "baseline": baseline,
-        "peak": peak,
+        "baseline": round(rss.start_mb * 2**20),
+        "peak": round(rss.peak_mb * 2**20),
         "device_peak": torch.cuda.max_memory_allocated(device) if cuda else None,
         "step_s": sum(steps) / len(steps),
         "seconds": time.perf_counter() - start,
