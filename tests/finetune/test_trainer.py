@@ -1,6 +1,7 @@
 """The trainer: loss goes down, resuming equals not stopping, accumulation equals a big batch."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from sparse_merge.errors import ConfigError
 from sparse_merge.finetune.lora import LoraAdapter
 from sparse_merge.finetune.settings import FinetuneSettings
+from sparse_merge.finetune.throughput import _status_mb
 from sparse_merge.finetune.trainer import Trainer, cosine_with_warmup
 from sparse_merge.hardware import Hardware
 from sparse_merge.pruning.magnitude import MagnitudePruner
@@ -45,6 +47,19 @@ def test_loss_goes_down(tiny_llama, tokenizer):
     assert result.final_loss == pytest.approx(sum(result.losses[-3:]) / 3)
     assert result.samples == 12 * 16 and result.tokens == 12 * 16 * (7 + 5)
     assert result.samples_per_s > 0 and result.peak_memory_mb > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux counters")
+def test_cpu_peak_memory_is_the_training_loops_own(tiny_llama, tokenizer):
+    """On the CPU the peak is the process's resident size while it trains: a larger peak
+    earlier in the process (an earlier job of a multirun) does not count."""
+    examples = ReversalTask(2, 3, n_select=0, n_heldout=0).train_examples(16, seed=0)
+    _, model = _setup(tiny_llama)
+    before = _status_mb("VmRSS")
+    big = torch.ones(1024 * 2**20 // 4)  # 1 GiB, written, so resident; freed before training
+    del big
+    result = _trainer(steps=2, batch_size=8).train(model, tokenizer, examples)
+    assert 0 < result.peak_memory_mb < before + 512
 
 
 def test_resumed_run_equals_uninterrupted_run(tiny_llama, tokenizer, tmp_path):

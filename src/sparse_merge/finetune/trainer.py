@@ -40,6 +40,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sparse_merge.finetune.data import encode_examples
 from sparse_merge.finetune.settings import FinetuneSettings
+from sparse_merge.finetune.throughput import PeakRss
 from sparse_merge.hardware import Hardware
 from sparse_merge.tasks.base import Example
 from sparse_merge.tracking.io import check_resume_settings, load_checked, save_checked
@@ -62,7 +63,7 @@ class TrainResult:
     samples: int = 0  # examples seen by all processes in this run (resumed steps excluded)
     tokens: int = 0  # non-padding tokens seen by all processes in this run
     seconds: float = 0.0  # wall time of the training loop in this run
-    peak_memory_mb: float = 0.0  # peak CUDA memory allocated, or peak RSS on CPU
+    peak_memory_mb: float = 0.0  # during the loop: CUDA memory allocated, or RSS on CPU
     resumed_from: int = 0  # step the run resumed from (0: fresh)
 
     @property
@@ -110,10 +111,16 @@ def cosine_with_warmup(steps: int, warmup: float):
     return factor
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on ``device``, or this process's peak RSS on CPU (MiB)."""
+def peak_memory_mb(device: torch.device, rss: PeakRss) -> float:
+    """Peak memory of the training loop (MiB): on CUDA the most allocated on ``device`` since
+    its peak was reset, on the CPU this process's peak resident size since ``rss`` started
+    (Linux's ``VmHWM``, reset then). Where it could not be reset, the process's lifetime peak
+    (``ru_maxrss``), which also counts earlier jobs of a multirun and, through ``exec``, the
+    peak of the process that launched this one."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    if rss.peak_mb is not None:
+        return rss.peak_mb
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -219,8 +226,11 @@ class Trainer:
         end = s.steps if stop_at is None else min(stop_at, s.steps)
 
         device = acc.device
+        rss = PeakRss()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        else:
+            rss.start()
         model.train()
         samples = tokens = 0
         bar = tqdm(
@@ -269,6 +279,7 @@ class Trainer:
         if acc.device.type == "cuda":
             torch.cuda.synchronize(acc.device)
         seconds = time.perf_counter() - began
+        rss.stop()
         bar.close()
         counts = acc.reduce(torch.tensor([samples, tokens], device=device), "sum").tolist()
         model.eval()
@@ -280,7 +291,7 @@ class Trainer:
             samples=int(counts[0]),
             tokens=int(counts[1]),
             seconds=seconds,
-            peak_memory_mb=peak_memory_mb(device),
+            peak_memory_mb=peak_memory_mb(device, rss),
             resumed_from=start,
         )
 
