@@ -9,9 +9,9 @@ the model from its config with random bfloat16 weights on the CPU, two random pa
 2 steps of Natural Niches (magnitude pruning of the parents at 50 %, each child scored by one
 forward pass of 2 sequences of 16 tokens through the real model, the archive where the row
 says, a checkpoint at the end). ``measured`` is peak RSS minus the baseline, the peak read
-from Linux's ``VmHWM`` (``finetune.throughput.PeakRss``), not ``ru_maxrss``: a process keeps
-that one across ``exec``, so a configuration launched by ``make bench`` after the engine
-benchmark's SmolLM2 runs read their 6.9 GiB peak as its own. ``error`` is
+from Linux's ``VmHWM`` (``finetune.throughput.PeakRss``), not ``ru_maxrss``, which a process
+keeps across ``exec``: launched by a larger process (``make bench`` runs it after the engine
+benchmark's SmolLM2 runs), a configuration would read that one's peak as its own. ``error`` is
 (predicted - measured) / measured. A configuration the plan says does not fit in this
 machine's free memory is not run: it is listed as skipped by the plan (which is the feature).
 The GPU rows build the model on the GPU and measure ``torch.cuda.max_memory_allocated`` (what
