@@ -396,7 +396,7 @@ def pruner_memory(
     """
     if hasattr(pruner, "memory"):
         return list(pruner.memory(shape, dtype, calibration))
-    from sparse_merge.pruning.base import holds_every_mask
+    from sparse_merge.pruning.base import holds_every_mask, ranks_globally
     from sparse_merge.pruning.importance import (
         GradientImportance,
         TaylorImportance,
@@ -409,7 +409,7 @@ def pruner_memory(
     b = dtype.itemsize
     n_prunable, big = shape.prunable, shape.largest_numel
     hidden, inter = shape.hidden_size, shape.intermediate_size
-    glob = isinstance(pruner, ScorePruner) and pruner.ranks_globally
+    glob = ranks_globally(pruner)
     # a search prunes with ``prune_in_place``: one layer's keep-mask at a time (in the
     # selection below) unless ``holds_every_mask``
     held = holds_every_mask(pruner)

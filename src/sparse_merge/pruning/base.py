@@ -162,11 +162,17 @@ def prune_in_place(
         in_place(model, calib, sparsity)
 
 
+def ranks_globally(pruner: Pruner) -> bool:
+    """Whether ``pruner`` ranks every layer together (a score pruner's ``ranks_globally``;
+    a pruner without that property does not)."""
+    return bool(getattr(pruner, "ranks_globally", False))
+
+
 def holds_every_mask(pruner: Pruner) -> bool:
     """Whether ``prune_in_place`` still holds every layer's keep-mask at once: the pruner has
     no ``prune_``, or it ranks every layer together (``ranks_globally``) and so makes every
     mask before applying one."""
-    return not hasattr(pruner, "prune_") or bool(getattr(pruner, "ranks_globally", False))
+    return not hasattr(pruner, "prune_") or ranks_globally(pruner)
 
 
 def uses_calibration(pruner: Pruner | None) -> bool:
