@@ -67,3 +67,57 @@ def test_sparsegpt_pruner_on_a_model(tiny_llama, tokenizer):
         assert torch.equal(masks[layer.param_name], w != 0)
     with pytest.raises(ValueError, match="calibration"):
         SparseGPTPruner().prune(tiny_llama, None, 0.5)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "row"])
+def test_dead_features_are_pruned_first_whatever_the_activations_scale(granularity):
+    """Input features no calibration token reaches (H_jj = 0) rank first, as the reference's
+    zeroed weights do; neither the mask nor the reconstruction depends on how large the live
+    activations are (with H_jj = 1 in the unscaled Hessian, small inputs left dead weights in
+    and pruned live ones instead)."""
+    dead = torch.arange(0, 32, 4)  # 8 of 32 features never active
+    w = torch.randn(24, 32, generator=torch.Generator().manual_seed(4))
+    results = []
+    for scale in (1.0, 0.01, 100.0):
+        x = correlated_inputs() * scale
+        x[:, dead] = 0
+        pruned = w.clone()
+        keep = sparsegpt_prune_(pruned, x.t() @ x, 0.5, granularity=granularity, block_size=8)
+        results.append((keep, pruned))
+    keep, pruned = results[0]
+    assert not keep[:, dead].any()  # 192 dead weights, 384 pruned: every dead one goes
+    for other_keep, other_pruned in results[1:]:
+        assert torch.equal(other_keep, keep)
+        assert torch.allclose(other_pruned, pruned, rtol=1e-3, atol=1e-5)
+
+
+def test_dead_features_go_smallest_first_when_the_budget_is_short():
+    """Fewer pruned than dead weights: the dead ones go by |w| (an unrouted expert, all dead,
+    is magnitude pruning)."""
+    w = torch.randn(6, 16, generator=torch.Generator().manual_seed(5))
+    h = torch.zeros(16, 16)
+    keep = sparsegpt_prune_(w.clone(), h, 0.5, block_size=16)
+    assert torch.equal(keep, layer_mask(w.abs(), 0.5))
+
+
+def test_nm_needs_whole_groups():
+    with pytest.raises(ValueError, match="input size 10 is not a multiple of M=4"):
+        sparsegpt_prune_(torch.randn(4, 10), torch.eye(10), 0.5, nm=(2, 4), block_size=8)
+
+
+@pytest.mark.parametrize("pruner", ["sparsegpt", "wanda"])
+def test_nm_width_is_refused_before_calibration(pruner, tokenizer):
+    """A weight whose inputs do not fall into whole groups of M is named before any block
+    runs (it used to fail, or with SparseGPT silently over-prune, mid-way)."""
+    from sparse_merge.models.toy import toy_llama
+    from sparse_merge.pruning.wanda import WandaPruner
+
+    model = toy_llama(tokenizer, seed=0, hidden_size=32, intermediate_size=66)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    ids = torch.randint(3, len(tokenizer), (2, 8), generator=torch.Generator().manual_seed(0))
+    calib = Calibration(ids, torch.ones_like(ids))
+    p = SparseGPTPruner(nm="2:4", block_size=16) if pruner == "sparsegpt" else WandaPruner(nm="2:4")
+    with pytest.raises(ValueError, match=r"down_proj.*input size 66 is not a multiple of M=4"):
+        p.prune(model, calib, 0.5)
+    assert calls == []

@@ -36,9 +36,15 @@ from sparse_merge.models.blocks import (
     PrunableLayer,
     block_linears,
     decoder_blocks,
+    prunable_layers,
 )
 from sparse_merge.pruning.base import Calibration
-from sparse_merge.pruning.masking import LayerMasks, check_nm_sparsity, nm_sparsities
+from sparse_merge.pruning.masking import (
+    LayerMasks,
+    check_nm_sparsity,
+    check_nm_width,
+    nm_sparsities,
+)
 
 log = logging.getLogger(__name__)
 
@@ -265,10 +271,15 @@ class CalibratedPruner(LayerMasks):
         """``N:M`` when set, else the granularity (the masks' metadata)."""
         return f"{self.nm[0]}:{self.nm[1]}" if self.nm else self.granularity
 
-    def calibration(self, calib: Calibration | None, sparsity: float) -> Calibration:
-        """Checks ``sparsity`` (and that it fits the N:M pattern) and returns the first
-        ``n_calibration`` sequences of ``calib`` (an error when there are none)."""
+    def calibration(
+        self, model: nn.Module, calib: Calibration | None, sparsity: float
+    ) -> Calibration:
+        """Checks ``sparsity`` (and that it and every prunable weight of ``model`` fit the N:M
+        pattern) and returns the first ``n_calibration`` sequences of ``calib`` (an error when
+        there are none)."""
         check_fraction("sparsity", sparsity)
         if self.nm is not None:
             check_nm_sparsity(self.nm, sparsity)
+            for layer in prunable_layers(model, self.prune_router):
+                check_nm_width(layer.weight.shape[1], *self.nm, layer.name)
         return take(require_calibration(calib, type(self).__name__), self.n_calibration)

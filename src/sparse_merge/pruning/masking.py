@@ -67,11 +67,20 @@ def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep_smallest_out(scores.flatten(), round(sparsity * scores.numel())).view_as(scores)
 
 
+def check_nm_width(d_in: int, n: int, m: int, layer: str = "") -> None:
+    """An error unless ``d_in`` inputs fall into whole groups of M (``layer``: the weight's
+    name, for the message)."""
+    if d_in % m:
+        where = f"{layer}: " if layer else ""
+        raise ValueError(
+            f"{where}input size {d_in} is not a multiple of M={m} for an {n}:{m} pattern"
+        )
+
+
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """N kept (the M - N lowest pruned) in every group of M consecutive inputs of each row."""
     out, d_in = scores.shape
-    if d_in % m:
-        raise ValueError(f"input size {d_in} is not a multiple of M={m} for an {n}:{m} pattern")
+    check_nm_width(d_in, n, m)
     groups = scores.reshape(out, d_in // m, m)  # [out, G, M]
     return keep_smallest_out(groups, m - n).reshape(out, d_in)
 

@@ -9,16 +9,20 @@ through the Cholesky factor of ``H^-1`` (dampened by ``dampening * mean(diag H)`
 Deviation from the reference code, on purpose: the number of weights pruned per block is set
 by cumulative rounding so the layer (or each row) ends with exactly ``round(sparsity * n)``
 zeros; and input features never seen in calibration (``H_jj = 0``) are not zeroed, so no
-weight beyond the mask becomes zero.
+weight beyond the mask becomes zero. Their weights are ranked first for pruning (smallest
+``|w|`` first), where the reference's zeroed weights rank, and their diagonal is set to the live
+features' mean (the reference: 1 on ``2/n X^T X``), so that neither the mask nor the dampening
+depends on the scale of the activations.
 
 Fused MoE experts: every expert has its own Hessian ``X_e^T X_e`` of the inputs it receives
 (the calibration tokens routed to it, ``layerwise``), and each expert's gate, up and down
 projection is pruned and reconstructed as a linear of that shape would be (gate and up share
 their expert's Hessian, as ``gate_proj`` and ``up_proj`` share theirs in a dense MLP). Memory:
 one ``[in, in]`` float32 Hessian per expert and expert parameter of the block being pruned. An
-expert that no calibration token reaches has ``H = 0``; with the dead-feature rule above its
-dampened Hessian is a multiple of the identity, which makes the selection ``|W|`` (magnitude)
-and the update a no-op (with a warning). The router stays dense unless ``prune_router=True``.
+expert that no calibration token reaches has ``H = 0``; with the dead-feature rules above its
+dampened Hessian is a multiple of the identity and its weights rank by ``|W|``, which makes the
+selection magnitude pruning and the update a no-op (with a warning). The router stays dense
+unless ``prune_router=True``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from sparse_merge.errors import check_choice, check_positive
 from sparse_merge.models.blocks import PrunableLayer
 from sparse_merge.pruning.base import Calibration, keep_smallest_out
 from sparse_merge.pruning.layerwise import CalibratedPruner, prune_layerwise, warn_unrouted
-from sparse_merge.pruning.masking import Record, parse_nm
+from sparse_merge.pruning.masking import Record, check_nm_width, parse_nm
 
 
 class Hessian:
@@ -67,6 +71,21 @@ def _cumulative_counts(total: int, n_cols: int, starts: range, block: int) -> li
     return counts
 
 
+def _saliency(w: torch.Tensor, hinv: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """The OBS saliency ``w^2 / [H^-1]_jj^2`` of the weights ``w`` [out, B] of a column block
+    (``hinv`` its [B, B] block), ranked with the columns of ``dead`` features first: their
+    saliency is 0 in the limit ``H_jj -> 0`` (pruning them changes no calibration output), as
+    in the reference, which zeroes them. Among dead weights the smaller ``|w|`` goes first
+    (``-1 / (1 + w^2)``, below every live saliency; in float64, which keeps weights down to
+    ~1e-8 apart), so a layer that no token reaches (an unrouted expert) is pruned by ``|W|``."""
+    score = w.pow(2) / torch.diag(hinv)[None, :].pow(2)
+    if not dead.any():
+        return score
+    score = score.double()
+    dead_score = -torch.reciprocal(1.0 + w.double().pow(2))
+    return torch.where(dead[None, :], dead_score, score)
+
+
 @torch.no_grad()
 def sparsegpt_prune_(
     w: torch.Tensor,
@@ -82,10 +101,16 @@ def sparsegpt_prune_(
     keep-mask [out, in]. ``granularity``: ``layer`` (blocks compared over all rows) or ``row``
     (the same number pruned in every row)."""
     out, n_in = w.shape
+    if nm is not None:
+        check_nm_width(n_in, *nm)
     work = w.float().clone()  # [out, in]
     h = h.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    diag = torch.diag(h)
+    dead = diag == 0  # [in]: features no calibration token reached
+    # A dead feature is decoupled from the others; its diagonal takes the live features' mean,
+    # so the dampening (a multiple of the mean diagonal) does not depend on the activations'
+    # scale, as it would with a constant (the reference sets 1 on its 2/n-scaled Hessian).
+    h[dead, dead] = diag[~dead].mean() if not dead.all() else 1.0
     h += dampening * torch.mean(torch.diag(h)) * torch.eye(n_in, device=h.device)
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -107,7 +132,7 @@ def sparsegpt_prune_(
         hinv1 = hinv[i1:i2, i1:i2]  # [B, B]
         mask1 = torch.zeros_like(w1, dtype=torch.bool)
         if nm is None:
-            score = w1.pow(2) / torch.diag(hinv1)[None, :].pow(2)  # [out, B]
+            score = _saliency(w1, hinv1, dead[i1:i2])  # [out, B]
             if granularity == "row":
                 mask1 = ~keep_smallest_out(score, counts[b])
             else:
@@ -116,7 +141,8 @@ def sparsegpt_prune_(
             col = w1[:, i]  # [out]
             d = hinv1[i, i]
             if nm is not None and i % nm[1] == 0:
-                score = w1[:, i : i + nm[1]].pow(2) / torch.diag(hinv1)[i : i + nm[1]].pow(2)
+                group = slice(i, i + nm[1])
+                score = _saliency(w1[:, group], hinv1[group, group], dead[i1:i2][group])
                 mask1[:, i : i + nm[1]] = ~keep_smallest_out(score, nm[1] - nm[0])
             q = col.masked_fill(mask1[:, i], 0.0)
             q1[:, i] = q
@@ -168,7 +194,7 @@ class SparseGPTPruner(CalibratedPruner):
     ) -> bool:
         """Prune and update the kept weights in place, block by block, handing each layer's
         keep-mask to ``record`` (``LayerMasks``)."""
-        calib = self.calibration(calib, sparsity)
+        calib = self.calibration(model, calib, sparsity)
         if sparsity == 0:
             return False
 

@@ -172,7 +172,7 @@ class WandaPruner(CalibratedPruner):
     ) -> bool:
         """Zero the lowest-scoring weights in place, block by block, handing each layer's
         keep-mask to ``record`` (``LayerMasks``)."""
-        calib = self.calibration(calib, sparsity)
+        calib = self.calibration(model, calib, sparsity)
         if sparsity == 0:
             return False
 
