@@ -178,3 +178,23 @@ def test_stats_and_plots(tmp_path, tiny_llama):
     paths = plot_mask_stats(stats, tmp_path, "tiny")
     assert [p.name for p in paths] == ["sparsity_histogram.png", "sparsity_by_layer.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+def test_every_sparsity_has_its_own_mask_folder(tmp_path):
+    """Rounded to whole percents, 0.5 and 0.504 (or 0 and 0.005) shared a folder, and saving
+    the second set replaced the first."""
+    sparsities = (0.0, 0.005, 0.05, 0.1, 0.12, 0.125, 0.3, 0.5, 0.504, 0.7, 0.9)
+    names = [mask_dir(tmp_path, "m", s, "wanda").name for s in sparsities]
+    assert len(set(names)) == len(sparsities)
+    assert names[:4] == [
+        "sparsity00_wanda",
+        "sparsity00.5_wanda",
+        "sparsity05_wanda",
+        "sparsity10_wanda",
+    ]
+    assert names[5:9] == [
+        "sparsity12.5_wanda",
+        "sparsity30_wanda",
+        "sparsity50_wanda",
+        "sparsity50.4_wanda",
+    ]

@@ -61,9 +61,21 @@ METADATA_FIELDS = (
 
 
 def mask_dir(root: str | Path, model: str, sparsity: float, method: str) -> Path:
-    """``<root>/<model>/sparsity<percent>_<method>``, e.g. ``masks/toy-llama/sparsity50_wanda``."""
+    """``<root>/<model>/sparsity<percent>_<method>``, e.g. ``masks/toy-llama/sparsity50_wanda``;
+    a percent that is not whole keeps its decimals (``sparsity50.4_wanda``, ``sparsity00.5_``),
+    so that two sparsities never share a folder (rounded, 0.5 and 0.504 did, and the second
+    set replaced the first)."""
     safe_model = str(model).replace("/", "--")
-    return Path(root) / safe_model / f"sparsity{round(sparsity * 100):02d}_{method}"
+    return Path(root) / safe_model / f"sparsity{_percent(sparsity)}_{method}"
+
+
+def _percent(sparsity: float) -> str:
+    """``sparsity`` in percent, two digits at least: ``50``, ``05``, ``12.5``, ``00.5``."""
+    percent = sparsity * 100
+    whole = round(percent)
+    if math.isclose(percent, whole, rel_tol=0.0, abs_tol=1e-9):
+        return f"{whole:02d}"
+    return ("0" if percent < 10 else "") + format(percent, ".6g")
 
 
 @torch.no_grad()
