@@ -1,6 +1,7 @@
 """The trainer: loss goes down, resuming equals not stopping, accumulation equals a big batch."""
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,68 @@ def test_resumed_run_equals_uninterrupted_run(tiny_llama, tokenizer, tmp_path):
     assert second.losses == done.losses
     a, b = _trainable(full), _trainable(resumed)
     assert all(torch.equal(a[n], b[n]) for n in a)
+    # the counts are the whole run's, not the steps after the resume only
+    assert (second.samples, second.tokens) == (done.samples, done.tokens)
+    assert second.seconds > first.seconds > 0
+    # a finished run resumed again trains nothing and reports what the run measured
+    _, again = _setup(tiny_llama)
+    third = _trainer(tmp_path / "b", **kw).train(again, tokenizer, examples, resume=True)
+    assert (third.steps, third.samples, third.tokens) == (6, done.samples, done.tokens)
+    assert third.seconds == pytest.approx(second.seconds, rel=0.2)
+    assert third.samples_per_s == pytest.approx(second.samples_per_s, rel=0.2)
+
+
+def test_fp16_loss_scale_is_resumed(tiny_llama, tokenizer, tmp_path):
+    """The fp16 loss scale (and its growth tracker) is part of the checkpoint, and the schedule
+    does not advance on a step the scaler skipped: a resumed run continues exactly. Accelerate
+    builds its GradScaler on CUDA only, so here the trainer's Accelerator is given a CPU one
+    (float32 compute; a scale of 2^127 overflows, so the first steps are skipped; no clipping,
+    which Accelerate unscales for only under its own fp16 setting)."""
+    examples = ReversalTask(2, 3, n_select=0, n_heldout=0).train_examples(80, seed=0)
+    kw = dict(steps=8, batch_size=8, checkpoint_every=2, lr=1e-2, max_grad_norm=0)
+
+    def trainer(folder):
+        t = _trainer(folder, **kw)
+        t.accelerator.native_amp = True
+        t.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+        return t
+
+    _, full = _setup(tiny_llama)
+    uninterrupted = trainer(tmp_path / "a")
+    done = uninterrupted.train(full, tokenizer, examples)
+    skipped = 127 - math.log2(uninterrupted.accelerator.scaler.get_scale())
+    assert 0 < skipped < 8  # steps were skipped, and steps were taken
+    _, part = _setup(tiny_llama)
+    trainer(tmp_path / "b").train(part, tokenizer, examples, stop_at=4)
+    _, resumed = _setup(tiny_llama)
+    second = trainer(tmp_path / "b").train(resumed, tokenizer, examples, resume=True)
+    assert second.losses == done.losses
+    a, b = _trainable(full), _trainable(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_logged_learning_rate_is_the_one_each_step_used(tiny_llama, tokenizer):
+    class Logs:
+        def __init__(self):
+            self.lr = {}
+
+        def log(self, metrics, step):
+            self.lr[step] = metrics["train/lr"]
+
+    examples = ReversalTask(2, 3, n_select=0, n_heldout=0).train_examples(40, seed=0)
+    settings = FinetuneSettings(steps=5, batch_size=8, lr=1.0, warmup=0.4, log_every=1)
+    logs = Logs()
+    _, model = _setup(tiny_llama)
+    Trainer(settings, Hardware(), logs, seed=3).train(model, tokenizer, examples)
+    factor = cosine_with_warmup(5, 0.4)
+    assert logs.lr == {k + 1: pytest.approx(factor(k)) for k in range(5)}  # 0.5, 1, 1, .75, .25
+
+
+def test_fp16_on_the_cpu_is_refused():
+    """Accelerate has no float16 autocast on the CPU; it trained in float32 under that name."""
+    with pytest.raises(ConfigError) as err:
+        Trainer(FinetuneSettings(mixed_precision="fp16"), Hardware())
+    assert err.value.key == "finetune.mixed_precision"
 
 
 def test_accumulation_equals_one_big_batch(tiny_llama, tokenizer):

@@ -3,8 +3,9 @@
 ``quantize_nf4`` is pure torch, so the quantised path runs and is tested on CPU and on GPUs
 alike; it uses the NF4 levels and block-wise absmax scaling of bitsandbytes' ``nf4`` type but
 not its fused kernels (``NF4Linear`` dequantises the whole weight each forward). Not
-implemented here: QLoRA's double quantisation of the block scales (scales stay in fp32, 0.5 bit
-per weight more than bitsandbytes with double quant).
+implemented here: QLoRA's double quantisation of the block scales (scales stay in fp32: 32 bits
+per 64 weights, 0.5 bit per weight, where double quantisation takes ~0.127, 8/64 + 32/(64 * 256):
+~0.37 bit per weight more).
 """
 
 from __future__ import annotations

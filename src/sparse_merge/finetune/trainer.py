@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from sparse_merge.errors import ConfigError
 from sparse_merge.finetune.data import encode_examples
 from sparse_merge.finetune.settings import FinetuneSettings
 from sparse_merge.finetune.throughput import PeakRss
@@ -55,14 +56,17 @@ NOT_SHAPING = ("log_every", "checkpoint_every")
 
 @dataclass
 class TrainResult:
-    """What a training run measured (throughput over this process's run, all processes summed)."""
+    """What a training run measured, all processes summed. A resumed run counts every step
+    since the run began: the checkpoint carries the counts, loop seconds and peak memory of the
+    steps before it, so its throughput is that of the whole run (a finished run resumed again
+    reports what it reported), not of the steps after the resume alone."""
 
     steps: int
     final_loss: float  # mean loss of the last ``log_every`` steps
     losses: list[float] = field(default_factory=list)  # per optimiser step
-    samples: int = 0  # examples seen by all processes in this run (resumed steps excluded)
-    tokens: int = 0  # non-padding tokens seen by all processes in this run
-    seconds: float = 0.0  # wall time of the training loop in this run
+    samples: int = 0  # examples seen by all processes
+    tokens: int = 0  # non-padding tokens seen by all processes
+    seconds: float = 0.0  # wall time of the training loop (of each part of a resumed run)
     peak_memory_mb: float = 0.0  # during the loop: CUDA memory allocated, or RSS on CPU
     resumed_from: int = 0  # step the run resumed from (0: fresh)
 
@@ -89,8 +93,27 @@ class TrainResult:
         }
 
 
+@dataclass
+class _Totals:
+    """What the training loop has measured so far (see ``TrainResult``)."""
+
+    samples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+
+
 def resolve_precision(setting: str, hardware: Hardware) -> str:
-    """Accelerate's ``mixed_precision``: ``auto`` is bf16 on a CUDA device with bf16, else no."""
+    """Accelerate's ``mixed_precision``: ``auto`` is bf16 on a CUDA device with bf16, else no.
+    ``fp16`` on the CPU is refused: Accelerate has no float16 autocast there and would train
+    in float32 under that name."""
+    if setting == "fp16" and hardware.device == "cpu":
+        raise ConfigError(
+            "finetune.mixed_precision",
+            setting,
+            "bf16, no or auto on the CPU (Accelerate has no float16 autocast there: it would "
+            "train in float32)",
+        )
     if setting != "auto":
         return setting
     if hardware.device.startswith("cuda") and torch.cuda.is_bf16_supported():
@@ -220,9 +243,9 @@ class Trainer:
             optimizer, cosine_with_warmup(s.steps, s.warmup)
         )
         model, optimizer = acc.prepare(model, optimizer)
-        start, losses = 0, []
+        start, losses, before = 0, [], _Totals()
         if resume:
-            start, losses = self._load(model, optimizer, schedule)
+            start, losses, before = self._load(model, optimizer, schedule)
         end = s.steps if stop_at is None else min(stop_at, s.steps)
 
         device = acc.device
@@ -258,8 +281,10 @@ class Trainer:
                 tokens += int(batch["attention_mask"].sum())
             if s.max_grad_norm > 0:
                 acc.clip_grad_norm_(params, s.max_grad_norm)
+            lr = schedule.get_last_lr()[0]  # the rate this step uses
             optimizer.step()
-            schedule.step()
+            if not acc.optimizer_step_was_skipped:  # fp16: the scaler skips a step on inf/NaN
+                schedule.step()
             optimizer.zero_grad(set_to_none=True)
             loss_mean = float(acc.reduce(torch.tensor(step_loss, device=device), "mean"))
             losses.append(loss_mean)
@@ -270,29 +295,43 @@ class Trainer:
                 self.logger.log(
                     {
                         "train/loss": sum(recent) / len(recent),
-                        "train/lr": schedule.get_last_lr()[0],
+                        "train/lr": lr,
                     },
                     step=done,
                 )
             if s.checkpoint_every and (done % s.checkpoint_every == 0 or done == end):
-                self._save(model, optimizer, schedule, done, losses)
+                totals = self._totals(before, samples, tokens, began, rss, ran=True)
+                self._save(model, optimizer, schedule, done, losses, totals)
         if acc.device.type == "cuda":
             torch.cuda.synchronize(acc.device)
-        seconds = time.perf_counter() - began
-        rss.stop()
+        totals = self._totals(before, samples, tokens, began, rss, ran=end > start)
         bar.close()
-        counts = acc.reduce(torch.tensor([samples, tokens], device=device), "sum").tolist()
         model.eval()
         recent = losses[-s.log_every :] or [float("nan")]
         return TrainResult(
             steps=len(losses),
             final_loss=sum(recent) / len(recent),
             losses=losses,
-            samples=int(counts[0]),
-            tokens=int(counts[1]),
-            seconds=seconds,
-            peak_memory_mb=peak_memory_mb(device, rss),
+            **asdict(totals),
             resumed_from=start,
+        )
+
+    def _totals(
+        self, before: _Totals, samples: int, tokens: int, began: float, rss: PeakRss, ran: bool
+    ) -> _Totals:
+        """``before`` (the steps a resume continues) plus this loop's counts (summed over the
+        processes: every process calls this), seconds and peak memory so far; ``ran``: whether
+        this loop trained a step (a finished run resumed again adds nothing)."""
+        seconds = time.perf_counter() - began
+        rss.stop()  # reads the high-water mark so far
+        device = self.accelerator.device
+        counts = self.accelerator.reduce(torch.tensor([samples, tokens], device=device), "sum")
+        peak = peak_memory_mb(device, rss) if ran else 0.0
+        return _Totals(
+            samples=before.samples + int(counts[0]),
+            tokens=before.tokens + int(counts[1]),
+            seconds=before.seconds + (seconds if ran else 0.0),
+            peak_memory_mb=max(before.peak_memory_mb, peak),
         )
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -303,14 +342,19 @@ class Trainer:
         inner = self.unwrap(model)
         return {n: p.detach().cpu() for n, p in inner.named_parameters() if p.requires_grad}
 
-    def _save(self, model, optimizer, schedule, step: int, losses: list[float]) -> None:
+    def _save(
+        self, model, optimizer, schedule, step: int, losses: list[float], totals: _Totals
+    ) -> None:
         """One checkpoint file written atomically by the main process (all ranks agree on it)."""
         if self.checkpoint_dir is None:
             return
         if self.accelerator.is_main_process:
+            scaler = self.accelerator.scaler  # fp16 on CUDA: the loss scale and its tracker
             state = {
                 "step": step,
                 "losses": losses,
+                "totals": asdict(totals),
+                "scaler": scaler.state_dict() if scaler is not None else None,
                 "trainable": self._trainable_state(model),
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
@@ -352,12 +396,13 @@ class Trainer:
             )
         self._resume_state = state
 
-    def _load(self, model, optimizer, schedule) -> tuple[int, list[float]]:
-        """Restore the last checkpoint, if any; returns (step, losses so far)."""
+    def _load(self, model, optimizer, schedule) -> tuple[int, list[float], _Totals]:
+        """Restore the last checkpoint, if any; returns (step, losses so far, what the steps so
+        far measured)."""
         self.check_resume()
         state, self._resume_state = self._resume_state, None
         if not state:
-            return 0, []
+            return 0, [], _Totals()
         params = {n: p for n, p in self.unwrap(model).named_parameters() if p.requires_grad}
         saved = state["trainable"]
         wrong = sorted(params.keys() ^ saved.keys()) or [
@@ -376,8 +421,13 @@ class Trainer:
                 params[name].copy_(tensor)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        scaler = self.accelerator.scaler
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         if self.accelerator.process_index == 0:
             torch.set_rng_state(state["rng"])
             if state["cuda_rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
-        return int(state["step"]), list(state["losses"])
+        # an older checkpoint has no totals: the result then counts the steps after it only
+        totals = _Totals(**state.get("totals", {}))
+        return int(state["step"]), list(state["losses"]), totals
