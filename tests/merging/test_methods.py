@@ -53,7 +53,24 @@ def test_matches_mergekit(case):
     rng = None if case["seed"] is None else gen(case["seed"])  # mergekit: torch.manual_seed
     out = method.merge_tensor(base, models, case["weights"], rng)
     assert out.dtype == case["output"].dtype and out.shape == case["output"].shape
-    torch.testing.assert_close(out, case["output"], rtol=0, atol=1e-6)
+    if case["cls"] == "Slerp":  # the angle's dots are summed in float64 (docs/merging.md)
+        torch.testing.assert_close(out, case["output"], rtol=0, atol=1e-6)
+    else:  # bit for bit
+        assert torch.equal(out, case["output"])
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in REFERENCE["cases"] if c["cls"] == "TaskArithmetic" and len(c["weights"]) > 2],
+    ids=lambda c: c["label"],
+)
+def test_matches_mergekit_on_the_torch_path(case, monkeypatch):
+    """More than two models, and any device but the CPU, take the op-by-op torch path; this
+    runs every case of three or more models there."""
+    from sparse_merge.merging import kernels
+
+    monkeypatch.setattr(kernels, "usable", lambda *tensors: False)
+    test_matches_mergekit(case)
 
 
 # --- linear ---------------------------------------------------------------------------------
@@ -103,6 +120,17 @@ def test_slerp_falls_back_to_lerp_when_nearly_parallel():
     torch.testing.assert_close(curved.norm(), torch.tensor(1.0))  # on the unit circle
     x = t([1, 2, 3])
     torch.testing.assert_close(Slerp().merge_tensor(None, [x, 2 * x], [0.5, 0.5], None), 1.5 * x)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("granularity", ["tensor", "genome"])
+def test_slerp_of_a_tensor_holding_nan_or_inf_is_nan(bad, granularity):
+    """The angle is undefined: every entry is NaN, as mergekit gives (the per-tensor form used
+    to fall back to a linear interpolation that hid it)."""
+    a, b = torch.randn(4, 8, generator=gen(0)), torch.randn(4, 8, generator=gen(1))
+    a[0, 0] = bad
+    out = Slerp(granularity=granularity).merge_tensor(None, [a, b], [0.7, 0.3], None)
+    assert torch.isnan(out).all()
 
 
 def test_slerp_angle_per_tensor_differs_from_one_per_genome():

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from sparse_merge.merging.base import MergeMethod, Segment
 
 DOT_CHUNK = 1 << 20  # elements per BLAS dot: short float32 sums, accumulated in float64
-EPS = 1e-7
+EPS = 1e-7  # the smallest norm product the angle divides by
+PARALLEL = 1e-6  # sin(angle) at or below it: linear interpolation, as the reference's `> 1e-6`
 
 
 def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
@@ -98,7 +99,7 @@ def slerp_(
     sin = torch.tensor(omega, dtype=torch.float64).sin().item()
 
     def coeffs(t: float) -> tuple[float, float]:
-        if sin < EPS:  # parallel: slerp degenerates to lerp
+        if sin <= PARALLEL:  # parallel: slerp degenerates to lerp
             return 1.0 - t, t
         ca = torch.tensor((1.0 - t) * omega, dtype=torch.float64).sin().item() / sin
         cb = torch.tensor(t * omega, dtype=torch.float64).sin().item() / sin
@@ -148,7 +149,9 @@ class Crossover:
             mutation and pruning only). Methods that work on task vectors (TIES, DARE, ...)
             get the problem's base model.
         split: draw a split point ``k ~ U{0..P}``; the weights are reversed after it
-            (``t = w`` on ``[:k]``, ``1 - w`` on ``[k:]`` for two parents, as in M2N2).
+            (``t = w`` on ``[:k]``, ``1 - w`` on ``[k:]`` for two parents, as in M2N2; the
+            reference draws ``k ~ U{0..P-1}``, which never leaves the weights unreversed:
+            a difference of one value in ``P + 1``, kept so that published runs reproduce).
 
     The M2N2 default (``slerp_split``) is ``Crossover(Slerp(granularity="genome"), split=True)``:
     one SLERP angle over the whole genome, as in the M2N2 reference code. The names

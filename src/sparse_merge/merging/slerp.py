@@ -33,8 +33,8 @@ class Slerp(MergeMethod):
             vectors are normalised for the angle; linear interpolation when
             ``|cos| > dot_threshold``); ``genome``: one angle over the whole genome, the M2N2
             reference's variant (``sparse_merge.evolution.crossover.slerp_``, which falls back
-            to linear interpolation only when ``sin`` of the angle is below 1e-7, and ignores
-            ``dot_threshold`` and ``eps``). Segments only matter for ``tensor``.
+            to linear interpolation only when ``sin`` of the angle is at most 1e-6, as the
+            reference does, and ignores ``dot_threshold`` and ``eps``). Segments only matter for ``tensor``.
         dot_threshold: ``|cos|`` above which a tensor is interpolated linearly, in [0, 1).
         eps: norms at or below it count as 1 (zero tensors), > 0.
         compute_dtype: for bfloat16 and float16 models, ``input`` (the default) or
@@ -113,7 +113,9 @@ class Slerp(MergeMethod):
             na, nb = math.sqrt(aa), math.sqrt(bb)
             na, nb = (na if na > self.eps else 1.0), (nb if nb > self.eps else 1.0)
             cos = min(max(ab / (na * nb), -1.0), 1.0)
-            if abs(cos) <= self.dot_threshold:
+            if math.isnan(cos):  # a NaN or infinity in either tensor: NaN, as mergekit gives
+                ca = cb = math.nan
+            elif abs(cos) <= self.dot_threshold:
                 theta = math.acos(cos)
                 ca = math.sin((1.0 - t) * theta) / math.sin(theta)
                 cb = math.sin(t * theta) / math.sin(theta)

@@ -11,7 +11,9 @@ base.
 The merge streams (``merging.base``): what a sparsification needs from the whole tensor (the
 top-k thresholds of ``|d_i|``, DELLA's per-row ranks, the L1 norms of ``rescale``) is found in
 a first pass over its chunks, the random keep masks drawn in mergekit's order and kept as bits;
-a second pass merges chunk by chunk into the output, with mergekit's arithmetic, bit for bit.
+a second pass merges chunk by chunk into the output, with mergekit's arithmetic, bit for bit
+(but for the L1 norms of a tensor past one chunk: float32 per chunk, added in float64, where
+mergekit sums the whole tensor in float32; ``docs/merging.md``).
 The selection and sorting run in numpy on integer views of the floats (SIMD sorts and
 partitions, an order of magnitude faster than torch's on the CPU). For two models of one
 dtype on the CPU, TIES, Model Breadcrumbs and DARE with counter draws (``draws="counter"``)
@@ -532,8 +534,10 @@ class TaskArithmetic(MergeMethod):
         sparsification: how each task vector is thinned before merging, per tensor:
             ``none``; ``magnitude`` (TIES: keep the ``k = max(1, int(density * numel))``
             largest ``|d|``); ``random`` (DARE: keep each entry with probability ``density``);
-            ``magnitude_outliers`` (Model Breadcrumbs: drop the ``int(gamma * numel)``
-            largest ``|d|`` and the smallest, keeping ``int(density * numel)``);
+            ``magnitude_outliers`` (Model Breadcrumbs: keep the ``int(density * numel)``
+            ``|d|`` just below the ``int(gamma * numel)`` largest, fewer of those dropped
+            where both do not fit: ranks ``[b, b + int(density * numel))``,
+            ``b = max(0, numel - int(density * numel) - int(gamma * numel))``);
             ``rank_magnitude`` (DELLA: keep with probability rising linearly with the rank of
             ``|d|`` in its row, from ``density - epsilon`` to ``density + epsilon``).
         consensus: ``none``; ``sum`` (TIES: per element, the sign of the weighted sum of the
@@ -725,6 +729,8 @@ class TaskArithmetic(MergeMethod):
         d = self.scratch("deltas", (n_models, size), work, base.device)  # [N, C]
         a = self.scratch("abs", (n_models, size), work, base.device)  # [N, C] |d|, keep mask
         k, k2, votes, divisor = self.scratch("rows", (4, size), work, base.device)  # [C] each
+        if self.consensus != "none" and self.normalize:  # [N, C] w_i keep_i
+            weighted = self.scratch("weighted_keep", (n_models, size), work, base.device)
         abs_needed = any(p.needs_abs for p in plans)
         for s, e in bounds:
             c = e - s
@@ -744,8 +750,10 @@ class TaskArithmetic(MergeMethod):
                     _sum_rows(torch.sign(dc, out=ac), mixed)
                 sign = mixed.ge_(0).mul_(2).sub_(1)  # [c] elected sign, +1 on a tie
                 keep = torch.mul(dc, sign, out=ac).gt_(0)  # [N, c] 1.0 where d_i has that sign
-                if self.normalize:  # sum_i w_i keep_i, as one small matmul
-                    div = torch.mm(w.view(1, n_models), keep, out=divisor[:c].view(1, c))[0]
+                if self.normalize:  # sum_i w_i keep_i, summed as mergekit sums it (a matmul
+                    # adds in another order: the last bit differs from five models on)
+                    wk = torch.mul(keep, w_col, out=weighted[:, :c])
+                    div = _sum_rows(wk, divisor[:c])
                     div.add_(torch.eq(div, 0, out=k[:c]))  # a zero sum divides by 1
                 _sum_rows(dc.mul_(keep), mixed)
             else:
