@@ -14,6 +14,7 @@ the built parts (``check_parts``), still before any model is loaded.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +29,7 @@ from sparse_merge.evolution.schedules import schedule_values
 from sparse_merge.finetune.settings import FinetuneSettings
 from sparse_merge.finetune.throughput import ThroughputSettings
 from sparse_merge.pruning.settings import CalibrationSettings, MasksSettings
+from sparse_merge.tracking.io import flat_keys
 
 T = TypeVar("T")
 
@@ -87,6 +89,20 @@ def settings_of(cfg: DictConfig, key: str, cls: type[T]) -> T:
     """The settings dataclass ``cls`` of the config node ``cfg.<key>`` (interpolations
     resolved): what every pipeline's ``run`` builds from its config."""
     return cls(**OmegaConf.to_container(cfg[key], resolve=True))
+
+
+# config keys that do not change a result: a resumed run may change them
+NOT_SHAPING = ("model.cache_dir", "lora.mask_check")
+
+
+def shaping_settings(cfg: DictConfig, groups: Sequence[str]) -> dict[str, Any]:
+    """The resolved values of the config ``groups`` that are set, and ``hardware.dtype``, by
+    flat key (``pruner.dampening``): the settings besides a pipeline's own that shape its
+    result, which a resumed run must share with the run it continues. Keys in
+    ``NOT_SHAPING`` are left out."""
+    tree = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in groups if cfg.get(g)}
+    tree["hardware"] = {"dtype": cfg.hardware.get("dtype")}
+    return {k: v for k, v in flat_keys(tree).items() if k not in NOT_SHAPING}
 
 
 def register_configs() -> None:

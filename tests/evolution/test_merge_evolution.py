@@ -2,12 +2,14 @@
 
 import csv
 import json
+import shutil
 
 import pytest
 from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM
 
 from sparse_merge.app import execute
+from sparse_merge.errors import ConfigError
 from sparse_merge.evolution.natural_niches import NaturalNiches
 from sparse_merge.pruning.sparsity import measure_sparsity
 
@@ -74,6 +76,29 @@ def test_resume_extends_a_finished_run(nn_run):
     lines = [json.loads(x) for x in (tmp / "run" / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x.get("event") == "step"] == [0, 1, 2, 3, 4, 5]
     assert sum(x.get("event") == "initial" for x in lines) == 2  # parents scored once
+
+
+@pytest.mark.parametrize(
+    "override,named",
+    [
+        ("task.tasks.addition.selection_seed=1", "task.tasks.addition.selection_seed=0 (now 1)"),
+        ("search.include_base=true", "search.include_base=False (now True)"),
+        ("hardware.dtype=bfloat16", "hardware.dtype='float32' (now 'bfloat16')"),
+        ("pruner.granularity=row", "pruner.granularity='layer' (now 'row')"),
+    ],
+)
+def test_resume_with_a_setting_outside_the_evolver_changed_is_refused(
+    nn_run, tmp_path, override, named
+):
+    """The checkpoint holds every config value that shapes the result (the tasks' data seeds,
+    the search, the dtype, the pruner's settings ...), not only the evolver's and scorer's: a
+    resume that changes one would mix two runs (new selection datapoints against the old
+    scores, a float32 archive cast to bfloat16)."""
+    tmp, _ = nn_run
+    shutil.copytree(tmp / "run", tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        execute(compose_cfg([*SMALL, "resume=true", override], tmp_path))
+    assert err.value.key == "resume" and named in str(err.value)
 
 
 @pytest.mark.parametrize(

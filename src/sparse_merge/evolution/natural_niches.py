@@ -36,6 +36,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,10 +253,12 @@ class NaturalNiches:
         logger: RunLogger | None = None,
         resume: bool = False,
         write: bool = True,
+        settings: Mapping[str, Any] | None = None,
     ) -> EvolutionResult:
         """Run ``iterations`` steps (continuing a checkpoint in ``run_dir`` when ``resume``, after
         removing the temporary files a killed run left there; a checkpoint made with other
-        ``run_settings`` is refused, naming each changed key).
+        ``run_settings`` or other ``settings``, the config values that shape the result besides
+        the engine's own, is refused, naming each changed key).
 
         ``write=False`` (the other processes of a multi-process run) reads a checkpoint to
         resume but writes nothing and shows no progress bar.
@@ -275,7 +278,7 @@ class NaturalNiches:
         if getattr(problem, "prune_is_mask", False) and self.prune_cache_mb > 0:
             cache = MaskCache(int(self.prune_cache_mb * 2**20))
 
-        run = self.run_settings(problem, scorer, seed, target, schedule)
+        run = {**self.run_settings(problem, scorer, seed, target, schedule), **(settings or {})}
         if resume and write and run_dir is not None:
             remove_temp_files(run_dir)  # what a killed run was writing when it stopped
         if resume and ckpt is not None and ckpt.exists():

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,6 +47,7 @@ class OneShotMerge:
         logger: RunLogger | None = None,
         resume: bool = False,
         write: bool = True,
+        settings: Mapping[str, Any] | None = None,
     ) -> EvolutionResult:
         """Returns ``{"merged": ...}``; the live model holds the merged, pruned weights."""
         n = len(problem.parents)

@@ -19,7 +19,7 @@ over the ``ParamSpace`` slots of the prunable weights): no copy and no model loa
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -234,6 +234,10 @@ class Evolver(Protocol):
         logger: RunLogger | None = None,
         resume: bool = False,
         write: bool = True,
+        settings: Mapping[str, Any] | None = None,
     ) -> EvolutionResult:
-        """Search ``problem``; ``target`` is the run's sparsity (the picks are pruned to it)."""
+        """Search ``problem``; ``target`` is the run's sparsity (the picks are pruned to it).
+        ``settings``: the config values, by key, that shape the result besides the evolver's
+        and scorer's own (the model, tasks, search, pruner, calibration, dtype); an evolver
+        that checkpoints stores them, and a resume must match them."""
         ...

@@ -19,10 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
 from torch import nn
 
-from sparse_merge.config import settings_of
+from sparse_merge.config import settings_of, shaping_settings
 from sparse_merge.errors import ConfigError
 from sparse_merge.finetune.adapter import Adapter, count_parameters
 from sparse_merge.finetune.lora import check_adapter_targets
@@ -47,7 +46,6 @@ from sparse_merge.pruning.sparsity import measure_sparsity
 from sparse_merge.pruning.validate import validate_masks, write_report
 from sparse_merge.tasks.suite import TaskSuite
 from sparse_merge.tracking.io import (
-    flat_keys,
     is_main_process,
     lock_run_dir,
     remove_temp_files,
@@ -218,10 +216,6 @@ def run_finetune(
     return metric
 
 
-# config keys that do not change the result: a resumed run may change them
-NOT_SHAPING = ("model.cache_dir", "lora.mask_check")
-
-
 def result_settings(cfg, parts: dict) -> dict[str, Any]:
     """The config values, by key, that shape a fine-tuning result besides ``finetune.*``,
     ``seed`` and ``sparsity`` (the trainer and ``run_finetune`` add those): the model, the
@@ -234,9 +228,7 @@ def result_settings(cfg, parts: dict) -> dict[str, Any]:
         groups.append("pruner")
     if _needs_calibration(parts["pruner"], parts["lora"]):
         groups.append("calibration")
-    tree = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in groups if cfg.get(g)}
-    tree["hardware"] = {"dtype": cfg.hardware.get("dtype")}
-    return {k: v for k, v in flat_keys(tree).items() if k not in NOT_SHAPING}
+    return shaping_settings(cfg, groups)
 
 
 def run(cfg, parts: dict, run_dir: Path) -> float | None:

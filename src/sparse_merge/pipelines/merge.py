@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sparse_merge.config import settings_of
+from sparse_merge.config import settings_of, shaping_settings
 from sparse_merge.errors import ConfigError
 from sparse_merge.evolution.baselines import Baselines
 from sparse_merge.evolution.distributed import ShardedScorer
@@ -141,9 +142,12 @@ def run_merge(
     search=None,
     baselines: Baselines | None = None,
     calibration: CalibrationSettings | None = None,
+    run_settings: Mapping[str, Any] | None = None,
 ) -> float:
     """Merge the source's parents with ``evolver``; returns the held-out mean of its headline
-    pick (what a sweeper optimises)."""
+    pick (what a sweeper optimises). ``run_settings``: the config values that shape the result
+    besides the evolver's and scorer's own (``result_settings``), stored in the evolver's
+    checkpoint; a resume must match them."""
     search = search if search is not None else WeightSearch()
     scorer = scorer if scorer is not None else SparsityAwareScorer()
     required = None
@@ -226,6 +230,7 @@ def run_merge(
         logger=logger if main else None,
         resume=resume,
         write=main,
+        settings=run_settings,
     )
 
     epsilon = scorer.epsilon  # the near-zero threshold selection used; reports state it
@@ -322,6 +327,18 @@ def run_merge(
     return float(top["mean"])
 
 
+def result_settings(cfg, parts: dict) -> dict[str, Any]:
+    """The config values, by key, that shape a merge besides ``evolver.*``, ``scorer.*``,
+    ``seed`` and ``sparsity`` (the engine stores those itself): the model, the tasks, the search,
+    the pruner, the calibration set (when the pruner uses one) and ``hardware.dtype``.
+    Baselines, logging, threads, the device, output paths and the model cache are left out: a
+    resumed run may change them."""
+    groups = ["model", "task", "search", "pruner"]
+    if uses_calibration(parts["pruner"]):
+        groups.append("calibration")
+    return shaping_settings(cfg, groups)
+
+
 def run(cfg, parts: dict, run_dir: Path) -> float:
     """Pipeline entry (``pipeline: merge``): the built parts and the global knobs of ``cfg``;
     the main process holds the run directory's lock for the whole run."""
@@ -343,4 +360,5 @@ def run(cfg, parts: dict, run_dir: Path) -> float:
             search=parts.get("search"),
             baselines=parts.get("baselines"),
             calibration=calibration,
+            run_settings=result_settings(cfg, parts),
         )
