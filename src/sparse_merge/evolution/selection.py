@@ -55,7 +55,10 @@ def select_parents(
     matchmaker: bool,
     alpha: float,
 ) -> tuple[int, int]:
-    """Two distinct parent slots (the same slot twice only when one slot is occupied)."""
+    """Two distinct parent slots (the same slot twice only when one slot is occupied). With
+    ``matchmaker=False`` the reference draws both ∝ total with replacement; here the second
+    is drawn among the other slots, so no evaluation is spent on a parent crossed with
+    itself (docs/digits.md)."""
     first = sample_index(total, valid, generator)
     if int(valid.sum()) < 2:
         return first, first
