@@ -58,7 +58,10 @@ def test_suite_columns_and_weights(monkeypatch):
         weights={"a": 3.0},
     )
     assert suite.n_selection == 6 and suite.spans() == {"a": slice(0, 4), "b": slice(4, 6)}
-    assert torch.allclose(suite.column_weights(), torch.tensor([0.75] * 4 + [0.5] * 2))
+    weights = suite.selection_weights()  # 3 * 6 / (4 * 4), 1 * 6 / (2 * 4): mean 1
+    assert torch.allclose(weights, torch.tensor([1.125] * 4 + [0.75] * 2, dtype=torch.float64))
+    equal = TaskSuite({"a": AdditionTask(n_select=2), "b": ReversalTask(n_select=2)})
+    assert equal.selection_weights() is None  # every column weighs 1: the plain sums
     monkeypatch.setattr(
         suite.tasks["a"].selection, "score", lambda m, t: torch.tensor([1, 0, 1, 1]).bool()
     )

@@ -76,3 +76,24 @@ def test_splits_expose_prompt_answer_examples(gsm8k):
     assert len(task.examples) == len(task) == 4
     assert task.examples[0].prompt == f"Question: {task.rows[0]['question']}\nAnswer:"
     assert task.examples[0].answer.endswith("#### 18")
+
+
+def test_exemplars_are_fixed_by_data_seed_and_never_selection_rows(tmp_path):
+    """The exemplars every prompt holds do not move with the run's ``selection_seed`` (they
+    were drawn after the selection rows, from what those left), and no selection row is one."""
+    import json
+
+    rows = [{"question": f"Q{i}: what is {i}+1?", "answer": f"#### {i + 1}"} for i in range(40)]
+    for name, part in (("train", rows[:30]), ("test", rows[30:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    files = {s: str(tmp_path / f"{s}.jsonl") for s in ("train", "test")}
+    shots = []
+    for seed in range(4):
+        bench = GSM8K(
+            data_files=files, n_select=10, n_heldout=5, num_fewshot=5, selection_seed=seed
+        )
+        exemplars = [r["question"] for r in bench.heldout.shots]
+        assert [r["question"] for r in bench.selection.shots] == exemplars
+        assert not set(exemplars) & {r["question"] for r in bench.selection.rows}
+        shots.append(exemplars)
+    assert all(s == shots[0] for s in shots)

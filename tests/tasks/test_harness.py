@@ -84,3 +84,31 @@ def test_bad_values(include_path):
     ]
     with pytest.raises(ConfigError, match="n_select=2"):
         _ = bench.selection
+
+
+def test_few_shot_prompts_are_the_same_in_every_evaluation(
+    include_path, tiny_llama, tokenizer, monkeypatch
+):
+    """lm-eval's sampler advances its one Random with every evaluation: reseeded before each,
+    a document's prompt (its exemplars) does not depend on what was evaluated before."""
+    import lm_eval.evaluator
+
+    prompts = []
+    evaluate = lm_eval.evaluator.evaluate
+
+    def recording(*args, **kwargs):
+        results = evaluate(*args, **kwargs)
+        samples = results["samples"]["boolq_local"]
+        prompts.append({s["doc_id"]: s["arguments"][0][0] for s in samples})
+        return results
+
+    monkeypatch.setattr(lm_eval.evaluator, "evaluate", recording)
+    suite = LMEvalSuite(
+        ["boolq_local"], include_path, False, n_select=1, n_heldout=2, num_fewshot=2
+    )
+    bench = suite.tasks["boolq_local"]
+    bench.heldout.score(tiny_llama, tokenizer)
+    bench.selection.score(tiny_llama, tokenizer)
+    bench.heldout.score(tiny_llama, tokenizer)
+    assert prompts[0] == prompts[2] and len(prompts[0]) == 2
+    assert all(p.count("Answer:") == 3 for p in prompts[0].values())  # two exemplars each

@@ -26,10 +26,13 @@ def test_splits_are_fixed_and_disjoint(mbpp):
     assert len(sel) == len(held) == 3 and not keys(sel) & keys(held)
     shot = mbpp.selection.shots[0]["task_id"]
     assert shot not in keys(sel) | keys(held)
-    again = MBPP(data_files=str(FIXTURE), n_select=3, n_heldout=3, num_fewshot=0)
+    again = MBPP(data_files=str(FIXTURE), n_select=3, n_heldout=3, num_fewshot=1)
     assert keys(again.heldout.rows) == keys(held) and keys(again.selection.rows) == keys(sel)
-    other = MBPP(data_files=str(FIXTURE), n_select=3, n_heldout=3, num_fewshot=0, selection_seed=5)
+    zero = MBPP(data_files=str(FIXTURE), n_select=3, n_heldout=3, num_fewshot=0)
+    assert keys(zero.heldout.rows) == keys(held)  # held-out is drawn before the exemplars
+    other = MBPP(data_files=str(FIXTURE), n_select=3, n_heldout=3, num_fewshot=1, selection_seed=5)
     assert keys(other.heldout.rows) == keys(held)  # held-out does not depend on the run seed
+    assert other.heldout.shots == mbpp.heldout.shots  # nor do the exemplars of its prompts
     train = {e.prompt for e in mbpp.train_examples(10, seed=0)}
     assert len(train) == 2 and not any(r["text"] in p for p in train for r in sel + held)
 

@@ -7,6 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from sparse_merge.errors import ConfigError
+from sparse_merge.evolution.problem import selection_mean
 from sparse_merge.tasks.suite import TaskSuite
 
 from ..conftest import compose_cfg
@@ -32,15 +33,16 @@ def suite(tmp_path) -> TaskSuite:
 def test_columns_are_aligned_and_weighted(suite, monkeypatch):
     assert suite.names == ["gsm8k", "mbpp"] and suite.n_selection == 5
     assert suite.spans() == {"gsm8k": slice(0, 3), "mbpp": slice(3, 5)}
-    assert torch.allclose(suite.column_weights(), torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5]))
+    weights = suite.selection_weights()  # 3 * 5 / (3 * 4) and 1 * 5 / (2 * 4): mean 1
+    assert torch.allclose(weights, torch.tensor([1.25] * 3 + [0.625] * 2, dtype=torch.float64))
     gsm, mbpp = suite.tasks["gsm8k"].selection, suite.tasks["mbpp"].selection
     monkeypatch.setattr(gsm, "predict", lambda m, t: [f"#### {g}" for g in gsm.golds[:2]] + ["0.5"])
     monkeypatch.setattr(mbpp, "predict", lambda m, t: ["pass", mbpp.rows[1]["code"]])
     scores = suite.score_selection(None, None)
     assert scores.tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]
     assert torch.equal(scores, suite.score_selection(None, None))  # same order every call
-    weighted = (scores * suite.column_weights()).sum() / suite.column_weights().sum()
-    assert weighted.item() == pytest.approx((3 * 2 / 3 + 1 * 1 / 2) / 4)
+    weighted = selection_mean(scores, weights)  # gsm8k's share 3/4, mbpp's 1/4
+    assert weighted == pytest.approx((3 * 2 / 3 + 1 * 1 / 2) / 4)
 
 
 def test_heldout_mean_uses_the_task_weights(suite, monkeypatch):

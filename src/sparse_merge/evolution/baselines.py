@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from sparse_merge.errors import ConfigError, check_positive
 from sparse_merge.evolution.llm import LLMProblem
-from sparse_merge.evolution.problem import Pick
+from sparse_merge.evolution.problem import Pick, column_weights
 from sparse_merge.merging.base import MergeMethod
 
 log = logging.getLogger("sparse_merge")
@@ -148,4 +148,5 @@ class Baselines:
         ws = problem.merge_(factory(**settings), point.get("weights", [1.0 / n] * n), rng=rng)
         if self.prune and target > 0:
             problem.prune_(ws, target)
-        return Pick(ws, problem.evaluate(ws), problem.sparsity(ws), -1)
+        scores, sparsity = problem.evaluate(ws), problem.sparsity(ws)
+        return Pick(ws, scores, sparsity, -1, weights=column_weights(problem))

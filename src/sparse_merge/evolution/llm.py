@@ -72,6 +72,8 @@ class LLMProblem:
         self.numel = space.numel
         self.n_datapoints = tasks.n_selection
         self.task_names = tasks.names
+        # [D] the benchmarks' weights per selection column (mean 1; None: all weigh 1)
+        self.column_weights = tasks.selection_weights()
         # the slot of every prunable weight in the genome: sparsity without a model load
         layers = prunable_layers(space.model)
         self.prunable_slots = [space.slot(layer.param_name) for layer in layers]

@@ -48,7 +48,13 @@ from sparse_merge.errors import ConfigError, check_bool, check_choice, check_int
 from sparse_merge.evolution.archive import ARCHIVE_STORAGE, Archive, replacement_slot
 from sparse_merge.evolution.crossover import Crossover
 from sparse_merge.evolution.mutation import mutate_
-from sparse_merge.evolution.problem import EvolutionResult, Pick, Problem
+from sparse_merge.evolution.problem import (
+    EvolutionResult,
+    Pick,
+    Problem,
+    column_weights,
+    selection_mean,
+)
 from sparse_merge.evolution.prune_cache import MaskCache
 from sparse_merge.evolution.schedules import ConstantSchedule, Schedule
 from sparse_merge.evolution.scoring import SparsityAwareScorer
@@ -119,6 +125,12 @@ def _sparsities(problem: Problem, genome: torch.Tensor, epsilon: float) -> tuple
     ``epsilon`` 0, where both are the exact zero fraction."""
     exact = problem.sparsity(genome)
     return exact, exact if epsilon == 0 else problem.sparsity(genome, epsilon=epsilon)
+
+
+def _means(scores: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean selection score of [D] scores, or of each row of [pop, D]: unweighted as the
+    logs always computed it, or weighted by the columns' ``weights``."""
+    return scores.mean(-1) if weights is None else selection_mean(scores, weights)
 
 
 def _null_logger() -> RunLogger:
@@ -265,6 +277,7 @@ class NaturalNiches:
         """
         logger = logger or _null_logger()
         self._check_sparsity_knobs(problem, scorer)
+        scorer = scorer.weighing(column_weights(problem))  # the benchmarks' weights, if any
         run_dir = Path(run_dir) if run_dir is not None else None
         schedule = self.schedule.bind(target) if hasattr(self.schedule, "bind") else self.schedule
         pruning = self.prune_target != "none" and target > 0
@@ -414,7 +427,7 @@ class NaturalNiches:
                     "sparsity": sparsity,
                     **({"sparsity_eps": seen} if epsilon > 0 else {}),
                     "scores": scores,
-                    "mean": float(scores.mean()),
+                    "mean": float(_means(scores, column_weights(problem))),
                 }
             )
         return len(initial)
@@ -446,6 +459,7 @@ class NaturalNiches:
             gen,
             matchmaker=self.matchmaker,
             alpha=scorer.alpha,
+            weights=scorer.column_weights,
         )
         parent_ids = [int(archive.ids[p1]), int(archive.ids[p2])]  # before the child enters
         prune_parents = pruning and self.prune_target == "parents" and sparsity > 0
@@ -508,7 +522,7 @@ class NaturalNiches:
             "split": op["split"],
             "prune_sparsity": sparsity,
             "sparsity": child_sparsity,
-            "mean": float(scores.mean()),
+            "mean": float(_means(scores, scorer.column_weights)),
             "entered": slot is not None,
         }
         fitness = scorer.fitness(archive.scores, archive.valid)
@@ -521,12 +535,14 @@ class NaturalNiches:
             prune_sparsity=sparsity,
             child_sparsity=child_sparsity,
             child_scores=scores.tolist(),
-            child_mean=float(scores.mean()),
+            child_mean=float(_means(scores, scorer.column_weights)),
             entered=slot is not None,
             slot=slot,
             replaced_id=replaced,
             best_fitness=float(fitness.max()),
-            best_selection_mean=float(archive.scores[archive.valid].mean(1).max()),
+            best_selection_mean=float(
+                _means(archive.scores[archive.valid], scorer.column_weights).max()
+            ),
             archive_sparsity=float(archive.sparsity[archive.valid].mean()),
             eval_s=eval_s,
             prune_s=prune_s,
@@ -648,8 +664,10 @@ class NaturalNiches:
                 del genome
             candidates.append((slot, scores, sparsity, pruned))
 
+        weights = column_weights(problem)
+
         def mean(c) -> float:
-            return float(c[1].double().mean())
+            return selection_mean(c[1], weights)
 
         # highest selection mean; ties go to the sparser, then to the lower slot
         best = max(candidates, key=lambda c: (mean(c), c[2], -c[0]))
@@ -665,5 +683,6 @@ class NaturalNiches:
                 genome = self._final_genome(problem, archive, slot, target)
             else:
                 genome = archive.genomes[slot].clone()
-            picks[name] = Pick(genome, scores.clone(), sparsity, int(archive.ids[slot]), pruned)
+            ident = int(archive.ids[slot])
+            picks[name] = Pick(genome, scores.clone(), sparsity, ident, pruned, weights)
         return EvolutionResult(picks, evaluations, archive, lineage)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sparse_merge.errors import ConfigError, check_fraction
-from sparse_merge.evolution.problem import EvolutionResult, Pick
+from sparse_merge.evolution.problem import EvolutionResult, Pick, column_weights
 from sparse_merge.merging.base import MergeMethod
 from sparse_merge.merging.slerp import Slerp
 from sparse_merge.tracking.logger import RunLogger
@@ -72,4 +72,5 @@ class OneShotMerge:
                     "sparsity": sparsity,
                 }
             )
-        return EvolutionResult({"merged": Pick(genome, scores, sparsity, -1)}, evaluations=1)
+        pick = Pick(genome, scores, sparsity, -1, weights=column_weights(problem))
+        return EvolutionResult({"merged": pick}, evaluations=1)

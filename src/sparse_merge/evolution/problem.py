@@ -195,17 +195,39 @@ class Pick:
     sparsity: float  # exact sparsity of exactly this genome
     ident: int  # lineage id of the archive member it comes from (-1: none)
     pruned: bool = False  # pruned to the target after the search (then re-scored)
+    weights: torch.Tensor | None = None  # [D] the problem's column weights (None: all 1)
 
     def detached(self) -> Pick:
         """The same pick with tensors of its own (not views into an archive or a workspace)."""
         return Pick(
-            self.genome.clone(), self.scores.clone(), self.sparsity, self.ident, self.pruned
+            self.genome.clone(),
+            self.scores.clone(),
+            self.sparsity,
+            self.ident,
+            self.pruned,
+            self.weights,
         )
 
     @property
     def selection_mean(self) -> float:
-        """Mean selection score."""
-        return float(self.scores.double().mean())
+        """Mean selection score, weighted by the columns' weights."""
+        return selection_mean(self.scores, self.weights)
+
+
+def column_weights(problem: Any) -> torch.Tensor | None:
+    """A problem's [D] selection column weights (mean 1; ``TaskSuite.selection_weights``), or
+    None when every column weighs 1 (a problem without the attribute)."""
+    return getattr(problem, "column_weights", None)
+
+
+def selection_mean(scores: torch.Tensor, weights: torch.Tensor | None = None) -> float | Any:
+    """The mean selection score of ``scores`` [D] (or of each row of [pop, D], a tensor),
+    weighted by ``weights`` [D] (mean 1; None: unweighted)."""
+    s = scores.double()
+    if weights is not None:
+        s = s * weights.to(s.device)
+    mean = s.mean(-1)
+    return float(mean) if mean.dim() == 0 else mean
 
 
 @dataclass

@@ -20,6 +20,7 @@ threshold only shapes selection; reported sparsity is always the exact zero coun
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -38,26 +39,36 @@ def check_epsilon(key: str, value: object) -> float:
 
 
 def competition_matrix(
-    scores: torch.Tensor, alpha: float, valid: torch.Tensor | None = None
+    scores: torch.Tensor,
+    alpha: float,
+    valid: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[pop, D] per-datapoint shares ``s_ij / z_j`` with ``z_j = (sum_i s_ij)^alpha``.
+    """[pop, D] per-datapoint shares ``c_j s_ij / z_j`` with ``z_j = (sum_i s_ij)^alpha``.
 
     ``scores`` is [pop, D] and non-negative; a column nobody solves has ``z_j = 1`` (0 -> 1).
     ``alpha=0`` turns competition off (``z_j = 1``). Rows with ``valid=False`` are ignored
-    (they do not count in ``z``) and get 0.
+    (they do not count in ``z``) and get 0. ``weights``: the columns' weights ``c_j`` [D]
+    (mean 1; None: all 1), applied to the shares: scaling the scores instead would cancel in
+    ``s / z`` at ``alpha = 1``.
     """
     valid = torch.ones(scores.shape[0], dtype=torch.bool) if valid is None else valid.bool()
     s = scores.double() * valid[:, None].to(scores.device)  # [pop, D]
     z = s.sum(0).pow(alpha)  # [D]
     z = torch.where(z == 0, torch.ones_like(z), z)
-    return s / z
+    shares = s / z
+    return shares if weights is None else shares * weights.to(shares.device)
 
 
 def competition_fitness(
-    scores: torch.Tensor, alpha: float, valid: torch.Tensor | None = None
+    scores: torch.Tensor,
+    alpha: float,
+    valid: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Natural Niches fitness ``f_i = sum_j s_ij / z_j`` (see ``competition_matrix``); [pop]."""
-    return competition_matrix(scores, alpha, valid).sum(1)
+    """Natural Niches fitness ``f_i = sum_j c_j s_ij / z_j`` (see ``competition_matrix``);
+    [pop]."""
+    return competition_matrix(scores, alpha, valid, weights).sum(1)
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
@@ -102,10 +113,18 @@ class SparsityAwareScorer:
         self.alpha = float(check_positive("alpha", alpha, allow_zero=True))
         self.kind = check_choice("kind", kind, KINDS)
         self.epsilon = check_epsilon("epsilon", epsilon)
+        self.column_weights: torch.Tensor | None = None  # [D] (mean 1; None: all 1)
+
+    def weighing(self, column_weights: torch.Tensor | None) -> SparsityAwareScorer:
+        """This scorer for a problem whose selection columns weigh ``column_weights`` [D]
+        (``TaskSuite.selection_weights``; None: all 1): a copy, this one unchanged."""
+        out = copy.copy(self)
+        out.column_weights = column_weights
+        return out
 
     def fitness(self, scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """[pop] competition fitness (raw, before normalisation)."""
-        return competition_fitness(scores, self.alpha, valid)
+        return competition_fitness(scores, self.alpha, valid, self.column_weights)
 
     def sparsity_score(self, sparsity: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """[pop] bounded sparsity score in [0, 1]; 0 on empty slots."""

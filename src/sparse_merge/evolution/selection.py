@@ -36,11 +36,16 @@ def sample_index(
 
 
 def matchmaker_weights(
-    scores: torch.Tensor, valid: torch.Tensor, first: int, alpha: float
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    first: int,
+    alpha: float,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[pop] attraction of each slot to parent ``first``: ``sum_j max(0, f_kj - f_first,j)``
-    with ``f_kj = s_kj / z_j`` the competition shares; 0 for empty slots and for ``first``."""
-    f = competition_matrix(scores, alpha, valid)  # [pop, D]
+    with ``f_kj = c_j s_kj / z_j`` the competition shares (``weights``: the columns' ``c_j``);
+    0 for empty slots and for ``first``."""
+    f = competition_matrix(scores, alpha, valid, weights)  # [pop, D]
     w = (f - f[first]).clamp_min(0).sum(1) * valid.double()
     w[first] = 0.0
     return w
@@ -54,6 +59,7 @@ def select_parents(
     *,
     matchmaker: bool,
     alpha: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """Two distinct parent slots (the same slot twice only when one slot is occupied). With
     ``matchmaker=False`` the reference draws both ∝ total with replacement; here the second
@@ -62,5 +68,5 @@ def select_parents(
     first = sample_index(total, valid, generator)
     if int(valid.sum()) < 2:
         return first, first
-    weights = matchmaker_weights(scores, valid, first, alpha) if matchmaker else total
-    return first, sample_index(weights, valid, generator, exclude=first)
+    second = matchmaker_weights(scores, valid, first, alpha, weights) if matchmaker else total
+    return first, sample_index(second, valid, generator, exclude=first)

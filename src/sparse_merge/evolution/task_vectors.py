@@ -91,6 +91,7 @@ class TaskVectorProblem:
         self.numel = self.n_tasks * self.n_groups + 1
         self.n_datapoints = inner.n_datapoints
         self.task_names = inner.task_names
+        self.column_weights = inner.column_weights
         self._workspace = torch.zeros(self.numel, dtype=torch.float64)  # [T * G + 1]
         # the genome whose model the live model holds, and the inner problem's write count then
         self._built: tuple[torch.Tensor, int] | None = None

@@ -28,7 +28,7 @@ from sparse_merge.evolution.baselines import Baselines
 from sparse_merge.evolution.distributed import ShardedScorer
 from sparse_merge.evolution.llm import LLMProblem
 from sparse_merge.evolution.memory import plan_merge
-from sparse_merge.evolution.problem import EvolutionResult
+from sparse_merge.evolution.problem import EvolutionResult, column_weights, selection_mean
 from sparse_merge.evolution.scoring import SparsityAwareScorer
 from sparse_merge.evolution.search import WeightSearch
 from sparse_merge.hardware import Hardware
@@ -81,6 +81,8 @@ def archive_rows(problem, result: EvolutionResult, scorer: SparsityAwareScorer) 
     archive = result.archive
     if archive is None:
         return []
+    weights = column_weights(problem)
+    scorer = scorer.weighing(weights)  # as the search scored them
     total = scorer.total(archive.scores, archive.sparsity, archive.valid)
     rows = []
     for slot in archive.occupied():
@@ -98,7 +100,7 @@ def archive_rows(problem, result: EvolutionResult, scorer: SparsityAwareScorer) 
                 "accuracy": held["mean"],
                 "sparsity": exact,
                 **({"sparsity_eps": seen} if scorer.epsilon > 0 else {}),
-                "selection_mean": float(archive.scores[slot].double().mean()),
+                "selection_mean": selection_mean(archive.scores[slot], weights),
                 "total": float(total[slot]),
             }
         )

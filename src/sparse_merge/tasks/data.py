@@ -288,6 +288,7 @@ class DatasetBenchmark:
             self.hub_path, self.hub_name = hub_path, hub_name
         self._rows: dict[str, list[Row]] = {}
         self._subsets: dict[str, list[Row]] | None = None
+        self._exemplars: list[Row] = []
         self._tasks: dict[str, Task] = {}
 
     def check_row(self, row: Row) -> None:
@@ -321,8 +322,15 @@ class DatasetBenchmark:
             )
         return self._rows[split]
 
+    # the few-shot exemplars of every prompt (a subclass that prompts with them sets these)
+    num_fewshot: int = 0
+    fewshot_split: str | None = None  # None: the train split
+
     def subsets(self) -> dict[str, list[Row]]:
-        """The held-out and selection rows (drawn once)."""
+        """The held-out and selection rows (drawn once). The few-shot exemplars are drawn
+        between them, from the rows outside the held-out ones, by ``data_seed`` alone: every
+        prompt's exemplars are the same whatever the ``selection_seed``, and no selection row
+        is an exemplar (whose answer its own prompt would hold)."""
         if self._subsets is None:
             out: dict[str, list[Row]] = {}
             used: set[str] = set()
@@ -330,6 +338,9 @@ class DatasetBenchmark:
                 ("heldout", f"{self.name}:{self.data_seed}:heldout"),
                 ("selection", f"{self.name}:{self.data_seed}:{self.selection_seed}:selection"),
             ):
+                if part == "selection":
+                    self._exemplars = self._draw_exemplars(used)
+                    used |= {self.key(r) for r in self._exemplars}
                 rows = self.rows(self.splits[part])
                 try:
                     idx = choose(rows, self.sizes[part], seed, used, self.key)
@@ -383,11 +394,18 @@ class DatasetBenchmark:
         random.Random(f"{self.name}:train:{seed}").shuffle(order)
         return [self.example(pool[order[i % len(order)]]) for i in range(n)]
 
-    def fewshot(self, k: int, split: str | None = None) -> list[Row]:
-        """``k`` fixed exemplar rows (by ``data_seed``) that are never evaluated."""
+    def fewshot(self) -> list[Row]:
+        """The ``num_fewshot`` exemplar rows of ``fewshot_split``, fixed by ``data_seed``
+        (``subsets``), never evaluated."""
+        self.subsets()
+        return list(self._exemplars)
+
+    def _draw_exemplars(self, held_out: set[str]) -> list[Row]:
+        k = self.num_fewshot
         if k == 0:
             return []
-        pool = self.pool(split)
+        rows = self.rows(self.fewshot_split or self.train_split)
+        pool = [rows[i] for i in choose(rows, None, "", held_out, self.key)]
         if k > len(pool):
             raise ConfigError(f"{self.name}.num_fewshot", k, f"at most {len(pool)} exemplar rows")
         return random.Random(f"{self.name}:{self.data_seed}:fewshot").sample(pool, k)

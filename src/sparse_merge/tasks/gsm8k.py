@@ -146,7 +146,7 @@ class GSM8K(DatasetBenchmark):
         return GSM8KTask(
             name,
             rows,
-            self.fewshot(self.num_fewshot),
+            self.fewshot(),
             self.chat_template,
             self.max_new_tokens,
             self.batch_size,

@@ -175,6 +175,10 @@ class LMEvalBenchmark:
         quiet = logging.getLogger("lm-eval")
         level = quiet.level
         quiet.setLevel(logging.ERROR)
+        # lm-eval's sampler draws every document's exemplars from one Random, which each
+        # evaluation advances (only simple_evaluate reseeds it): reseeded here, a split's
+        # documents get the same prompts in every evaluation, as the first
+        self.task.set_fewshot_seed(seed=self.data_seed)
         try:
             results = lm_eval.evaluator.evaluate(
                 lm=lm,

@@ -172,7 +172,7 @@ class MBPP(DatasetBenchmark):
         return MBPPTask(
             name,
             rows,
-            self.fewshot(self.num_fewshot, self.fewshot_split),
+            self.fewshot(),
             self.sandbox,
             self.chat_template,
             self.max_new_tokens,

@@ -62,14 +62,23 @@ class TaskSuite:
         """Number of selection datapoints (columns) D."""
         return sum(len(t.selection) for t in self.tasks.values())
 
-    def column_weights(self) -> torch.Tensor:
-        """[D] weight per selection column; sums to the sum of the task weights."""
-        return torch.cat(
+    def selection_weights(self) -> torch.Tensor | None:
+        """[D] float64 weight per selection column, ``weight * D / (n_task * sum of weights)``:
+        mean 1, so that a benchmark's share of the selection mean and of the competition
+        fitness is its weight whatever its size. None when every column weighs 1 (the
+        benchmarks' weights and sizes are equal): the unweighted sums then apply unchanged."""
+        total = sum(self.weights[n] for n in self.tasks)
+        d = self.n_selection
+        if d == 0:
+            return None
+        weights = torch.cat(
             [
-                torch.full((len(t.selection),), self.weights[n] / len(t.selection))
+                torch.full((len(t.selection),), self.weights[n] * d / (len(t.selection) * total))
                 for n, t in self.tasks.items()
+                if len(t.selection)
             ]
-        )
+        ).double()
+        return None if bool((weights == 1).all()) else weights
 
     def score_selection(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
         """[D] float scores on every selection datapoint, in the fixed column order."""
