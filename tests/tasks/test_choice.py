@@ -39,6 +39,15 @@ def test_length_normalisation_changes_the_choice(tokenizer):
         MultipleChoiceTask("t", item, "bytes")
 
 
+def test_char_normalisation_counts_the_choice_not_its_delimiter(tiny_llama, tokenizer):
+    """lm-eval's acc_norm divides by the characters of the choice; the space before it is its
+    target delimiter, not counted (dividing by it too could flip a close choice)."""
+    item = [Choice("x=", (" a", " bb"), 1)]
+    raw = option_logprobs(tiny_llama, tokenizer, [("x=", " a"), ("x=", " bb")])
+    got = MultipleChoiceTask("t", item, "char").option_scores(tiny_llama, tokenizer)
+    assert got == [[pytest.approx(raw[0][0] / 1), pytest.approx(raw[1][0] / 2)]]
+
+
 def test_batches_and_padding_do_not_change_scores(tiny_llama, tokenizer):
     pairs = [("12+3=", "15"), ("rev:abc=", "cba"), ("1=", "1234567"), ("a b ", "c")]
     one = option_logprobs(tiny_llama, tokenizer, pairs, batch_size=1)

@@ -3,8 +3,9 @@
 Each (context, option) pair is scored as the sum of the log-probabilities of the option's tokens
 given the context (the context's trailing spaces move to the option, as lm-evaluation-harness
 does, so the tokenizer sees `` yes`` not ``yes``). ``length_norm`` divides that sum by the
-option's length in characters (``char``, lm-evaluation-harness's ``acc_norm`` up to bytes vs
-characters), in tokens (``token``), or not at all (``none``). Pairs are run in batches (right
+option's length in characters without the one space that separates it from the context
+(``char``: lm-evaluation-harness's ``acc_norm``, which divides by the characters of the choice,
+its target delimiter not counted), in tokens (``token``), or not at all (``none``). Pairs are run in batches (right
 padding), longest first.
 """
 
@@ -127,8 +128,8 @@ class MultipleChoiceTask:
             row = []
             for opt in it.options:
                 total, n_tokens = next(raw)
-                if self.length_norm == "char":
-                    total /= max(1, len(opt))
+                if self.length_norm == "char":  # the choice's characters, as lm-eval's acc_norm
+                    total /= max(1, len(opt.removeprefix(" ")))
                 elif self.length_norm == "token":
                     total /= max(1, n_tokens)
                 row.append(total)
