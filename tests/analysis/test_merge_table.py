@@ -47,6 +47,21 @@ def test_one_table_per_setting_with_mean_and_sd_over_seeds(tmp_path):
         assert (tmp_path / name).exists()
 
 
+def test_a_dense_row_with_the_best_mean_is_not_bold_and_a_larger_baseline_budget_is_said(
+    tmp_path,
+):
+    """Bold marks the best mean among the rows at the target sparsity only (a dense parent
+    with the same mean stayed bold); and the heading says when a baseline searched more than
+    the evolution (it said "every baseline at most as many" whatever the counts)."""
+    rows = [("code", 0.7, 0.0, 0), ("ties", 0.6, 0.5, 100), ("best", 0.7, 0.5, 70)]
+    _run(tmp_path, 0, "weights", rows)
+    text = report(tmp_path)
+    assert "| code | 0.700 | 0.700 | 0.000 |" in text  # not bold
+    assert "| best | 0.700 | **0.700** | 0.500 |" in text
+    assert "the baselines up to 100, more than the evolution" in text
+    assert "every baseline at most as many" not in text
+
+
 def test_t_quantile_matches_the_t_distribution():
     # closed forms: df=1 (Cauchy) tan(pi (q - 1/2)); df=2 (2q - 1) sqrt(2 / (4 q (1 - q)))
     assert t_quantile(0.975, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-10)

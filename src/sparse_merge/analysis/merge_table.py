@@ -139,6 +139,7 @@ def table(runs: list[dict[str, Any]], ci: bool = False) -> tuple[list[str], list
                 "picked": model in picks,
                 "_mean": statistics.fmean(r["mean"] for r in rows),
                 "_sparsity": min(r["sparsity"] for r in rows),
+                "_evals": max(evals),
             }
         )
     columns = [c for v in values for c in ([v, f"{v} {CI}"] if ci else [v])]
@@ -147,11 +148,12 @@ def table(runs: list[dict[str, Any]], ci: bool = False) -> tuple[list[str], list
 
 def markdown(columns: list[str], rows: list[dict[str, Any]], target: float = 0.0) -> str:
     """A Markdown table; the best mean among the rows at the target sparsity in bold."""
-    best = max(r["_mean"] for r in rows if r["_sparsity"] >= target - 0.005)
+    at_target = [r for r in rows if r["_sparsity"] >= target - 0.005]
+    best = max(r["_mean"] for r in at_target)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = [str(r[c]) for c in columns]
-        if r["_mean"] == best:
+        if r["_mean"] == best and any(r is t for t in at_target):
             cells[columns.index("mean")] = f"**{cells[columns.index('mean')]}**"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -190,6 +192,16 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
+def _baseline_budget(rows: list[dict[str, Any]], evolution: int) -> str:
+    """How the searched baselines' selection evaluations compare with the evolution's fewest."""
+    searched = [r["_evals"] for r in rows if not r["picked"] and r["_evals"] > 0]
+    if not searched:
+        return "no baseline searched."
+    if max(searched) <= evolution:
+        return "every baseline at most as many."
+    return f"**the baselines up to {max(searched)}, more than the evolution**."
+
+
 def report(root: str | Path, out: str | Path | None = None, ci: bool = False) -> str:
     """Write ``merge_table.md``/``.csv``/``.png`` under ``out`` (default: ``root``); returns
     the Markdown text. ``ci``: add the 95 % confidence interval (Student's t) of every score and
@@ -206,8 +218,8 @@ def report(root: str | Path, out: str | Path | None = None, ci: bool = False) ->
             f"**{name}** — {len(runs)} seed(s), target sparsity {target}, sparsity = exact "
             f"zeros (selection's sparsity_epsilon: {epsilon}), held-out scores "
             f"(mean ± sd over seeds{'; 95% CI of the mean, Student t, n-1 dof' if ci else ''}); "
-            f"the evolution used {_span(budget)} selection evaluations and every baseline at most "
-            "as many."
+            f"the evolution used {_span(budget)} selection evaluations and "
+            + _baseline_budget(rows, min(budget))
         )
         parts.append(head + "\n\n" + markdown(columns, rows, float(target or 0.0)))
         csv_rows += [{"setting": name, **{c: r[c] for c in columns}} for r in rows]
