@@ -226,3 +226,37 @@ def test_cli_refuses_with_one_line(args, needle, tmp_path):
     assert proc.returncode == 2
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "cache").exists()
+
+
+# ---- merge methods by their conf/merge names
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["evolver.crossover.method=tie"], "evolver.crossover.method"),
+        (["evolver=one_shot", "evolver.method=linera"], "evolver.method"),
+        (["search=task_vectors", "search.method=ties_merging"], "search.method"),
+        (["evolver.crossover.method=ties", "+evolver.crossover.method.density=0.3"], None),
+    ],
+)
+def test_an_unknown_merge_method_name_is_refused(overrides, key, tmp_path):
+    err = refused(overrides, tmp_path)  # key None: a node without _target_ (Hydra's merge)
+    assert err.key == (key or "evolver.crossover.method") and "dare_ties" in err.allowed
+
+
+def test_a_merge_method_is_given_by_its_conf_merge_name(tmp_path):
+    """``evolver.crossover.method=ties`` is conf/merge/ties.yaml (it reached the evolver as a
+    string and failed after the model loaded)."""
+    from sparse_merge.merging.task_arithmetic import TaskArithmetic
+
+    overrides = ["experiment=smoke", "evolver.crossover.method=ties", "search=task_vectors"]
+    parts = build(compose_cfg([*overrides, "search.method=dare_ties"], tmp_path))
+    method = parts["evolver"].crossover.method
+    assert isinstance(method, TaskArithmetic) and method.consensus == "sum"
+    assert method.sparsification == "magnitude" and method.density == 0.5
+    assert parts["search"].method.sparsification == "random"
+    one_shot = build(
+        compose_cfg(["experiment=smoke", "evolver=one_shot", "evolver.method=linear"], tmp_path)
+    )
+    assert type(one_shot["evolver"].method).__name__ == "Linear"

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import get_object
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
 from sparse_merge.errors import ConfigError, check_fraction, check_positive
 from sparse_merge.evolution.schedules import schedule_values
@@ -197,10 +197,35 @@ def check_split_sizes(cfg: DictConfig) -> None:
     walk(node, "task")
 
 
+# the keys that take a merge method, and where the methods' configs are
+MERGE_METHOD_KEYS = ("evolver.crossover.method", "evolver.method", "search.method")
+MERGE_CONF = Path(__file__).resolve().parents[2] / "conf" / "merge"
+
+
+def resolve_merge_names(cfg: DictConfig) -> None:
+    """A merge method given by its ``conf/merge`` name (``evolver.crossover.method=ties``)
+    becomes that file's node; any other string is refused, naming the key and the names, before
+    anything is built (it used to reach the evolver as a string and fail after the model
+    loaded)."""
+    names = sorted(p.stem for p in MERGE_CONF.glob("*.yaml"))
+    allowed = "a conf/merge method (" + ", ".join(names) + ") or a node with _target_"
+    for key in MERGE_METHOD_KEYS:
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if isinstance(value, DictConfig) and "_target_" not in value:
+            raise ConfigError(key, OmegaConf.to_container(value), allowed)
+        if not isinstance(value, str):
+            continue
+        if value not in names:
+            raise ConfigError(key, value, allowed)
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, OmegaConf.load(MERGE_CONF / f"{value}.yaml"), merge=False)
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the global knobs and the keys of every group; raises ``ConfigError``."""
     check_fraction("sparsity", cfg.sparsity)
     check_positive("seed", cfg.seed, allow_zero=True)
+    resolve_merge_names(cfg)
     for group in GROUPS:
         node = cfg.get(group)
         if node is not None:
