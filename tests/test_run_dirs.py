@@ -18,7 +18,7 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 import sparse_merge.app as app
-from sparse_merge.analysis.collect import collect, find_runs, finished_results
+from sparse_merge.analysis.collect import collect, find_runs, finished_results, load_run
 from sparse_merge.app import execute, register_resolvers, run
 from sparse_merge.errors import ConfigError
 from sparse_merge.tracking.run_identity import (
@@ -69,6 +69,8 @@ def test_a_fresh_folder_is_claimed_and_records_the_run(tmp_path):
         "config_sha256": config_digest({"pipeline": "merge", "seed": 0}),
         "claimed": 0,
         "config": {"pipeline": "merge", "seed": 0},  # resume and output_dir left out
+        "overrides": [],
+        "choices": {},
     }
     claim_run_dir(tmp_path / "other", MERGE, continues=False, write=False)
     assert not (tmp_path / "other").exists()  # a non-main process only checks
@@ -213,8 +215,9 @@ def _job(root: Path, name: str, cfg: dict, identity_of: dict | None, metrics: di
     OmegaConf.save(OmegaConf.create(cfg), run_dir / ".hydra" / "config.yaml")
     choices = {"experiment": None}
     OmegaConf.save({"hydra": {"runtime": {"choices": choices}}}, run_dir / ".hydra" / "hydra.yaml")
-    if identity_of is not None:
+    if identity_of is not None:  # as identities were recorded before they held the overrides
         held = RunIdentity(identity_of["pipeline"], None, identity_of).record()
+        del held["overrides"], held["choices"]
         (run_dir / IDENTITY_FILE).write_text(json.dumps(held))
     (run_dir / "status.json").write_text(json.dumps({"status": "finished"}))
     (run_dir / "results.json").write_text(json.dumps(metrics))
@@ -259,7 +262,8 @@ def test_two_sweeps_into_one_folder_no_longer_mix(tmp_path, caplog):
     """The reported bug: a finetune sweep launched into another sweep's folder ran in its job
     folders (named without the experiment) and the analysis showed finetune rows with the other
     run's metrics. Now its job refuses with one line, the results there stay, and the analysis
-    leaves the folder (whose .hydra/ Hydra rewrote for the refused job) out."""
+    reads the folder as the run that wrote them (its identity), not as the refused job that
+    Hydra's rewritten .hydra/ describes."""
     sweep = tmp_path / "sweep"
     first = _sweep(sweep, "experiment=m2n2_digits_quick")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -276,9 +280,9 @@ def test_two_sweeps_into_one_folder_no_longer_mix(tmp_path, caplog):
         p.name: p.read_bytes() for p in job.iterdir() if p.is_file() and p.suffix != ".log"
     } == kept
     assert OmegaConf.load(job / ".hydra" / "config.yaml").pipeline == "finetune"  # Hydra's
-    with caplog.at_level(logging.WARNING, logger="sparse_merge"):
-        assert find_runs(sweep) == []  # no finetune row with the digits run's metrics
-    assert f"left out {job}" in caplog.text
+    (row,) = collect(sweep).to_dict("records")  # no finetune row with the digits run's metrics
+    assert row["pipeline"] == "digits" and row["experiment"] == "m2n2_digits_quick"
+    assert row["status"] == "finished"
 
 
 def test_a_real_runs_identity_matches_its_hydra_config(tmp_path):
@@ -302,3 +306,38 @@ def test_resume_in_a_fresh_folder_starts_the_run(quick_pipelines, tmp_path):
         cfg.resume = True
     assert execute(cfg) == 0.25
     assert json.loads((tmp_path / "run" / IDENTITY_FILE).read_text())["pipeline"] == "merge"
+
+
+def test_a_refused_resume_leaves_the_finished_run_as_it_was(tmp_path):
+    """``resume=true`` with a setting that shapes the result changed is refused by the pipeline
+    after the folder was claimed: the identity and status it rewrote are put back, and the
+    analysis still reads the finished run (with its own settings, not the refused launch's)."""
+    execute(compose_cfg(["experiment=smoke", "save_models=false"], tmp_path))
+    run_dir = tmp_path / "run"
+    kept = {n: (run_dir / n).read_bytes() for n in (IDENTITY_FILE, "status.json", "results.json")}
+    with pytest.raises(ConfigError, match="resume"):
+        execute(
+            compose_cfg(
+                ["experiment=smoke", "save_models=false", "resume=true", "sparsity=0.3"], tmp_path
+            )
+        )
+    assert {n: (run_dir / n).read_bytes() for n in kept} == kept
+    info = load_run(run_dir, tmp_path)  # read from the identity (.hydra/ is Hydra's, not here)
+    assert info["status"] == "finished" and info["sparsity"] == 0.5
+
+
+def test_a_job_resumed_alone_stays_in_its_sweeps_group(tmp_path):
+    """``resume=true`` and a value spelled otherwise (``False``, ``false``) do not split a group."""
+    cfg = {"pipeline": "merge", "seed": 0, "sparsity": 0.5}
+    for i, overrides in enumerate(
+        [["seed=0", "save_models=False"], ["seed=1", "save_models=false", "resume=true"]]
+    ):
+        run_dir = tmp_path / str(i)
+        (run_dir / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create(cfg), run_dir / ".hydra" / "config.yaml")
+        held = RunIdentity("merge", None, {**cfg, "seed": i}, tuple(overrides)).record()
+        (run_dir / IDENTITY_FILE).write_text(json.dumps(held))
+        (run_dir / "status.json").write_text(json.dumps({"status": "finished"}))
+    table = collect(tmp_path)
+    assert list(table["save_models"]) == ["False", "False"] and "resume" not in table
+    assert list(table["seed"]) == [0, 1]  # from each run's identity, not .hydra/

@@ -35,9 +35,15 @@ from sparse_merge.tracking.io import (
     check_writable,
     is_main_process,
     lock_run_dir,
+    write_atomic,
     write_json,
 )
-from sparse_merge.tracking.run_identity import RunIdentity, claim_run_dir
+from sparse_merge.tracking.run_identity import (
+    IDENTITY_FILE,
+    STATUS_FILE,
+    RunIdentity,
+    claim_run_dir,
+)
 
 log = logging.getLogger("sparse_merge")
 
@@ -132,7 +138,15 @@ def identity(cfg: DictConfig) -> RunIdentity:
     hydra = cfg.get("hydra") or (HydraConfig.get() if HydraConfig.initialized() else None)
     experiment = OmegaConf.select(hydra, "runtime.choices.experiment") if hydra else None
     config = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
-    return RunIdentity(str(cfg.pipeline), experiment, config)
+    overrides = OmegaConf.select(hydra, "overrides.task") if hydra else None
+    choices = OmegaConf.select(hydra, "runtime.choices") if hydra else None
+    return RunIdentity(
+        str(cfg.pipeline),
+        experiment,
+        config,
+        tuple(str(o) for o in overrides or ()),
+        {str(k): v for k, v in (choices or {}).items()},
+    )
 
 
 def continues(cfg: DictConfig) -> bool:
@@ -161,8 +175,34 @@ def execute(cfg: DictConfig) -> float | None:
     if main:
         check_writable(run_dir)  # a read-only folder or a full disk: refused before any model loads
     with lock_run_dir(run_dir, main=main):  # one process per run directory, claim included
+        kept = _claim_files(run_dir) if continues(cfg) and main else None
         claim_run_dir(run_dir, this_run, continues=continues(cfg), write=main)
-        return _run_pipeline(cfg, parts, run_dir, main)
+        try:
+            return _run_pipeline(cfg, parts, run_dir, main)
+        except ConfigError:
+            if kept is not None:  # a refused resume leaves the run it would continue as it was
+                _restore_files(run_dir, kept)
+            raise
+
+
+def _claim_files(run_dir: Path) -> dict[str, bytes | None]:
+    """The bytes of the run directory's identity and status files (None: absent)."""
+    return {
+        name: (run_dir / name).read_bytes() if (run_dir / name).exists() else None
+        for name in (IDENTITY_FILE, STATUS_FILE)
+    }
+
+
+def _restore_files(run_dir: Path, kept: dict[str, bytes | None]) -> None:
+    """Put back what ``_claim_files`` read: a resume refused (``resume=true`` with a changed
+    setting) rewrote the identity with its own settings and the status as failed, and the
+    finished results beside them would then have dropped out of every table."""
+    for name, data in kept.items():
+        path = run_dir / name
+        if data is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_atomic(path, lambda tmp, data=data: tmp.write_bytes(data))
 
 
 def _run_pipeline(cfg: DictConfig, parts: dict[str, Any], run_dir: Path, main: bool) -> Any:

@@ -5,11 +5,13 @@ the job starts). Its status comes from ``status.json`` (written by ``app.execute
 without one, or still marked ``running``, is ``unfinished``; a run marked ``failed`` keeps its
 error. Metrics are the flat keys of ``summary.json``.
 
-A directory whose files belong to two runs is left out, with a warning naming it: its
-``run_identity.json`` (written when its run started, next to the results) names another config
-than its ``.hydra/config.yaml`` (which Hydra rewrites for every job launched into the folder,
-even one that is then refused). A directory without an identity (a run from before identities
-were recorded) is read as it is.
+A run's config, overrides and group choices are read from its ``run_identity.json`` (written
+when the run that wrote the results claimed the folder, and put back when a resume is refused),
+not from ``.hydra/``, which Hydra rewrites for every job launched into the folder, even one that
+is then refused. An identity from before it recorded the overrides is checked against
+``.hydra/config.yaml`` instead: a directory whose two disagree holds the files of two runs and is
+left out, with a warning naming it. A directory without an identity (a run from before
+identities were recorded) is read from ``.hydra/`` as it is.
 """
 
 from __future__ import annotations
@@ -22,9 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 from omegaconf import OmegaConf
 
-from sparse_merge.tracking.run_identity import IDENTITY_FILE, describe, disagreements, read_json
+from sparse_merge.tracking.run_identity import (
+    IDENTITY_FILE,
+    NOT_IDENTITY,
+    describe,
+    disagreements,
+    read_json,
+)
 
 log = logging.getLogger("sparse_merge")
 
@@ -49,7 +58,7 @@ def mixed_files(run_dir: Path) -> str | None:
     ``.hydra/config.yaml`` is not the one ``run_identity.json`` (the run whose results are
     there) recorded."""
     held = read_json(run_dir / IDENTITY_FILE)
-    if held is None:
+    if held is None or "overrides" in held:  # none, or one that is read instead of .hydra/
         return None
     config = OmegaConf.to_container(
         OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=False, enum_to_str=True
@@ -102,6 +111,22 @@ def _scalar(v: Any) -> Any:
     return v if isinstance(v, str | int | float | bool) or v is None else json.dumps(v)
 
 
+def _launch_only(override: str) -> bool:
+    """Whether an override says how a run was launched, not which run it is (``resume=true``:
+    a job resumed alone would otherwise form a group of its own)."""
+    key = override.lstrip("+~").partition("=")[0]
+    return key in NOT_IDENTITY or key.startswith("hydra.")
+
+
+def _same_spelling(value: str) -> str:
+    """One spelling per value (``False`` and ``false``, ``0.50`` and ``0.5``: YAML's reading of
+    it), so that one setting launched two ways is one group."""
+    try:
+        return str(yaml.safe_load(value))
+    except yaml.YAMLError:
+        return value
+
+
 def load_run(run_dir: Path, root: Path) -> dict[str, Any]:
     """One row: ``run``, ``status``, ``error``, group choices, overrides, config knobs, metrics."""
     hydra_dir = run_dir / ".hydra"
@@ -111,24 +136,34 @@ def load_run(run_dir: Path, root: Path) -> dict[str, Any]:
     state = status.get("status", "unfinished")
     row["status"] = "unfinished" if state == "running" else state
     row["error"] = status.get("error", "")
-    if (hydra_dir / "hydra.yaml").exists():
-        choices = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.choices
-        for group, option in choices.items():
-            if not str(group).startswith(_SKIP_CHOICES):
-                row[str(group)] = option
-    cfg = OmegaConf.load(hydra_dir / "config.yaml")
+    held = read_json(run_dir / IDENTITY_FILE)
+    if held is not None and "overrides" in held:  # the run that wrote the results
+        choices, cfg, overrides = (
+            held.get("choices") or {},
+            held.get("config") or {},
+            held["overrides"],
+        )
+    else:
+        choices = {}
+        if (hydra_dir / "hydra.yaml").exists():
+            choices = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.choices
+        cfg = OmegaConf.load(hydra_dir / "config.yaml")
+        overrides = (
+            OmegaConf.load(hydra_dir / "overrides.yaml")
+            if (hydra_dir / "overrides.yaml").exists()
+            else []
+        )
+    for group, option in choices.items():
+        if not str(group).startswith(_SKIP_CHOICES):
+            row[str(group)] = option
     for key in ("seed", "sparsity", "pipeline"):
         if key in cfg:
             row[key] = cfg[key]
-    overrides = (
-        OmegaConf.load(hydra_dir / "overrides.yaml")
-        if (hydra_dir / "overrides.yaml").exists()
-        else []
-    )
+    overrides = [o for o in map(str, overrides) if not _launch_only(o)]
     row["overrides"] = " ".join(overrides)
     for item in overrides:
-        key, _, value = str(item).lstrip("+~").partition("=")
-        row.setdefault(key, value)
+        key, _, value = item.lstrip("+~").partition("=")
+        row.setdefault(key, _same_spelling(value))
     summary = run_dir / "summary.json"
     if summary.exists():
         for key, value in json.loads(summary.read_text()).items():

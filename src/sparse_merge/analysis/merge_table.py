@@ -94,7 +94,7 @@ def _span(values: list[int]) -> str:
 
 def setting(run: dict[str, Any]) -> str:
     """The run's overrides without ``seed`` (what the runs of one table share)."""
-    skip = ("seed=", "save_models=", "hardware.num_threads=", "baselines=")
+    skip = ("seed=", "save_models=", "hardware.num_threads=", "baselines=", "resume=")
     items = [o for o in str(run.get("overrides", "")).split() if not o.startswith(skip)]
     return " ".join(items) or "(defaults)"
 

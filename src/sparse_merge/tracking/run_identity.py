@@ -72,6 +72,11 @@ class RunIdentity:
     pipeline: str
     experiment: str | None
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # how Hydra launched it (the command line's overrides, the group choices): what the sweep
+    # analysis groups by, read from here rather than from .hydra/, which every launch into the
+    # folder rewrites, a refused one too
+    overrides: tuple[str, ...] = field(default=(), compare=False, hash=False, repr=False)
+    choices: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
     config_sha256: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +91,8 @@ class RunIdentity:
             "config_sha256": self.config_sha256,
             "claimed": time.time(),
             "config": self.config,
+            "overrides": list(self.overrides),
+            "choices": dict(self.choices),
         }
 
     def same_kind(self, other: Mapping[str, Any]) -> bool:
