@@ -260,3 +260,18 @@ def test_a_merge_method_is_given_by_its_conf_merge_name(tmp_path):
         compose_cfg(["experiment=smoke", "evolver=one_shot", "evolver.method=linear"], tmp_path)
     )
     assert type(one_shot["evolver"].method).__name__ == "Linear"
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("scorer.beta=nan", "scorer.beta"),
+        ("scorer.omega=abc", "scorer.omega"),
+        ("sparsity=nan", "sparsity"),
+        ("scorer.tau=true", "scorer.tau"),
+    ],
+)
+def test_nan_strings_and_bools_are_refused_by_the_range_checks(override, key, tmp_path):
+    """NaN passed ``value < 0`` and reached the selection's multinomial after the model loaded;
+    a string raised Hydra's TypeError."""
+    assert refused([override], tmp_path).key == key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 
@@ -33,17 +34,24 @@ class DataError(ValueError):
         super().__init__(" ".join(message.splitlines()))
 
 
+def _is_number(value: Any) -> bool:
+    """A real number, not NaN (bools, strings and NaN fail every range check as they should)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
+
+
 def check_fraction(key: str, value: float, *, upper_open: bool = True) -> float:
     """Return ``value`` if it lies in [0, 1) (or [0, 1] with ``upper_open=False``)."""
-    ok = 0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0
+    ok = _is_number(value) and (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0)
     if not ok:
         raise ConfigError(key, value, f"a fraction in [0, 1{')' if upper_open else ']'}")
     return float(value)
 
 
 def check_positive(key: str, value: int | float, *, allow_zero: bool = False) -> int | float:
-    """Return ``value`` if it is > 0 (or >= 0 with ``allow_zero``)."""
-    if value < 0 or (value == 0 and not allow_zero):
+    """Return ``value`` if it is a number > 0 (or >= 0 with ``allow_zero``); NaN, bools and
+    strings are refused (NaN passed both comparisons and failed later, after the model
+    loaded)."""
+    if not _is_number(value) or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(key, value, "a number >= 0" if allow_zero else "a number > 0")
     return value
 
