@@ -1,7 +1,8 @@
 """One logger for a run: console, a JSONL file that always exists, and W&B when switched on.
 
-W&B never blocks or breaks a run: it runs offline when no API key is configured, and any
-error it raises is reported once and logging continues locally.
+W&B never blocks or breaks a run: it runs offline when no API key is configured or when its
+server cannot be reached (a 3-second connection test, instead of W&B's own minute of waiting),
+and any error it raises is reported once and logging continues locally.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from sparse_merge.tracking.io import to_jsonable, write_json
 
@@ -35,6 +38,22 @@ def wandb_scalars(record: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def server_url() -> str:
+    """The W&B server runs are sent to (``WANDB_BASE_URL``, else W&B's cloud)."""
+    return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+
+
+def server_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the W&B server opens within ``timeout`` seconds."""
+    url = urlparse(server_url())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 class WandbSink:
     """Forwards metrics to a W&B run (offline unless an API key or ``mode`` says otherwise)."""
 
@@ -54,10 +73,17 @@ class WandbSink:
         self.run: Any = None
 
     def start(self, run_dir: Path, config: Mapping[str, Any]) -> None:
-        """Open the W&B run; on failure warn and stay off."""
+        """Open the W&B run (offline when its server does not answer); on failure warn and
+        stay off."""
         mode = self.mode or os.environ.get("WANDB_MODE")
         if mode is None:
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        if mode == "online" and not server_reachable():
+            log.warning(
+                "W&B server %s not reachable: logging offline (`wandb sync` uploads it later)",
+                server_url(),
+            )
+            mode = "offline"
         try:
             import wandb
 
@@ -69,15 +95,20 @@ class WandbSink:
                 settings=wandb.Settings(init_timeout=60, silent=True),
                 **{k: v for k, v in self.kwargs.items() if v is not None},
             )
+            # records carry their step as a value, plotted against: W&B's own step counts
+            # every record, so records without a step (the initial members, the setup) would
+            # have moved it past the first steps, which W&B then dropped as out of order
+            self.run.define_metric("step")
+            self.run.define_metric("*", step_metric="step")
         except Exception as exc:  # W&B must never stop a run
             log.warning("W&B disabled for this run: %s", exc)
             self.run = None
 
     def log(self, metrics: Mapping[str, Any], step: int | None) -> None:
-        """Log scalars."""
+        """Log scalars (``step``: the record's step, as the value ``step``)."""
         if self.run is not None:
             try:
-                self.run.log(dict(metrics), step=step)
+                self.run.log({**metrics, **({"step": step} if step is not None else {})})
             except Exception as exc:
                 log.warning("W&B log failed, continuing locally: %s", exc)
 
@@ -90,10 +121,12 @@ class WandbSink:
                 log.warning("W&B summary failed: %s", exc)
 
     def close(self) -> None:
-        """Finish the W&B run."""
+        """Finish the W&B run (a failure is reported, never raised: the run's results stand)."""
         if self.run is not None:
             try:
                 self.run.finish()
+            except Exception as exc:
+                log.warning("W&B finish failed (the run's own files are complete): %s", exc)
             finally:
                 self.run = None
 
