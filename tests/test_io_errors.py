@@ -404,3 +404,17 @@ def test_the_command_line_refuses_an_unwritable_job_folder_before_hydra_writes(t
             "(ulimit -f); nothing was written"
         )
         assert not (out / ".hydra").exists()
+
+
+def test_atomic_files_and_folders_follow_the_umask(tmp_path):
+    """mkstemp's 0600 and mkdtemp's 0700 left results and saved models unreadable to the
+    group on a shared machine; they now get the modes a plain write would."""
+    old = os.umask(0o022)
+    try:
+        file = io.write_atomic(tmp_path / "results.json", lambda tmp: tmp.write_text("{}"))
+        folder = io.write_atomic_dir(tmp_path / "model", lambda t: (t / "w.bin").write_bytes(b"1"))
+    finally:
+        os.umask(old)
+    assert file.stat().st_mode & 0o777 == 0o644
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert (folder / "w.bin").read_bytes() == b"1"

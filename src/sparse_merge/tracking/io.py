@@ -158,6 +158,13 @@ def write_error(path: str | Path, exc: BaseException, tmp: Path | None = None) -
     return None if cause is None else WriteError(path, cause)
 
 
+def _umask() -> int:
+    """This process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it over ``path``;
     the file and the rename are flushed to the disk (``fsync``) before it returns. A write the
@@ -166,6 +173,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(**temp_affixes(path))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the group
     except OSError as exc:
         raise WriteError(path, exc) from None
     os.close(fd)
@@ -214,6 +222,7 @@ def write_atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(**temp_affixes(path)))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a saved model
     except OSError as exc:
         raise WriteError(path, exc) from None
     try:
@@ -223,8 +232,11 @@ def write_atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
             if (error := write_error(path, exc, tmp)) is None:
                 raise
             raise error from exc
+        for item in [*tmp.rglob("*"), tmp]:  # the files and folders are on disk before the swap
+            _fsync(item)
         if not path.exists():
             tmp.rename(path)
+            _fsync(path.parent)
         elif _exchange(tmp, path):  # the old folder is now at tmp, removed below
             _fsync(path.parent)
         else:  # no atomic exchange: a crash between these two lines loses the old folder
