@@ -341,3 +341,19 @@ def test_a_job_resumed_alone_stays_in_its_sweeps_group(tmp_path):
     table = collect(tmp_path)
     assert list(table["save_models"]) == ["False", "False"] and "resume" not in table
     assert list(table["seed"]) == [0, 1]  # from each run's identity, not .hydra/
+
+
+def test_a_bad_value_in_one_sweep_job_ends_that_job_only(tmp_path):
+    """A job's config error used to exit the process, which ended the whole sweep: the later
+    jobs never ran and the failed one had no status. Now it is recorded as failed, with its
+    line, and the next job runs."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "run.py"), "-m", "experiment=smoke", "sparsity=1.5,0.3"]
+    cmd += ["save_models=false", "hardware.num_threads=1", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(
+        cmd, env=SUBPROCESS_ENV, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert "error: sparsity=1.5 is not allowed: a fraction in [0, 1)" in proc.stderr
+    rows = {r["sparsity"]: r for r in collect(sweep).to_dict("records")}
+    assert rows[1.5]["status"] == "failed" and "sparsity=1.5" in rows[1.5]["error"]
+    assert rows[0.3]["status"] == "finished"

@@ -31,6 +31,7 @@ import sparse_merge.pipelines
 from sparse_merge.config import GROUPS, check_parts, config_error_in, validate
 from sparse_merge.errors import ConfigError
 from sparse_merge.tracking.io import (
+    RunDirBusy,
     WriteError,
     check_writable,
     is_main_process,
@@ -41,6 +42,7 @@ from sparse_merge.tracking.io import (
 from sparse_merge.tracking.run_identity import (
     IDENTITY_FILE,
     STATUS_FILE,
+    RunDirTaken,
     RunIdentity,
     claim_run_dir,
 )
@@ -255,13 +257,31 @@ def _write_failure(exc: OSError, run_dir: str) -> str:
     )
 
 
+def _in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _record_refusal(run_dir: Path, exc: ConfigError) -> None:
+    """``status.json`` = failed, with the error, in a job folder of this run's own: not in one
+    that holds another run's files or is busy (those refusals protect it)."""
+    if isinstance(exc, RunDirTaken | RunDirBusy) or (run_dir / STATUS_FILE).exists():
+        return
+    with contextlib.suppress(OSError):
+        write_json(run_dir / STATUS_FILE, {"status": "failed", "error": f"ConfigError: {exc}"})
+
+
 def run(cfg: DictConfig) -> float | None:
     """Entry point of ``run.py``: like ``execute`` but a bad value or a run directory holding
-    another run's files exits (2), and a write the OS refused exits (1), with one clear line."""
+    another run's files exits (2), and a write the OS refused exits (1), with one clear line.
+    In a sweep a job's bad value ends that job only: its folder records it as failed, with the
+    line, and the sweep goes on (an exit ended the whole sweep, and the later jobs never ran)."""
     try:
         return execute(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if _in_sweep():
+            _record_refusal(Path(cfg.output_dir), exc)
+            return None
         raise SystemExit(2) from None
     except OSError as exc:
         if not isinstance(exc, WriteError) and exc.errno not in WRITE_ERRNOS:
