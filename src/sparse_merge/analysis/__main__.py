@@ -70,10 +70,10 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None) -> dict[str, P
         )
     if path := heatmap(table, "accuracy", out / "heatmap_accuracy.png"):
         written["heatmap_accuracy"] = path
-    archives = [
+    archives = [  # finished runs only, as in the tables (a failed run's archive is partial)
         pd.read_csv(sweep_dir / run / ARCHIVE_FILE).assign(method=method)
-        for run, method in zip(runs["run"], add_method(runs)["method"])
-        if (sweep_dir / run / ARCHIVE_FILE).exists()
+        for run, method, status in zip(runs["run"], add_method(runs)["method"], runs["status"])
+        if status == "finished" and (sweep_dir / run / ARCHIVE_FILE).exists()
     ]
     if archives and (path := archive_scatter(pd.concat(archives), out / "archive_pareto.png")):
         written["archive_pareto"] = path

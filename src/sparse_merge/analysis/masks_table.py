@@ -6,6 +6,7 @@ and the run's wall time. Writes ``masks_table.md`` and ``masks_table.csv`` and p
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,24 @@ def gather(root: str | Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (":" in r["pattern"], r["pattern"], r["method"]))
 
 
+def _cell(runs: list[dict[str, Any]]) -> str:
+    """``19.5 (0.500)`` for one run; ``10.0 ± 6.5 (0.500, 2 runs)`` for several."""
+    ppl = [r["perplexity"] for r in runs]
+    sparsity = statistics.fmean(r["sparsity"] for r in runs)
+    if len(runs) == 1:
+        return f"{ppl[0]:,.1f} ({sparsity:.3f})"
+    spread = statistics.stdev(ppl)
+    return f"{statistics.fmean(ppl):,.1f} ± {spread:,.1f} ({sparsity:.3f}, {len(runs)} runs)"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """Perplexity (measured sparsity) by pattern and method, the dense model first."""
+    """Perplexity (measured sparsity) by pattern and method, the dense model first; several
+    runs of a cell (seeds) as mean ± sd (sample sd) and their count (one used to overwrite
+    the others)."""
     methods = sorted({r["method"] for r in rows})
-    cells: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    cells: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        cells[r["pattern"]][r["method"]] = r
+        cells[r["pattern"]][r["method"]].append(r)
     dense = rows[0]
     lines = [
         "| pattern | " + " | ".join(methods) + " |",
@@ -59,12 +72,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         + " |" * len(methods),
     ]
     for name, by_method in cells.items():
-        row = [
-            f"{by_method[m]['perplexity']:,.1f} ({by_method[m]['sparsity']:.3f})"
-            if m in by_method
-            else "–"
-            for m in methods
-        ]
+        row = [_cell(by_method[m]) if m in by_method else "–" for m in methods]
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     seconds = {m: [r["prune_seconds"] for r in rows if r["method"] == m] for m in methods}
     lines.append(

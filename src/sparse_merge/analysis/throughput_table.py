@@ -21,6 +21,8 @@ from sparse_merge.analysis.collect import finished_results
 from sparse_merge.tracking.io import write_atomic, write_csv
 
 KEYS = ["model", "mode", "target_sparsity", "batch_size"]
+# the overrides that pick a point (or a repeat of it); any other override is another setting
+POINT_OVERRIDES = ("seed", "sparsity", "finetune.batch_size", "lora", "lora.mode", "model")
 VALUES = [
     "samples_per_s",
     "samples_per_s_median",
@@ -39,10 +41,17 @@ MEMORY_LABELS = {
 
 def gather(root: str | Path) -> list[dict[str, Any]]:
     """One row per model, mode, sparsity and batch size of the finished throughput runs under
-    ``root`` (values averaged over repeated runs of a point; ``runs`` counts them)."""
+    ``root`` (values averaged over repeated runs of a point; ``runs`` counts them). Runs of other
+    settings (``lora.r=32``, ``hardware.num_threads=2``: any override but those of a point) are
+    other points, not repeats: their model is named with the setting, ``toy-llama
+    [lora.r=32]`` (they were averaged together)."""
+    found = [(info, r) for info, r in finished_results(root) if r.get("pipeline") == "throughput"]
+    settings = [_setting(info) for info, _ in found]
+    named = len(set(settings)) > 1
     rows = [
         {
             **{k: r[k] for k in KEYS},
+            "model": f"{r['model']} [{setting or 'defaults'}]" if named else r["model"],
             **{k: r[k] for k in VALUES},
             "sparsity": r["sparsity"],
             "memory_measure": r["memory_measure"],
@@ -51,8 +60,7 @@ def gather(root: str | Path) -> list[dict[str, Any]]:
             "timed_steps": r["timed_steps"],
             "warmup_steps": r["warmup_steps"],
         }
-        for _, r in finished_results(root)
-        if r.get("pipeline") == "throughput"
+        for (_, r), setting in zip(found, settings, strict=True)
     ]
     if not rows:
         return []
@@ -63,6 +71,12 @@ def gather(root: str | Path) -> list[dict[str, Any]]:
     )
     agg.columns = ["runs" if stat == "size" else col for col, stat in agg.columns.to_flat_index()]
     return agg.reset_index().sort_values(KEYS).to_dict("records")
+
+
+def _setting(info: dict[str, Any]) -> str:
+    """The run's overrides other than those that pick its point (``POINT_OVERRIDES``)."""
+    items = str(info.get("overrides", "")).split()
+    return " ".join(o for o in items if o.lstrip("+~").partition("=")[0] not in POINT_OVERRIDES)
 
 
 def _short(value: float) -> str:
