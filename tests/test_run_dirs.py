@@ -273,7 +273,8 @@ def test_two_sweeps_into_one_folder_no_longer_mix(tmp_path, caplog):
     second = _sweep(sweep, "experiment=finetune_smoke")
     assert second.returncode != 0
     errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert len(errors) == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert errors[1] == "error: 1 job(s) of the sweep refused"  # after every job ran
     assert errors[0].startswith(f"error: output_dir='{job}' is not allowed: it holds the finis")
     assert "of another run (pipeline=digits, experiment=m2n2_digits_quick" in errors[0]
     assert {
@@ -354,6 +355,7 @@ def test_a_bad_value_in_one_sweep_job_ends_that_job_only(tmp_path):
         cmd, env=SUBPROCESS_ENV, cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert "error: sparsity=1.5 is not allowed: a fraction in [0, 1)" in proc.stderr
+    assert proc.returncode == 2 and "1 job(s) of the sweep refused" in proc.stderr
     rows = {r["sparsity"]: r for r in collect(sweep).to_dict("records")}
     assert rows[1.5]["status"] == "failed" and "sparsity=1.5" in rows[1.5]["error"]
     assert rows[0.3]["status"] == "finished"

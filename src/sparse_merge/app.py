@@ -125,6 +125,14 @@ class WriteProbe(Callback):
         """A sweep: its ``hydra.sweep.dir`` (the jobs' folders lie in it)."""
         _probe(config.hydra.sweep.dir)
 
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """A sweep in which jobs were refused (each already said why) exits 2 once all its
+        jobs have run, so a script sees it (jobs run by other processes, as joblib's, are not
+        counted here; their folders say failed)."""
+        if REFUSED_JOBS:
+            print(f"error: {len(REFUSED_JOBS)} job(s) of the sweep refused", file=sys.stderr)
+            raise SystemExit(2)
+
 
 def _probe(directory: str) -> None:
     try:
@@ -261,9 +269,13 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+REFUSED_JOBS: list[str] = []  # the job folders of this sweep whose config was refused
+
+
 def _record_refusal(run_dir: Path, exc: ConfigError) -> None:
     """``status.json`` = failed, with the error, in a job folder of this run's own: not in one
     that holds another run's files or is busy (those refusals protect it)."""
+    REFUSED_JOBS.append(str(run_dir))
     if isinstance(exc, RunDirTaken | RunDirBusy) or (run_dir / STATUS_FILE).exists():
         return
     with contextlib.suppress(OSError):
