@@ -127,9 +127,9 @@ def _sparsities(problem: Problem, genome: torch.Tensor, epsilon: float) -> tuple
     return exact, exact if epsilon == 0 else problem.sparsity(genome, epsilon=epsilon)
 
 
-def _means(scores: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """The mean selection score of [D] scores, or of each row of [pop, D]: unweighted as the
-    logs always computed it, or weighted by the columns' ``weights``."""
+def _means(scores: torch.Tensor, weights: torch.Tensor | None) -> float | torch.Tensor:
+    """The mean selection score of [D] scores, or of each row of [pop, D], for the logs: in
+    float32, unweighted, as they always were, or weighted by the columns' ``weights``."""
     return scores.mean(-1) if weights is None else selection_mean(scores, weights)
 
 

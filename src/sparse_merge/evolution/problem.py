@@ -220,7 +220,9 @@ def column_weights(problem: Any) -> torch.Tensor | None:
     return getattr(problem, "column_weights", None)
 
 
-def selection_mean(scores: torch.Tensor, weights: torch.Tensor | None = None) -> float | Any:
+def selection_mean(
+    scores: torch.Tensor, weights: torch.Tensor | None = None
+) -> float | torch.Tensor:
     """The mean selection score of ``scores`` [D] (or of each row of [pop, D], a tensor),
     weighted by ``weights`` [D] (mean 1; None: unweighted)."""
     s = scores.double()
