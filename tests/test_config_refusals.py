@@ -269,9 +269,10 @@ def test_a_merge_method_is_given_by_its_conf_merge_name(tmp_path):
         ("scorer.omega=abc", "scorer.omega"),
         ("sparsity=nan", "sparsity"),
         ("scorer.tau=true", "scorer.tau"),
+        ("calibration.n=0", "calibration.n"),  # with Wanda it was named pruner.n_calibration
     ],
 )
 def test_nan_strings_and_bools_are_refused_by_the_range_checks(override, key, tmp_path):
     """NaN passed ``value < 0`` and reached the selection's multinomial after the model loaded;
     a string raised Hydra's TypeError."""
-    assert refused([override], tmp_path).key == key
+    assert refused([override, "pruner=wanda"], tmp_path).key == key

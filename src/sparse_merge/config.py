@@ -225,6 +225,8 @@ def validate(cfg: DictConfig) -> None:
     """Check the global knobs and the keys of every group; raises ``ConfigError``."""
     check_fraction("sparsity", cfg.sparsity)
     check_positive("seed", cfg.seed, allow_zero=True)
+    if cfg.get("calibration") is not None:  # before the pruners that take their n from it
+        settings_of(cfg, "calibration", CalibrationSettings)
     resolve_merge_names(cfg)
     for group in GROUPS:
         node = cfg.get(group)
