@@ -27,6 +27,7 @@ from sparse_merge.pruning.masking import (
 )
 from sparse_merge.pruning.scored import ScorePruner
 from sparse_merge.pruning.sparsegpt import SparseGPTPruner
+from sparse_merge.pruning.sparsity import measure_sparsity
 from sparse_merge.pruning.wanda import WandaPruner
 
 
@@ -90,17 +91,34 @@ def test_channel_and_head_masks_remove_whole_units():
     assert heads[4:].logical_not().all() and heads[:4].all()
 
 
-def test_structured_pruner_removes_whole_heads_and_channels(tiny_llama, tokenizer):
-    ScorePruner(MagnitudeImportance(), "head").prune(tiny_llama, None, 0.5)
-    hd = head_dim(tiny_llama)
-    for layer in prunable_layers(tiny_llama):
-        rows_zero = (layer.weight == 0).all(1)  # [out]
-        rows_kept = (layer.weight != 0).all(1)
-        assert (rows_zero | rows_kept).all(), layer.name
-        assert int(rows_zero.sum()) == layer.weight.shape[0] // 2
-        if layer.is_attention_input:  # whole heads: every head all-zero or all-kept
-            per_head = rows_zero.reshape(-1, hd)
-            assert (per_head.all(1) | (~per_head).all(1)).all()
+@pytest.mark.parametrize("kv_heads", [None, 2])  # multi-head, grouped-query (2 groups of 2)
+def test_structured_pruner_removes_whole_heads_and_channels(tokenizer, kv_heads):
+    """LLM-Pruner's coupled structures: a removed head loses its query, key and value rows and
+    its o_proj input columns (a key/value group at a time under GQA); a removed MLP channel its
+    gate and up rows and its down_proj input column; the residual stream's rows stay. Each
+    layer used to rank its own rows: q, k and v kept different heads, o_proj and down_proj lost
+    residual dimensions, and gate and up different channels."""
+    from sparse_merge.models.toy import toy_llama
+
+    arch = {"num_attention_heads": 4} | ({"num_key_value_heads": kv_heads} if kv_heads else {})
+    model = toy_llama(tokenizer, seed=0, hidden_size=32, intermediate_size=64, **arch)
+    ScorePruner(MagnitudeImportance(), "head").prune(model, None, 0.5)
+    hd = head_dim(model)
+    for block in model.model.layers:
+        att, mlp = block.self_attn, block.mlp
+        dead_q = (att.q_proj.weight == 0).all(1).view(-1, hd).all(1)  # [heads]
+        kept_q = (att.q_proj.weight != 0).all(1).view(-1, hd).all(1)
+        assert (dead_q ^ kept_q).all() and int(dead_q.sum()) == 2
+        dead_o = (att.o_proj.weight == 0).all(0).view(-1, hd).all(1)
+        assert torch.equal(dead_o, dead_q) and not (att.o_proj.weight == 0).all(1).any()
+        groups = (att.k_proj.weight == 0).all(1).view(-1, hd).all(1)  # [kv heads]
+        assert torch.equal((att.v_proj.weight == 0).all(1).view(-1, hd).all(1), groups)
+        assert torch.equal(dead_q, groups.repeat_interleave(4 // groups.numel()))
+        channels = (mlp.gate_proj.weight == 0).all(1)
+        assert int(channels.sum()) == 32 and torch.equal((mlp.up_proj.weight == 0).all(1), channels)
+        assert torch.equal((mlp.down_proj.weight == 0).all(0), channels)
+        assert not (mlp.down_proj.weight == 0).all(1).any()
+    assert measure_sparsity(model).overall == pytest.approx(0.5)
 
 
 def test_random_masks_are_reproducible_by_seed(tiny_llama):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from sparse_merge.errors import check_choice, check_fraction
 from sparse_merge.models.blocks import PrunableLayer, head_dim, prunable_layers
-from sparse_merge.pruning.base import Calibration
+from sparse_merge.pruning.base import Calibration, keep_smallest_out
 from sparse_merge.pruning.importance import Importance
 from sparse_merge.pruning.masking import (
     GRANULARITIES,
@@ -23,15 +24,26 @@ from sparse_merge.pruning.masking import (
     unit_masks,
 )
 
+log = logging.getLogger("sparse_merge")
+
+# the linears of a Llama-style decoder block, whose heads and MLP channels are coupled
+COUPLED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 class ScorePruner(LayerMasks):
     """Scores every prunable weight with ``importance``, then keeps the highest.
 
     ``granularity``: ``row`` (exactly ``round(sparsity * in)`` pruned per output row),
     ``layer`` (per layer), ``global`` (one threshold over all layers), ``channel`` (whole output
-    channels of every layer, ranked by summed score), ``head`` (whole attention heads of the
-    query/key/value projections, whole output channels elsewhere). ``nm='2:4'`` gives an N:M
-    pattern instead (it fixes the sparsity at (M-N)/M).
+    channels of every layer, each layer ranked on its own), ``head`` (LLM-Pruner's coupled
+    structures, in a Llama-style block: whole attention heads, with their query, key and value
+    rows and their ``o_proj`` input columns, a key/value group at a time under grouped-query
+    attention; whole MLP channels, with their ``gate_proj`` and ``up_proj`` rows and their
+    ``down_proj`` input column; each ranked by the summed score of all its weights;
+    ``round(sparsity * units)`` of each removed per block; the residual stream's dimensions are
+    never touched; a block of another layout is pruned by output channels, layer by layer,
+    with a warning). ``nm='2:4'`` gives an N:M pattern instead (it fixes the sparsity at
+    (M-N)/M).
 
     Fused MoE experts: every granularity but ``global`` applies to each expert's gate, up and
     down projection on its own (as to a linear of that shape; ``head`` prunes whole output
@@ -104,6 +116,10 @@ class ScorePruner(LayerMasks):
             return True
         head = self.granularity == "head"
         dim = head_dim(model) if head else None
+        if head:
+            layers = self._prune_coupled(model, calib, layers, sparsity, record)
+            if not layers:
+                return True
         for layer, scores in self._scores(model, calib, layers):
             unit = "channel" if head and not layer.is_attention_input else self.granularity
             keep = unit_masks(layer, scores, sparsity, unit, self.nm, dim)
@@ -112,6 +128,75 @@ class ScorePruner(LayerMasks):
                 record(layer.param_name, apply_keep(layer, keep))
             del keep  # before the next layer's is made
         return True
+
+    def _prune_coupled(
+        self,
+        model: nn.Module,
+        calib: Calibration | None,
+        layers: list[PrunableLayer],
+        sparsity: float,
+        record: Record,
+    ) -> list[PrunableLayer]:
+        """Prune the heads and MLP channels of every Llama-style block as coupled structures
+        (see the class docstring); returns the layers of the other blocks, left to the
+        layer-by-layer path. Written here: LLM-Pruner's dependency graph is a library of its
+        own for arbitrary graphs, and these two structures are all a decoder block has."""
+        blocks: dict[str, dict[str, PrunableLayer]] = {}
+        for layer in layers:
+            where, _, name = layer.name.rpartition(".")
+            block = where.rpartition(".")[0]  # model.layers.0(.self_attn|.mlp)
+            blocks.setdefault(block, {})[name] = layer
+        coupled = {
+            block: parts
+            for block, parts in blocks.items()
+            if set(parts) == set(COUPLED) and all(len(p.units) == 1 for p in parts.values())
+        }
+        rest = [
+            layer
+            for layer in layers
+            if layer.name.rpartition(".")[0].rpartition(".")[0] not in coupled
+        ]
+        if rest:
+            log.warning(
+                "structured pruning couples heads and channels in Llama-style blocks "
+                "(q/k/v/o_proj, gate/up/down_proj); %d other layers are pruned by output "
+                "channels, each on its own",
+                len(rest),
+            )
+        if not coupled:
+            return rest
+        mine = [layer for parts in coupled.values() for layer in parts.values()]
+        scores = {layer.name: sc for layer, sc in self._scores(model, calib, mine)}
+        d = head_dim(model)
+        for parts in coupled.values():
+            s = {name: scores.pop(layer.name) for name, layer in parts.items()}
+            groups = s["k_proj"].shape[0] // d  # key/value heads
+            per = s["q_proj"].shape[0] // groups  # query rows of one group
+            score = (
+                s["q_proj"].sum(1).view(groups, per).sum(1)
+                + s["k_proj"].sum(1).view(groups, d).sum(1)
+                + s["v_proj"].sum(1).view(groups, d).sum(1)
+                + s["o_proj"].sum(0).view(groups, per).sum(1)
+            )
+            group = keep_smallest_out(score.double(), round(sparsity * groups))  # [groups]
+            channel = keep_smallest_out(
+                (s["gate_proj"].sum(1) + s["up_proj"].sum(1) + s["down_proj"].sum(0)).double(),
+                round(sparsity * s["gate_proj"].shape[0]),
+            )  # [intermediate]
+            rows = {
+                "q_proj": group.repeat_interleave(per),
+                "k_proj": group.repeat_interleave(d),
+                "v_proj": group.repeat_interleave(d),
+                "gate_proj": channel,
+                "up_proj": channel,
+            }
+            cols = {"o_proj": group.repeat_interleave(per), "down_proj": channel}
+            with torch.no_grad():
+                for name, layer in parts.items():
+                    shape = layer.weight.shape
+                    keep = rows[name][:, None] if name in rows else cols[name][None, :]
+                    record(layer.param_name, apply_keep(layer, keep.expand(shape).clone()))
+        return rest
 
     def _scores(
         self, model: nn.Module, calib: Calibration | None, layers: list[PrunableLayer]
