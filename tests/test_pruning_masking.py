@@ -163,6 +163,17 @@ def test_gradient_scores_never_fall_back_to_magnitude(tiny_llama, tokenizer):
     assert not (prunable_layers(tiny_llama)[0].weight == 0).any()  # nothing was pruned
 
 
+def test_gradient_scores_refuse_a_loss_without_target_tokens(tiny_llama, tokenizer):
+    """Answer-only labels whose answers the calibration length cut off: the loss is 0, every
+    score 0, and the masks went by index (the first half of every row); now an error."""
+    from sparse_merge.tasks.base import Example
+
+    examples = [Example("rev:" + "abcdefghij"[i % 10] * 16 + "=", "xyz") for i in range(16)]
+    calib = Calibration.from_examples(tokenizer, examples, 16, answers_only=True)
+    with pytest.raises(ValueError, match="calibration.length"):
+        ScorePruner(TaylorImportance(2, 8), granularity="row").prune(tiny_llama, calib, 0.5)
+
+
 def test_gradient_taylor_magnitude_give_different_masks(tiny_llama, tokenizer):
     cal = calib(len(tokenizer))
     masks = {

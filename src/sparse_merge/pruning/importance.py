@@ -171,6 +171,12 @@ def loss_gradients(
         (ids, attn, labels[i : i + batch_size])
         for (ids, attn), i in zip(calib.batches(batch_size), range(0, len(calib), batch_size))
     ][:n_batches]
+    if not any(bool((lab[:, 1:] != -100).any()) for _, _, lab in batches):  # shifted targets
+        raise ValueError(
+            f"{who}: the calibration batches hold no token to compute the loss on (with "
+            "calibration.answer_loss=true every answer was cut off by calibration.length, or "
+            "there are no answers): raise calibration.length, or score every token"
+        )
     device = next(model.parameters()).device
     try:
         for p in params:  # only the prunable weights get gradients (less memory)
@@ -192,6 +198,11 @@ def loss_gradients(
                 )
             if layer.is_experts:
                 _warn_idle_experts(layer, g, who)
+            elif not bool(g.any()):  # ranked by an all-zero score, pruning goes by index
+                raise RuntimeError(
+                    f"{who}: the gradient of {layer.param_name} is zero everywhere (the loss "
+                    "does not depend on it)"
+                )
             grads[layer.param_name] = layer.matrix(g.float())  # [out, in]
         return grads
     finally:
