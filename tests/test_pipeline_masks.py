@@ -174,3 +174,21 @@ def test_answer_perplexity_matches_one_sequence_at_a_time(tiny_llama, tokenizer)
     got = answer_nlls(tiny_llama, tokenizer, examples, batch_size=2)
     assert [len(g) for g in got] == [len(n) for n in nlls]
     assert perplexity(got) == pytest.approx(perplexity(nlls), rel=1e-5)
+
+
+def test_metadata_counts_the_calibration_sequences_the_pruner_reads():
+    """A gradient score reads n_batches * batch_size sequences (32 by default), not all of
+    calibration.n, which the metadata recorded."""
+    from sparse_merge.pipelines.masks import sequences_used
+    from sparse_merge.pruning.base import Calibration
+    from sparse_merge.pruning.importance import TaylorImportance
+    from sparse_merge.pruning.magnitude import MagnitudePruner
+    from sparse_merge.pruning.scored import ScorePruner
+    from sparse_merge.pruning.wanda import WandaPruner
+
+    ids = torch.ones(64, 4, dtype=torch.long)
+    calib = Calibration(ids, torch.ones_like(ids))
+    assert sequences_used(ScorePruner(TaylorImportance(), "row"), calib) == 32
+    assert sequences_used(WandaPruner(n_calibration=48), calib) == 48
+    assert sequences_used(WandaPruner(n_calibration=128), calib) == 64
+    assert sequences_used(MagnitudePruner(), None) == 0

@@ -144,7 +144,7 @@ def run_masks(
         "source": str(source.base()),
         "source_hash": source_hash,
         "seed": seed,
-        "n_calibration": len(calib) if calib is not None else 0,
+        "n_calibration": sequences_used(pruner, calib),
         "calibration_length": calib.input_ids.shape[1] if calib is not None else 0,
     }
     save_masks(out, masks, metadata)
@@ -181,6 +181,19 @@ def run_masks(
     print("\n" + format_table(rows, ["model", "sparsity", "perplexity"]) + "\n")
     log.info("masks saved to %s (%.2f s to prune)", out, seconds)
     return pruned_ppl
+
+
+def sequences_used(pruner, calib: Calibration | None) -> int:
+    """How many calibration sequences ``pruner`` reads of ``calib``: Wanda's and SparseGPT's
+    ``n_calibration``, a gradient score's ``n_batches * batch_size`` (32 by default, whatever
+    ``calibration.n``), at most all of them."""
+    if calib is None:
+        return 0
+    limit = getattr(pruner, "n_calibration", None)
+    importance = getattr(pruner, "importance", None)
+    if hasattr(importance, "n_batches"):
+        limit = importance.n_batches * importance.batch_size
+    return len(calib) if limit is None else min(len(calib), int(limit))
 
 
 def run(cfg, parts: dict, run_dir: Path) -> float:
