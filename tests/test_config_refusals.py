@@ -276,3 +276,18 @@ def test_nan_strings_and_bools_are_refused_by_the_range_checks(override, key, tm
     """NaN passed ``value < 0`` and reached the selection's multinomial after the model loaded;
     a string raised Hydra's TypeError."""
     assert refused([override, "pruner=wanda"], tmp_path).key == key
+
+
+def test_a_parent_that_is_no_model_is_refused_before_the_first_loads(tmp_path):
+    """A parent path that does not exist was taken for a hub id, and a folder without weights
+    was found out, only after the first parent had loaded."""
+    from sparse_merge.models.source import PretrainedModels
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for path, allowed in ((tmp_path / "nowhere", "hub id"), (empty, ".safetensors")):
+        source = PretrainedModels("m", parents={"a": "org/model", "b": str(path)})
+        with pytest.raises(ConfigError, match=allowed) as err:
+            source.check()
+        assert err.value.key == "model.parents.b"
+    PretrainedModels("m", base="HuggingFaceTB/SmolLM2-135M", parents={"a": "x/y", "b": "z"}).check()

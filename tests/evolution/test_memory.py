@@ -330,6 +330,7 @@ def test_memory_check_warn_runs_what_the_plan_refuses(tmp_path, tokenizer, monke
     parents = {}
     for name in ("a", "b"):
         config.save_pretrained(tmp_path / name)
+        (tmp_path / name / "model.safetensors").touch()  # never read: the load is stubbed
         parents[name] = str(tmp_path / name)
     tokenizer.save_pretrained(tmp_path / "tok")
 

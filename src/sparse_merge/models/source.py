@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -28,6 +29,25 @@ class ModelSource(Protocol):
         ...
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def check_location(key: str, value: str | Path | None, weights: bool = True) -> None:
+    """An error, before anything loads, unless ``value`` is an existing local folder (holding
+    ``.safetensors`` files, with ``weights``) or file, or reads as a hub id (``name`` or
+    ``namespace/name``): a path that does not exist used to be taken for a hub id, and a folder
+    without weights refused, after the first model had loaded."""
+    if value is None:
+        return
+    path = Path(str(value)).expanduser()
+    if path.is_dir() and weights and not any(path.glob("*.safetensors")):
+        raise ConfigError(key, str(value), "a folder holding the model's .safetensors files")
+    if path.exists():
+        return
+    if not HUB_ID.fullmatch(str(value)):
+        raise ConfigError(key, str(value), "an existing local folder, or a hub id (namespace/name)")
+
+
 class PretrainedModels:
     """Models given by local path or hub id (``model=hf model.parents={math: ..., code: ...}``)."""
 
@@ -44,6 +64,13 @@ class PretrainedModels:
         self._tokenizer = tokenizer or base or next(iter(self._parents.values()), None)
         if self._tokenizer is None:
             raise ConfigError("base", base, "a local path or hub id (or at least one parent)")
+
+    def check(self) -> None:
+        """Refuse, before any model loads, a base or parent that is neither an existing local
+        path nor a hub id, and a parent folder without weights (``check_location``)."""
+        check_location("model.base", self._base, weights=False)
+        for name, value in self._parents.items():
+            check_location(f"model.parents.{name}", value)
 
     def base(self) -> str | Path:
         """The base model."""

@@ -205,6 +205,8 @@ def run_merge(
                 f"{refusal.allowed}; or, to run it anyway, hardware.memory_check=warn",
             ) from None
         log.warning("%s (hardware.memory_check=warn: running anyway)", refusal)
+    if hasattr(source, "check"):  # every parent's location, before the first one loads
+        source.check()
     model = load_causal_lm(first, device, hardware.torch_dtype)
     space = ParamSpace(model)
     parents = {name: load_genome(space, path).to(space.flat.device) for name, path in paths.items()}
