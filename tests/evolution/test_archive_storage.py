@@ -89,6 +89,31 @@ def test_state_of_one_storage_loads_into_another_and_checks_checksums(tmp_path):
         Archive(3, 1000, 4, storage="disk", root=tmp_path / "disk").load_state_dict(state)
 
 
+@pytest.mark.parametrize("damage", ["empty", "cut in the header", "zeroed", "a folder", "F16"])
+def test_a_damaged_genome_file_is_one_error_naming_it(tmp_path, damage):
+    """A file emptied, cut short or zeroed (an interrupted copy of a run folder) was a bare
+    struct or JSON error naming no file; a header changed to another dtype (outside the
+    checksum) passed and the genome was read as float16."""
+    state = _filled("disk", tmp_path, torch.bfloat16).state_dict()
+    path = tmp_path / "disk" / "00000001.safetensors"
+    raw = path.read_bytes()
+    if damage == "a folder":
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_bytes(
+            {
+                "empty": b"",
+                "cut in the header": raw[:20],
+                "zeroed": bytes(len(raw)),
+                "F16": raw.replace(b'"BF16"', b'"F16" '),
+            }[damage]
+        )
+    archive = Archive(3, 1000, 4, torch.bfloat16, "cpu", "cpu")
+    with pytest.raises(ValueError, match=f"{path}.*(damaged|checksum)"):
+        archive.load_state_dict(state, tmp_path / "disk")
+
+
 def test_disk_archive_needs_a_run_folder():
     engine = NaturalNiches(pop_size=4, iterations=2, archive="disk")
     with pytest.raises(ConfigError, match="evolver.archive"):

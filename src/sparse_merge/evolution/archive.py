@@ -80,13 +80,24 @@ def write_genome(path: Path, genome: torch.Tensor, ident: int) -> str:
 
 
 def _data_offset(path: Path) -> tuple[int, int, torch.dtype]:
-    """(byte offset of the data, its length, dtype) of a genome file."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    meta = header["genome"]
-    dtype = {v: k for k, v in _ST_DTYPES.items()}[meta["dtype"]]
-    start, stop = meta["data_offsets"]
+    """(byte offset of the data, its length, dtype) of a genome file; a file that is not one
+    (empty, cut short, zeroed, a folder) is one ``ValueError`` naming it (it was a bare
+    ``struct.error`` or ``JSONDecodeError`` naming no file)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > IO_CHUNK:
+                raise ValueError(f"a header of {n} bytes")
+            header = json.loads(f.read(n))
+        meta = header["genome"]
+        dtype = {v: k for k, v in _ST_DTYPES.items()}[meta["dtype"]]
+        start, stop = (int(x) for x in meta["data_offsets"])
+        if path.stat().st_size < 8 + n + stop:
+            raise ValueError("the file ends before its data")
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise ValueError(f"{path} is not a whole genome file ({exc}); it is damaged") from None
     return 8 + n + start, stop - start, dtype
 
 
@@ -341,6 +352,12 @@ class Archive:
                     raise FileNotFoundError(f"archive file {path} of the checkpoint is missing")
                 if file_sha256(path) != state["sha256"][slot]:
                     raise ValueError(f"archive file {path} does not match its checkpoint checksum")
+                _, nbytes, dtype = _data_offset(path)  # the header is outside the checksum
+                if dtype != self.dtype or nbytes != self.numel * self.dtype.itemsize:
+                    raise ValueError(
+                        f"archive file {path} holds {nbytes} bytes of {dtype}, the archive "
+                        f"{self.numel} x {self.dtype}: its header is damaged"
+                    )
                 if self._rows is not None:
                     read_genome_into(path, self._rows[slot])
                 else:
