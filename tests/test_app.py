@@ -130,3 +130,14 @@ def test_natural_niches_merge_with_wanda_end_to_end(tmp_path):
         if '"event": "step"' in x
     ]
     assert len(steps) == 4 and all(s["prune_sparsity"] <= 0.5 for s in steps)
+
+
+def test_a_job_leaves_torchs_thread_count_as_it_found_it(tmp_path):
+    """In a sweep run in one process, a job with hardware.num_threads=0 (torch's default) ran
+    with the previous job's count."""
+    import torch
+
+    before = torch.get_num_threads()
+    cfg = compose_cfg(["experiment=smoke", "hardware.num_threads=3", "save_models=false"], tmp_path)
+    execute(cfg)
+    assert torch.get_num_threads() == before != 3

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
@@ -175,7 +176,16 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
 def execute(cfg: DictConfig) -> float | None:
     """Build the parts, claim the run directory and run the pipeline; raises ``ConfigError`` on
     bad input or a directory holding another run's files, ``WriteError`` when it cannot be
-    written."""
+    written. Torch's thread count is put back afterwards: the next job of an in-process sweep
+    with ``hardware.num_threads=0`` (torch's default) used to inherit this job's count."""
+    threads = torch.get_num_threads()
+    try:
+        return _execute(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _execute(cfg: DictConfig) -> float | None:
     this_run = identity(cfg)
     parts = build(cfg)
     run_dir = Path(cfg.output_dir)
