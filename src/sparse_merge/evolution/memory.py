@@ -288,12 +288,16 @@ class MemoryPlan:
             )
         cache = by_setting.get("evolver.prune_cache_mb", 0)
         if cache and need - cache <= free:
-            room = max(free - (need - cache), 0) / 2**20
+            # the row holds the masks (what the setting caps) plus one mask being packed and
+            # a chunk, which any cache needs: only the first shrinks with the setting
+            fixed = -(-s["shape"].numel // 8) + PACK_CHUNK
+            room = math.floor((free - (need - cache) - fixed) / 2**20)
+            advice = f"to at most {room}" if room >= 1 else "to 0 (no cache)"
             return ConfigError(
                 "evolver.prune_cache_mb",
                 s["prune_cache_mb"],
                 f"{head}, {human(cache)} of it for cached pruning masks; set "
-                f"evolver.prune_cache_mb to at most {math.floor(room)}",
+                f"evolver.prune_cache_mb {advice}",
             )
         pop_bytes = by_setting.get("evolver.pop_size", 0)
         if pop_bytes and need - pop_bytes <= free:
