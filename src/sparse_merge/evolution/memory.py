@@ -573,6 +573,7 @@ def plan_evolution(
     weights: bool = True,
     report: bool = False,
     saved_models: int = 0,
+    baselines: int = 0,
 ) -> MemoryPlan:
     """The memory an evolution over ``shape`` needs, per device (see the module docstring).
 
@@ -598,7 +599,8 @@ def plan_evolution(
         weights: genomes are model weights [P] (``search=weights``); False for a search over a
             few coefficients (``search=task_vectors``), whose genomes are negligible.
         report: add the merge pipeline's report after the evolution; ``saved_models``: models
-            it saves (safetensors, on disk).
+            it saves (safetensors, on disk); ``baselines``: classic merge methods it searches
+            (``baselines=classic``), each keeping its best genome on the model's device.
     """
     if archive is not None and archive not in ARCHIVES:
         raise ConfigError("evolver.archive", archive, "one of " + ", ".join(ARCHIVES))
@@ -733,6 +735,15 @@ def plan_evolution(
             add("host", "a genome hashed for the held-out memo", genome, g, AFTER)
         if saved_models and run_dir is not None:
             add("disk", "saved models", saved_models * genome, f"{saved_models} x {g}")
+        if baselines:  # each method's best so far, and the one taking its place
+            add(
+                dev,
+                "baselines: each method's best genome, and a new best being copied",
+                (baselines + 1) * genome,
+                f"({baselines} + 1) x {g}",
+                AFTER,
+                "baselines",
+            )
 
     header = (
         f"memory plan: P = {P:,} parameters (N = {shape.prunable:,} prunable), "
@@ -812,6 +823,7 @@ def plan_merge(
     write: bool = True,
     weights: bool = True,
     save_models: bool = False,
+    baselines: int = 0,
 ) -> MemoryPlan:
     """The plan of a merge run (``pipelines.merge.run_merge``), from the first parent's config
     and the run's parts, before any model is loaded. ``write=False`` (the other processes of a
@@ -833,6 +845,7 @@ def plan_merge(
         weights=weights,
         report=True,
         saved_models=2 if save_models and write else 0,  # the picks (best and sparse)
+        baselines=baselines,  # full models, whatever the search
         **settings,
         **evaluation_size(tasks, tokenizer, calibration.length),
     )

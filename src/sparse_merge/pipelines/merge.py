@@ -193,6 +193,7 @@ def run_merge(
         write=main,
         weights=isinstance(search, WeightSearch),
         save_models=save_models,
+        baselines=len(baselines.methods) if baselines is not None else 0,
     )
     log.info("%s", plan.format())
     try:
