@@ -341,7 +341,9 @@ def load_checked(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     advice = "delete it to start the run afresh, or restore an intact copy"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: a resumed archive is copied from the file, not from a second copy of
+        # it in memory (pop x P more at the peak than the plan counts)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc):
             raise  # code in a checkpoint: refused by weights_only, said as torch says it
