@@ -47,3 +47,34 @@ def test_a_process_other_than_rank_0_still_saves_a_loadable_model(
     loaded = AutoModelForCausalLM.from_pretrained(out)
     for name, p in tiny_llama.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], p), name
+
+
+def test_load_genome_reads_what_transformers_reads_and_keeps_untied_heads_apart(tmp_path):
+    """A checkpoint saved without the base model's prefix (GPT-2's hub layout) was refused; a
+    parent with its own LM head, merged into a model that ties it, lost that head silently."""
+    import copy
+
+    import pytest
+
+    from sparse_merge.models.hf import load_causal_lm
+
+    from .tiny_archs import ARCHS
+
+    cls, cfg, _ = ARCHS["gpt2"]
+    torch.manual_seed(0)
+    lm = cls(copy.deepcopy(cfg)).eval()
+    save_causal_lm(lm, tmp_path / "full")
+    lm.transformer.save_pretrained(tmp_path / "bare")  # keys h.0..., wte.weight
+    space = ParamSpace(load_causal_lm(tmp_path / "full"))
+    assert torch.equal(load_genome(space, tmp_path / "bare"), space.flat)
+
+    cls, cfg, _ = ARCHS["qwen2"]
+    tied, untied = copy.deepcopy(cfg), copy.deepcopy(cfg)
+    tied.tie_word_embeddings, untied.tie_word_embeddings = True, False
+    torch.manual_seed(0)
+    save_causal_lm(cls(tied).eval(), tmp_path / "tied")
+    torch.manual_seed(1)
+    save_causal_lm(cls(untied).eval(), tmp_path / "untied")
+    space = ParamSpace(load_causal_lm(tmp_path / "tied"))
+    with pytest.raises(ValueError, match="lm_head.weight is not its"):
+        load_genome(space, tmp_path / "untied")

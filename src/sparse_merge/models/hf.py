@@ -13,7 +13,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from sparse_merge.errors import ConfigError, check_int
-from sparse_merge.models.blocks import is_experts
 from sparse_merge.models.paramspace import ParamSpace
 from sparse_merge.tracking.io import write_atomic_dir
 
@@ -107,26 +106,55 @@ def save_causal_lm(
 
 
 @torch.no_grad()
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """Every parameter name that shares its tensor with an earlier one (a tied LM head), and
+    that earlier one's name."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.data_ptr() in first:
+            out[name] = first[p.data_ptr()]
+        else:
+            first[p.data_ptr()] = name
+    return out
+
+
 def load_genome(space: ParamSpace, name_or_path: str | Path) -> torch.Tensor:
     """The genome [P] of a checkpoint with ``space``'s architecture, read tensor by tensor from
-    its safetensors files, so a second full model never sits in memory. Fused MoE experts
-    (saved per expert by transformers) are the exception: the parameters not found under their
-    in-memory names come from a ``from_pretrained`` of the checkpoint (its key conversion)."""
+    its safetensors files, so a second full model never sits in memory. Parameters not found
+    under their in-memory names (fused MoE experts, saved per expert by transformers; keys
+    saved without the base model's prefix, as GPT-2's hub checkpoints are) come from a
+    ``from_pretrained`` of the checkpoint (its key conversion), one more model in memory while
+    it runs. A tensor the model ties to another (an LM head tied to the embedding) must equal
+    it in the checkpoint: a parent with a head of its own is refused, not silently dropped."""
     files = sorted(resolve(name_or_path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {name_or_path}")
     genome = torch.empty_like(space.flat)
     missing = {s.name for s in space.slots}
+    tied = _tied_names(space.model)  # alias -> the slot's name
+    aliases = []  # (file, alias) found in the checkpoint, checked once every slot is read
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 if key in missing:
                     space.view(genome, key).copy_(f.get_tensor(key))
                     missing.discard(key)
-    if missing and any(is_experts(m) for m in space.model.modules()):
+                elif key in tied:
+                    aliases.append((file, key))
+    for file, key in aliases:
+        if tied[key] in missing:
+            continue
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            if not torch.equal(f.get_tensor(key).to(genome.dtype), space.view(genome, tied[key])):
+                raise ValueError(
+                    f"{name_or_path}: {key} is not its {tied[key]}, to which this model ties "
+                    "it (a checkpoint with untied weights, merged as tied, would lose it)"
+                )
+    if missing:
         # transformers 5 fuses MoE experts in memory (experts.gate_up_proj [E, 2*I, H]) but
-        # saves and reads them per expert (experts.0.gate_proj.weight, Mixtral's w1/w2/w3):
-        # its loader converts them, at the cost of one more model in memory while it does
+        # saves and reads them per expert (experts.0.gate_proj.weight, Mixtral's w1/w2/w3),
+        # and older checkpoints drop the base model's prefix: its loader converts both
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=space.flat.dtype)
         params = dict(model.named_parameters(remove_duplicate=True))
         for name in sorted(missing):
