@@ -245,3 +245,19 @@ def test_dense_rows_option_and_missing_calibration(tokenizer, calib):
     assert int(rows_filled.sum()) == 2 and not (merged[name][~rows_filled] != 0).all()
     with pytest.raises(ValueError, match="calibration"):
         RowSparseAdapter(importance="taylor", rank=2).select_rows(_model(tokenizer), None)
+
+
+def test_zeroth_order_loss_is_the_loss_the_gradient_scores_take(tokenizer):
+    """With answer-only targets (calibration.answer_loss=true) the zeroth-order loss scored
+    every token, so zo_taylor estimated the Taylor sums of another loss than taylor's."""
+    from sparse_merge.tasks.base import Example
+
+    examples = [Example(f"rev:{a}{b}=", f"{b}{a}") for a in "abcd" for b in "efgh"]
+    answers = Calibration.from_examples(tokenizer, examples, 16, answers_only=True)
+    model = _model(tokenizer)
+    ids, attn = answers.input_ids[:8], answers.attention_mask[:8]
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=attn, labels=answers.labels[:8]).loss
+        every = model(input_ids=ids, attention_mask=attn, labels=ids.masked_fill(attn == 0, -100))
+    got = calibration_loss(model, answers, n_batches=1, batch_size=8)()
+    assert torch.allclose(got, expected) and not torch.allclose(got, every.loss)

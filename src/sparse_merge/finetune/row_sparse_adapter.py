@@ -59,7 +59,6 @@ from sparse_merge.pruning.importance import (
     MagnitudeImportance,
     TaylorImportance,
     WandaImportance,
-    lm_labels,
 )
 
 IMPORTANCES = ("magnitude", "wanda", "gradient", "taylor", "zo_taylor", "random")
@@ -73,16 +72,23 @@ UPDATE_FILE = "row_update.safetensors"
 def calibration_loss(
     model: nn.Module, calib: Calibration, n_batches: int, batch_size: int
 ) -> Callable[[], torch.Tensor]:
-    """A closure: the mean LM loss of ``model`` over the first ``n_batches`` calibration batches."""
-    batches = calib.batches(batch_size)[:n_batches]
+    """A closure: the mean LM loss of ``model`` over the first ``n_batches`` calibration batches,
+    on the targets the gradient scores use (``calib.loss_labels()``: the answer tokens with
+    ``calibration.answer_loss``, else every token; it scored every token whatever the
+    setting, so ``zo_taylor`` estimated another loss's Taylor sums than ``taylor``)."""
+    labels = calib.loss_labels()  # [N, T]
+    batches = [
+        (ids, attn, labels[i : i + batch_size])
+        for (ids, attn), i in zip(calib.batches(batch_size), range(0, len(calib), batch_size))
+    ][:n_batches]
     device = next(model.parameters()).device
 
     @torch.no_grad()
     def loss() -> torch.Tensor:
         total = torch.zeros((), device=device)
-        for ids, attn in batches:
-            ids, attn = ids.to(device), attn.to(device)
-            out = model(input_ids=ids, attention_mask=attn, labels=lm_labels(ids, attn))
+        for ids, attn, lab in batches:
+            ids, attn, lab = ids.to(device), attn.to(device), lab.to(device)
+            out = model(input_ids=ids, attention_mask=attn, labels=lab)
             total += out.loss.float()
         return total / len(batches)
 
