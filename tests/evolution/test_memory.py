@@ -224,34 +224,25 @@ def test_the_refusal_says_which_population_fits():
 
 
 def test_the_refusal_names_the_cache_or_the_dtype():
-    cached = plan_evolution(
-        SHAPE,
-        dtype=torch.float32,
-        device="cuda:0",
-        pop_size=4,
-        archive="device",
-        pruner=MagnitudePruner(),
-        prune_cache_mb=512,
-        **EVAL,
-    )
-    need = cached.peak("host")[0]
+    def cached(mb: int):
+        return plan_evolution(
+            SHAPE,
+            dtype=torch.float32,
+            device="cuda:0",
+            pop_size=4,
+            archive="device",
+            pruner=MagnitudePruner(),
+            prune_cache_mb=mb,
+            **EVAL,
+        )
+
+    free = {"host": cached(512).peak("host")[0] - 256 * 2**20}
     with pytest.raises(ConfigError, match="evolver.prune_cache_mb to at most") as info:
-        cached.check({"host": need - 256 * 2**20})
+        cached(512).check(free)
     assert info.value.key == "evolver.prune_cache_mb"
     # the advice fits: the mask being packed and the chunk stay whatever the setting (the
     # advice counted them as cache, and the plan it named was refused again)
-    advised = int(str(info.value).rsplit("at most ", 1)[1])
-    replan = plan_evolution(
-        SHAPE,
-        dtype=torch.float32,
-        device="cuda:0",
-        pop_size=4,
-        archive="device",
-        pruner=MagnitudePruner(),
-        prune_cache_mb=advised,
-        **EVAL,
-    )
-    replan.check({"host": need - 256 * 2**20})
+    cached(int(str(info.value).rsplit("at most ", 1)[1])).check(free)
     no_archive = plan_evolution(SHAPE, dtype=torch.float32, device="cpu", pop_size=0, archive=None)
     assert not any("archive" in r.what for r in no_archive.rows)
     with pytest.raises(ConfigError, match="hardware.dtype=bfloat16") as info:
