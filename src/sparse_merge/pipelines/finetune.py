@@ -228,7 +228,7 @@ def result_settings(cfg, parts: dict) -> dict[str, Any]:
         groups.append("pruner")
     if _needs_calibration(parts["pruner"], parts["lora"]):
         groups.append("calibration")
-    return shaping_settings(cfg, groups)
+    return shaping_settings(cfg, groups, parts["model"])
 
 
 def run(cfg, parts: dict, run_dir: Path) -> float | None:

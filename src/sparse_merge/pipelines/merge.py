@@ -341,7 +341,7 @@ def result_settings(cfg, parts: dict) -> dict[str, Any]:
     groups = ["model", "task", "search", "pruner"]
     if uses_calibration(parts["pruner"]):
         groups.append("calibration")
-    return shaping_settings(cfg, groups)
+    return shaping_settings(cfg, groups, parts["model"])
 
 
 def run(cfg, parts: dict, run_dir: Path) -> float:
