@@ -68,3 +68,43 @@ def test_merge_run_under_two_processes_reports_what_one_process_reports(tmp_path
         results[procs] = json.loads((out / "results.json").read_text())
     assert results[2]["models"] == results[1]["models"]
     assert results[2]["archive"] == results[1]["archive"]
+
+
+def test_every_task_type_shards_all_it_indexes_by_datapoint():
+    """A function task's tests, a dataset task's rows, a choice task's items, a corpus task's
+    texts and an lm-eval task's documents split with its examples (only ``examples`` was
+    sliced: rank 1 judged its prompts against rank 0's tests, and dataset tasks crashed)."""
+    from sparse_merge.evolution.distributed import shard_task
+    from sparse_merge.tasks.base import Example
+    from sparse_merge.tasks.choice import Choice, MultipleChoiceTask
+    from sparse_merge.tasks.corpus import CorpusTask
+    from sparse_merge.tasks.gsm8k import GSM8KTask
+    from sparse_merge.tasks.skills import FunctionTask
+
+    examples = [Example(f"# f{i}\ndef f(x):\n    return", f" x + {i}") for i in range(7)]
+    tests = [[f"assert f(1) == {1 + i}"] for i in range(7)]
+    functions = FunctionTask("f", examples, tests, sandbox=None, max_new_tokens=8, batch_size=4)
+    rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(7)]
+    gsm = GSM8KTask("g", rows, [])
+    gsm.examples = tuple(examples)  # as the dataset benchmarks attach them
+    items = [Choice(f"c{i}", ("a", "b"), 0) for i in range(7)]
+    tasks = [
+        functions,
+        gsm,
+        MultipleChoiceTask("m", items),
+        CorpusTask("c", [f"t{i}" for i in range(7)]),
+    ]
+    for task in tasks:
+        for rank, (lo, hi) in enumerate([(0, 3), (3, 7)]):
+            sub = shard_task(task, rank, 2)
+            assert sub is not None and len(sub) == hi - lo, type(task).__name__
+    rank1 = shard_task(functions, 1, 2)
+    assert [t[0] for t in rank1.tests] == [
+        "assert f(1) == 4",
+        "assert f(1) == 5",
+        "assert f(1) == 6",
+        "assert f(1) == 7",
+    ]
+    assert rank1.examples[0].answer == " x + 3" and len(functions) == 7  # the whole task stays
+    assert [r["question"] for r in shard_task(gsm, 1, 2).rows] == ["q3", "q4", "q5", "q6"]
+    assert shard_task(object.__new__(type("Opaque", (), {"__len__": lambda self: 5})), 0, 2) is None

@@ -5,9 +5,13 @@ held-out evaluations (of archive members and of the final results) are split the
 Run with ``accelerate launch --num_processes N run.py ...`` (or ``torchrun``): every process
 holds the live model and runs the same seeded evolution, so every process builds the same
 child; only the scoring is split, and every process receives the full score vector, so all of
-them take the same replacement decision. Tasks are split through their ``examples`` (exact-match
-tasks) or their own ``shard(rank, world)`` method; a task offering neither is scored whole on
-every process (correct, just not faster).
+them take the same replacement decision. A task is split through the sequences it names in
+``datapoints`` (every one indexed by datapoint: its examples, and its rows, items, tests or
+document ids), or its own ``shard(rank, world)`` method; a task offering neither, or whose
+split does not come out at the shard's size, is scored whole on every process (correct, just
+not faster). Slicing only ``examples``, as before, paired a function task's prompts with other
+functions' tests on every rank but the first, and made every dataset task (which scores its
+rows) a "shard" of the whole task, which the gather then refused.
 """
 
 from __future__ import annotations
@@ -33,11 +37,15 @@ def shard_task(task: Task, rank: int, world: int) -> Task | None:
     lo, hi = shard_bounds(len(task), rank, world)
     if hasattr(task, "shard"):
         return task.shard(rank, world)
-    if hasattr(task, "examples"):
-        sub = copy.copy(task)
-        sub.examples = tuple(task.examples)[lo:hi]
-        return sub
-    return None
+    names = getattr(task, "datapoints", ())
+    if not names:
+        return None
+    sub = copy.copy(task)
+    for name in names:
+        if hasattr(task, name):
+            values = getattr(task, name)
+            setattr(sub, name, type(values)(values[lo:hi]))
+    return sub if len(sub) == hi - lo else None
 
 
 class ShardedScorer:

@@ -189,6 +189,8 @@ def reference_call(ground_truth: Sequence[dict[str, Any]]) -> str:
 class BFCLTask(GenerationTask):
     """BFCL rows scored by AST match of the generated calls with the possible answers."""
 
+    datapoints = ("rows", "examples")  # indexed by datapoint (``distributed``)
+
     def __init__(
         self,
         name: str,

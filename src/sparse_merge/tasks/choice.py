@@ -97,6 +97,8 @@ def option_logprobs(
 class MultipleChoiceTask:
     """Scores 1 where the highest (length-normalised) option log-likelihood is the right option."""
 
+    datapoints = ("items", "examples")  # indexed by datapoint (``distributed``)
+
     def __init__(
         self,
         name: str,

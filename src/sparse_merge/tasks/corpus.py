@@ -53,6 +53,8 @@ def chunk_text(text: str, chunk_chars: int) -> list[str]:
 class CorpusTask:
     """Passages scored by the inverse of their perplexity."""
 
+    datapoints = ("texts", "examples")  # indexed by datapoint (``distributed``)
+
     def __init__(
         self,
         name: str,

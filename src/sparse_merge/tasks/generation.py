@@ -163,6 +163,8 @@ class FewShotTask(GenerationTask):
     template, each exemplar is a user turn (``question``) and an assistant turn (``answer``)
     before the row's own question; without one, ``plain_prompt`` formats the row."""
 
+    datapoints: tuple[str, ...] = ("rows", "examples")  # indexed by datapoint
+
     rows: list[dict]
     shots: list[dict]
     chat_template: str
@@ -200,6 +202,8 @@ class FewShotTask(GenerationTask):
 
 class ExactMatchTask(GenerationTask):
     """Scores 1 when the greedy completion of a prompt equals its answer, else 0."""
+
+    datapoints: tuple[str, ...] = ("examples",)  # indexed by datapoint (``distributed``)
 
     def __init__(
         self,

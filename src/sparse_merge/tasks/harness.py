@@ -70,6 +70,8 @@ class TaskIndex:
 class LMEvalTask:
     """Fixed documents of one lm-eval task, scored with lm-eval's per-sample metric."""
 
+    datapoints = ("doc_ids",)  # indexed by datapoint (``distributed``)
+
     def __init__(self, name: str, benchmark: LMEvalBenchmark, doc_ids: Sequence[int]) -> None:
         self.name, self.benchmark, self.doc_ids = name, benchmark, list(doc_ids)
 

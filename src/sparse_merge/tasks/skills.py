@@ -189,6 +189,8 @@ def extract_function(completion: str) -> str:
 class FunctionTask(ExactMatchTask):
     """Prompts whose completions are judged by running them against their asserts."""
 
+    datapoints = ("examples", "tests")  # indexed by datapoint (``distributed``)
+
     def __init__(
         self,
         name: str,
