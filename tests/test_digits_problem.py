@@ -111,3 +111,7 @@ def test_the_committed_reference_pair_loads():
         "digits_0_4": pytest.approx(0.4934, abs=1e-4),
         "digits_5_9": pytest.approx(0.4816, abs=1e-4),
     }
+    # read in the other layout, the same numbers were the weights transposed: 13.8 % / 5.5 %
+    with pytest.raises(ConfigError, match="holds its genomes in") as err:
+        DigitsParents("file", path=str(path), layout="out_in")
+    assert err.value.key == "layout"

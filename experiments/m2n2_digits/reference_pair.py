@@ -61,7 +61,8 @@ def main() -> None:
         pair[name] = np.asarray(pretrain(start, x[rows], y[rows]), dtype=np.float32)
         acc = float((logits(pair[name], x).argmax(1) == y).mean())
         print(f"{name}: training accuracy {acc:.4f}")
-    save_file(pair, str(OUT), metadata={"source": "M2N2 reference recipe, PRNGKey(42)"})
+    meta = {"source": "M2N2 reference recipe, PRNGKey(42)", "layout": "in_out"}
+    save_file(pair, str(OUT), metadata=meta)
     print(f"wrote {OUT}")
 
 

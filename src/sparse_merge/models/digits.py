@@ -98,10 +98,19 @@ class DigitsParents:
         numel = self.space().numel
         with safe_open(str(self.path), framework="pt") as f:
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+            # a file without the key is the reference pair, in the reference's layout
+            stored = (f.metadata() or {}).get("layout", "in_out")
         want = {name: [numel] for name in PARENT_NAMES}
         if shapes != want:
             raise ConfigError(
                 "path", str(self.path), f"genomes {want} (hidden={self.hidden}), found {shapes}"
+            )
+        if stored != self.layout:  # the same numbers, read as the other layout: transposed
+            raise ConfigError(
+                "layout",
+                self.layout,
+                f"{stored!r}, the layout {self.path} holds its genomes in (read as "
+                f"{self.layout!r} its weights were silently transposed)",
             )
 
     def space(self) -> ParamSpace:
