@@ -1,6 +1,6 @@
 """Memory plan against measurement: predicted host peak (``evolution.memory.plan_evolution``)
 vs the peak RSS of a real Natural Niches run, per model, population and archive storage; on a
-machine with CUDA, also one step of two Qwen2-1.5B-config models in bfloat16 on the GPU per
+machine with CUDA, also two steps of two Qwen2-1.5B-config models in bfloat16 on the GPU per
 storage: step time and peak GPU memory against the plan's.
 
 Each configuration runs in a fresh subprocess, so its peak RSS is its own: the subprocess
@@ -48,7 +48,7 @@ CONFIGS = [
 ]
 STEPS = 2
 BATCH, LENGTH = 2, 16  # sequences and tokens of the one forward pass that scores a child
-# one step of two Qwen2-1.5B-config models per storage, where there is a GPU
+# two steps of two Qwen2-1.5B-config models per storage, where there is a GPU
 GPU_CONFIGS = [("qwen2-1.5b", 4, archive) for archive in ARCHIVES]
 TARGET = 0.5
 TIMEOUT_S = 480
@@ -222,7 +222,7 @@ def run() -> list[dict]:
 
 
 def gpu_rows(device: str = "cuda") -> list[dict]:
-    """One step of each ``GPU_CONFIGS`` on ``device``: the plan's device peak against
+    """Two steps of each ``GPU_CONFIGS`` on ``device``: the plan's device peak against
     ``torch.cuda.max_memory_allocated``, and the step's seconds; not measured without CUDA."""
     import torch
 
