@@ -12,8 +12,12 @@ same function name, no argument outside the possible answers, every given argume
 of its allowed values, and every omitted argument optional (``""`` among its allowed values).
 
 Approximations of BFCL's own ``ast_checker``: types are not checked against the schema (an
-``int`` where a ``float`` is allowed matches by value; a ``bool`` never matches a number);
-strings are compared as BFCL does (case, spaces and ``,./-_*^`` ignored).
+``int`` where a ``float`` is allowed matches by value, and so does ``5.0`` where ``5`` is; a
+``bool`` never matches a number); strings are compared as BFCL does (case, spaces and
+``,./-_*^`` ignored); calls are matched in any order (BFCL matches answer by answer, greedily).
+Stricter than BFCL's parser: only keyword arguments with literal values are read, so a reply
+with a positional argument, an expression (``base=2*5``) or a bare name (``name=pi``) scores 0
+where BFCL evaluates or ignores them.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Rows as in ``google-research-datasets/mbpp`` (``full``: ``task_id``, ``text``, ``code``,
 ``test_list``, ``test_setup_code``; ``sanitized``: ``prompt`` and ``test_imports`` instead).
-The prompt is the one of the MBPP paper (Austin et al., 2021), as lm-evaluation-harness uses it:
+The prompt is the instruction of the MBPP paper (Austin et al., 2021), which lm-evaluation-harness
+uses too, though with other exemplars (task ids 2-4) and a blank line between them (here one
+newline and ``num_fewshot`` rows drawn by ``data_seed``), so its scores are not ours:
 ``You are an expert Python programmer, and here is your task: {text} Your code should pass these
 tests:\\n\\n{asserts}\\n[BEGIN]\\n`` with ``num_fewshot`` solved exemplars before it, generation
 stopping at ``[DONE]``. With a chat template the same text is the user turn and the code comes
