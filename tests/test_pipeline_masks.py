@@ -179,8 +179,7 @@ def test_answer_perplexity_matches_one_sequence_at_a_time(tiny_llama, tokenizer)
 def test_metadata_counts_the_calibration_sequences_the_pruner_reads():
     """A gradient score reads n_batches * batch_size sequences (32 by default), not all of
     calibration.n, which the metadata recorded."""
-    from sparse_merge.pipelines.masks import sequences_used
-    from sparse_merge.pruning.base import Calibration
+    from sparse_merge.pruning.base import Calibration, sequences_read
     from sparse_merge.pruning.importance import TaylorImportance
     from sparse_merge.pruning.magnitude import MagnitudePruner
     from sparse_merge.pruning.scored import ScorePruner
@@ -188,7 +187,7 @@ def test_metadata_counts_the_calibration_sequences_the_pruner_reads():
 
     ids = torch.ones(64, 4, dtype=torch.long)
     calib = Calibration(ids, torch.ones_like(ids))
-    assert sequences_used(ScorePruner(TaylorImportance(), "row"), calib) == 32
-    assert sequences_used(WandaPruner(n_calibration=48), calib) == 48
-    assert sequences_used(WandaPruner(n_calibration=128), calib) == 64
-    assert sequences_used(MagnitudePruner(), None) == 0
+    assert sequences_read(ScorePruner(TaylorImportance(), "row"), len(calib)) == 32
+    assert sequences_read(WandaPruner(n_calibration=48), len(calib)) == 48
+    assert sequences_read(WandaPruner(n_calibration=128), len(calib)) == 64
+    assert sequences_read(MagnitudePruner(), len(calib)) == 0

@@ -49,6 +49,7 @@ from sparse_merge.tracking.run_identity import (
 )
 
 log = logging.getLogger("sparse_merge")
+REFUSED_JOBS: list[str] = []  # the job folders of this sweep whose config was refused
 
 
 def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -277,9 +278,6 @@ def _write_failure(exc: OSError, run_dir: str) -> str:
 
 def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-REFUSED_JOBS: list[str] = []  # the job folders of this sweep whose config was refused
 
 
 def _record_refusal(run_dir: Path, exc: ConfigError) -> None:

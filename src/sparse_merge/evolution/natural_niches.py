@@ -664,7 +664,7 @@ class NaturalNiches:
                 del genome
             candidates.append((slot, scores, sparsity, pruned))
 
-        weights = column_weights(problem)
+        weights = scorer.column_weights  # ``evolve`` weighed it for the problem
 
         def mean(c) -> float:
             return selection_mean(c[1], weights)

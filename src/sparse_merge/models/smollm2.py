@@ -28,13 +28,13 @@ import importlib.util
 import json
 import logging
 import os
-import socket
 from collections.abc import Mapping
 from pathlib import Path
 
 from filelock import FileLock
 
 from sparse_merge.errors import ConfigError, check_choice
+from sparse_merge.tracking.io import reachable
 
 log = logging.getLogger("sparse_merge")
 
@@ -67,11 +67,7 @@ def hub_reachable(timeout: float = 2.0) -> bool:
     huggingface_hub reads it: 1, on, yes or true; ``false`` used to count as offline)."""
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
+    return reachable("huggingface.co", 443, timeout)
 
 
 def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:

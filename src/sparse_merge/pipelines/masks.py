@@ -26,7 +26,7 @@ from sparse_merge.errors import ConfigError
 from sparse_merge.hardware import Hardware
 from sparse_merge.models.hf import load_causal_lm, load_tokenizer
 from sparse_merge.models.source import ModelSource
-from sparse_merge.pruning.base import Calibration, Pruner, uses_calibration
+from sparse_merge.pruning.base import Calibration, Pruner, sequences_read, uses_calibration
 from sparse_merge.pruning.mask_io import mask_dir, model_hash, save_masks
 from sparse_merge.pruning.settings import CalibrationSettings, MasksSettings
 from sparse_merge.pruning.sparsity import measure_sparsity
@@ -144,7 +144,7 @@ def run_masks(
         "source": str(source.base()),
         "source_hash": source_hash,
         "seed": seed,
-        "n_calibration": sequences_used(pruner, calib),
+        "n_calibration": sequences_read(pruner, len(calib)) if calib is not None else 0,
         "calibration_length": calib.input_ids.shape[1] if calib is not None else 0,
     }
     save_masks(out, masks, metadata)
@@ -181,19 +181,6 @@ def run_masks(
     print("\n" + format_table(rows, ["model", "sparsity", "perplexity"]) + "\n")
     log.info("masks saved to %s (%.2f s to prune)", out, seconds)
     return pruned_ppl
-
-
-def sequences_used(pruner, calib: Calibration | None) -> int:
-    """How many calibration sequences ``pruner`` reads of ``calib``: Wanda's and SparseGPT's
-    ``n_calibration``, a gradient score's ``n_batches * batch_size`` (32 by default, whatever
-    ``calibration.n``), at most all of them."""
-    if calib is None:
-        return 0
-    limit = getattr(pruner, "n_calibration", None)
-    importance = getattr(pruner, "importance", None)
-    if hasattr(importance, "n_batches"):
-        limit = importance.n_batches * importance.batch_size
-    return len(calib) if limit is None else min(len(calib), int(limit))
 
 
 def run(cfg, parts: dict, run_dir: Path) -> float:

@@ -181,6 +181,19 @@ def uses_calibration(pruner: Pruner | None) -> bool:
     return pruner is not None and bool(getattr(pruner, "uses_calibration", True))
 
 
+def sequences_read(pruner: Pruner | None, n: int) -> int:
+    """How many of ``n`` calibration sequences ``pruner`` reads: Wanda's and SparseGPT's
+    ``n_calibration``, a gradient score's ``n_batches * batch_size`` (32 by default, whatever
+    ``calibration.n``), at most ``n``; 0 for a pruner that reads none."""
+    if not uses_calibration(pruner):
+        return 0
+    limit = getattr(pruner, "n_calibration", None)
+    importance = getattr(pruner, "importance", None)
+    if hasattr(importance, "n_batches"):
+        limit = importance.n_batches * importance.batch_size
+    return n if limit is None else min(n, int(limit))
+
+
 SORT_ROWS = 1 << 16  # rows up to this long are sorted to find their thresholds, longer selected
 
 

@@ -141,21 +141,19 @@ class ScorePruner(LayerMasks):
         (see the class docstring); returns the layers of the other blocks, left to the
         layer-by-layer path. Written here: LLM-Pruner's dependency graph is a library of its
         own for arbitrary graphs, and these two structures are all a decoder block has."""
+
+        def block(layer: PrunableLayer) -> str:  # model.layers.0(.self_attn|.mlp).q_proj
+            return layer.name.rpartition(".")[0].rpartition(".")[0]
+
         blocks: dict[str, dict[str, PrunableLayer]] = {}
         for layer in layers:
-            where, _, name = layer.name.rpartition(".")
-            block = where.rpartition(".")[0]  # model.layers.0(.self_attn|.mlp)
-            blocks.setdefault(block, {})[name] = layer
+            blocks.setdefault(block(layer), {})[layer.name.rpartition(".")[2]] = layer
         coupled = {
             block: parts
             for block, parts in blocks.items()
             if set(parts) == set(COUPLED) and all(len(p.units) == 1 for p in parts.values())
         }
-        rest = [
-            layer
-            for layer in layers
-            if layer.name.rpartition(".")[0].rpartition(".")[0] not in coupled
-        ]
+        rest = [layer for layer in layers if block(layer) not in coupled]
         if rest:
             log.warning(
                 "structured pruning couples heads and channels in Llama-style blocks "

@@ -359,10 +359,12 @@ class DatasetBenchmark:
     def _evaluated_keys(self) -> set[str]:
         return {self.key(r) for rows in self.subsets().values() for r in rows}
 
-    def pool(self, split: str | None = None) -> list[Row]:
-        """Rows of ``split`` (the train split by default) that are never evaluated."""
+    def pool(self, split: str | None = None, exclude: set[str] | None = None) -> list[Row]:
+        """Rows of ``split`` (the train split by default) that are never evaluated (whose key
+        is not in ``exclude``, by default every evaluated row's)."""
         rows = self.rows(split or self.train_split)
-        return [rows[i] for i in choose(rows, None, "", self._evaluated_keys(), self.key)]
+        exclude = self._evaluated_keys() if exclude is None else exclude
+        return [rows[i] for i in choose(rows, None, "", exclude, self.key)]
 
     def _task(self, part: str) -> Task:
         if part not in self._tasks:
@@ -404,8 +406,7 @@ class DatasetBenchmark:
         k = self.num_fewshot
         if k == 0:
             return []
-        rows = self.rows(self.fewshot_split or self.train_split)
-        pool = [rows[i] for i in choose(rows, None, "", held_out, self.key)]
+        pool = self.pool(self.fewshot_split, exclude=held_out)
         if k > len(pool):
             raise ConfigError(f"{self.name}.num_fewshot", k, f"at most {len(pool)} exemplar rows")
         return random.Random(f"{self.name}:{self.data_seed}:fewshot").sample(pool, k)

@@ -14,6 +14,7 @@ import os
 import re
 import resource
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -56,6 +57,16 @@ def remove_temp_files(root: str | Path) -> list[Path]:
             removed.append(path)
         dirs[:] = [d for d in dirs if not is_temp_name(d)]
     return removed
+
+
+def reachable(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds (the W&B
+    server, the Hugging Face hub)."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _fsync(path: str | Path) -> None:

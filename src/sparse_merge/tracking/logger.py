@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from sparse_merge.tracking.io import to_jsonable, write_json
+from sparse_merge.tracking.io import reachable, to_jsonable, write_json
 
 log = logging.getLogger("sparse_merge")
 
@@ -46,12 +45,9 @@ def server_url() -> str:
 def server_reachable(timeout: float = 3.0) -> bool:
     """Whether a TCP connection to the W&B server opens within ``timeout`` seconds."""
     url = urlparse(server_url())
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return reachable(
+        url.hostname or "", url.port or (443 if url.scheme == "https" else 80), timeout
+    )
 
 
 class WandbSink:
@@ -105,10 +101,11 @@ class WandbSink:
             self.run = None
 
     def log(self, metrics: Mapping[str, Any], step: int | None) -> None:
-        """Log scalars (``step``: the record's step, as the value ``step``)."""
+        """Log scalars: a record's ``step`` is among them (``wandb_scalars``), the value the
+        charts plot against; W&B's own step is left to count the records."""
         if self.run is not None:
             try:
-                self.run.log({**metrics, **({"step": step} if step is not None else {})})
+                self.run.log(dict(metrics))
             except Exception as exc:
                 log.warning("W&B log failed, continuing locally: %s", exc)
 
