@@ -85,17 +85,26 @@ def test_resume_extends_a_finished_run(nn_run):
         ("search.include_base=true", "search.include_base=False (now True)"),
         ("hardware.dtype=bfloat16", "hardware.dtype='float32' (now 'bfloat16')"),
         ("pruner.granularity=row", "pruner.granularity='layer' (now 'row')"),
+        ("scorer.beta=0.5", "scorer.beta=1.0 (now 0.5)"),
+        ("seed=1", "seed=0 (now 1)"),
+        ("evolver.pop_size=5", "evolver.pop_size='4' (now '5')"),
     ],
 )
 def test_resume_with_a_setting_outside_the_evolver_changed_is_refused(
-    nn_run, tmp_path, override, named
+    nn_run, tmp_path, monkeypatch, override, named
 ):
     """The checkpoint holds every config value that shapes the result (the tasks' data seeds,
     the search, the dtype, the pruner's settings ...), not only the evolver's and scorer's: a
     resume that changes one would mix two runs (new selection datapoints against the old
-    scores, a float32 archive cast to bfloat16)."""
+    scores, a float32 archive cast to bfloat16). It is refused before any model loads (at 7B,
+    minutes of loading)."""
     tmp, _ = nn_run
     shutil.copytree(tmp / "run", tmp_path / "run")
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model loaded before the resume was refused")
+
+    monkeypatch.setattr("sparse_merge.pipelines.merge.load_causal_lm", loaded)
     with pytest.raises(ConfigError) as err:
         execute(compose_cfg([*SMALL, "resume=true", override], tmp_path))
     assert err.value.key == "resume" and named in str(err.value)

@@ -210,6 +210,8 @@ class NaturalNiches:
             check_positive("prune_cache_mb", prune_cache_mb, allow_zero=True)
         )
         self.log_layer_sparsity = check_bool("log_layer_sparsity", log_layer_sparsity)
+        # the checkpoint ``check_resume`` read, for ``evolve`` to restore: (path, state)
+        self._resume_state: tuple[Path, dict[str, Any]] | None = None
 
     # ---- the engine ----------------------------------------------------------------------
 
@@ -236,6 +238,12 @@ class NaturalNiches:
                 **(pruner.describe() if hasattr(pruner, "describe") else {}),
                 "in_loop": getattr(pruner, "in_loop", None),
             }
+        return {**self._engine_settings(scorer, seed, target, schedule), "pruner": repr(described)}
+
+    def _engine_settings(
+        self, scorer: SparsityAwareScorer, seed: int, target: float, schedule
+    ) -> dict[str, Any]:
+        """``run_settings`` but the problem's pruner: what is known before any model loads."""
         out: dict[str, Any] = {f"evolver.{k}": repr(v) for k, v in self.settings().items()}
         out.update(
             {
@@ -244,7 +252,6 @@ class NaturalNiches:
                 "evolver.schedule": repr({"type": type(schedule).__name__, **vars(schedule)}),
                 "evolver.enter_on_tie": self.enter_on_tie,
                 "evolver.final_prune": self.final_prune,
-                "pruner": repr(described),
                 **{
                     f"scorer.{k}": getattr(scorer, k)
                     for k in ("omega", "beta", "tau", "alpha", "kind")
@@ -596,6 +603,49 @@ class NaturalNiches:
         save_checked(path, state)  # with the SHA-256 of its content
         archive.checkpointed()  # files only older checkpoints needed can go now
 
+    def check_resume(
+        self,
+        run_dir: str | Path,
+        scorer: SparsityAwareScorer,
+        *,
+        seed: int,
+        target: float,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Read the checkpoint a resume in ``run_dir`` continues, if there is one, and refuse
+        it (one line naming each changed key) when a setting known before any model loads
+        differs: the engine's, the scorer's, ``seed``, ``sparsity`` and ``settings`` (the
+        pipeline's). Called before the parents load, a changed setting is refused in a second,
+        not after minutes of loading; ``evolve(resume=True)`` then checks the rest (the
+        problem's pruner) and restores the state read here without reading the file again."""
+        path = Path(run_dir) / CHECKPOINT
+        if not path.exists():
+            return
+        state = load_checked(path)  # weights_only; a damaged file is one clear error
+        schedule = self.schedule.bind(target) if hasattr(self.schedule, "bind") else self.schedule
+        now = {**self._engine_settings(scorer, seed, target, schedule), **(settings or {})}
+        self._check_state(path, state, now, partial=True)
+        self._resume_state = (path, state)
+
+    def _check_state(
+        self, path: Path, state: dict[str, Any], run: Mapping[str, Any], partial: bool = False
+    ) -> None:
+        """Refuse a checkpoint ``state`` made with other settings than ``run`` (``partial``:
+        ``run`` holds some of the keys; only those are compared) or at a later step than this
+        run's last."""
+        saved, now = state.get("run") or {}, run
+        if not saved:  # an older checkpoint: only the evolver's own settings
+            saved, now = {"evolver": state["settings"]}, {"evolver": self.settings()}
+        elif partial:
+            saved = {k: v for k, v in saved.items() if k in now}
+        check_resume_settings(saved, now, path.parent)
+        if self.iterations < int(state["step"]):
+            raise ConfigError(
+                "evolver.iterations",
+                self.iterations,
+                f">= {int(state['step'])}, the step of the checkpoint in {path.parent}",
+            )
+
     def _load(
         self,
         path: Path,
@@ -605,17 +655,9 @@ class NaturalNiches:
         noise_gen: torch.Generator,
         run: dict[str, Any] | None = None,
     ) -> tuple[int, int]:
-        state = load_checked(path)  # weights_only; a damaged file is one clear error
-        saved, now = state.get("run") or {}, run or {}
-        if not saved:  # an older checkpoint: only the evolver's own settings
-            saved, now = {"evolver": state["settings"]}, {"evolver": self.settings()}
-        check_resume_settings(saved, now, path.parent)
-        if self.iterations < int(state["step"]):
-            raise ConfigError(
-                "evolver.iterations",
-                self.iterations,
-                f">= {int(state['step'])}, the step of the checkpoint in {path.parent}",
-            )
+        read, self._resume_state = self._resume_state, None
+        state = read[1] if read is not None and read[0] == path else load_checked(path)
+        self._check_state(path, state, run or {})
         root = path.parent / ARCHIVE_DIR if "files" in state["archive"] else None
         archive.load_state_dict(state["archive"], root)
         lineage.clear()

@@ -152,6 +152,9 @@ def run_merge(
     checkpoint; a resume must match them."""
     search = search if search is not None else WeightSearch()
     scorer = scorer if scorer is not None else SparsityAwareScorer()
+    target = sparsity if pruner is not None else 0.0
+    if resume and hasattr(evolver, "check_resume"):  # changed settings: refused before loading
+        evolver.check_resume(run_dir, scorer, seed=seed, target=target, settings=run_settings)
     required = None
     if getattr(search, "needs_base", False):
         required = f"search={search.name}"
@@ -212,7 +215,6 @@ def run_merge(
     space = ParamSpace(model)
     parents = {name: load_genome(space, path).to(space.flat.device) for name, path in paths.items()}
     base = _load_base(source, space, required)
-    target = sparsity if pruner is not None else 0.0
     llm = LLMProblem(
         space,
         tokenizer,
