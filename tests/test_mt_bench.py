@@ -1,6 +1,8 @@
 import json
 from pathlib import Path
 
+from sparse_merge.tasks import mt_bench
+from sparse_merge.tasks.generation import cut_at_stop
 from sparse_merge.tasks.mt_bench import chat_prompt, generate_answers, load_questions, write_answers
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mt_bench_questions.jsonl"
@@ -43,3 +45,13 @@ def test_real_generation_on_tiny_model(tiny_llama, tokenizer):
         tiny_llama, tokenizer, load_questions(FIXTURE), "tiny", max_new_tokens=5
     )
     assert all(isinstance(t, str) for a in answers for t in a["choices"][0]["turns"])
+
+
+def test_plain_transcript_answers_end_before_the_next_user_turn(monkeypatch, tokenizer):
+    def run_on(model, tok, prompts, max_new_tokens, batch_size=64, stop=(), **kwargs):
+        return [cut_at_stop(" paris.\nUser: and spain?\nAssistant: madrid.", stop) for _ in prompts]
+
+    monkeypatch.setattr(mt_bench, "greedy_generate", run_on)
+    questions = [{"question_id": 1, "category": "x", "turns": ["capital of france?"]}]
+    answers = generate_answers(None, tokenizer, questions, "toy")
+    assert answers[0]["choices"][0]["turns"] == ["paris."]

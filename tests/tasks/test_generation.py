@@ -59,3 +59,15 @@ def test_generation_stops_as_soon_as_every_row_hit_a_stop(tiny_llama, tokenizer)
     finally:
         handle.remove()
     assert len(calls) == free.index(stop) + 2 < 12  # one forward per generated token
+
+
+def test_generation_stops_at_every_eos_of_the_generation_config(tiny_llama, tokenizer):
+    # chat models list their end-of-turn token there (Gemma-2, Phi-3, Llama-3-Instruct)
+    free = greedy_generate(tiny_llama, tokenizer, ["rev:abc="], max_new_tokens=12)[0]
+    end = next(ch for ch in free[2:] if ch.strip())  # a token the completion produces
+    tiny_llama.generation_config.eos_token_id = [
+        tokenizer.eos_token_id,
+        tokenizer.convert_tokens_to_ids(end),
+    ]
+    out = greedy_generate(tiny_llama, tokenizer, ["rev:abc="], max_new_tokens=12)[0]
+    assert out == free[: free.index(end) + 1]

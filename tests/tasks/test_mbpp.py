@@ -65,3 +65,9 @@ def test_runs_on_the_toy_model(mbpp, tiny_llama, tokenizer):
     task = MBPP(data_files=str(FIXTURE), n_select=2, n_heldout=2, num_fewshot=0, max_new_tokens=4)
     scores = task.selection.score(tiny_llama, tokenizer)
     assert scores.shape == (2,) and scores.tolist() == [0.0, 0.0]  # a random model writes no code
+
+
+@pytest.mark.parametrize("tag", ["python3", "Python3", "PYTHON", "py3", "python\r"])
+def test_extract_code_from_a_fence_with_any_language_tag(tag):
+    completion = f"Here it is:\n```{tag}\ndef f():\n    return 1\n```\nDone."
+    assert extract_code(completion) == "def f():\n    return 1"

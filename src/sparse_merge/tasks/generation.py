@@ -41,6 +41,20 @@ class StopOnStrings(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # [B]
 
 
+def eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
+    """The tokens that end a completion: the tokenizer's eos and every eos of the model's
+    generation config (chat models end a turn with their own token, e.g. Gemma-2's
+    ``<end_of_turn>``, Phi-3's ``<|end|>``, Llama-3-Instruct's ``<|eot_id|>``, which
+    ``generate`` stops at by default); ``None`` when there is none."""
+    config = getattr(model, "generation_config", None)
+    ids: list[int] = []
+    for value in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
+        for i in value if isinstance(value, list | tuple) else [value]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids or None
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """``text`` up to the first occurrence of any stop string."""
     for s in stop:
@@ -62,7 +76,8 @@ def greedy_generate(
     """Greedy completions of ``prompts`` in their order, cut at eos or a stop string.
 
     Prompts are batched by length (less padding), left-padded, and decoded with the KV cache; a
-    batch stops as soon as every row has produced eos or a stop string. A prompt longer than
+    batch stops as soon as every row has produced eos (the tokenizer's or any of the model's
+    generation config, ``eos_token_ids``) or a stop string. A prompt longer than
     ``max_length - max_new_tokens`` tokens (``max_length`` defaults to the model's context
     length) keeps its last tokens.
     """
@@ -94,7 +109,7 @@ def greedy_generate(
                 use_cache=True,
                 stopping_criteria=criteria,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=eos_token_ids(model, tokenizer),
             )  # [B, width + new]
             texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
             for i, text in zip(rows, texts):

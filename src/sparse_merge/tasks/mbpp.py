@@ -26,7 +26,8 @@ from sparse_merge.tasks.generation import (
 )
 from sparse_merge.tasks.sandbox import Sandbox, SandboxResult
 
-FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+# any language tag (``python``, ``python3``, ``Python``, ``py``, none), as lm-eval's extractor
+FENCE = re.compile(r"```[ \t]*[\w+.-]*[ \t]*\r?\n(.*?)(?:```|$)", re.DOTALL)
 
 
 def description(row: Row) -> str:

@@ -38,17 +38,22 @@ def load_questions(path: str | Path) -> list[dict[str, Any]]:
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
     """The prompt for the next assistant turn: the tokenizer's chat template when it has one,
-    else a plain ``User:``/``Assistant:`` transcript."""
+    else a plain ``User:``/``Assistant:`` transcript (whose answers stop at the next
+    ``\nUser:``)."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     lines = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]
     return "\n".join(lines) + "\nAssistant:"
 
 
+PLAIN_STOP = ("\nUser:",)  # the next turn of the plain transcript: the answer ends before it
+
+
 def _greedy(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], n: int
 ) -> list[str]:
-    return greedy_generate(model, tokenizer, prompts, max_new_tokens=n, batch_size=8)
+    stop = () if getattr(tokenizer, "chat_template", None) else PLAIN_STOP
+    return greedy_generate(model, tokenizer, prompts, max_new_tokens=n, batch_size=8, stop=stop)
 
 
 def generate_answers(

@@ -233,7 +233,9 @@ def _install(workdir, realpath=os.path.realpath, isdir=os.path.isdir, sep=os.sep
         if event in forbidden:
             raise PermissionError(f"sandbox: {event} is not allowed")
         if event == "import" and args[0] in ("ctypes", "_ctypes"):
-            raise PermissionError("sandbox: ctypes is not allowed")
+            # an ImportError, as where ctypes is missing: libraries that treat it as optional
+            # (numpy) still import, and a program that needs it fails
+            raise ImportError("sandbox: ctypes is not allowed")
         if event == "open":
             path, mode, flags = args
             writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(
@@ -266,6 +268,8 @@ def _main(argv):
                          (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_NOFILE, 64),
                          (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(limit, (value, value))
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = "1"  # numpy's thread pools would reserve address space per core
     with open(program, encoding="utf-8") as f:
         source = f.read()
     guards = ["audit", *_confine(workdir, kernel_guards)]
@@ -418,7 +422,12 @@ class Sandbox:
             cmd = [
                 *self.prefix(),
                 sys.executable,
-                "-I",  # isolated: no user site, no PYTHON* variables
+                # isolated as -I (no user site, no script directory on sys.path), but PYTHON*
+                # variables are read: ``env`` below is the whole environment, and it fixes
+                # PYTHONHASHSEED, so set and dict orders of strings (and scores that depend on
+                # them) are the same in every run
+                "-s",
+                "-P",
                 "-B",  # no .pyc writes
                 "-c",
                 _RUNNER,
@@ -431,7 +440,13 @@ class Sandbox:
                 str(result_w),
                 str(int(self.kernel_guards)),
             ]
-            env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
+            env = {
+                "PATH": "/usr/bin:/bin",
+                "HOME": work,
+                "TMPDIR": work,
+                "LANG": "C.UTF-8",
+                "PYTHONHASHSEED": "0",
+            }
             proc = subprocess.Popen(
                 cmd,
                 cwd=work,
