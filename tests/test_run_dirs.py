@@ -19,7 +19,7 @@ from omegaconf import OmegaConf, open_dict
 
 import sparse_merge.app as app
 from sparse_merge.analysis.collect import collect, find_runs, finished_results, load_run
-from sparse_merge.app import execute, register_resolvers, run
+from sparse_merge.app import _job_dirname, execute, register_resolvers, run
 from sparse_merge.errors import ConfigError
 from sparse_merge.tracking.run_identity import (
     IDENTITY_FILE,
@@ -49,6 +49,34 @@ def test_job_directories_are_named_by_time_and_experiment():
     plain = compose_cfg(["seed=1"])
     assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d", plain.hydra.run.dir)
     assert re.fullmatch(r"multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d", plain.hydra.sweep.dir)
+
+
+def test_a_job_folder_name_longer_than_a_file_name_may_be_is_shortened_stably():
+    short = "experiment=smoke,seed=1"
+    assert _job_dirname(3, short) == f"3_{short}"  # names that fit are as they always were
+    long = ",".join(f"model.base_skills.task_{i}.max_digits={i}" for i in range(12))
+    name = _job_dirname(0, long)
+    assert len(name.encode()) <= 255 and name.startswith("0_model.base_skills.task_0")
+    assert name == _job_dirname(0, long) != _job_dirname(0, long + "1") != _job_dirname(1, long)
+
+
+def test_a_sweep_whose_job_names_are_long_runs(tmp_path):
+    """``experiments/row_sparse/run.sh``'s sweeps named their jobs by 12 overrides (258 bytes):
+    the OS refused the folder and the sweep ended at its first job."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "run.py"), "-m", "experiment=smoke", "evolver.iterations=1"]
+    cmd += ["evolver.pop_size=2", "save_models=false", "hardware.num_threads=1"]
+    cmd += ["scorer.beta=1.0", "scorer.omega=1.0", "sparsity=0.0", "seed=0,1"]
+    cmd += ["model.base_steps=30", "model.child_steps=20", "calibration.n=8"]
+    cmd += ["evolver.checkpoint_every=1", "evolver.matchmaker=true", "evolver.mutation_std=0.0"]
+    cmd += [f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(
+        cmd, env=SUBPROCESS_ENV, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = sorted(p.parent.parent.name for p in sweep.glob("*/.hydra/config.yaml"))
+    assert len(jobs) == 2 and all(len(j.encode()) <= 255 for j in jobs)  # were 285 bytes
+    assert set(collect(sweep)["status"]) == {"finished"}
 
 
 # ----------------------------------------------------------------------- claim_run_dir's rules

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import importlib
 import logging
 import pkgutil
@@ -109,9 +110,27 @@ def _suffix(name: str | None) -> str:
     return f"_{name}" if name not in (None, "") else ""
 
 
+NAME_MAX = 255  # bytes in one file name (Linux, macOS)
+
+
+def _job_dirname(num: int | str, overrides: str) -> str:
+    """``<num>_<overrides>``, Hydra's sweep job folder name (``${sm.dirname:...}`` in
+    ``conf/config.yaml``); one longer than a file name may be (a sweep with many overrides:
+    the OS refused to make the folder, and the sweep ended at its first job) keeps what fits
+    and ends in a hash of the whole name, so it stays unique and stable."""
+    name = f"{num}_{overrides}"
+    raw = name.encode()
+    if len(raw) <= NAME_MAX:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    head = raw[: NAME_MAX - len(digest) - 1].decode(errors="ignore")
+    return f"{head}-{digest}"
+
+
 def register_resolvers() -> None:
     """The config's own interpolations (``run.py`` calls it before Hydra reads the config)."""
     OmegaConf.register_new_resolver("sm.suffix", _suffix, replace=True)
+    OmegaConf.register_new_resolver("sm.dirname", _job_dirname, replace=True)
 
 
 class WriteProbe(Callback):
