@@ -91,6 +91,19 @@ def test_wandb_offline_run_named_by_overrides(tmp_path, monkeypatch):
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
 
 
+def test_only_the_main_process_opens_a_wandb_run(tmp_path, monkeypatch):
+    """logger=wandb under a launch: one W&B run, the main process's (every rank opened one;
+    the others held no metrics but showed up as runs of the sweep's group)."""
+    import sparse_merge.app as app
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(app, "_pipeline", lambda name: lambda cfg, parts, run_dir: 0.25)
+    execute(compose_cfg(["experiment=smoke", "logger=wandb", "save_models=false"], tmp_path))
+    assert not (tmp_path / "run" / "wandb").exists()
+
+
 @pytest.mark.parametrize(("rank", "written"), [("0", True), ("1", False)])
 def test_only_the_main_process_writes_the_run_status(rank, written, tmp_path, monkeypatch):
     import sparse_merge.app as app
@@ -141,3 +154,25 @@ def test_a_job_leaves_torchs_thread_count_as_it_found_it(tmp_path):
     cfg = compose_cfg(["experiment=smoke", "hardware.num_threads=3", "save_models=false"], tmp_path)
     execute(cfg)
     assert torch.get_num_threads() == before != 3
+
+
+def test_a_launch_of_two_processes_refuses_a_pipeline_that_runs_in_one(tmp_path, monkeypatch):
+    """Under `torchrun --nproc_per_node=2` (or `accelerate launch`) a pipeline that does not
+    split its work (masks, evaluate, digits) is refused before anything loads, naming the
+    pipeline: every process ran all of it and wrote its masks, results and log records beside
+    the other's. Merge, fine-tuning and throughput split their work and start."""
+    import sparse_merge.app as app
+    from sparse_merge.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(app, "_pipeline", lambda name: lambda cfg, parts, run_dir: 0.5)
+    for experiment in ("masks", "m2n2_digits_quick"):
+        with pytest.raises(ConfigError) as err:
+            execute(compose_cfg([f"experiment={experiment}"], tmp_path / experiment))
+        message = str(err.value)
+        assert err.value.key == "pipeline" and "\n" not in message
+        assert "2 processes" in message and "merge" in message and "finetune" in message
+        assert not (tmp_path / experiment / "run").exists()  # nothing written
+    for experiment in ("smoke", "finetune_smoke"):
+        assert execute(compose_cfg([f"experiment={experiment}"], tmp_path / experiment)) == 0.5

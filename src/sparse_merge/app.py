@@ -84,6 +84,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     if cfg.pipeline not in pipelines():
         raise ConfigError("pipeline", cfg.pipeline, "one of " + ", ".join(pipelines()))
+    check_processes(cfg.pipeline)
     _name_wandb_run(cfg)
     parts = {}
     for group in GROUPS:  # cheap constructors: nothing heavy is loaded here
@@ -102,6 +103,37 @@ def pipelines() -> list[str]:
 
 def _pipeline(name: str):
     return importlib.import_module(f"sparse_merge.pipelines.{name}").run
+
+
+def launched_processes() -> int:
+    """How many processes the launch this process belongs to has (``torchrun``, ``accelerate
+    launch``, MPI: read from the environment, as Accelerate reads it); 1 on its own."""
+    from accelerate.utils import get_cpu_distributed_information
+
+    return int(get_cpu_distributed_information().world_size)
+
+
+def check_processes(name: str) -> None:
+    """Refuse, before anything loads, a multi-process launch of a pipeline that does not split
+    its work (``MULTI_PROCESS`` in its module: merge, fine-tuning, throughput): every process
+    would run the whole pipeline and write its files (masks, results, log records) beside the
+    others, unlocked."""
+    processes = launched_processes()
+    if processes <= 1:
+        return
+
+    def splits(pipeline: str) -> bool:
+        module = importlib.import_module(f"sparse_merge.pipelines.{pipeline}")
+        return bool(getattr(module, "MULTI_PROCESS", False))
+
+    if not splits(name):
+        able = ", ".join(p for p in pipelines() if splits(p))
+        raise ConfigError(
+            "pipeline",
+            name,
+            f"{able} under a launch of {processes} processes (every process would run the "
+            f"whole {name} pipeline and write its files); run it as one process: python run.py",
+        )
 
 
 def _suffix(name: str | None) -> str:
@@ -249,6 +281,8 @@ def _run_pipeline(cfg: DictConfig, parts: dict[str, Any], run_dir: Path, main: b
     """Run the pipeline between the loggers' start and close; ``status.json`` lets sweep analysis
     tell finished, failed and running runs apart."""
     logger = parts["logger"]
+    if not main and getattr(logger, "wandb", None) is not None:
+        logger.wandb = None  # one W&B run per launch, the main process's (the others log nothing)
     logger.start(run_dir, resolved(cfg))
 
     def status(**fields: Any) -> None:

@@ -1,4 +1,4 @@
-"""Worker for the data-parallel test: ``accelerate launch --cpu --num_processes 2 ddp_worker.py OUT``
+"""Worker for the data-parallel test: ``accelerate launch --multi_gpu --num_processes 2 ddp_worker.py OUT``
 trains a tiny pruned Llama with sparse-to-sparse LoRA and writes each process's trainable
 weights to ``OUT/rank<k>.pt``."""
 

@@ -47,3 +47,25 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
     for n in a:
         torch.testing.assert_close(a[n], single[n], rtol=1e-3, atol=1e-5)
     assert any(not torch.equal(single[n], torch.zeros_like(single[n])) for n in a if "lora_B" in n)
+
+
+# two fresh Python processes, three short trainings each: about 20 s
+def test_a_two_process_resume_with_dropout_ends_where_the_uninterrupted_run_ends(tmp_path):
+    """Every process's RNG state is checkpointed and restored: with dropout, a 2-process run
+    stopped after step 3 and resumed ends with the uninterrupted run's weights on every rank
+    (only the main process's state was restored: rank 1 drew other dropout masks after the
+    resume, and the averaged gradients moved both ranks' weights)."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate is not None, "the accelerate CLI is installed next to python"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    cmd += [str(Path(__file__).with_name("ddp_resume_worker.py")), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for k in range(2):
+        rank = torch.load(tmp_path / f"rank{k}.pt")
+        assert rank["world"] == 2
+        whole, resumed = rank["whole"], rank["resumed"]
+        assert whole.keys() == resumed.keys()
+        assert all(torch.equal(whole[n], resumed[n]) for n in whole), f"rank {k}"

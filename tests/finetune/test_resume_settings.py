@@ -174,3 +174,30 @@ def test_a_resume_removes_what_a_killed_run_was_writing(stopped, full):
     assert all(path.read_bytes() == data for path, data in keep.items())
     _same_training(_state(run), full)
     assert (run / "models" / "finetuned" / "config.json").exists()
+
+
+def test_a_resume_with_another_process_count_is_one_line_and_leaves_the_run_as_it_was(
+    stopped, monkeypatch
+):
+    """A checkpoint written by a 2-process launch, resumed by one process: refused before the
+    model loads with one line (a ConfigError, not a traceback), and the run folder's status and
+    identity are put back as they were (a ValueError left the run marked failed with its
+    error)."""
+    run = stopped / "run"
+    path = run / "checkpoints" / "trainer_state.pt"
+    state = load_checked(path)
+    state["world_size"] = 2
+    save_checked(path, state)
+    kept = {name: (run / name).read_bytes() for name in ("status.json", "run_identity.json")}
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the process count was checked")
+
+    monkeypatch.setattr(pipeline, "load_causal_lm", no_model)
+    with pytest.raises(ConfigError) as err:
+        execute(_cfg(stopped, "resume=true"))
+    message = str(err.value)
+    assert "\n" not in message and "2 processes (now 1" in message
+    assert str(run / "checkpoints") in message
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+    assert _state(run)["step"] == 3  # the checkpoint is untouched

@@ -348,6 +348,7 @@ class Trainer:
         """One checkpoint file written atomically by the main process (all ranks agree on it)."""
         if self.checkpoint_dir is None:
             return
+        rngs = self._rng_states()  # a collective: every process takes part
         if self.accelerator.is_main_process:
             scaler = self.accelerator.scaler  # fp16 on CUDA: the loss scale and its tracker
             state = {
@@ -358,13 +359,27 @@ class Trainer:
                 "trainable": self._trainable_state(model),
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "rng": rngs[0]["cpu"],  # the main process's, as older checkpoints hold it
+                "cuda_rng": rngs[0]["cuda"],
+                "rng_per_process": rngs,  # every process's own: dropout differs by process
                 "world_size": self.accelerator.num_processes,
                 "run": self.run_settings,
             }
             save_checked(self.checkpoint_dir / CHECKPOINT, state)
         self.accelerator.wait_for_everyone()
+
+    def _rng_states(self) -> list[dict[str, Any]]:
+        """Every process's RNG states (``cpu``, ``cuda``), by rank; every process must call it
+        (under a launch it gathers them)."""
+        mine = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        if self.accelerator.num_processes == 1:
+            return [mine]
+        from accelerate.utils import gather_object
+
+        return gather_object([mine])
 
     def check_resume(self) -> None:
         """Read the checkpoint a resume continues, if there is one, and refuse it (one line) when
@@ -390,9 +405,15 @@ class Trainer:
                 path.parent,
             )
         if state["world_size"] != self.accelerator.num_processes:
-            raise ValueError(
-                f"checkpoint was written by {state['world_size']} processes, "
-                f"this run has {self.accelerator.num_processes}: data order would differ"
+            # a ConfigError, like the changed settings above: one line, and the app puts back
+            # the run folder's identity and status (a finished run stays finished)
+            raise ConfigError(
+                "resume",
+                True,
+                f"the process count the checkpoint in {path.parent} was made with: "
+                f"{state['world_size']} processes (now {self.accelerator.num_processes}; each "
+                "process's slice of every batch depends on it); launch as many, or start a new "
+                "run in another folder",
             )
         self._resume_state = state
 
@@ -424,10 +445,18 @@ class Trainer:
         scaler = self.accelerator.scaler
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        if self.accelerator.process_index == 0:
-            torch.set_rng_state(state["rng"])
-            if state["cuda_rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
+        rank = self.accelerator.process_index
+        per_process = state.get("rng_per_process")
+        if per_process is not None:  # every process continues its own draws
+            rng = per_process[rank]
+        elif rank == 0:  # an older checkpoint holds the main process's only
+            rng = {"cpu": state["rng"], "cuda": state["cuda_rng"]}
+        else:
+            rng = None
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         # an older checkpoint has no totals: the result then counts the steps after it only
         totals = _Totals(**state.get("totals", {}))
         return int(state["step"]), list(state["losses"]), totals

@@ -55,6 +55,7 @@ from sparse_merge.tracking.logger import RunLogger
 from sparse_merge.tracking.report import format_table
 
 log = logging.getLogger("sparse_merge")
+MULTI_PROCESS = True  # data parallel under a launch (app.check_processes)
 
 
 def _masks_from_file(path: str | None, sparsity: float) -> tuple[Masks | None, dict]:

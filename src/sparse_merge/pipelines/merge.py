@@ -45,6 +45,7 @@ from sparse_merge.tracking.report import format_table
 log = logging.getLogger("sparse_merge")
 
 ARCHIVE_CSV = "archive.csv"
+MULTI_PROCESS = True  # each process scores its shard under a launch (app.check_processes)
 
 
 def _row(

@@ -41,6 +41,8 @@ from sparse_merge.tracking.io import write_json
 from sparse_merge.tracking.logger import RunLogger
 from sparse_merge.tracking.report import format_table
 
+MULTI_PROCESS = True  # data parallel under a launch (app.check_processes)
+
 
 def trainer_settings(finetune: FinetuneSettings, settings: ThroughputSettings) -> FinetuneSettings:
     """The fine-tuning settings with the measurement's step count, a clock tick every step and
