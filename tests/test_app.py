@@ -176,3 +176,18 @@ def test_a_launch_of_two_processes_refuses_a_pipeline_that_runs_in_one(tmp_path,
         assert not (tmp_path / experiment / "run").exists()  # nothing written
     for experiment in ("smoke", "finetune_smoke"):
         assert execute(compose_cfg([f"experiment={experiment}"], tmp_path / experiment)) == 0.5
+
+
+def test_one_shot_weights_per_parent_are_checked_before_any_model_loads(tmp_path, monkeypatch):
+    """``evolver.weights`` of the wrong length used to be refused inside evolve(), after the
+    base and every parent were loaded."""
+    from sparse_merge.errors import ConfigError
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model loaded before the weights were refused")
+
+    monkeypatch.setattr("sparse_merge.pipelines.merge.load_causal_lm", loaded)
+    cfg = compose_cfg(["experiment=smoke", "evolver=one_shot", "evolver.weights=[0.5]"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        execute(cfg)
+    assert err.value.key == "evolver.weights" and "one weight per parent (2" in str(err.value)

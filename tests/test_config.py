@@ -64,6 +64,7 @@ def test_every_experiment_composes(experiment, tmp_path):
         ("baselines=classic baselines.budget=0", "baselines.budget"),
         ("baselines=classic +baselines.methods.ties.grid.dens=[1]", "baselines.methods.ties.grid"),
         ("evolver=one_shot evolver.split=2", "evolver.split"),
+        ("evolver=one_shot evolver.weights=[nan,0.5]", "evolver.weights"),
     ],
 )
 def test_bad_values_raise_config_error_before_any_model(override, key, tmp_path):

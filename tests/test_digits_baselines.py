@@ -101,6 +101,21 @@ def test_cma_es_rejects_bad_values():
         CMAES(sigma_adaptation="median")
 
 
+@pytest.mark.parametrize("budget", [30, 10])
+def test_cma_es_budget_must_be_whole_generations(task, budget):
+    """budget=30 with popsize 20 spent 20 forward passes, budget=10 none (the random start was
+    reported as CMA-ES's result); the reference asserts divisibility. Refused when the panel
+    is built, before any job runs, and by run itself."""
+    from sparse_merge.evolution.comparison import Panel
+
+    with pytest.raises(ConfigError, match="budget=.*popsize=20"):
+        Panel("p", budget, DigitsParents("scratch"), {"cma_es": CMAES(popsize=20)})
+    problem = DigitsProblem(DigitsParents("scratch", hidden=8), task, seed=0)
+    with pytest.raises(ConfigError, match="popsize=20"):
+        CMAES(popsize=20, progress=False).run(problem, budget, 0, Curve(problem))
+    Panel("p", 40, DigitsParents("scratch"), {"cma_es": CMAES(popsize=20)})  # two generations
+
+
 def test_map_elites_cells_bin_accuracies_and_keep_the_better_elite(scratch):
     from sparse_merge.evolution.map_elites import MapElites
 
@@ -150,3 +165,24 @@ def test_map_elites_draws_one_elite_twice_only_below_the_quality_sum(
     assert any(pairs) is same_draws
     with pytest.raises(ConfigError, match="replace_below"):
         MapElites(replace_below=-1.0)
+
+
+def test_digits_methods_refuse_fractional_sizes_and_infinite_steps():
+    """Sizes used to be truncated (popsize=2.5 ran with 2, bins=2.5 with 2, batch_size=2.5
+    with 2; bins='abc' raised a bare ValueError) and infinite step sizes ran to NaN genomes
+    (CMA-ES at 9.7 % test accuracy, MAP-Elites at its start)."""
+    from sparse_merge.evolution.map_elites import MapElites
+
+    with pytest.raises(ConfigError, match="popsize=2.5"):
+        CMAES(popsize=2.5)
+    with pytest.raises(ConfigError, match="sigma0=inf"):
+        CMAES(sigma0=float("inf"))
+    with pytest.raises(ConfigError, match="bins=2.5"):
+        MapElites(bins=2.5)
+    with pytest.raises(ConfigError, match="bins='abc'"):
+        MapElites(bins="abc")
+    with pytest.raises(ConfigError, match="mutation_std=inf"):
+        MapElites(mutation_std=float("inf"))
+    with pytest.raises(ConfigError, match="batch_size=2.5"):
+        BruteForce(batch_size=2.5)
+    assert CMAES(popsize=2).popsize == 2 and MapElites(mutation_std=0.0).mutation_std == 0.0

@@ -100,6 +100,34 @@ def test_same_seed_same_parents_across_methods(tmp_path):
     assert len(starts) == 1
 
 
+def test_a_changed_task_setting_reruns_the_jobs(tmp_path):
+    """The job files record the task's settings: a resumed run with task.raw_pixels changed
+    used to reuse the results made with the other pixels (same method, parents and budget)."""
+    overrides = ["pipeline=digits", "model=digits_mlp", "task=digits", "evolver=map_elites"]
+    execute(compose_cfg([*overrides, "budget=20"], tmp_path))
+    path = tmp_path / "run" / "runs" / "scratch__mapelites__seed0.json"
+    raw = json.loads(path.read_text())
+    assert raw["settings"]["task"] == {"class": "DigitsTask", "raw_pixels": True}
+    cfg = compose_cfg([*overrides, "budget=20", "task.raw_pixels=false", "resume=true"], tmp_path)
+    execute(cfg)
+    scaled = json.loads(path.read_text())
+    assert scaled["settings"]["task"] == {"class": "DigitsTask", "raw_pixels": False}
+    assert scaled["initial_train"] != raw["initial_train"]  # run again, on the scaled pixels
+
+
+def test_committed_results_without_a_task_record_are_still_reused(tmp_path):
+    """Files written before the task was recorded count as made with raw pixels."""
+    overrides = ["pipeline=digits", "model=digits_mlp", "task=digits", "evolver=map_elites"]
+    execute(compose_cfg([*overrides, "budget=20"], tmp_path))
+    path = tmp_path / "run" / "runs" / "scratch__mapelites__seed0.json"
+    record = json.loads(path.read_text())
+    del record["settings"]["task"]
+    record["final_test"] = -1.0  # a marker: reused, not run again
+    path.write_text(json.dumps(record))
+    execute(compose_cfg([*overrides, "budget=20", "resume=true"], tmp_path))
+    assert json.loads(path.read_text())["final_test"] == -1.0
+
+
 def test_single_method_run(tmp_path):
     cfg = compose_cfg(
         [
@@ -125,3 +153,15 @@ def test_single_engine_run_uses_the_scorer_group(tmp_path):
     execute(cfg)
     r = json.loads((tmp_path / "run" / "runs" / "scratch__naturalniches__seed0.json").read_text())
     assert r["evals"] == 25 and 0.0 < r["final_test"] < 1.0
+
+
+def test_a_merge_only_evolver_is_refused_in_one_line(tmp_path):
+    """evolver=one_shot has evolve() but is no Natural Niches engine: it used to be wrapped as
+    one and crash with AttributeError (no pop_size) once the job ran."""
+    from sparse_merge.errors import ConfigError
+
+    overrides = ["pipeline=digits", "model=digits_mlp", "task=digits", "evolver=one_shot"]
+    with pytest.raises(ConfigError) as err:
+        execute(compose_cfg([*overrides, "budget=20"], tmp_path))
+    assert err.value.key == "evolver" and "cma_es" in str(err.value)
+    assert not (tmp_path / "run" / "runs").exists()  # refused before any job ran

@@ -56,6 +56,17 @@ def check_positive(key: str, value: int | float, *, allow_zero: bool = False) ->
     return value
 
 
+def check_finite_positive(key: str, value: int | float, *, allow_zero: bool = False) -> int | float:
+    """``check_positive`` that also refuses infinity (a step size or a noise std of inf
+    turns every genome into inf/NaN and the run into a silent zero)."""
+    check_positive(key, value, allow_zero=allow_zero)
+    if value == float("inf"):
+        raise ConfigError(
+            key, value, "a finite number >= 0" if allow_zero else "a finite number > 0"
+        )
+    return value
+
+
 def check_int(key: str, value: Any, *, minimum: int = 0) -> int:
     """Return ``value`` if it is a whole number >= ``minimum`` (``2.5`` or ``"4"`` is refused,
     never truncated)."""

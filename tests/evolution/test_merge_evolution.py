@@ -129,6 +129,28 @@ def test_evolver_options_instantiate(option, checks):
     assert cfg.scorer.alpha == (0.0 if option == "ga" else 1.0)
 
 
+@pytest.mark.parametrize(
+    "option,checks",
+    [
+        ("nn_no_crossover", {"crossover": "none"}),
+        ("nn_no_split", {"split": False}),
+        ("nn_no_matchmaker", {"matchmaker": False}),
+        ("ga", {"matchmaker": False}),
+    ],
+)
+def test_ablations_stay_off_with_the_task_vector_search(option, checks):
+    """search=task_vectors is composed after the evolver and sets the crossover's method (a
+    linear merge of coefficients): it must not switch an ablated operator back on."""
+    cfg = compose_cfg([f"evolver={option}", "search=task_vectors"])
+    evolver = instantiate(cfg.evolver, _convert_="all")
+    got = {
+        "matchmaker": evolver.matchmaker,
+        "crossover": evolver.crossover.mode,
+        "split": evolver.crossover.split,
+    }
+    assert {k: got[k] for k in checks} == checks
+
+
 def test_baselines_at_equal_budget_in_one_table(tmp_path):
     execute(compose_cfg([*SMALL, "baselines=classic", "save_models=false"], tmp_path))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -152,3 +174,17 @@ def test_task_vector_search_reports_coefficients_and_exact_sparsity(tmp_path):
     assert set(coef) == {"math", "code"} and set(coef["math"]) == {"block0", "block1", "other"}
     names = [r["name"] for r in results["archive"]]
     assert {"base", "math", "code", "task_arithmetic"} & set(names)
+
+
+@pytest.mark.parametrize("option", ["cma_es", "map_elites", "brute_force", "m2n2_digits"])
+def test_a_digits_method_is_refused_before_any_model_loads(tmp_path, monkeypatch, option):
+    """The digits methods have no evolve(): pipeline=merge crashed with AttributeError after
+    the parents were loaded (minutes at 7B)."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model loaded before the evolver was refused")
+
+    monkeypatch.setattr("sparse_merge.pipelines.merge.load_causal_lm", loaded)
+    with pytest.raises(ConfigError) as err:
+        execute(compose_cfg(["experiment=smoke", f"evolver={option}"], tmp_path))
+    assert err.value.key == "evolver" and "pipeline=digits" in str(err.value)

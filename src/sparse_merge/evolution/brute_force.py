@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from sparse_merge.errors import check_positive
+from sparse_merge.errors import check_int
 from sparse_merge.evolution.crossover import slerp_
 from sparse_merge.evolution.curve import Curve
 
@@ -29,7 +29,7 @@ class BruteForce:
     """SLERP grid search between the two initial genomes (pre-trained parents)."""
 
     def __init__(self, batch_size: int = 20, progress: bool = True) -> None:
-        self.batch_size = int(check_positive("batch_size", batch_size))
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
         self.progress = bool(progress)
 
     def run(self, problem, budget: int, seed: int, curve: Curve) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sparse_merge.errors import ConfigError, check_choice, check_positive
+from sparse_merge.errors import ConfigError, check_choice, check_finite_positive
 from sparse_merge.evolution.curve import Curve
 
 COVARIANCES = ("identity", "full", "diagonal")
@@ -59,20 +59,33 @@ class CMAES:
         sigma_adaptation: str = "csa",
         progress: bool = True,
     ) -> None:
-        self.popsize = int(check_positive("popsize", popsize))
-        if self.popsize < 2:
-            raise ConfigError("popsize", popsize, "an integer >= 2")
-        self.sigma0 = float(check_positive("sigma0", sigma0))
+        if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 2:
+            raise ConfigError("popsize", popsize, "a whole number >= 2")  # 2.5: not truncated
+        self.popsize = popsize
+        self.sigma0 = float(check_finite_positive("sigma0", sigma0))
         self.covariance = check_choice("covariance", covariance, COVARIANCES)
         self.sigma_adaptation = check_choice(
             "sigma_adaptation", sigma_adaptation, SIGMA_ADAPTATIONS
         )
         self.progress = bool(progress)
 
+    def check_budget(self, budget: int) -> None:
+        """Refuse a budget that is not a whole number of generations (as the reference's
+        ``assert``): the remainder would go unspent, and a budget below ``popsize`` runs no
+        generation at all and reports the random start as the result."""
+        if int(budget) % self.popsize != 0:
+            raise ConfigError(
+                "budget",
+                budget,
+                f"a multiple of the CMA-ES population (popsize={self.popsize}): one "
+                f"generation is popsize forward passes",
+            )
+
     def run(self, problem, budget: int, seed: int, curve: Curve) -> dict[str, torch.Tensor]:
         """Spend ``budget`` forward passes (whole generations); returns the best genome."""
         import cma
 
+        self.check_budget(budget)
         start = next(iter(problem.initial().values()))  # [P]
         rng = np.random.default_rng(seed)
         opts = {

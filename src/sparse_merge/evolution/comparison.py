@@ -5,8 +5,8 @@ Each (panel, method, seed) is one job: a fresh ``DigitsProblem`` (its parents se
 seed, so every method of a seed starts from the same parents), a fresh ``Curve``, one run of
 the method. A job's result (its curve sampled on a common grid, its final scores and its
 speed) is written atomically to ``<dir>/runs/<panel>__<method>__seed<seed>.json`` with the
-job's settings (``settings``: the method's and the parents' parameters and the budget); a job
-whose file exists with the same settings is not run again (``reuse``), so an interrupted
+job's settings (``settings``: the method's, the parents' and the task's parameters and the
+budget); a job whose file exists with the same settings is not run again (``reuse``), so an interrupted
 comparison continues where it stopped, and a changed method or panel runs again. Jobs run in ``workers`` processes, each with ``threads`` torch threads.
 """
 
@@ -35,6 +35,10 @@ from sparse_merge.tracking.io import to_jsonable, write_json
 
 log = logging.getLogger("sparse_merge")
 
+# the task of a result file that does not record one (written before the task was recorded):
+# ``describe(DigitsTask(raw_pixels=True))``, the only task the experiment was run with
+UNRECORDED_TASK = {"class": "DigitsTask", "raw_pixels": True}
+
 
 class Panel:
     """Methods compared from one kind of parents under one budget of forward passes."""
@@ -52,6 +56,8 @@ class Panel:
         for name, method in methods.items():
             if not callable(getattr(method, "run", None)):
                 raise ConfigError(f"methods.{name}", method, "an object with run(problem, ...)")
+            if callable(getattr(method, "check_budget", None)):  # e.g. whole CMA-ES generations
+                method.check_budget(self.budget)
         self.methods = dict(methods)
 
 
@@ -118,24 +124,30 @@ class Comparison:
         n = min(self.points, budget)
         return sorted({round(budget * i / n) for i in range(n + 1)})
 
-    def settings(self, job: Job) -> dict[str, Any]:
-        """What decides a job's result besides its seed: the method's and the parents'
-        parameters and the budget (JSON-comparable)."""
+    def settings(self, job: Job, task: DigitsTask) -> dict[str, Any]:
+        """What decides a job's result besides its seed: the method's, the parents' and the
+        task's parameters and the budget (JSON-comparable)."""
         panel = self.panels[job.panel]
         return to_jsonable(
             {
                 "budget": panel.budget,
                 "parents": describe(panel.parents),
                 "method": describe(panel.methods[job.method]),
+                "task": describe(task),
             }
         )
 
-    def done(self, job: Job, runs: Path) -> bool:
-        """Whether ``job``'s result file exists with the job's current settings."""
+    def done(self, job: Job, runs: Path, task: DigitsTask) -> bool:
+        """Whether ``job``'s result file exists with the job's current settings (a file
+        written before the task was recorded counts as made with the default task, raw
+        pixels: the only one the experiment ran)."""
         path = runs / job.file
         if not path.exists():
             return False
-        return json.loads(path.read_text()).get("settings") == self.settings(job)
+        saved = json.loads(path.read_text()).get("settings")
+        if isinstance(saved, dict) and "task" not in saved:
+            saved = {**saved, "task": UNRECORDED_TASK}
+        return saved == self.settings(job, task)
 
     def run_job(self, job: Job, task: DigitsTask) -> dict[str, Any]:
         """Run one job; returns its result (see module docstring)."""
@@ -155,7 +167,7 @@ class Comparison:
             "panel": job.panel,
             "method": job.method,
             "seed": job.seed,
-            "settings": self.settings(job),
+            "settings": self.settings(job, task),
             "budget": panel.budget,
             "evals": curve.evals[-1],
             "final_test": curve.test[-1],
@@ -173,7 +185,7 @@ class Comparison:
         runs = Path(out_dir) / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         jobs = self.jobs()
-        todo = [j for j in jobs if not (self.reuse and self.done(j, runs))]
+        todo = [j for j in jobs if not (self.reuse and self.done(j, runs, task))]
         todo = todo if self.run_missing else []
         bar = tqdm(total=len(todo), desc="comparison jobs")
         if self.workers == 1 or len(todo) <= 1:
@@ -198,7 +210,7 @@ class Comparison:
 
     def _run_to_file(self, job: Job, task: DigitsTask, runs: Path) -> None:
         """Run ``job`` and write its file, unless another process wrote it meanwhile."""
-        if self.reuse and self.done(job, runs):
+        if self.reuse and self.done(job, runs, task):
             return
         write_json(runs / job.file, self.run_job(job, task))
 

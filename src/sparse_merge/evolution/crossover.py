@@ -152,14 +152,20 @@ class Crossover:
             (``t = w`` on ``[:k]``, ``1 - w`` on ``[k:]`` for two parents, as in M2N2; the
             reference draws ``k ~ U{0..P-1}``, which never leaves the weights unreversed:
             a difference of one value in ``P + 1``, kept so that published runs reproduce).
+        enabled: ``False`` switches crossover off whatever ``method`` says (the child is a
+            copy of the first parent): the no-crossover ablation sets it, so that a config
+            group composed after the evolver that sets ``method`` (``search=task_vectors``
+            sets a linear merge) cannot switch crossover back on.
 
     The M2N2 default (``slerp_split``) is ``Crossover(Slerp(granularity="genome"), split=True)``:
     one SLERP angle over the whole genome, as in the M2N2 reference code. The names
     ``slerp_split``, ``slerp`` and ``none`` are accepted for the three classic variants.
     """
 
-    def __init__(self, method: MergeMethod | None = None, split: bool = True) -> None:
-        self.method, self.split = method, bool(split)
+    def __init__(
+        self, method: MergeMethod | None = None, split: bool = True, enabled: bool = True
+    ) -> None:
+        self.method, self.split = (method if enabled else None), bool(split)
 
     @classmethod
     def named(cls, mode: str) -> Crossover:

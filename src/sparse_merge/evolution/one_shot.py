@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sparse_merge.errors import ConfigError, check_fraction
+from sparse_merge.errors import ConfigError, _is_number, check_fraction
 from sparse_merge.evolution.problem import EvolutionResult, Pick, column_weights
 from sparse_merge.merging.base import MergeMethod
 from sparse_merge.merging.slerp import Slerp
@@ -33,8 +34,23 @@ class OneShotMerge:
         split: float | None = None,
     ) -> None:
         self.method = method if method is not None else Slerp(granularity="genome")
+        if weights is not None and (
+            isinstance(weights, (str, bytes))
+            or not all(_is_number(w) and math.isfinite(w) for w in weights)
+        ):
+            raise ConfigError("weights", weights, "a list of finite numbers, one per parent")
         self.weights = None if weights is None else [float(w) for w in weights]
         self.split = None if split is None else check_fraction("split", split, upper_open=False)
+
+    def check_parents(self, names: Sequence[str]) -> None:
+        """Refuse ``weights`` that do not give one weight per parent (the merge pipeline calls
+        this with the parents' names before any model loads)."""
+        if self.weights is not None and len(self.weights) != len(names):
+            raise ConfigError(
+                "evolver.weights",
+                self.weights,
+                f"one weight per parent ({len(names)}: {', '.join(names)})",
+            )
 
     def evolve(
         self,

@@ -16,6 +16,7 @@ from sparse_merge.analysis.curves import mean_se, write_report
 from sparse_merge.errors import ConfigError
 from sparse_merge.evolution.budgeted import NaturalNichesMethod
 from sparse_merge.evolution.comparison import Comparison, Panel
+from sparse_merge.evolution.natural_niches import NaturalNiches
 from sparse_merge.models.digits import DigitsParents
 from sparse_merge.tasks.digits import DigitsTask
 from sparse_merge.tracking.io import write_json
@@ -33,10 +34,15 @@ def as_comparison(
     engine's evolver runs with the ``scorer`` group, e.g. ``evolver=ga``'s alpha 0)."""
     if isinstance(evolver, Comparison):
         return evolver
-    if callable(getattr(evolver, "evolve", None)):  # the Natural Niches engine
+    if isinstance(evolver, NaturalNiches):  # the Natural Niches engine (ga, nn_* too)
         evolver = NaturalNichesMethod(evolver, scorer, test_every_step=False)
     if not callable(getattr(evolver, "run", None)):
-        raise ConfigError("evolver", type(evolver).__name__, "a digits method or a comparison")
+        raise ConfigError(
+            "evolver",
+            type(evolver).__name__,
+            "a digits method (natural_niches, ga, nn_no_crossover, nn_no_split, nn_no_matchmaker, "
+            "map_elites, cma_es, brute_force) or a comparison (m2n2_digits)",
+        )
     name = type(getattr(evolver, "evolver", evolver)).__name__.lower()
     panel = Panel(parents.name, budget, parents, {name: evolver})
     return Comparison({parents.init: panel}, [seed], points=min(budget, 250))

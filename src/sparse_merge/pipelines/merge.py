@@ -151,6 +151,14 @@ def run_merge(
     pick (what a sweeper optimises). ``run_settings``: the config values that shape the result
     besides the evolver's and scorer's own (``result_settings``), stored in the evolver's
     checkpoint; a resume must match them."""
+    if not callable(getattr(evolver, "evolve", None)):  # before anything loads
+        raise ConfigError(
+            "evolver",
+            type(evolver).__name__,
+            "an evolver of pipeline=merge (natural_niches, ga, nn_no_crossover, nn_no_split, "
+            "nn_no_matchmaker, one_shot); map_elites, cma_es, brute_force and m2n2_digits run "
+            "with pipeline=digits model=digits_mlp task=digits",
+        )
     search = search if search is not None else WeightSearch()
     scorer = scorer if scorer is not None else SparsityAwareScorer()
     target = sparsity if pruner is not None else 0.0
@@ -171,6 +179,8 @@ def run_merge(
     if uses_calibration(pruner):
         calib = Calibration.from_settings(tokenizer, tasks, calibration, seed)
     paths = source.parents()
+    if callable(getattr(evolver, "check_parents", None)):  # e.g. one_shot's weights, per parent
+        evolver.check_parents(list(paths))  # before any model loads
     first = next(iter(paths.values()))
     device = hardware.torch_device
     sharded = heldout = None
