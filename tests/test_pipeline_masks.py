@@ -71,6 +71,28 @@ def test_saved_masks_reprune_the_base_exactly(masks_run):
     assert torch.isfinite(base(torch.tensor([[5, 6, 7]])).logits).all()
 
 
+def test_results_and_masks_table_report_the_measured_sparsity(tmp_path):
+    """Whole heads cannot hit 30 %: results.json and the masks table give the sparsity reached
+    (as summary.json does), not the target (results.json's metadata used to overwrite it)."""
+    from sparse_merge.analysis import masks_table
+
+    cfg = compose_cfg(["experiment=masks", "pruner=structured", "sparsity=0.3", *SMALL], tmp_path)
+    with open_dict(cfg):
+        cfg.calibration.n = 8
+    execute(cfg)
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(exist_ok=True)  # a run folder as Hydra leaves it
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    measured = summary["sparsity"]
+    assert abs(measured - 0.3) > 0.01  # the heads' granularity misses the target
+    assert results["sparsity"] == measured and results["target_sparsity"] == 0.3
+    (row,) = masks_table.gather(run_dir)
+    assert row["sparsity"] == measured
+    assert f"({measured:.3f})" in masks_table.markdown([row])
+
+
 def test_bad_masks_value_fails_before_work(tmp_path):
     from hydra.errors import ConfigCompositionException
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import importlib
 import logging
 import pkgutil
@@ -36,6 +35,7 @@ from sparse_merge.tracking.io import (
     RunDirBusy,
     WriteError,
     check_writable,
+    fit_file_name,
     is_main_process,
     lock_run_dir,
     write_atomic,
@@ -142,21 +142,12 @@ def _suffix(name: str | None) -> str:
     return f"_{name}" if name not in (None, "") else ""
 
 
-NAME_MAX = 255  # bytes in one file name (Linux, macOS)
-
-
 def _job_dirname(num: int | str, overrides: str) -> str:
     """``<num>_<overrides>``, Hydra's sweep job folder name (``${sm.dirname:...}`` in
-    ``conf/config.yaml``); one longer than a file name may be (a sweep with many overrides:
-    the OS refused to make the folder, and the sweep ended at its first job) keeps what fits
-    and ends in a hash of the whole name, so it stays unique and stable."""
-    name = f"{num}_{overrides}"
-    raw = name.encode()
-    if len(raw) <= NAME_MAX:
-        return name
-    digest = hashlib.sha256(raw).hexdigest()[:12]
-    head = raw[: NAME_MAX - len(digest) - 1].decode(errors="ignore")
-    return f"{head}-{digest}"
+    ``conf/config.yaml``), fitted to a file name's length (``fit_file_name``): a sweep with
+    many overrides made a longer one, the OS refused the folder, and the sweep ended at its
+    first job."""
+    return fit_file_name(f"{num}_{overrides}")
 
 
 def register_resolvers() -> None:

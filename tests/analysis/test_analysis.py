@@ -112,6 +112,19 @@ def test_plots_are_written(sweep):
         assert written[name].exists() and written[name].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_masks_sweep_gets_its_perplexity_table_and_plot(tmp_path):
+    """experiment=sweep_masks (`make sweep`'s default) writes perplexity, not accuracy: its
+    performance table and plot are of perplexity (it used to get neither)."""
+    for i, (pruner, sparsity, ppl) in enumerate([("magnitude", 0.5, 3.0), ("wanda", 0.5, 2.0)]):
+        metrics = {"perplexity": ppl, "sparsity": sparsity - 0.01, "target_sparsity": sparsity}
+        _run(tmp_path, f"{i}_{pruner}", pruner, sparsity, 0, "finished", metrics)
+    written = analyze(tmp_path)
+    svp = pd.read_csv(written["sparsity_vs_performance"]).set_index("method")
+    assert svp.loc["pruner=wanda", "perplexity_mean"] == pytest.approx(2.0)
+    assert svp.loc["pruner=wanda", "sparsity_mean"] == pytest.approx(0.49)  # measured
+    assert written["perplexity_vs_sparsity"].read_bytes()[:4] == b"\x89PNG"
+
+
 def test_pareto_front_maximises_both():
     pts = np.array([[0.5, 0.5], [0.3, 0.6], [0.6, 0.4], [0.2, 0.2], [0.5, 0.45]])
     assert pareto_front(pts).tolist() == [1, 0, 2]

@@ -74,3 +74,19 @@ def test_analysis_of_a_sweep_writes_one_heatmap_per_run_that_logged_layers(tmp_p
     assert (tmp_path / "analysis" / "layer_sparsity_0_seed=0.png").read_bytes()[:8] == PNG
     assert not (tmp_path / "analysis" / "layer_sparsity_1_seed=1.png").exists()
     assert "layer_sparsity_0_seed=0" in proc.stdout
+
+
+def test_a_run_folder_named_up_to_a_file_names_length_gets_its_heatmap(tmp_path):
+    """A sweep job folder named by many overrides is up to 255 bytes long (cut and hashed by
+    ``${sm.dirname:...}``): its heatmap's name, 19 bytes longer, is cut and hashed alike (the
+    analysis ended in OSError: File name too long)."""
+    long_a = "0_" + "evolver.log_layer_sparsity=True," * 7 + "x" * 29
+    long_b = long_a[:-1] + "y"  # same first bytes: the hash keeps the two files apart
+    assert len(long_a.encode()) == len(long_b.encode()) == 255
+    write_run(tmp_path / long_a, [[0.0, 0.5], [0.5, 0.5]])
+    write_run(tmp_path / long_b, [[0.0, 0.5], [0.5, 0.5]])
+    written = analyze(tmp_path)
+    pngs = [written[f"layer_sparsity_{name}"] for name in (long_a, long_b)]
+    assert pngs[0] != pngs[1]
+    for png in pngs:
+        assert len(png.name.encode()) <= 255 and png.read_bytes()[:8] == PNG

@@ -114,6 +114,10 @@ def test_evaluate_pipeline_keeps_per_datapoint_scores(tmp_path):
         assert row["gsm8k"] == pytest.approx(sum(per["gsm8k"]) / 2)
         assert row["mean"] == pytest.approx((row["gsm8k"] + row["mbpp"]) / 2)
     assert metric == pytest.approx(results["models"][0]["mean"])
+    # the standard names the sweep analysis reads from summary.json: the first model's
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["accuracy"] == results["models"][0]["mean"]
+    assert summary["sparsity"] == results["models"][0]["sparsity"]
 
 
 def test_masks_pipeline_runs_with_the_task(tmp_path):

@@ -22,7 +22,7 @@ from sparse_merge.analysis.tables import (
     sparsity_vs_performance,
 )
 from sparse_merge.analysis.throughput_table import write_throughput
-from sparse_merge.tracking.io import write_atomic
+from sparse_merge.tracking.io import fit_file_name, write_atomic
 
 ARCHIVE_FILE = (
     "archive.csv"  # evolution runs: one row per final-archive individual (accuracy, sparsity)
@@ -59,6 +59,7 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None) -> dict[str, P
         ("accuracy", "held-out accuracy"),
         ("loss", "final training loss"),
         ("throughput", "throughput"),
+        ("perplexity", "held-out perplexity"),  # masks runs (experiment=sweep_masks)
     ):
         path = metric_vs_sparsity(grouped, metric, out / f"{metric}_vs_sparsity.png", label)
         if path:
@@ -81,7 +82,9 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None) -> dict[str, P
         log = sweep_dir / run / LOG_FILE
         stem = "layer_sparsity" if run == "." else f"layer_sparsity_{run.replace('/', '_')}"
         name = sweep_dir.resolve().name if run == "." else run
-        if log.exists() and (path := layer_sparsity_heatmap(log, out / f"{stem}.png", name)):
+        if log.exists() and (
+            path := layer_sparsity_heatmap(log, out / fit_file_name(stem, ".png"), name)
+        ):
             written[stem] = path
     written.update(write_throughput(sweep_dir, out))  # experiment=sweep_throughput runs
     return written

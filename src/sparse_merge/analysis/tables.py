@@ -2,8 +2,9 @@
 
 Pipelines write standard metric names into ``summary.json`` so sweeps of different pipelines
 read the same way: ``accuracy`` (held-out score of the final model), ``loss`` (final training
-loss), ``throughput`` (samples or forward passes per second) and ``sparsity`` (achieved
-fraction of zero prunable weights).
+loss), ``throughput`` (samples or forward passes per second), ``sparsity`` (achieved
+fraction of zero prunable weights) and, for masks runs, ``perplexity`` (held-out perplexity of
+the pruned model).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import pandas as pd
 
 GROUP_KEYS = ("model", "task", "method", "sparsity")
-STANDARD = ("accuracy", "loss", "throughput", "sparsity")
+STANDARD = ("accuracy", "loss", "throughput", "sparsity", "perplexity")
 # columns that identify a run but never a method
 _NOT_METHOD = {
     "run",

@@ -80,4 +80,7 @@ def run(cfg, parts: dict, run_dir: Path) -> float:
     comparison = as_comparison(
         parts["evolver"], parts["model"], int(cfg.seed), int(cfg.budget), parts.get("scorer")
     )
-    return run_digits(comparison, parts["task"], run_dir)[0]
+    metric = run_digits(comparison, parts["task"], run_dir)[0]
+    # the standard name the sweep analysis reads (summary.json), as every pipeline writes it
+    parts["logger"].summary({"accuracy": metric})
+    return metric

@@ -67,7 +67,14 @@ def run_evaluate(
     print("\n" + format_table(rows, [*columns, "sparsity"]) + "\n")
     write_json(run_dir / "results.json", {"models": rows})
     write_json(run_dir / "scores.json", scores)
-    logger.summary({f"{r['model']}/{k}": v for r in rows for k, v in r.items() if k != "model"})
+    first = rows[0]  # the standard names the sweep analysis reads: the first model's
+    logger.summary(
+        {
+            "accuracy": first["mean"],
+            "sparsity": first["sparsity"],
+            **{f"{r['model']}/{k}": v for r in rows for k, v in r.items() if k != "model"},
+        }
+    )
     return float(rows[0]["mean"])
 
 

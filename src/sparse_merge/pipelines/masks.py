@@ -173,7 +173,9 @@ def run_masks(
     }
     logger.log({"event": "masks", **summary, **info})
     logger.summary(summary)
-    write_json(run_dir / "results.json", {**summary, **metadata})
+    # the summary last: its `sparsity` is the measured one (the metadata's is the target, kept in
+    # the masks' own metadata and as `target_sparsity`), as masks_table reports it
+    write_json(run_dir / "results.json", {**metadata, **summary})
     rows = [
         {"model": "dense", "sparsity": dense_sparsity, "perplexity": dense_ppl},
         {"model": method_label(info), "sparsity": achieved, "perplexity": pruned_ppl},

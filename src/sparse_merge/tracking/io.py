@@ -304,6 +304,24 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     return write_atomic(path, write)
 
 
+NAME_MAX = 255  # bytes in one file name (Linux, macOS)
+
+
+def fit_file_name(stem: str, suffix: str = "") -> str:
+    """``stem + suffix`` as a file name: one longer than a file name may be (a sweep job named
+    by many overrides: the OS refused to make it) keeps the first bytes of ``stem`` that fit
+    and ends in a hash of the whole name, then ``suffix``, so it stays unique and stable."""
+    import hashlib
+
+    name = f"{stem}{suffix}"
+    raw = name.encode()
+    if len(raw) <= NAME_MAX:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    keep = NAME_MAX - len(digest) - 1 - len(suffix.encode())
+    return f"{stem.encode()[:keep].decode(errors='ignore')}-{digest}{suffix}"
+
+
 CHECKSUM_KEY = "sha256"  # the digest a checked file stores next to its content
 
 
