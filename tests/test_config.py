@@ -92,7 +92,7 @@ def test_smoke_experiments_take_any_task(experiment, tmp_path):
     validate(cfg)
 
 
-@pytest.mark.parametrize("task", ["gsm8k", "mbpp", "boolq", "wikitext", "python_docs"])
+@pytest.mark.parametrize("task", ["gsm8k", "mbpp", "humaneval", "boolq", "wikitext", "python_docs"])
 def test_benchmark_keys_are_checked_through_to_the_base_class(task, tmp_path):
     cfg = compose_cfg([f"task={task}"], tmp_path)
     name = next(iter(cfg.task.tasks))

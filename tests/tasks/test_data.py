@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pandas as pd
 import pytest
 
-from sparse_merge.errors import ConfigError
+from sparse_merge.errors import ConfigError, DataError
 from sparse_merge.tasks.data import check_data_files, choose, load_split, read_rows
 from sparse_merge.tasks.gsm8k import GSM8K
 
@@ -28,6 +29,34 @@ def test_read_rows_in_every_format(fmt, tmp_path):
     else:
         getattr(pd.DataFrame(ROWS), f"to_{fmt}")(path, index=False)
     assert read_rows(path) == ROWS
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv", "txt"])
+def test_read_gzipped_text_formats(fmt, tmp_path):
+    plain = tmp_path / f"rows.{fmt}"
+    if fmt == "json":
+        plain.write_text(json.dumps(ROWS))
+    elif fmt == "jsonl":
+        plain.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif fmt == "csv":
+        pd.DataFrame(ROWS).to_csv(plain, index=False)
+    else:
+        plain.write_text("one text\n")
+    packed = tmp_path / f"rows.{fmt}.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    check_data_files("data_files", str(packed))
+    assert read_rows(packed) == read_rows(plain)
+
+
+def test_bad_gzip_files_are_refused(tmp_path):
+    for name in ("rows.parquet.gz", "rows.gz", "rows.xml.gz"):
+        (tmp_path / name).write_bytes(gzip.compress(b"x"))
+        with pytest.raises(ConfigError, match="a file ending in"):
+            check_data_files("data_files", str(tmp_path / name))
+    fake = tmp_path / "rows.jsonl.gz"
+    fake.write_text('{"q": 1}\n')  # not compressed
+    with pytest.raises(DataError, match="rows.jsonl.gz: not a readable gzip file"):
+        read_rows(fake)
 
 
 def test_load_split_from_a_mapping_or_one_pool():

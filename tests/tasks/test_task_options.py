@@ -35,6 +35,12 @@ OPTIONS = {
         "task.tasks.mbpp.num_fewshot=1",
         "task.tasks.mbpp.max_new_tokens=4",
     ],
+    "humaneval": [
+        f"task.tasks.humaneval.data_files={FIXTURES}/humaneval.jsonl",
+        "task.tasks.humaneval.n_select=2",
+        "task.tasks.humaneval.n_heldout=2",
+        "task.tasks.humaneval.max_new_tokens=4",
+    ],
     "boolq": [
         f"task.tasks.boolq.data_files={{train: {FIXTURES}/boolq_train.parquet, validation: {FIXTURES}/boolq_validation.parquet}}",
         "task.tasks.boolq.n_select=3",

@@ -135,7 +135,7 @@ def run_finetune(
     masks, mask_meta = _masks_from_file(adapter.mask_path, sparsity)
     path = _start_model(source, settings.start)
     tokenizer = load_tokenizer(source.tokenizer())
-    tasks.prepare()  # data drawn (and checked) before the model loads
+    tasks.prepare(training=True)  # data drawn (and checked) before the model loads
     calib: Calibration | None = None
     uses_calib = getattr(adapter, "uses_calibration", False)  # lora=row_sparse scores rows on it
     if _needs_calibration(pruner, adapter):  # before the model loads

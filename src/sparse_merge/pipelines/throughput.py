@@ -131,7 +131,7 @@ def run_throughput(
     clock = StepClock(logger)
     trainer = Trainer(trainer_settings(finetune, settings), hardware, clock, seed)
     tokenizer = load_tokenizer(source.tokenizer())
-    tasks.prepare()
+    tasks.prepare(training=True)
     uses_calib = getattr(adapter, "uses_calibration", False)  # lora=row_sparse scores rows on it
     calib: Calibration | None = None
     if uses_calibration(pruner) or uses_calib:

@@ -10,7 +10,8 @@ and the fixed, seeded, disjoint subsets a benchmark is made of.
 * a mapping ``{split: path or [paths]}``, e.g. ``{train: train.jsonl, test: test.jsonl}``.
 
 Local files are read directly (``.json`` holding a list of rows, a ``{"data": [...]}`` object
-or JSON lines; ``.jsonl``; ``.parquet``; ``.csv``; ``.txt`` as one ``{"text": ...}`` row). ``hf://`` and ``http(s)://`` paths go
+or JSON lines; ``.jsonl``; ``.parquet``; ``.csv``; ``.txt`` as one ``{"text": ...}`` row; the
+text formats also gzip-compressed, ``.jsonl.gz``). ``hf://`` and ``http(s)://`` paths go
 through ``datasets.load_dataset``.
 
 Every row is checked when it loads (``DatasetBenchmark.check_row``: the fields the benchmark
@@ -26,6 +27,7 @@ a key (the benchmark's question text), so two splits holding the same question n
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -45,7 +47,18 @@ SUFFIXES = {
     ".csv": "csv",
     ".txt": "text",
 }
+GZIP = ".gz"  # after the suffix of a text format: ``rows.jsonl.gz``
 REMOTE = ("hf://", "http://", "https://")
+
+
+def file_format(path: str | Path) -> str:
+    """The suffix that tells a file's format: ``.jsonl`` for ``rows.jsonl`` and for
+    ``rows.jsonl.gz`` (a text format, gzip-compressed); otherwise the last suffix."""
+    path = Path(path)
+    inner = Path(path.stem).suffix
+    return (
+        inner if path.suffix == GZIP and inner in SUFFIXES and inner != ".parquet" else path.suffix
+    )
 
 
 def _as_list(files: str | Sequence[str]) -> list[str]:
@@ -61,8 +74,12 @@ def check_data_files(key: str, data_files: DataFiles) -> None:
         for f in _as_list(files):
             if str(f).startswith(REMOTE):
                 continue
-            if Path(f).suffix not in SUFFIXES:
-                raise ConfigError(key, str(f), "a file ending in " + ", ".join(SUFFIXES))
+            if file_format(f) not in SUFFIXES:
+                raise ConfigError(
+                    key,
+                    str(f),
+                    "a file ending in " + ", ".join(SUFFIXES) + f" (a text format also + {GZIP})",
+                )
             if not Path(f).expanduser().is_file():
                 raise ConfigError(key, str(f), "an existing file")
 
@@ -92,14 +109,22 @@ def _json_lines(path: Path, text: str) -> Located:
 def read_located(path: str | Path) -> Located:
     """Rows of one local file (format from its suffix), each with where it is in the file."""
     path = Path(path).expanduser()
-    if path.suffix in (".parquet", ".csv"):
-        import pandas as pd
+    fmt = file_format(path)
+    try:
+        if fmt in (".parquet", ".csv"):
+            import pandas as pd
 
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-        records = frame.to_dict(orient="records")
-        return [(f"{path} row {i}", row) for i, row in enumerate(records, 1)]
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".txt":  # the whole file as one row
+            frame = pd.read_parquet(path) if fmt == ".parquet" else pd.read_csv(path)  # gz: too
+            records = frame.to_dict(orient="records")
+            return [(f"{path} row {i}", row) for i, row in enumerate(records, 1)]
+        if path.suffix == GZIP:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                text = f.read()
+        else:
+            text = path.read_text(encoding="utf-8")
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise DataError(str(path), f"not a readable gzip file ({exc})") from None
+    if fmt == ".txt":  # the whole file as one row
         return [(str(path), {"text": text})]
     try:
         data = json.loads(text)
@@ -108,7 +133,7 @@ def read_located(path: str | Path) -> Located:
         try:
             json.loads(first)
         except json.JSONDecodeError:
-            if path.suffix == ".json":  # one document over several lines: its own error line
+            if fmt == ".json":  # one document over several lines: its own error line
                 raise _json_error(f"{path}:{exc.lineno}", exc) from None
         return _json_lines(path, text)  # JSON lines (also what BFCL ships as ``.json``)
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -182,7 +207,7 @@ def _checked(located: Located, check: Callable[[Row], None] | None, key: str) ->
 def _load_remote(files: list[str]) -> list[Row]:
     from datasets import load_dataset
 
-    fmt = SUFFIXES.get(Path(files[0]).suffix, "json")
+    fmt = SUFFIXES.get(file_format(files[0]), "json")
     return list(load_dataset(fmt, data_files=files, split="train"))
 
 

@@ -129,9 +129,16 @@ def uses_chat_template(tokenizer: PreTrainedTokenizerBase, mode: str) -> bool:
     return has and mode != "never"
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
-    """The prompt for the next assistant turn after ``messages``, through the chat template."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], reply_prefix: str = ""
+) -> str:
+    """The prompt for the next assistant turn after ``messages``, through the chat template;
+    with ``reply_prefix``, that turn already begins with it and the model continues it
+    (``continue_final_message``, as lm-evaluation-harness renders a task's ``gen_prefix``)."""
+    if not reply_prefix:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    turns = [*messages, {"role": "assistant", "content": reply_prefix}]
+    return tokenizer.apply_chat_template(turns, tokenize=False, continue_final_message=True)
 
 
 def exact_match(prediction: str, answer: str) -> bool:
@@ -199,6 +206,10 @@ class FewShotTask(GenerationTask):
         """The prompt of a row, exemplars included, without a chat template."""
         raise NotImplementedError
 
+    def reply_prefix(self, row: dict) -> str:
+        """What the assistant turn of a row starts with, through a chat template (none here)."""
+        return ""
+
     def prompt(self, tokenizer: PreTrainedTokenizerBase, row: dict) -> str:
         """The few-shot prompt of one row."""
         if not uses_chat_template(tokenizer, self.chat_template):
@@ -208,7 +219,7 @@ class FewShotTask(GenerationTask):
             messages.append({"role": "user", "content": self.question(shot)})
             messages.append({"role": "assistant", "content": self.answer(shot)})
         messages.append({"role": "user", "content": self.question(row)})
-        return render_chat(tokenizer, messages)
+        return render_chat(tokenizer, messages, self.reply_prefix(row))
 
     def prompts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
         """One prompt per row."""

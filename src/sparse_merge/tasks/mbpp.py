@@ -14,17 +14,12 @@ back in a fenced block. The code is run with the asserts in the ``Sandbox``.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import Any
 
-from sparse_merge.errors import check_choice, check_int
+from sparse_merge.errors import check_int
 from sparse_merge.tasks.base import Example
-from sparse_merge.tasks.data import DatasetBenchmark, Row, require_string, require_strings
-from sparse_merge.tasks.generation import (
-    CHAT_MODES,
-    FewShotTask,
-)
-from sparse_merge.tasks.sandbox import Sandbox, SandboxResult
+from sparse_merge.tasks.code import CodeBenchmark, CodeTask
+from sparse_merge.tasks.data import Row, require_string, require_strings
 
 # any language tag (``python``, ``python3``, ``Python``, ``py``, none), as lm-eval's extractor
 FENCE = re.compile(r"```[ \t]*[\w+.-]*[ \t]*\r?\n(.*?)(?:```|$)", re.DOTALL)
@@ -72,24 +67,10 @@ def program(row: Row, code: str) -> str:
     return f"{setup_code(row)}\n{code}\n\n" + "\n".join(asserts(row)) + "\n"
 
 
-class MBPPTask(FewShotTask):
+class MBPPTask(CodeTask):
     """MBPP rows scored by running the generated code against their asserts in a sandbox."""
 
-    def __init__(
-        self,
-        name: str,
-        rows: Sequence[Row],
-        fewshot: Sequence[Row],
-        sandbox: Sandbox,
-        chat_template: str = "auto",
-        max_new_tokens: int = 512,
-        batch_size: int = 16,
-    ) -> None:
-        self.name, self.rows, self.shots = name, list(rows), list(fewshot)
-        self.sandbox, self.chat_template = sandbox, chat_template
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.stop: tuple[str, ...] = ("[DONE]",)
-        self.last_results: list[SandboxResult] = []
+    stop = ("[DONE]",)
 
     def question(self, row: Row) -> str:
         """The task text with its asserts."""
@@ -104,14 +85,12 @@ class MBPPTask(FewShotTask):
         shots = "".join(f"{task_text(s)}\n[BEGIN]\n{s['code']}\n[DONE]\n" for s in self.shots)
         return f"{shots}{task_text(row)}\n[BEGIN]\n"
 
-    def judge(self, predictions: list[str]) -> list[float]:
-        """1.0 where the extracted code passes all of its row's asserts in the sandbox."""
-        programs = [program(r, extract_code(p)) for r, p in zip(self.rows, predictions)]
-        self.last_results = self.sandbox.run_many(programs, desc=self.name)
-        return [float(r.passed) for r in self.last_results]
+    def program(self, row: Row, completion: str) -> str:
+        """The extracted code with the row's setup and asserts (``program``)."""
+        return program(row, extract_code(completion))
 
 
-class MBPP(DatasetBenchmark):
+class MBPP(CodeBenchmark):
     """MBPP (``google-research-datasets/mbpp``): selection from ``validation``, held-out from
     ``test``, training rows from ``train``, few-shot exemplars from ``prompt`` by default."""
 
@@ -120,38 +99,14 @@ class MBPP(DatasetBenchmark):
     hub_name = "full"
     fields = ("text|prompt", "code", "test_list")
 
-    def __init__(
-        self,
-        fewshot_split: str = "prompt",
-        num_fewshot: int = 3,
-        chat_template: str = "auto",
-        max_new_tokens: int = 512,
-        batch_size: int = 16,
-        timeout_s: float = 10.0,
-        memory_mb: int = 1024,
-        workers: int = 4,
-        isolation: str = "auto",
-        kernel_guards: bool = True,
-        **split_options: Any,
-    ) -> None:
+    task_class = MBPPTask
+
+    def __init__(self, fewshot_split: str = "prompt", num_fewshot: int = 3, **options: Any) -> None:
+        """``options``: the generation and sandbox options of ``CodeBenchmark`` and the data and
+        split options of ``DatasetBenchmark``."""
         check_int("num_fewshot", num_fewshot)
-        check_int("max_new_tokens", max_new_tokens, minimum=1)
-        check_int("batch_size", batch_size, minimum=1)
-        check_choice("chat_template", chat_template, CHAT_MODES)
-        super().__init__(**{"selection_split": "validation", "n_select": 64, **split_options})
+        super().__init__(**{"selection_split": "validation", "n_select": 64, **options})
         self.fewshot_split, self.num_fewshot = fewshot_split, num_fewshot
-        self.chat_template, self.max_new_tokens, self.batch_size = (
-            chat_template,
-            max_new_tokens,
-            batch_size,
-        )
-        self.sandbox = Sandbox(
-            timeout_s=timeout_s,
-            memory_mb=memory_mb,
-            workers=workers,
-            isolation=isolation,
-            kernel_guards=kernel_guards,
-        )
 
     def check_row(self, row: Row) -> None:
         """A description, ``code`` as a string, ``test_list`` (and ``test_imports`` when given)
@@ -169,15 +124,3 @@ class MBPP(DatasetBenchmark):
     def example(self, row: Row) -> Example:
         """Zero-shot prompt in the paper's format; the reference code and ``[DONE]`` as answer."""
         return Example(f"{task_text(row)}\n[BEGIN]\n", f"{row['code']}\n[DONE]")
-
-    def make_task(self, name: str, rows: list[Row]) -> MBPPTask:
-        """An ``MBPPTask`` over ``rows`` with this benchmark's exemplars and sandbox."""
-        return MBPPTask(
-            name,
-            rows,
-            self.fewshot(),
-            self.sandbox,
-            self.chat_template,
-            self.max_new_tokens,
-            self.batch_size,
-        )

@@ -38,11 +38,20 @@ class TaskSuite:
         if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
             raise ConfigError("weights", self.weights, "non-negative weights with a positive sum")
 
-    def prepare(self) -> None:
+    def prepare(self, training: bool = False) -> None:
         """Draw every task's selection and held-out datapoints (loading their data), so that
-        missing or too-small data fails here, before a pipeline loads any model."""
-        for task in self.tasks.values():
+        missing or too-small data fails here, before a pipeline loads any model; with
+        ``training``, also refuse a dataset task with no training row left (``pool``)."""
+        for name, task in self.tasks.items():
             len(task.selection), len(task.heldout)
+            pool = getattr(task, "pool", None) if training else None
+            if pool is not None and not pool():
+                raise ConfigError(
+                    f"{name}.n_select",
+                    getattr(task, "sizes", {}).get("selection"),
+                    "a smaller n_select or n_heldout: no training row is left outside the "
+                    "selection and held-out rows, and training takes its examples from there",
+                )
 
     @property
     def names(self) -> list[str]:
