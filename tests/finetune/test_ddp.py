@@ -18,13 +18,13 @@ from .ddp_worker import train
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _launch(out: Path) -> subprocess.CompletedProcess:
+def _launch(out: Path, worker: str = "ddp_worker.py") -> subprocess.CompletedProcess:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate is not None, "the accelerate CLI is installed next to python"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    cmd += [str(Path(__file__).with_name("ddp_worker.py")), str(out)]
+    cmd += [str(Path(__file__).with_name(worker)), str(out)]
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -55,13 +55,7 @@ def test_a_two_process_resume_with_dropout_ends_where_the_uninterrupted_run_ends
     stopped after step 3 and resumed ends with the uninterrupted run's weights on every rank
     (only the main process's state was restored: rank 1 drew other dropout masks after the
     resume, and the averaged gradients moved both ranks' weights)."""
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    assert accelerate is not None, "the accelerate CLI is installed next to python"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    cmd += [str(Path(__file__).with_name("ddp_resume_worker.py")), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = _launch(tmp_path, "ddp_resume_worker.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for k in range(2):
         rank = torch.load(tmp_path / f"rank{k}.pt")
