@@ -27,6 +27,9 @@ def machine() -> dict[str, object]:
     return {
         "platform": platform.platform(),
         "cpus": torch.get_num_threads(),
+        # the vector instructions torch's kernels use (AVX512, AVX2, ...): fused-loop speeds
+        # and the toy models' last bits depend on them
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
@@ -43,8 +46,9 @@ def main(names: list[str]) -> None:
         spec.loader.exec_module(module)
         start = time.perf_counter()
         rows = module.run()
-        print(f"\n== {name} ({time.perf_counter() - start:.1f} s)\n{format_table(rows)}")
-        write_json(HERE / "results" / f"{name}.json", {"machine": machine(), "rows": rows})
+        seconds, on = time.perf_counter() - start, machine()
+        print(f"\n== {name} ({seconds:.1f} s, {on['cpu_capability']})\n{format_table(rows)}")
+        write_json(HERE / "results" / f"{name}.json", {"machine": on, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -34,6 +34,15 @@ LARGE = 300_000  # > 4 * 65536: every selection brackets its thresholds with a s
 # ---- helpers -------------------------------------------------------------------------------
 
 
+def _fused_compiles_for_avx2() -> bool:
+    """Whether numba compiles for a CPU with AVX2 (the table form of the compress runs)."""
+    if not kernels.HAVE_NUMBA:
+        return False
+    from sparse_merge.merging import _fused
+
+    return _fused._compiles_for("avx2")
+
+
 def specials(dtype: torch.dtype) -> torch.Tensor:
     """NaN, +-inf, subnormals of ``dtype``, huge values and signed zeros."""
     tiny = torch.finfo(dtype).smallest_normal
@@ -432,3 +441,42 @@ def test_key_counts_count_below_and_equal(size):
         expected = (sum(int(k) < key for k in keys), sum(int(k) == key for k in keys))
         assert kernels.key_counts(keys, key) == expected
         assert kernels.key_counts(keys.astype(np.int64), key) == expected
+
+
+# the compress of the selection pass in each form the host can run: LLVM's vector.compress
+# (AVX-512's vpcompressd, or LLVM's expansion) and, on AVX2, the table of permutations
+COMPRESS_FORMS = [False] + ([True] if _fused_compiles_for_avx2() else [])
+
+
+@pytest.mark.parametrize("by_table", COMPRESS_FORMS)
+@pytest.mark.parametrize("inside", [0.0, 0.03, 0.5, 1.0])
+def test_compress_band_appends_the_keys_in_the_bracket_in_order(monkeypatch, by_table, inside):
+    """``_fused.compress_band`` compiled in either form appends the keys in ``[lo, hi]`` in
+    index order and counts those below ``lo``, for brackets holding none, a few, half and
+    every key, the ends included; and writes nothing past 16 keys from where it appends."""
+    from numba import njit
+
+    from sparse_merge.merging import _fused
+
+    monkeypatch.setattr(_fused, "_BY_TABLE", by_table)
+
+    @njit  # compiled here, uncached, so the intrinsic is generated in the form patched in
+    def compress_all(keys, lo, hi, out):
+        m = below = 0
+        for j in range(0, keys.size, 16):
+            found = _fused.compress_band(keys, j, lo, hi, out, m)
+            m += found & 0xFFFFFFFF
+            below += found >> 32
+        return m, below
+
+    rng = np.random.default_rng(int(inside * 100))
+    keys = rng.integers(0, 1000, 4096).astype(np.int32)
+    lo = 200
+    hi = lo + int(inside * 1000) - 1 if inside < 1 else 1 << 30
+    lo = lo if inside < 1 else 0
+    expected = keys[(keys >= lo) & (keys <= hi)]
+    out = np.full(keys.size + 32, -7, np.int32)
+    m, below = compress_all(keys, np.int32(lo), np.int32(hi), out)
+    assert (m, below) == (expected.size, int((keys < lo).sum()))
+    np.testing.assert_array_equal(out[:m], expected)
+    assert (out[m + 16 :] == -7).all()
