@@ -480,3 +480,31 @@ def test_compress_band_appends_the_keys_in_the_bracket_in_order(monkeypatch, by_
     assert (m, below) == (expected.size, int((keys < lo).sum()))
     np.testing.assert_array_equal(out[:m], expected)
     assert (out[m + 16 :] == -7).all()
+
+
+def test_band_ends_keep_exactly_the_entries_of_the_band():
+    """The merge loops' one-compare-per-end test (``_fused.band_ends``, ``_fused.kept``)
+    keeps exactly what ``lo < a < hi``, or ``a`` equal to an end whose ties are kept, keeps:
+    for ends and magnitudes at zeros, subnormals, the float next to each end, the largest
+    float, infinities and NaN, with every choice of kept ties."""
+    from sparse_merge.merging import _fused
+
+    f32 = np.float32
+    tiny = np.finfo(f32).smallest_subnormal
+    points = [0.0, -0.0, tiny, 2 * tiny, 1.0, 3.5, np.finfo(f32).max, np.inf, -np.inf, np.nan]
+    points = np.array(points, f32)
+    with np.errstate(over="ignore"):  # the float after the largest is inf
+        near = [np.nextafter(points, f32(-np.inf)), np.nextafter(points, f32(np.inf))]
+    near = np.concatenate(near)
+    values = np.concatenate([points, near])
+    values = values[~(values < 0)]  # magnitudes: |x - base| (either zero, or NaN)
+    for lo in points:
+        for hi in points:
+            for tied_lo in (False, True):
+                for tied_hi in (False, True):
+                    above, upto = _fused.band_ends(lo, hi, tied_lo, tied_hi)
+                    for a in values:
+                        expected = ((a > lo) | ((a == lo) & tied_lo)) & (
+                            (a < hi) | ((a == hi) & tied_hi)
+                        )
+                        assert _fused.kept(a, above, upto) == expected, (lo, hi, a)
