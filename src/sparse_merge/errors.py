@@ -47,23 +47,17 @@ def check_fraction(key: str, value: float, *, upper_open: bool = True) -> float:
     return float(value)
 
 
-def check_positive(key: str, value: int | float, *, allow_zero: bool = False) -> int | float:
-    """Return ``value`` if it is a number > 0 (or >= 0 with ``allow_zero``); NaN, bools and
-    strings are refused (NaN passed both comparisons and failed later, after the model
-    loaded)."""
-    if not _is_number(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(key, value, "a number >= 0" if allow_zero else "a number > 0")
-    return value
-
-
-def check_finite_positive(key: str, value: int | float, *, allow_zero: bool = False) -> int | float:
-    """``check_positive`` that also refuses infinity (a step size or a noise std of inf
-    turns every genome into inf/NaN and the run into a silent zero)."""
-    check_positive(key, value, allow_zero=allow_zero)
-    if value == float("inf"):
-        raise ConfigError(
-            key, value, "a finite number >= 0" if allow_zero else "a finite number > 0"
-        )
+def check_positive(
+    key: str, value: int | float, *, allow_zero: bool = False, finite: bool = False
+) -> int | float:
+    """Return ``value`` if it is a number > 0 (or >= 0 with ``allow_zero``; below infinity too
+    with ``finite``); NaN, bools and strings are refused (NaN passed both comparisons and
+    failed later, after the model loaded). ``finite`` for step sizes and noise stds: one of inf
+    turns every genome into inf/NaN and the run into a silent zero."""
+    bad = not _is_number(value) or value < 0 or (value == 0 and not allow_zero)
+    if bad or (finite and value == float("inf")):
+        allowed = f"{'a finite' if finite else 'a'} number {'>=' if allow_zero else '>'} 0"
+        raise ConfigError(key, value, allowed)
     return value
 
 

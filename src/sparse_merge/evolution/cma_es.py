@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sparse_merge.errors import ConfigError, check_choice, check_finite_positive
+from sparse_merge.errors import ConfigError, check_choice, check_positive
 from sparse_merge.evolution.curve import Curve
 
 COVARIANCES = ("identity", "full", "diagonal")
@@ -62,7 +62,7 @@ class CMAES:
         if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 2:
             raise ConfigError("popsize", popsize, "a whole number >= 2")  # 2.5: not truncated
         self.popsize = popsize
-        self.sigma0 = float(check_finite_positive("sigma0", sigma0))
+        self.sigma0 = float(check_positive("sigma0", sigma0, finite=True))
         self.covariance = check_choice("covariance", covariance, COVARIANCES)
         self.sigma_adaptation = check_choice(
             "sigma_adaptation", sigma_adaptation, SIGMA_ADAPTATIONS

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from sparse_merge.errors import ConfigError, check_finite_positive, check_int, check_positive
+from sparse_merge.errors import ConfigError, check_int, check_positive
 from sparse_merge.evolution.crossover import Crossover
 from sparse_merge.evolution.curve import Curve
 from sparse_merge.evolution.mutation import mutate_
@@ -39,7 +39,7 @@ class MapElites:
     ) -> None:
         self.bins = check_int("bins", bins, minimum=1)  # 2.5 refused, not truncated
         self.mutation_std = float(
-            check_finite_positive("mutation_std", mutation_std, allow_zero=True)
+            check_positive("mutation_std", mutation_std, allow_zero=True, finite=True)
         )
         self.crossover = Crossover.named(crossover)
         self.replace_below = float(check_positive("replace_below", replace_below, allow_zero=True))

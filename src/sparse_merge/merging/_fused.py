@@ -803,8 +803,8 @@ def sums_range(work, b, x0, x1, draws, keep, sums):
         k0, k1 = drawn(draws, i, keep)
         before0 += a0
         before1 += a1
-        after0 += a0 * k0
-        after1 += a1 * k1
+        after0 += masked(a0, k0)
+        after1 += masked(a1, k1)
     sums[0] += before0
     sums[1] += after0
     sums[2] += before1
