@@ -34,14 +34,25 @@ class DataError(ValueError):
         super().__init__(" ".join(message.splitlines()))
 
 
-def _is_number(value: Any) -> bool:
-    """A real number, not NaN (bools, strings and NaN fail every range check as they should)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
+def is_number(value: Any, *, finite: bool = False) -> bool:
+    """A real number, not NaN (nor ±inf with ``finite``): bools, strings and NaN fail every
+    range check as they should."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or value != value:
+        return False
+    return not finite or abs(value) != float("inf")
+
+
+def check_finite(key: str, value: Any) -> float:
+    """Return ``value`` as a float if it is a finite real number (a coefficient: one of inf
+    turns every merged weight into inf/NaN)."""
+    if not is_number(value, finite=True):
+        raise ConfigError(key, value, "a finite number")
+    return float(value)
 
 
 def check_fraction(key: str, value: float, *, upper_open: bool = True) -> float:
     """Return ``value`` if it lies in [0, 1) (or [0, 1] with ``upper_open=False``)."""
-    ok = _is_number(value) and (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0)
+    ok = is_number(value) and (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0)
     if not ok:
         raise ConfigError(key, value, f"a fraction in [0, 1{')' if upper_open else ']'}")
     return float(value)
@@ -54,7 +65,7 @@ def check_positive(
     with ``finite``); NaN, bools and strings are refused (NaN passed both comparisons and
     failed later, after the model loaded). ``finite`` for step sizes and noise stds: one of inf
     turns every genome into inf/NaN and the run into a silent zero."""
-    bad = not _is_number(value) or value < 0 or (value == 0 and not allow_zero)
+    bad = not is_number(value) or value < 0 or (value == 0 and not allow_zero)
     if bad or (finite and value == float("inf")):
         allowed = f"{'a finite' if finite else 'a'} number {'>=' if allow_zero else '>'} 0"
         raise ConfigError(key, value, allowed)

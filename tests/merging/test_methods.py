@@ -494,6 +494,8 @@ def test_bfloat16_genomes(name):
         (lambda: TaskArithmetic(normalize="yes"), "normalize"),
         (lambda: TaskArithmetic(rescale=None), "rescale"),
         (lambda: TaskArithmetic(lambda_=float("nan")), "lambda_"),
+        (lambda: TaskArithmetic(lambda_=float("-inf")), "lambda_"),
+        (lambda: TaskArithmetic(lambda_=True), "lambda_"),
         (lambda: Slerp(granularity="layer"), "granularity"),
         (lambda: Slerp(dot_threshold=1.0), "dot_threshold"),
         (lambda: Slerp(eps=0.0), "eps"),

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sparse_merge.errors import ConfigError, _is_number, check_fraction
+from sparse_merge.errors import ConfigError, check_fraction, is_number
 from sparse_merge.evolution.problem import EvolutionResult, Pick, column_weights
 from sparse_merge.merging.base import MergeMethod
 from sparse_merge.merging.slerp import Slerp
@@ -35,8 +34,7 @@ class OneShotMerge:
     ) -> None:
         self.method = method if method is not None else Slerp(granularity="genome")
         if weights is not None and (
-            isinstance(weights, (str, bytes))
-            or not all(_is_number(w) and math.isfinite(w) for w in weights)
+            isinstance(weights, (str, bytes)) or not all(is_number(w, finite=True) for w in weights)
         ):
             raise ConfigError("weights", weights, "a list of finite numbers, one per parent")
         self.weights = None if weights is None else [float(w) for w in weights]

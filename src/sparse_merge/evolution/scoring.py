@@ -21,19 +21,17 @@ threshold only shapes selection; reported sparsity is always the exact zero coun
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
-from sparse_merge.errors import ConfigError, check_choice, check_positive
+from sparse_merge.errors import ConfigError, check_choice, check_positive, is_number
 
 KINDS = ("softmax", "fraction", "rank")
 
 
 def check_epsilon(key: str, value: object) -> float:
     """Return ``value`` as a float if it is a finite number >= 0 (a near-zero threshold)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value < 0:
+    if not is_number(value, finite=True) or value < 0:
         raise ConfigError(key, value, "a finite number >= 0 (0.0: only exact zeros count)")
     return float(value)
 

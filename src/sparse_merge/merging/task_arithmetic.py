@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sparse_merge.errors import ConfigError, check_choice, check_fraction
+from sparse_merge.errors import ConfigError, check_choice, check_finite, check_fraction
 from sparse_merge.merging import kernels
 from sparse_merge.merging.base import (
     CHUNK,
@@ -617,9 +617,7 @@ class TaskArithmetic(MergeMethod):
         self.density = check_fraction("density", density, upper_open=False)
         self.normalize = bool(check_choice("normalize", normalize, (True, False)))
         self.rescale = bool(check_choice("rescale", rescale, (True, False)))
-        if not isinstance(lambda_, (int, float)) or not math.isfinite(lambda_):
-            raise ConfigError("lambda_", lambda_, "a finite number")
-        self.lambda_ = float(lambda_)
+        self.lambda_ = check_finite("lambda_", lambda_)
         self.gamma = check_fraction("gamma", gamma, upper_open=False)
         self.epsilon = check_fraction("epsilon", epsilon)
         self.draws = check_choice("draws", draws, DRAWS)
