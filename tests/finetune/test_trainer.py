@@ -16,6 +16,7 @@ from sparse_merge.hardware import Hardware
 from sparse_merge.pruning.magnitude import MagnitudePruner
 from sparse_merge.tasks.base import Example
 from sparse_merge.tasks.toy import ReversalTask
+from sparse_merge.tracking.io import load_checked, save_checked
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -87,6 +88,35 @@ def test_resumed_run_equals_uninterrupted_run(tiny_llama, tokenizer, tmp_path):
     assert (third.steps, third.samples, third.tokens) == (6, done.samples, done.tokens)
     assert third.seconds == pytest.approx(second.seconds, rel=0.2)
     assert third.samples_per_s == pytest.approx(second.samples_per_s, rel=0.2)
+
+
+@pytest.mark.parametrize("layout", ["per_process", "main_only"])
+def test_a_resume_continues_the_dropout_draws(tiny_llama, tokenizer, tmp_path, layout):
+    """With LoRA dropout a resumed run ends with the uninterrupted run's weights: the checkpoint
+    restores the RNG (``main_only``: a checkpoint of an older version, which held the main
+    process's state as ``rng``/``cuda_rng``, resumes the same way)."""
+    examples = ReversalTask(2, 3, n_select=0, n_heldout=0).train_examples(50, seed=0)
+    kw = dict(steps=4, batch_size=8, checkpoint_every=2, lr=1e-2)
+    masks = MagnitudePruner().prune(tiny_llama, None, 0.5)
+    adapter = LoraAdapter(mode="sparse_to_dense", target_modules=TARGETS, lora_dropout=0.3)
+    runs = {}
+    for name, stop_at in (("full", None), ("part", 2), ("part", None)):
+        model = adapter.wrap(copy.deepcopy(tiny_llama), masks)
+        resume = stop_at is None and name == "part"
+        if resume:
+            path = tmp_path / name / "trainer_state.pt"
+            state = load_checked(path)
+            assert "rng" not in state and "cuda_rng" not in state  # stored once, per process
+            if layout == "main_only":
+                main = state.pop("rng_per_process")[0]
+                save_checked(path, {**state, "rng": main["cpu"], "cuda_rng": main["cuda"]})
+            torch.manual_seed(12345)  # a fresh process draws from elsewhere until restored
+        _trainer(tmp_path / name, **kw).train(
+            model, tokenizer, examples, stop_at=stop_at, resume=resume
+        )
+        runs[name] = _trainable(model)
+    full, resumed = runs["full"], runs["part"]
+    assert all(torch.equal(full[n], resumed[n]) for n in full)
 
 
 def test_fp16_loss_scale_is_resumed(tiny_llama, tokenizer, tmp_path):

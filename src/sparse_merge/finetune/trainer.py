@@ -359,9 +359,9 @@ class Trainer:
                 "trainable": self._trainable_state(model),
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
-                "rng": rngs[0]["cpu"],  # the main process's, as older checkpoints hold it
-                "cuda_rng": rngs[0]["cuda"],
-                "rng_per_process": rngs,  # every process's own: dropout differs by process
+                # every process's own (dropout differs by process); older checkpoints hold the
+                # main process's only, as "rng" and "cuda_rng", and still resume
+                "rng_per_process": rngs,
                 "world_size": self.accelerator.num_processes,
                 "run": self.run_settings,
             }
