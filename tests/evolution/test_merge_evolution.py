@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM
 from sparse_merge.app import execute
 from sparse_merge.errors import ConfigError
 from sparse_merge.evolution.natural_niches import NaturalNiches
+from sparse_merge.evolution.problem import Evolver
+from sparse_merge.evolution.scoring import SparsityAwareScorer
 from sparse_merge.pruning.sparsity import measure_sparsity
 
 from ..conftest import compose_cfg
@@ -174,6 +176,20 @@ def test_task_vector_search_reports_coefficients_and_exact_sparsity(tmp_path):
     assert set(coef) == {"math", "code"} and set(coef["math"]) == {"block0", "block1", "other"}
     names = [r["name"] for r in results["archive"]]
     assert {"base", "math", "code", "task_arithmetic"} & set(names)
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["natural_niches", "ga", "nn_no_crossover", "nn_no_split", "nn_no_matchmaker", "one_shot"],
+)
+def test_every_merge_evolver_has_the_checks_the_pipeline_calls_before_loading(tmp_path, option):
+    """pipeline=merge takes an ``Evolver``: ``evolve`` and the two checks it calls before any
+    model loads (they were looked up by name, and an evolver without them skipped them)."""
+    cfg = compose_cfg(["experiment=smoke", f"evolver={option}"], tmp_path)
+    evolver = instantiate(cfg.evolver)
+    assert isinstance(evolver, Evolver)
+    evolver.check_parents(["math", "code"])  # neither refuses two named parents
+    evolver.check_resume(tmp_path / "no_run", SparsityAwareScorer(), seed=0, target=0.5)
 
 
 @pytest.mark.parametrize("option", ["cma_es", "map_elites", "brute_force", "m2n2_digits"])

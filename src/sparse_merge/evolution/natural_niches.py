@@ -36,7 +36,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -602,6 +602,10 @@ class NaturalNiches:
         # a disk archive's state names its files, so this costs O(one child) there
         save_checked(path, state)  # with the SHA-256 of its content
         archive.checkpointed()  # files only older checkpoints needed can go now
+
+    def check_parents(self, names: Sequence[str]) -> None:
+        """Nothing to refuse: the engine takes any number of parents (the source requires two
+        or more)."""
 
     def check_resume(
         self,

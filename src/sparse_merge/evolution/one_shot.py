@@ -10,6 +10,7 @@ import torch
 
 from sparse_merge.errors import ConfigError, check_fraction, is_number
 from sparse_merge.evolution.problem import EvolutionResult, Pick, column_weights
+from sparse_merge.evolution.scoring import SparsityAwareScorer
 from sparse_merge.merging.base import MergeMethod
 from sparse_merge.merging.slerp import Slerp
 from sparse_merge.tracking.logger import RunLogger
@@ -49,6 +50,17 @@ class OneShotMerge:
                 self.weights,
                 f"one weight per parent ({len(names)}: {', '.join(names)})",
             )
+
+    def check_resume(
+        self,
+        run_dir: str | Path,
+        scorer: SparsityAwareScorer,
+        *,
+        seed: int,
+        target: float,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Nothing to refuse: a one-shot merge keeps no checkpoint (a resume merges again)."""
 
     def evolve(
         self,

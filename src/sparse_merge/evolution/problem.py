@@ -245,7 +245,24 @@ class EvolutionResult:
 
 @runtime_checkable
 class Evolver(Protocol):
-    """What the merge pipeline calls: one signature for every search over a ``Problem``."""
+    """What the merge pipeline calls: one signature for every search over a ``Problem``, and
+    two checks it calls before any model loads, so a bad setting is refused in a second."""
+
+    def check_parents(self, names: Sequence[str]) -> None:
+        """Refuse settings that do not fit the parents ``names`` (e.g. one weight per parent)."""
+        ...
+
+    def check_resume(
+        self,
+        run_dir: str | Path,
+        scorer: SparsityAwareScorer,
+        *,
+        seed: int,
+        target: float,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Refuse a resume in ``run_dir`` whose checkpoint was made with other settings."""
+        ...
 
     def evolve(
         self,

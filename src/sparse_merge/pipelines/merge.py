@@ -28,7 +28,12 @@ from sparse_merge.evolution.baselines import Baselines
 from sparse_merge.evolution.distributed import ShardedScorer
 from sparse_merge.evolution.llm import LLMProblem
 from sparse_merge.evolution.memory import plan_merge
-from sparse_merge.evolution.problem import EvolutionResult, column_weights, selection_mean
+from sparse_merge.evolution.problem import (
+    EvolutionResult,
+    Evolver,
+    column_weights,
+    selection_mean,
+)
 from sparse_merge.evolution.scoring import SparsityAwareScorer
 from sparse_merge.evolution.search import WeightSearch
 from sparse_merge.hardware import Hardware
@@ -151,7 +156,7 @@ def run_merge(
     pick (what a sweeper optimises). ``run_settings``: the config values that shape the result
     besides the evolver's and scorer's own (``result_settings``), stored in the evolver's
     checkpoint; a resume must match them."""
-    if not callable(getattr(evolver, "evolve", None)):  # before anything loads
+    if not isinstance(evolver, Evolver):  # before anything loads
         raise ConfigError(
             "evolver",
             type(evolver).__name__,
@@ -162,7 +167,7 @@ def run_merge(
     search = search if search is not None else WeightSearch()
     scorer = scorer if scorer is not None else SparsityAwareScorer()
     target = sparsity if pruner is not None else 0.0
-    if resume and hasattr(evolver, "check_resume"):  # changed settings: refused before loading
+    if resume:  # changed settings: refused before loading
         evolver.check_resume(run_dir, scorer, seed=seed, target=target, settings=run_settings)
     required = None
     if getattr(search, "needs_base", False):
@@ -179,8 +184,7 @@ def run_merge(
     if uses_calibration(pruner):
         calib = Calibration.from_settings(tokenizer, tasks, calibration, seed)
     paths = source.parents()
-    if callable(getattr(evolver, "check_parents", None)):  # e.g. one_shot's weights, per parent
-        evolver.check_parents(list(paths))  # before any model loads
+    evolver.check_parents(list(paths))  # e.g. one_shot's weights, one per parent
     first = next(iter(paths.values()))
     device = hardware.torch_device
     sharded = heldout = None
