@@ -40,7 +40,7 @@ def _fused_compiles_for_avx2() -> bool:
         return False
     from sparse_merge.merging import _fused
 
-    return _fused._compiles_for("avx2")
+    return "+avx2" in _fused._FEATURES
 
 
 def specials(dtype: torch.dtype) -> torch.Tensor:

@@ -234,20 +234,21 @@ def _popcount(builder, mask):
     return builder.zext(bits, ir.IntType(64))
 
 
-def _compiles_for(feature: str) -> bool:
-    """Whether numba compiles for a CPU with the x86 ``feature``: the features it hands LLVM
+def _compiled_features() -> set[str]:
+    """The x86 features numba compiles for, as ``+name`` entries: those it hands LLVM
     (``NUMBA_CPU_FEATURES``, else the host's)."""
     features = config.CPU_FEATURES
     if features is None:
         features = binding.get_host_cpu_features().flatten()
-    return f"+{feature}" in features.split(",")
+    return set(features.split(","))
 
 
 # AVX2 without AVX-512: the compress by a table of permutations (below) instead of LLVM's
 # expansion of ``vector.compress``, which moves the lanes one by one: on a Zen 3, 0.36-0.44
 # against 0.82-0.93 ns per key compressed from memory, and the float32 TIES selection pass of
 # ``make bench ARGS=merge`` 32 -> 20-22 ms
-_BY_TABLE = _compiles_for("avx2") and not _compiles_for("avx512f")
+_FEATURES = _compiled_features()
+_BY_TABLE = "+avx2" in _FEATURES and "+avx512f" not in _FEATURES
 # row r: the lanes of the set bits of r, in order (the rest 0): vpermd's indices
 _PERMUTATIONS = [
     [i for i in range(8) if r >> i & 1] + [0] * (8 - r.bit_count()) for r in range(256)
