@@ -36,7 +36,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from sparse_merge.evolution.crossover import Crossover
 from sparse_merge.evolution.mutation import mutate_
 from sparse_merge.evolution.problem import (
     EvolutionResult,
+    Evolver,
     Pick,
     Problem,
     column_weights,
@@ -137,7 +138,7 @@ def _null_logger() -> RunLogger:
     return RunLogger(console=False)
 
 
-class NaturalNiches:
+class NaturalNiches(Evolver):
     """The sparsity-aware Natural Niches evolver (see module docstring for the step).
 
     Args:
@@ -602,10 +603,6 @@ class NaturalNiches:
         # a disk archive's state names its files, so this costs O(one child) there
         save_checked(path, state)  # with the SHA-256 of its content
         archive.checkpointed()  # files only older checkpoints needed can go now
-
-    def check_parents(self, names: Sequence[str]) -> None:
-        """Nothing to refuse: the engine takes any number of parents (the source requires two
-        or more)."""
 
     def check_resume(
         self,

@@ -9,14 +9,13 @@ from typing import Any
 import torch
 
 from sparse_merge.errors import ConfigError, check_fraction, is_number
-from sparse_merge.evolution.problem import EvolutionResult, Pick, column_weights
-from sparse_merge.evolution.scoring import SparsityAwareScorer
+from sparse_merge.evolution.problem import EvolutionResult, Evolver, Pick, column_weights
 from sparse_merge.merging.base import MergeMethod
 from sparse_merge.merging.slerp import Slerp
 from sparse_merge.tracking.logger import RunLogger
 
 
-class OneShotMerge:
+class OneShotMerge(Evolver):
     """``merged = method(base, parents, weights)`` written into the live model, then pruned
     with the run's pruner to the run's sparsity; one selection evaluation.
 
@@ -50,17 +49,6 @@ class OneShotMerge:
                 self.weights,
                 f"one weight per parent ({len(names)}: {', '.join(names)})",
             )
-
-    def check_resume(
-        self,
-        run_dir: str | Path,
-        scorer: SparsityAwareScorer,
-        *,
-        seed: int,
-        target: float,
-        settings: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Nothing to refuse: a one-shot merge keeps no checkpoint (a resume merges again)."""
 
     def evolve(
         self,

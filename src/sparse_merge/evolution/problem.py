@@ -19,6 +19,7 @@ over the ``ParamSpace`` slots of the prunable weights): no copy and no model loa
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,16 +244,15 @@ class EvolutionResult:
     lineage: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
-@runtime_checkable
-class Evolver(Protocol):
-    """What the merge pipeline calls: one signature for every search over a ``Problem``, and
-    two checks it calls before any model loads, so a bad setting is refused in a second."""
+class Evolver(ABC):
+    """What the merge pipeline runs: one signature for every search over a ``Problem``, and
+    two checks it calls before any model loads, so a bad setting is refused in a second. Both
+    refuse nothing unless an evolver has something to check."""
 
-    def check_parents(self, names: Sequence[str]) -> None:
+    def check_parents(self, names: Sequence[str]) -> None:  # noqa: B027 (a hook, no-op here)
         """Refuse settings that do not fit the parents ``names`` (e.g. one weight per parent)."""
-        ...
 
-    def check_resume(
+    def check_resume(  # noqa: B027 (a hook, no-op here)
         self,
         run_dir: str | Path,
         scorer: SparsityAwareScorer,
@@ -262,8 +262,8 @@ class Evolver(Protocol):
         settings: Mapping[str, Any] | None = None,
     ) -> None:
         """Refuse a resume in ``run_dir`` whose checkpoint was made with other settings."""
-        ...
 
+    @abstractmethod
     def evolve(
         self,
         problem: Problem,
@@ -281,4 +281,3 @@ class Evolver(Protocol):
         ``settings``: the config values, by key, that shape the result besides the evolver's
         and scorer's own (the model, tasks, search, pruner, calibration, dtype); an evolver
         that checkpoints stores them, and a resume must match them."""
-        ...
