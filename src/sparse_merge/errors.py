@@ -65,8 +65,7 @@ def check_positive(
     with ``finite``); NaN, bools and strings are refused (NaN passed both comparisons and
     failed later, after the model loaded). ``finite`` for step sizes and noise stds: one of inf
     turns every genome into inf/NaN and the run into a silent zero."""
-    bad = not is_number(value) or value < 0 or (value == 0 and not allow_zero)
-    if bad or (finite and value == float("inf")):
+    if not is_number(value, finite=finite) or value < 0 or (value == 0 and not allow_zero):
         allowed = f"{'a finite' if finite else 'a'} number {'>=' if allow_zero else '>'} 0"
         raise ConfigError(key, value, allowed)
     return value
