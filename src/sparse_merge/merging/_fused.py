@@ -1134,3 +1134,82 @@ def dots3(a, b, block, out):
             aa += np.float64(u * u)
             bb += np.float64(v * v)
         out[k, 0], out[k, 1], out[k, 2] = ab, aa, bb
+
+
+@jit
+def rank_score(w, scale, zeros, src, j):
+    """The score of entry ``j`` of the row of ``w`` from ``src`` (both unsigned: numba then
+    skips its wrap-around of negative indices, which stops a loop vectorising),
+    ``|w| * scale[j]`` in float32; a score of zero (an entry already pruned) as ``zeros[j]``
+    instead, ``j - n`` (``kernels.prune_rows_``): below every other score, and the zeros in
+    index order, as a stable sort ranks them. NumPy's selection slows down 3x on a row whose
+    zeros are half of it (an already pruned genome); on distinct values it does not, and it
+    is ~2x faster than its sort. ``jit``, not ``inline``: numba's own inlining of it stopped
+    the loops that call it vectorising (5-7x slower)."""
+    s = np.abs(load(w, src + j)) * scale[j]
+    return s if s != 0 else zeros[j]
+
+
+@jit
+def row_scores(w, scale, zeros, r0, r1, out):
+    """The scores (``rank_score``) of rows ``r0 <= r < r1`` of ``w`` (float32, or bfloat16 as
+    uint16; rows of ``n = scale.size`` entries) into ``out`` (float32, those rows one after
+    the other): Wanda's score, ``scale`` its input norms, or the magnitude (``scale`` all
+    ones, a multiply that changes nothing)."""
+    n = np.uint64(scale.size)
+    for r in range(r0, r1):
+        src, dst = np.uint64(r) * n, np.uint64(r - r0) * n
+        for j in range(n):
+            out[dst + j] = rank_score(w, scale, zeros, src, j)
+
+
+@jit
+def prune_rows(w, scale, zeros, r0, r1, k, ranked, keep):
+    """Zero the ``k`` lowest-scoring entries (``rank_score``) of each row ``r0 <= r < r1`` of
+    ``w`` in place, of equal scores the lower-index ones first (a stable sort's mask), as
+    torch's ``mul_`` by the bool keep-mask zeroes: a multiply by 1.0 or 0.0, stored.
+    ``ranked``: those rows' scores (``row_scores``'s ``out``), each row's ``k``-th smallest at
+    its place ``k - 1`` with every smaller one before it (sorted, or partitioned at
+    ``k - 1``); ``0 < k < n``. ``keep``: the rows' keep-mask is written there (bool, rows
+    one after the other), or nowhere when it is empty."""
+    n, k = np.uint64(scale.size), np.uint64(k)
+    for r in range(r0, r1):
+        row, src = np.uint64(r - r0) * n, np.uint64(r) * n
+        cut = ranked[row + k - np.uint64(1)]
+        straddle = False  # another entry equal to the cut comes after it: some ties stay
+        for j in range(k, n):
+            straddle |= ranked[row + j] == cut
+        if straddle:
+            prune_row_ties(w, scale, zeros, src, k, ranked, row, cut, keep)
+        elif keep.size > 0:
+            for j in range(n):
+                kept = rank_score(w, scale, zeros, src, j) > cut
+                mask_store(w, src + j, kept)
+                keep[row + j] = kept
+        else:  # exactly the entries <= cut go
+            for j in range(n):
+                mask_store(w, src + j, rank_score(w, scale, zeros, src, j) > cut)
+
+
+@jit
+def mask_store(w, i, kept):
+    """``w[i] *= kept`` as torch multiplies by a bool: by 1.0 or 0.0, the product stored."""
+    store(w, i, load(w, i) * (np.float32(1.0) if kept else np.float32(0.0)))
+
+
+@jit
+def prune_row_ties(w, scale, zeros, src, k, ranked, row, cut, keep):
+    """``prune_rows`` of one row where entries equal to the cut straddle it: of those, the
+    first ``k`` less the count below the cut go, in index order."""
+    room = np.int64(k)
+    for j in range(k - np.uint64(1)):
+        room -= ranked[row + j] < cut
+    for j in range(np.uint64(scale.size)):
+        s = rank_score(w, scale, zeros, src, j)
+        kept = s > cut
+        if s == cut:
+            kept = room <= 0
+            room -= 1
+        mask_store(w, src + j, kept)
+        if keep.size > 0:
+            keep[row + j] = kept

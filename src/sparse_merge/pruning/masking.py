@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from sparse_merge.errors import ConfigError
+from sparse_merge.merging import kernels
 from sparse_merge.models.blocks import PrunableLayer, prunable_layers
-from sparse_merge.pruning.base import Calibration, Masks, keep_smallest_out
+from sparse_merge.pruning.base import SORT_ROWS, Calibration, Masks, keep_smallest_out
 
 GRANULARITIES = ("row", "layer", "global", "channel", "head")
 
@@ -172,6 +173,35 @@ def apply_keep(layer: PrunableLayer, keep: torch.Tensor) -> torch.Tensor:
     return layer.param_layout(keep)
 
 
+def rows_in_place(layer: PrunableLayer, sparsity: float, scale: torch.Tensor | None = None) -> bool:
+    """Whether ``prune_rows_`` prunes ``layer`` to ``sparsity`` per row: a float32 or bfloat16
+    weight on the CPU whose ``[out, in]`` view is contiguous (``kernels.usable``), rows up to
+    ``SORT_ROWS`` long, some but not every entry of a row pruned; ``scale`` float32 [in]."""
+    w = layer.weight
+    n = w.shape[-1]
+    fits = scale is None or (scale.dtype == torch.float32 and tuple(scale.shape) == (n,))
+    return (
+        fits
+        and w.dim() == 2
+        and n <= SORT_ROWS
+        and 0 < round(sparsity * n) < n
+        and kernels.usable(w, *([] if scale is None else [scale]))
+    )
+
+
+@torch.no_grad()
+def prune_rows_(
+    layer: PrunableLayer, sparsity: float, scale: torch.Tensor | None, masks: bool
+) -> torch.Tensor | None:
+    """``apply_keep(layer, row_mask(|W| * scale, sparsity))`` (``scale`` None: ``|W|``) in one
+    pass over the weight (``kernels.prune_rows_``; ``rows_in_place`` layers): the same mask and
+    the same weights, bit for bit. Returns the mask in the weight parameter's own layout
+    (``masks``) or None."""
+    w = layer.weight
+    keep = kernels.prune_rows_(w, round(sparsity * w.shape[-1]), scale, masks)
+    return None if keep is None else layer.param_layout(keep)
+
+
 def full_masks(model: nn.Module, prune_router: bool = False) -> dict[str, torch.Tensor]:
     """All-True keep-masks (nothing pruned) for every prunable weight, in its own layout."""
     return {
@@ -182,6 +212,11 @@ def full_masks(model: nn.Module, prune_router: bool = False) -> dict[str, torch.
 
 # where a pruner hands each layer's keep-mask once applied: (weight parameter name, mask)
 Record = Callable[[str, torch.Tensor], None]
+
+
+def drop_mask(name: str, keep: torch.Tensor) -> None:
+    """The ``Record`` of ``LayerMasks.prune_``: keeps no mask (a pruner that sees it need not
+    make one)."""
 
 
 class LayerMasks:
@@ -210,4 +245,4 @@ class LayerMasks:
 
     def prune_(self, model: nn.Module, calib: Calibration | None, sparsity: float) -> None:
         """``prune`` without its result: each layer's keep-mask is dropped once applied."""
-        self._prune(model, calib, sparsity, lambda name, keep: None)
+        self._prune(model, calib, sparsity, drop_mask)

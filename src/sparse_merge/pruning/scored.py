@@ -11,16 +11,19 @@ from torch import nn
 from sparse_merge.errors import check_choice, check_fraction
 from sparse_merge.models.blocks import PrunableLayer, head_dim, prunable_layers
 from sparse_merge.pruning.base import Calibration, keep_smallest_out
-from sparse_merge.pruning.importance import Importance
+from sparse_merge.pruning.importance import Importance, MagnitudeImportance
 from sparse_merge.pruning.masking import (
     GRANULARITIES,
     LayerMasks,
     Record,
     apply_keep,
     check_nm_sparsity,
+    drop_mask,
     global_masks,
     nm_sparsities,
     parse_nm,
+    prune_rows_,
+    rows_in_place,
     unit_masks,
 )
 
@@ -77,6 +80,16 @@ class ScorePruner(LayerMasks):
         return self.granularity == "global" and self.nm is None
 
     @property
+    def _rows_in_place(self) -> bool:
+        """Whether layers ``masking.rows_in_place`` takes are pruned by ``prune_rows_``:
+        magnitude per row (``MagnitudeImportance`` itself: a subclass may score otherwise)."""
+        return (
+            type(self.importance) is MagnitudeImportance
+            and self.granularity == "row"
+            and self.nm is None
+        )
+
+    @property
     def layer_at_a_time(self) -> bool:
         """Whether pruning holds one layer's scores at a time (``_scores``): an importance that
         scores layers on their own (``each``), without a global ranking."""
@@ -120,6 +133,13 @@ class ScorePruner(LayerMasks):
             layers = self._prune_coupled(model, calib, layers, sparsity, record)
             if not layers:
                 return True
+        if self._rows_in_place:  # magnitude per row: one pass over each weight it takes
+            in_place = [layer for layer in layers if rows_in_place(layer, sparsity)]
+            for layer in in_place:
+                keep = prune_rows_(layer, sparsity, None, record is not drop_mask)
+                if keep is not None:
+                    record(layer.param_name, keep)
+            layers = [layer for layer in layers if layer not in in_place]
         for layer, scores in self._scores(model, calib, layers):
             unit = "channel" if head and not layer.is_attention_input else self.granularity
             keep = unit_masks(layer, scores, sparsity, unit, self.nm, dim)

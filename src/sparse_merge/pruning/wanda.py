@@ -45,8 +45,11 @@ from sparse_merge.pruning.masking import (
     LayerMasks,
     Record,
     apply_keep,
+    drop_mask,
     nm_sparsities,
     parse_nm,
+    prune_rows_,
+    rows_in_place,
     unit_masks,
 )
 
@@ -217,8 +220,15 @@ class ReferenceWanda(LayerMasks):
         check_fraction("sparsity", sparsity)
         if sparsity == 0:
             return False
+        by_rows = self.granularity == "row" and self.nm is None
         for layer in prunable_layers(model, self.prune_router):
             norms = self.norms[layer.name].to(layer.weight.device)
+            if by_rows and rows_in_place(layer, sparsity, norms):  # one pass over the weight
+                scale = norms if bool(norms.any()) else None  # as ``wanda_scores`` scores
+                keep = prune_rows_(layer, sparsity, scale, record is not drop_mask)
+                if keep is not None:
+                    record(layer.param_name, keep)
+                continue
             keep = unit_masks(
                 layer, wanda_scores(layer.weight, norms), sparsity, self.granularity, self.nm
             )
