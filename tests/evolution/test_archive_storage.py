@@ -235,3 +235,33 @@ def test_packed_nonzero_bits_are_numpys_packbits_of_not_zero(dtype):
     assert torch.equal(
         apply_packed_(torch.ones(n, dtype=dtype), pack_nonzero(genome)), (genome != 0).to(dtype)
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_a_packed_mask_zeroes_as_torch_multiplies_by_it(dtype, monkeypatch):
+    # one pass on the CPU (float32, bfloat16: ``kernels.mul_packed_``) or torch's multiply:
+    # the same bits, with NaN, infinities and signed zeros among the weights; in pieces and
+    # in parts on two threads, the length not a multiple of 8
+    from sparse_merge.merging import kernels
+
+    monkeypatch.setattr(kernels, "UNPACK", 1 << 10)
+    monkeypatch.setattr(kernels, "PART_MIN", 1 << 12)
+    n = 3 * (1 << 12) + 1003
+    g = torch.Generator().manual_seed(4)
+    genome = torch.randn(n, generator=g).to(dtype)
+    genome[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, -1.0, 0.0])
+    keep = torch.rand(n, generator=g) < 0.5
+    keep[:3] = False  # NaN times zero, infinities times zero
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = apply_packed_(genome.clone(), torch.from_numpy(np.packbits(keep.numpy())))
+    finally:
+        torch.set_num_threads(threads)
+    expected = genome.clone().mul_(keep)
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16}.get(dtype)
+    if bits is None:
+        assert torch.equal(out.nan_to_num(7.0), expected.nan_to_num(7.0))
+    else:
+        assert torch.equal(out[3:].view(bits), expected[3:].view(bits))  # NaN payloads aside
+        assert out[:3].isnan().all() and expected[:3].isnan().all()

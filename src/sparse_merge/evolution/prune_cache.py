@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sparse_merge.evolution.problem import magnitude_bits
+from sparse_merge.merging import kernels
 from sparse_merge.merging.task_arithmetic import SAME_SIZE_INT
 
 CHUNK = 1 << 24  # elements packed or unpacked at a time (a multiple of 8)
@@ -47,8 +48,11 @@ def pack_nonzero(genome: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def apply_packed_(genome: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """Zero ``genome`` where the packed keep-mask has a 0 bit; returns ``genome``."""
+    """Zero ``genome`` where the packed keep-mask has a 0 bit; returns ``genome``. On the CPU
+    in one pass (``kernels.mul_packed_``), elsewhere a chunk of the mask at a time."""
     raw = packed.numpy()
+    if kernels.usable(genome):
+        return kernels.mul_packed_(genome, raw)
     for s in range(0, genome.numel(), CHUNK):
         e = min(s + CHUNK, genome.numel())
         bits = np.unpackbits(raw[s // 8 : -(-e // 8)], count=e - s).view(np.bool_)

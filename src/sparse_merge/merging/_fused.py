@@ -1213,3 +1213,12 @@ def prune_row_ties(w, scale, zeros, src, k, ranked, row, cut, keep):
         mask_store(w, src + j, kept)
         if keep.size > 0:
             keep[row + j] = kept
+
+
+@jit
+def mul_bits(w, start, bits):
+    """``w[start + i] *= bits[i]`` for every entry of ``bits`` (0 or 1, uint8), as torch's
+    ``mul_`` by a bool mask (``mask_store``)."""
+    s = np.uint64(start)
+    for i in range(np.uint64(bits.size)):
+        mask_store(w, s + i, bits[i] != 0)
