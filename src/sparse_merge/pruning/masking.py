@@ -191,15 +191,16 @@ def rows_in_place(layer: PrunableLayer, sparsity: float, scale: torch.Tensor | N
 
 @torch.no_grad()
 def prune_rows_(
-    layer: PrunableLayer, sparsity: float, scale: torch.Tensor | None, masks: bool
-) -> torch.Tensor | None:
+    layer: PrunableLayer, sparsity: float, scale: torch.Tensor | None, record: Record
+) -> None:
     """``apply_keep(layer, row_mask(|W| * scale, sparsity))`` (``scale`` None: ``|W|``) in one
     pass over the weight (``kernels.prune_rows_``; ``rows_in_place`` layers): the same mask and
-    the same weights, bit for bit. Returns the mask in the weight parameter's own layout
-    (``masks``) or None."""
+    the same weights, bit for bit. The mask, in the weight parameter's own layout, goes to
+    ``record`` (none is made for ``drop_mask``)."""
     w = layer.weight
-    keep = kernels.prune_rows_(w, round(sparsity * w.shape[-1]), scale, masks)
-    return None if keep is None else layer.param_layout(keep)
+    keep = kernels.prune_rows_(w, round(sparsity * w.shape[-1]), scale, record is not drop_mask)
+    if keep is not None:
+        record(layer.param_name, layer.param_layout(keep))
 
 
 def full_masks(model: nn.Module, prune_router: bool = False) -> dict[str, torch.Tensor]:

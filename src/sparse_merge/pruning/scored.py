@@ -18,7 +18,6 @@ from sparse_merge.pruning.masking import (
     Record,
     apply_keep,
     check_nm_sparsity,
-    drop_mask,
     global_masks,
     nm_sparsities,
     parse_nm,
@@ -134,12 +133,13 @@ class ScorePruner(LayerMasks):
             if not layers:
                 return True
         if self._rows_in_place:  # magnitude per row: one pass over each weight it takes
-            in_place = [layer for layer in layers if rows_in_place(layer, sparsity)]
-            for layer in in_place:
-                keep = prune_rows_(layer, sparsity, None, record is not drop_mask)
-                if keep is not None:
-                    record(layer.param_name, keep)
-            layers = [layer for layer in layers if layer not in in_place]
+            rest = []
+            for layer in layers:
+                if rows_in_place(layer, sparsity):
+                    prune_rows_(layer, sparsity, None, record)
+                else:
+                    rest.append(layer)
+            layers = rest
         for layer, scores in self._scores(model, calib, layers):
             unit = "channel" if head and not layer.is_attention_input else self.granularity
             keep = unit_masks(layer, scores, sparsity, unit, self.nm, dim)

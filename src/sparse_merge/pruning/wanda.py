@@ -45,7 +45,6 @@ from sparse_merge.pruning.masking import (
     LayerMasks,
     Record,
     apply_keep,
-    drop_mask,
     nm_sparsities,
     parse_nm,
     prune_rows_,
@@ -225,9 +224,7 @@ class ReferenceWanda(LayerMasks):
             norms = self.norms[layer.name].to(layer.weight.device)
             if by_rows and rows_in_place(layer, sparsity, norms):  # one pass over the weight
                 scale = norms if bool(norms.any()) else None  # as ``wanda_scores`` scores
-                keep = prune_rows_(layer, sparsity, scale, record is not drop_mask)
-                if keep is not None:
-                    record(layer.param_name, keep)
+                prune_rows_(layer, sparsity, scale, record)
                 continue
             keep = unit_masks(
                 layer, wanda_scores(layer.weight, norms), sparsity, self.granularity, self.nm
