@@ -5,7 +5,8 @@ calibration batch; the time covers everything the pruner does (calibration forwa
 statistics, scores, masks, weight updates). On CUDA the model is larger and timings are
 synchronised.
 
-Then magnitude pruning (per layer, the default, and per row) at the smallest size users merge:
+Then magnitude pruning (per layer, the default, and per row, returning the masks; per row in
+place, keeping none, as a search prunes) at the smallest size users merge:
 a Qwen2-1.5B config with random bfloat16 weights on the CPU, pruned to 50 %, then the pruned
 model to 40 % (a sparse genome pruned again: its zeros straddle the cut), each on the same
 weights; and the mask cache's work on the pruned model (pack its mask, apply a packed one).
@@ -97,7 +98,8 @@ def run() -> list[dict]:
 
 def at_scale(name: str = "qwen2-1.5b") -> list[dict]:
     """Magnitude pruning of a model built from ``name``'s config (random bfloat16 weights, on
-    the CPU), per layer and per row: to 50 % from dense, then to 40 % from there."""
+    the CPU), per layer and per row (and per row in place, as a search prunes): to 50 % from
+    dense, then to 40 % from there."""
     from transformers import AutoModelForCausalLM
 
     from sparse_merge.evolution.prune_cache import apply_packed_, pack_nonzero
@@ -110,15 +112,17 @@ def at_scale(name: str = "qwen2-1.5b") -> list[dict]:
     dense = space.flat.clone()
     n_layers = len(prunable_layers(model))
     rows = []
-    for granularity in ("layer", "row"):
+    # ``prune`` returns every layer's keep-mask (1 B per weight); a search prunes in place,
+    # keeping none (``prune_``)
+    for granularity, how in (("layer", "prune"), ("row", "prune"), ("row", "prune_")):
         space.flat.copy_(dense)
         for sparsity, what in ((0.5, "dense to 50 %"), (0.4, "then to 40 % (zeros straddle)")):
             t = time.perf_counter()
-            MagnitudePruner(granularity).prune(model, None, sparsity)
+            getattr(MagnitudePruner(granularity), how)(model, None, sparsity)
             seconds = time.perf_counter() - t
             rows.append(
                 {
-                    "pruner": f"magnitude per {granularity}, {name} bf16, {what}",
+                    "pruner": f"magnitude per {granularity} ({how}), {name} bf16, {what}",
                     "device": "cpu",
                     "hidden": model.config.hidden_size,
                     "layers": n_layers,
