@@ -582,8 +582,8 @@ def prune_rows_(weight: Tensor, k: int, scale: Tensor | None, masks: bool) -> Te
     (``masks``) or None.
 
     In-loop pruning scored a layer into memory, sorted a copy, compared and multiplied, each a
-    pass of its own over the layer: 0.8-1.1 s for SmolLM2-135M's 106 M prunable weights on
-    a 2-core EPYC with AVX2, where this takes 0.27-0.28 s (``make bench ARGS=pruning``). Here
+    pass of its own over the layer: 13.5-16.5 s for a Qwen2-1.5B model in bfloat16 on a
+    2-core EPYC with AVX2, where this takes 3.0-3.3 s (``make bench ARGS=pruning``). Here
     a block of rows (``ROW_BLOCK`` scores) is scored into a buffer that stays in cache
     (``_fused.row_scores``), each row partitioned at its ``k``-th smallest score there
     (NumPy's selection, ~2x faster than its sort on distinct scores; an entry already zero
@@ -621,9 +621,10 @@ UNPACK = 1 << 16  # bits unpacked at a time by ``mul_packed_`` (a multiple of 8;
 def mul_packed_(out: Tensor, packed: np.ndarray) -> Tensor:
     """``out.mul_(keep)`` for the bool mask ``keep`` packed in ``packed`` (``numpy.packbits``
     order, uint8 [ceil(n / 8)]), in place on a ``usable`` tensor: the same bits, one pass.
-    Unpacking the whole mask and multiplying it in with torch cost 8-10x a copy of the tensor
-    (0.45 s for SmolLM2-135M's 134.5 M float32 weights on a 2-core EPYC with AVX2, a copy
-    0.05 s); here a piece of ``UNPACK`` bits is unpacked into cache (NumPy) and multiplied
+    Unpacking a chunk of 16 M bools into memory and multiplying it in with torch took
+    2.6-4.8 s for a Qwen2-1.5B model in bfloat16 on a 2-core EPYC with AVX2, this
+    0.53-0.58 s (``make bench ARGS=pruning``); here a piece of ``UNPACK`` bits is unpacked
+    into cache (NumPy) and multiplied
     in by a numba loop (``_fused.mul_bits``), in parts on up to ``torch.get_num_threads()``
     threads."""
     w, mul_bits = _array(out), _ops().mul_bits
