@@ -173,15 +173,24 @@ def apply_keep(layer: PrunableLayer, keep: torch.Tensor) -> torch.Tensor:
     return layer.param_layout(keep)
 
 
-def rows_in_place(layer: PrunableLayer, sparsity: float, scale: torch.Tensor | None = None) -> bool:
-    """Whether ``prune_rows_`` prunes ``layer`` to ``sparsity`` per row: a float32 or bfloat16
-    weight on the CPU whose ``[out, in]`` view is contiguous (``kernels.usable``), rows up to
-    ``SORT_ROWS`` long, some but not every entry of a row pruned; ``scale`` float32 [in]."""
+def rows_in_place(
+    layer: PrunableLayer,
+    sparsity: float,
+    granularity: str,
+    nm: tuple[int, int] | None,
+    scale: torch.Tensor | None = None,
+) -> bool:
+    """Whether ``prune_rows_`` prunes ``layer`` to ``sparsity`` as ``granularity`` and ``nm``
+    ask: per row, no N:M pattern, a float32 or bfloat16 weight on the CPU whose ``[out, in]``
+    view is contiguous (``kernels.usable``), rows up to ``SORT_ROWS`` long, some but not every
+    entry of a row pruned; ``scale`` float32 [in]."""
     w = layer.weight
     n = w.shape[-1]
     fits = scale is None or (scale.dtype == torch.float32 and tuple(scale.shape) == (n,))
     return (
-        fits
+        granularity == "row"
+        and nm is None
+        and fits
         and w.dim() == 2
         and n <= SORT_ROWS
         and 0 < round(sparsity * n) < n

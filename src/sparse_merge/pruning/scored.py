@@ -79,16 +79,6 @@ class ScorePruner(LayerMasks):
         return self.granularity == "global" and self.nm is None
 
     @property
-    def _rows_in_place(self) -> bool:
-        """Whether layers ``masking.rows_in_place`` takes are pruned by ``prune_rows_``:
-        magnitude per row (``MagnitudeImportance`` itself: a subclass may score otherwise)."""
-        return (
-            type(self.importance) is MagnitudeImportance
-            and self.granularity == "row"
-            and self.nm is None
-        )
-
-    @property
     def layer_at_a_time(self) -> bool:
         """Whether pruning holds one layer's scores at a time (``_scores``): an importance that
         scores layers on their own (``each``), without a global ranking."""
@@ -132,10 +122,12 @@ class ScorePruner(LayerMasks):
             layers = self._prune_coupled(model, calib, layers, sparsity, record)
             if not layers:
                 return True
-        if self._rows_in_place:  # magnitude per row: one pass over each weight it takes
+        # magnitude (``MagnitudeImportance`` itself: a subclass may score otherwise) per row:
+        # one pass over each weight ``rows_in_place`` takes
+        if type(self.importance) is MagnitudeImportance:
             rest = []
             for layer in layers:
-                if rows_in_place(layer, sparsity):
+                if rows_in_place(layer, sparsity, self.granularity, self.nm):
                     prune_rows_(layer, sparsity, None, record)
                 else:
                     rest.append(layer)

@@ -219,10 +219,9 @@ class ReferenceWanda(LayerMasks):
         check_fraction("sparsity", sparsity)
         if sparsity == 0:
             return False
-        by_rows = self.granularity == "row" and self.nm is None
         for layer in prunable_layers(model, self.prune_router):
             norms = self.norms[layer.name].to(layer.weight.device)
-            if by_rows and rows_in_place(layer, sparsity, norms):  # one pass over the weight
+            if rows_in_place(layer, sparsity, self.granularity, self.nm, norms):  # one pass
                 scale = norms if bool(norms.any()) else None  # as ``wanda_scores`` scores
                 prune_rows_(layer, sparsity, scale, record)
                 continue
