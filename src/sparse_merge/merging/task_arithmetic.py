@@ -1104,6 +1104,16 @@ def _stable_order(mag: Tensor, out: Tensor | None = None) -> Tensor:
     bits = max(1, (m - 1).bit_length())
     if keys.itemsize * 8 - 1 + bits > 63:  # no room for the index: a stable sort
         return torch.from_numpy(np.argsort(keys, axis=1, kind="stable")).to(mag.device)
+    if keys.itemsize * 8 - 1 + bits <= 31:  # 16-bit floats, rows up to 64 K: 32-bit keys,
+        # whose sort is ~2x faster (the order is taken out in int64, as the scatter takes it)
+        unique = keys.astype(np.int32)
+        unique <<= bits
+        unique |= np.arange(m, dtype=np.int32)
+        unique.sort(axis=1)
+        unique &= (1 << bits) - 1
+        order = np.empty(keys.shape, np.int64) if out is None else out.numpy()
+        np.copyto(order, unique)
+        return out if out is not None else torch.from_numpy(order).to(mag.device)
     unique = np.empty(keys.shape, np.int64) if out is None else out.numpy()  # [L, m]
     np.copyto(unique, keys)
     unique <<= bits
