@@ -1098,7 +1098,9 @@ def _stable_order(mag: Tensor, out: Tensor | None = None) -> Tensor:
     """``torch.argsort(mag, dim=1, stable=True)`` of non-negative ``mag`` [L, m] (int64): the
     float bits shifted left and or-ed with the column index are distinct keys whose plain
     sort is that order; numpy sorts them with SIMD, ~25x faster than torch's stable sort.
-    ``out``: an int64 CPU buffer [L, m] to build the keys and the order in."""
+    The keys are 32-bit where they fit (16-bit floats, rows up to 64 K; their sort is ~2x
+    faster), else 64-bit. ``out``: an int64 CPU buffer [L, m] for the order (and the 64-bit
+    keys)."""
     keys = _keys(mag)  # [L, m]
     m = mag.shape[1]
     bits = max(1, (m - 1).bit_length())
