@@ -1104,32 +1104,27 @@ def _stable_order(mag: Tensor, out: Tensor | None = None) -> Tensor:
     keys = _keys(mag)  # [L, m]
     m = mag.shape[1]
     bits = max(1, (m - 1).bit_length())
-    if keys.itemsize * 8 - 1 + bits > 63:  # no room for the index: a stable sort
+    width = keys.itemsize * 8 - 1 + bits  # the bits of a key with its column
+    if width > 63:  # no room for the index: a stable sort
         return torch.from_numpy(np.argsort(keys, axis=1, kind="stable")).to(mag.device)
-    if keys.itemsize * 8 - 1 + bits <= 31:  # 16-bit floats, rows up to 64 K: 32-bit keys,
-        # whose sort is ~2x faster (the order is taken out in int64, as the scatter takes it)
-        unique = keys.astype(np.int32)
-        unique <<= bits
-        unique |= np.arange(m, dtype=np.int32)
-        unique.sort(axis=1)
-        unique &= (1 << bits) - 1
-        order = np.empty(keys.shape, np.int64) if out is None else out.numpy()
-        np.copyto(order, unique)
-        return out if out is not None else torch.from_numpy(order).to(mag.device)
-    unique = np.empty(keys.shape, np.int64) if out is None else out.numpy()  # [L, m]
-    np.copyto(unique, keys)
+    order = np.empty(keys.shape, np.int64) if out is None else out.numpy()  # [L, m]
+    unique = keys.astype(np.int32) if width <= 31 else order  # [L, m]
+    if unique is order:
+        np.copyto(unique, keys)
     unique <<= bits
-    unique |= _columns(m) if m <= CHUNK else np.arange(m)
+    unique |= _columns(m, unique.dtype) if m <= CHUNK else np.arange(m, dtype=unique.dtype)
     unique.sort(axis=1)
     unique &= (1 << bits) - 1
-    return out if out is not None else torch.from_numpy(unique).to(mag.device)
+    if unique is not order:  # the order out in int64, as the scatter takes it
+        np.copyto(order, unique)
+    return out if out is not None else torch.from_numpy(order).to(mag.device)
 
 
 @functools.lru_cache(maxsize=8)
-def _columns(m: int) -> np.ndarray:
-    """``0 .. m - 1`` (int64, read-only), kept for the few row lengths of a genome's tensors
-    (up to ``CHUNK``: a longer row, a 1-D piece, would keep its size in memory)."""
-    columns = np.arange(m)
+def _columns(m: int, dtype: np.dtype) -> np.ndarray:
+    """``0 .. m - 1`` in ``dtype`` (read-only), kept for the few row lengths of a genome's
+    tensors (up to ``CHUNK``: a longer row, a 1-D piece, would keep its size in memory)."""
+    columns = np.arange(m, dtype=dtype)
     columns.flags.writeable = False
     return columns
 
